@@ -1,0 +1,142 @@
+"""The gpufleet command line. Exit codes: 0 ok, 1 something on a host is not right,
+2 bad config or arguments (nothing done), 130 interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from gpufleet import __version__
+from gpufleet.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, GpufleetError
+
+
+def _apply(args: argparse.Namespace, console: Console) -> int:
+    from gpufleet.apply import apply_fleet
+
+    return apply_fleet(args.file, yes=args.yes, dry_run=args.dry_run, console=console)
+
+
+def _fleet_list(args: argparse.Namespace, console: Console) -> int:
+    from gpufleet.state import Store
+    from gpufleet.view import fleets_json, print_fleets
+
+    views = Store().fleets()
+    if args.json:
+        print(fleets_json(views))
+    elif not views:
+        console.print("No fleets. Create one with: gpufleet apply -f FLEET.yml")
+    else:
+        print_fleets(console, views)
+    return EXIT_OK
+
+
+def _fleet_delete(args: argparse.Namespace, console: Console) -> int:
+    from gpufleet.state import Store
+
+    store = Store()
+    if store.fleet(args.name) is None:
+        raise GpufleetError(f"no fleet named {args.name!r} (see gpufleet fleet list)")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise GpufleetError("not a terminal, so no one can confirm: pass -y to delete", )
+        if console.input(f"Delete fleet {args.name}? [y/n]: ").strip().lower() not in ("y", "yes"):
+            return EXIT_OK
+    store.delete_fleet(args.name)
+    console.print(f"Fleet {args.name} deleted.")
+    return EXIT_OK
+
+
+def _inventory(args: argparse.Namespace, console: Console) -> int:
+    from gpufleet.config import load_fleet
+    from gpufleet.inventory import write_fleet_files
+
+    fleet = load_fleet(args.file)
+    files = write_fleet_files(fleet, Path(args.out) if args.out else None)
+    console.print(f"inventory:   {files.inventory}\nssh_config:  {files.ssh_config}\n"
+                  f"known_hosts: {files.known_hosts}\n\n"
+                  f"Run a playbook with: ansible-playbook -i {files.inventory} playbooks/probe.yml")
+    return EXIT_OK
+
+
+def _lab_up(args: argparse.Namespace, console: Console) -> int:
+    from gpufleet.lab import core
+
+    core.up(Path(args.dir) if args.dir else core.default_dir(), nodes=args.nodes, gpus=args.gpus,
+            vendor=args.vendor, log=console.print)
+    return EXIT_OK
+
+
+def _lab_down(args: argparse.Namespace, console: Console) -> int:
+    from gpufleet.lab import core
+
+    core.down(Path(args.dir) if args.dir else core.default_dir(), log=console.print)
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpufleet", description="GPU fleets over SSH, sliced into blocks, "
+                                                             "driven by Ansible.")
+    p.add_argument("--version", action="version", version=f"gpufleet {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    a = sub.add_parser("apply", help="create or update a fleet from a YAML file")
+    a.add_argument("-f", "--file", required=True, help="fleet configuration (dstack SSH-fleet schema)")
+    a.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    a.add_argument("--dry-run", action="store_true", help="validate and show the plan; change nothing")
+    a.set_defaults(func=_apply)
+
+    f = sub.add_parser("fleet", help="list or delete fleets")
+    fs = f.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
+    fl = fs.add_parser("list", help="list fleets and their instances")
+    fl.add_argument("--json", action="store_true", help="machine-readable output")
+    fl.set_defaults(func=_fleet_list)
+    fd = fs.add_parser("delete", help="delete a fleet (refused while it runs workloads)")
+    fd.add_argument("name")
+    fd.add_argument("-y", "--yes", action="store_true")
+    fd.set_defaults(func=_fleet_delete)
+
+    i = sub.add_parser("inventory", help="write the Ansible inventory and ssh_config for a fleet")
+    i.add_argument("-f", "--file", required=True)
+    i.add_argument("--out", help="folder to write to (default: the fleet's state folder)")
+    i.set_defaults(func=_inventory)
+
+    lab = sub.add_parser("lab", help="a local lab of simulated GPU hosts behind a login node")
+    ls = lab.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
+    lu = ls.add_parser("up", help="create the lab (needs root)")
+    lu.add_argument("--nodes", type=int, default=2)
+    lu.add_argument("--gpus", type=int, default=8)
+    lu.add_argument("--vendor", default="nvidia", choices=["nvidia", "amd", "gaudi", "tenstorrent", "mixed", "none"])
+    lu.add_argument("--dir", help="where the lab's fleet.yml and keys go (default: $GPUFLEET_HOME/lab)")
+    lu.set_defaults(func=_lab_up)
+    ld = ls.add_parser("down", help="remove the lab and everything it made")
+    ld.add_argument("--dir")
+    ld.set_defaults(func=_lab_down)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    console = Console()
+    err = Console(stderr=True)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:
+        return EXIT_USAGE if e.code not in (0, None) else EXIT_OK
+    try:
+        return args.func(args, console)
+    except ConfigError as e:
+        for problem in e.problems:
+            err.print(f"[red]error[/] {problem}", markup=True, highlight=False, soft_wrap=True)
+        return e.exit_code
+    except GpufleetError as e:
+        err.print(f"[red]error[/] {e}", highlight=False, soft_wrap=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

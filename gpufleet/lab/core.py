@@ -1,0 +1,463 @@
+"""The local lab: a login node and GPU nodes as network namespaces on this machine.
+
+Each host is a real network namespace (and UTS namespace, so `hostname` differs)
+running its own sshd with its own host key. Nodes are wired only to the login
+node's bridge, so they are reachable only through it. Each node has stand-in GPU
+tools first on its PATH, its own podman storage and a local busybox image.
+All hosts share this machine's filesystem, users and /etc.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from gpufleet.errors import GpufleetError, UsageError
+from gpufleet.lab.gputools import GpuSpec, write_standins
+
+LAB_USER = "gpufleet"
+LAB_IMAGE = "localhost/gpufleet-lab:latest"
+RUN_ROOT = Path("/var/lib/gpufleet-lab")  # readable by the lab user (unlike /root)
+SUDOERS = Path("/etc/sudoers.d/gpufleet-lab")
+MAX_LABS = 64
+VENDORS = ("nvidia", "amd", "gaudi", "tenstorrent", "mixed", "none")
+
+# (Debian package, binary) the lab needs
+REQUIREMENTS = [
+    ("iproute2", "ip"), ("util-linux", "nsenter"), ("util-linux", "unshare"),
+    ("openssh-server", "/usr/sbin/sshd"), ("openssh-client", "ssh-keygen"), ("openssh-client", "ssh"),
+    ("podman", "podman"), ("runc", "runc"), ("busybox-static", "busybox"), ("sudo", "sudo"),
+    ("passwd", "useradd"),
+]
+
+
+@dataclass
+class LabHost:
+    name: str  # namespace name
+    role: str  # "login" or "node"
+    address: str
+    hostname: str
+    gpus: list[dict] = field(default_factory=list)
+
+    @property
+    def netns(self) -> str:
+        return self.name
+
+
+@dataclass
+class Lab:
+    dir: str
+    index: int
+    vendor: str
+    gpus_per_node: int
+    hosts: list[LabHost]
+
+    @property
+    def prefix(self) -> str:
+        return f"gfl{self.index}"
+
+    @property
+    def run_dir(self) -> Path:
+        return RUN_ROOT / str(self.index)
+
+    @property
+    def login(self) -> LabHost:
+        return next(h for h in self.hosts if h.role == "login")
+
+    @property
+    def nodes(self) -> list[LabHost]:
+        return [h for h in self.hosts if h.role == "node"]
+
+    @property
+    def uplink_address(self) -> str:
+        return f"198.18.{self.index}.1"
+
+    def host_dir(self, host: LabHost) -> Path:
+        return self.run_dir / host.name
+
+    def key(self, which: str) -> Path:
+        return Path(self.dir) / "keys" / f"{which}_id_ed25519"
+
+    @property
+    def fleet_file(self) -> Path:
+        return Path(self.dir) / "fleet.yml"
+
+    def host_env(self, host: LabHost) -> dict[str, str]:
+        """The environment a login on ``host`` gets (set by its sshd)."""
+        d = self.host_dir(host)
+        return {
+            "PATH": f"{d}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "CONTAINERS_CONF": str(d / "containers" / "containers.conf"),
+            "CONTAINERS_STORAGE_CONF": str(d / "containers" / "storage.conf"),
+        }
+
+
+def default_dir() -> Path:
+    from gpufleet import paths
+
+    return paths.home() / "lab"
+
+
+def _run(cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if check and p.returncode != 0:
+        raise GpufleetError(f"lab: `{' '.join(cmd)}` failed: {(p.stderr or p.stdout).strip()}")
+    return p
+
+
+def preflight() -> None:
+    if os.geteuid() != 0:
+        raise UsageError("the lab needs root (it creates network namespaces, a user and sshd daemons): "
+                         "run `sudo gpufleet lab up`")
+    missing = sorted({pkg for pkg, binary in REQUIREMENTS
+                      if not (os.path.exists(binary) if binary.startswith("/") else shutil.which(binary))})
+    if missing:
+        raise UsageError("the lab needs packages that are not installed: " + ", ".join(missing) +
+                         f"\ninstall them with: apt-get update && apt-get install -y {' '.join(missing)}")
+
+
+def _existing_netns() -> set[str]:
+    p = _run(["ip", "netns", "list"], check=False)
+    return {line.split()[0] for line in p.stdout.splitlines() if line.strip()}
+
+
+def load(dir: Path) -> Lab | None:
+    state = Path(dir) / "lab.json"
+    if not state.exists():
+        return None
+    data = json.loads(state.read_text())
+    data["hosts"] = [LabHost(**h) for h in data["hosts"]]
+    return Lab(**data)
+
+
+def _save(lab: Lab) -> None:
+    path = Path(lab.dir) / "lab.json"
+    path.write_text(json.dumps(asdict(lab), indent=2) + "\n")
+    os.chmod(path, 0o600)
+
+
+def is_up(lab: Lab) -> bool:
+    netns = _existing_netns()
+    return all(h.netns in netns and _sshd_pid(lab, h) for h in lab.hosts)
+
+
+def _sshd_pid(lab: Lab, host: LabHost) -> int | None:
+    try:
+        pid = int((lab.host_dir(host) / "sshd.pid").read_text())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def node_specs(vendor: str, gpus: int, node: int) -> list[GpuSpec]:
+    """What GPUs lab node ``node`` gets. `mixed` rotates through vendors and a two-model node."""
+    if vendor == "none" or gpus == 0:
+        return []
+    if vendor == "mixed":
+        kinds = ["nvidia", "amd", "nvidia-mixed", "gaudi", "tenstorrent", "none"]
+        vendor = kinds[node % len(kinds)]
+        if vendor == "nvidia-mixed":
+            half = max(gpus // 2, 1)
+            return [GpuSpec("nvidia", "H100", half), GpuSpec("nvidia", "L40S", max(gpus - half, 1))]
+        return node_specs(vendor, gpus, node)
+    model = {"nvidia": ("nvidia", "H100"), "amd": ("amd", "MI300X"), "gaudi": ("intel", "Gaudi2"),
+             "tenstorrent": ("tenstorrent", "n300")}[vendor]
+    return [GpuSpec(model[0], model[1], gpus)]
+
+
+def up(dir: Path, nodes: int = 2, gpus: int = 8, vendor: str = "nvidia", log=print) -> Lab:
+    preflight()
+    if vendor not in VENDORS:
+        raise UsageError(f"--vendor must be one of {', '.join(VENDORS)}")
+    if not 1 <= nodes <= 200:
+        raise UsageError("--nodes must be between 1 and 200")
+    if not 0 <= gpus <= 16:
+        raise UsageError("--gpus must be between 0 and 16")
+    dir = Path(dir).absolute()
+    existing = load(dir)
+    if existing is not None:
+        if is_up(existing):
+            log(f"lab in {dir} is already up ({len(existing.nodes)} nodes); fleet: {existing.fleet_file}")
+            return existing
+        log(f"lab in {dir} is half up; tearing it down first")
+        down(dir, log=lambda *_: None)
+    dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(dir, 0o700)
+    taken = {n[3:].split("-")[0] for n in _existing_netns() if n.startswith("gfl")}
+    taken |= {p.name for p in RUN_ROOT.iterdir()} if RUN_ROOT.exists() else set()
+    index = next((i for i in range(MAX_LABS) if str(i) not in taken), None)
+    if index is None:
+        raise GpufleetError(f"lab: {MAX_LABS} labs are up already; take one down first")
+    lab = Lab(dir=str(dir), index=index, vendor=vendor, gpus_per_node=gpus, hosts=[])
+    lab.hosts.append(LabHost(f"{lab.prefix}-login", "login", f"198.18.{index}.2", "login"))
+    for i in range(nodes):
+        lab.hosts.append(LabHost(f"{lab.prefix}-n{i}", "node", f"198.19.{index}.{10 + i}", f"node-{i}"))
+    _save(lab)  # saved first, so `down` can clean up whatever part of `up` ran
+    try:
+        log(f"creating lab {index}: login node + {nodes} nodes ({vendor}, {gpus} GPUs each)")
+        _ensure_user()
+        _make_keys(lab)
+        _make_network(lab)
+        rootfs = _make_rootfs(lab)
+        for i, host in enumerate(lab.hosts):
+            _make_host(lab, host, i - 1)
+        _save(lab)
+        log("importing the busybox image into each node's podman storage")
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(lambda h: _import_image(lab, h, rootfs), lab.nodes))
+        for host in lab.hosts:
+            _start_sshd(lab, host)
+        _write_fleet(lab)
+    except BaseException:
+        down(dir, log=lambda *_: None)
+        raise
+    log(f"lab is up: login node {lab.login.address}, nodes {', '.join(h.address for h in lab.nodes)}")
+    log(f"fleet file: {lab.fleet_file}")
+    return lab
+
+
+def _ensure_user() -> None:
+    if _run(["id", "-u", LAB_USER], check=False).returncode != 0:
+        _run(["useradd", "--create-home", "--home-dir", f"/home/{LAB_USER}", "--shell", "/bin/sh", LAB_USER])
+    # useradd leaves the account locked ('!'); sshd without PAM refuses locked accounts
+    _run(["usermod", "-p", "*", LAB_USER])
+    text = (f"# written by `gpufleet lab up`; removed by `gpufleet lab down`\n"
+            f"Defaults:{LAB_USER} env_keep += \"CONTAINERS_CONF CONTAINERS_STORAGE_CONF\"\n"
+            f"{LAB_USER} ALL=(ALL) NOPASSWD: ALL\n")
+    tmp = SUDOERS.with_name(".gpufleet-lab.tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, 0o440)
+    _run(["visudo", "-c", "-q", "-f", str(tmp)]) if shutil.which("visudo") else None
+    os.replace(tmp, SUDOERS)
+
+
+def _make_keys(lab: Lab) -> None:
+    keys = Path(lab.dir) / "keys"
+    keys.mkdir(exist_ok=True, mode=0o700)
+    for which in ("login", "node"):
+        key = lab.key(which)
+        if not key.exists():
+            _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"gpufleet-lab-{which}", "-f", str(key)])
+        os.chmod(key, 0o600)
+
+
+def _make_network(lab: Lab) -> None:
+    p = lab.prefix
+    login = lab.login.netns
+    for h in lab.hosts:
+        _run(["ip", "netns", "add", h.netns])
+        _run(["ip", "-n", h.netns, "link", "set", "lo", "up"])
+    # uplink: this machine <-> login node
+    _run(["ip", "link", "add", f"{p}-up", "type", "veth", "peer", "name", f"{p}-upl"])
+    _run(["ip", "link", "set", f"{p}-upl", "netns", login, "name", "eth0"])
+    _run(["ip", "addr", "add", f"{lab.uplink_address}/24", "dev", f"{p}-up"])
+    _run(["ip", "link", "set", f"{p}-up", "up"])
+    _run(["ip", "-n", login, "addr", "add", f"{lab.login.address}/24", "dev", "eth0"])
+    _run(["ip", "-n", login, "link", "set", "eth0", "up"])
+    # cluster network: a bridge inside the login node, one veth per node
+    _run(["ip", "-n", login, "link", "add", "br0", "type", "bridge"])
+    _run(["ip", "-n", login, "addr", "add", f"198.19.{lab.index}.1/24", "dev", "br0"])
+    _run(["ip", "-n", login, "link", "set", "br0", "up"])
+    for i, node in enumerate(lab.nodes):
+        a, b = f"{p}n{i}a", f"{p}n{i}b"
+        _run(["ip", "link", "add", a, "type", "veth", "peer", "name", b])
+        _run(["ip", "link", "set", a, "netns", login])
+        _run(["ip", "-n", login, "link", "set", a, "master", "br0", "up"])
+        _run(["ip", "link", "set", b, "netns", node.netns, "name", "eth0"])
+        _run(["ip", "-n", node.netns, "addr", "add", f"{node.address}/24", "dev", "eth0"])
+        _run(["ip", "-n", node.netns, "link", "set", "eth0", "up"])
+        _run(["ip", "-n", node.netns, "route", "add", "default", "via", f"198.19.{lab.index}.1"])
+
+
+def _make_rootfs(lab: Lab) -> Path:
+    """A busybox root filesystem as a tar, for `podman import`."""
+    tar_path = lab.run_dir / "busybox-rootfs.tar"
+    busybox = shutil.which("busybox")
+    applets = _run([busybox, "--list"]).stdout.split()
+
+    def add_dir(tar: tarfile.TarFile, name: str, mode: int = 0o755) -> None:
+        info = tarfile.TarInfo(name)
+        info.type, info.mode = tarfile.DIRTYPE, mode
+        tar.addfile(info)
+
+    with tarfile.open(tar_path, "w") as tar:
+        for d in ("bin", "dev", "etc", "proc", "sys", "tmp", "root", "var", "run"):
+            add_dir(tar, d, 0o1777 if d == "tmp" else 0o755)
+        tar.add(busybox, "bin/busybox")
+        for applet in applets:
+            if applet == "busybox":
+                continue
+            info = tarfile.TarInfo(f"bin/{applet}")
+            info.type, info.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(info)
+        for name, text in (("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"), ("etc/group", "root:x:0:\n")):
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return tar_path
+
+
+def _make_host(lab: Lab, host: LabHost, node_index: int) -> None:
+    d = lab.host_dir(host)
+    (d / "bin").mkdir(parents=True, exist_ok=True)
+    for parent in [RUN_ROOT, lab.run_dir, d, d / "bin"]:
+        os.chmod(parent, 0o755)
+    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", host.hostname, "-f", str(d / "ssh_host_ed25519_key")])
+    key = lab.key("login" if host.role == "login" else "node")
+    (d / "authorized_keys").write_text(Path(f"{key}.pub").read_text())
+    os.chmod(d / "authorized_keys", 0o644)
+    env = lab.host_env(host)
+    sftp = next((p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server")
+                 if os.path.exists(p)), "internal-sftp")
+    (d / "sshd_config").write_text("\n".join([
+        f"# lab host {host.hostname} ({host.name}), written by `gpufleet lab up`",
+        f"ListenAddress {host.address}:22",
+        f"HostKey {d}/ssh_host_ed25519_key",
+        f"PidFile {d}/sshd.pid",
+        f"AuthorizedKeysFile {d}/authorized_keys",
+        "UsePAM no", "StrictModes no", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+        "PermitRootLogin no", f"AllowUsers {LAB_USER}", "AllowTcpForwarding yes", "PrintMotd no",
+        "SetEnv " + " ".join(f"{k}={v}" for k, v in env.items()),
+        f"Subsystem sftp {sftp}", "",
+    ]))
+    if host.role == "node":
+        host.gpus = write_standins(d / "bin", node_specs(lab.vendor, lab.gpus_per_node, node_index),
+                                   host_index=lab.index * 1000 + node_index)
+        conf = d / "containers"
+        conf.mkdir(exist_ok=True)
+        (conf / "containers.conf").write_text(
+            "[containers]\n"
+            'default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n'
+            "[engine]\n"
+            'runtime = "runc"\n'
+            'cgroup_manager = "cgroupfs"\n'
+            'events_logger = "file"\n'
+            f'events_logfile_path = "{d}/run/events.log"\n'
+            f'tmp_dir = "{d}/run/libpod"\n'
+            f'static_dir = "{d}/storage/libpod"\n'
+            f'volume_path = "{d}/storage/volumes"\n')
+        (conf / "storage.conf").write_text(
+            "[storage]\n"
+            'driver = "vfs"\n'
+            f'runroot = "{d}/run/storage"\n'
+            f'graphroot = "{d}/storage"\n')
+        for sub in ("run", "storage"):
+            (d / sub).mkdir(exist_ok=True, mode=0o700)
+
+
+def _import_image(lab: Lab, host: LabHost, rootfs: Path) -> None:
+    env = {**os.environ, **lab.host_env(host)}
+    _run(["podman", "import", "--quiet", str(rootfs), LAB_IMAGE], env=env)
+
+
+def _start_sshd(lab: Lab, host: LabHost) -> None:
+    d = lab.host_dir(host)
+    os.makedirs("/run/sshd", exist_ok=True)
+    # own UTS namespace (so `hostname` is the node's), then the node's network namespace
+    _run(["unshare", "--uts", "--", "nsenter", f"--net=/var/run/netns/{host.netns}", "--",
+          "sh", "-c", f'hostname "$1" && exec /usr/sbin/sshd -f "$2" -E "$3"', "sh",
+          host.hostname, str(d / "sshd_config"), str(d / "sshd.log")])
+    for _ in range(100):
+        if _sshd_pid(lab, host):
+            return
+        time.sleep(0.05)
+    raise GpufleetError(f"lab: sshd on {host.hostname} did not start: see {d / 'sshd.log'}")
+
+
+def _write_fleet(lab: Lab) -> None:
+    fleet = {
+        "type": "fleet",
+        "name": "lab" if lab.index == 0 else f"lab{lab.index}",
+        "ssh_config": {
+            "user": LAB_USER,
+            "identity_file": str(lab.key("node")),
+            "proxy_jump": {"hostname": lab.login.address, "user": LAB_USER,
+                           "identity_file": str(lab.key("login"))},
+            "hosts": [h.address for h in lab.nodes],
+        },
+        "blocks": "auto",
+        "placement": "cluster",
+    }
+    header = "# The local lab's fleet, written by `gpufleet lab up`. Apply it with:\n" \
+             f"#   gpufleet apply -f {lab.fleet_file}\n"
+    lab.fleet_file.write_text(header + yaml.safe_dump(fleet, sort_keys=False))
+
+
+def stop_sshd(lab: Lab, host: LabHost) -> None:
+    """Stop one host's sshd (tests use this to take a host down)."""
+    pid = _sshd_pid(lab, host)
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not _sshd_pid(lab, host):
+                break
+            time.sleep(0.05)
+
+
+def start_sshd(lab: Lab, host: LabHost) -> None:
+    if not _sshd_pid(lab, host):
+        _start_sshd(lab, host)
+
+
+def rotate_host_key(lab: Lab, host: LabHost) -> None:
+    """Give ``host`` a new host key, as a reinstalled (or impersonated) server would have."""
+    d = lab.host_dir(host)
+    stop_sshd(lab, host)
+    for f in ("ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"):
+        (d / f).unlink(missing_ok=True)
+    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", host.hostname, "-f", str(d / "ssh_host_ed25519_key")])
+    _start_sshd(lab, host)
+
+
+def down(dir: Path, log=print) -> bool:
+    """Remove every namespace, process and file the lab in ``dir`` made. Harmless when nothing is up."""
+    dir = Path(dir).absolute()
+    lab = load(dir)
+    if lab is None:
+        log(f"no lab in {dir}: nothing to do")
+        return False
+    netns = _existing_netns()
+    for host in lab.nodes:
+        if (lab.host_dir(host) / "containers" / "containers.conf").exists():
+            env = {**os.environ, **lab.host_env(host)}
+            _run(["podman", "rm", "--all", "--force", "--time", "0"], check=False, env=env, timeout=120)
+    for host in lab.hosts:
+        stop_sshd(lab, host)
+        if host.netns in netns:
+            for pid in _run(["ip", "netns", "pids", host.netns], check=False).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            _run(["ip", "netns", "del", host.netns], check=False)
+    _run(["ip", "link", "del", f"{lab.prefix}-up"], check=False)
+    if lab.run_dir.exists():
+        # podman may leave read-only or immutable-looking files; make them writable first
+        subprocess.run(["chmod", "-R", "u+w", str(lab.run_dir)], capture_output=True)
+        shutil.rmtree(lab.run_dir, ignore_errors=True)
+    for name in ("lab.json", "fleet.yml"):
+        (dir / name).unlink(missing_ok=True)
+    shutil.rmtree(dir / "keys", ignore_errors=True)
+    try:
+        dir.rmdir()
+    except OSError:
+        pass
+    if RUN_ROOT.exists() and not any(RUN_ROOT.iterdir()):
+        RUN_ROOT.rmdir()
+        SUDOERS.unlink(missing_ok=True)
+        _run(["userdel", "--remove", LAB_USER], check=False)
+    log(f"lab {lab.index} in {dir} is down")
+    return True

@@ -1,0 +1,37 @@
+"""Where gpufleet keeps its files: the state directory and the shipped Ansible content."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    """The state directory: $GPUFLEET_HOME, else ~/.gpufleet. Created 0700."""
+    path = Path(os.environ.get("GPUFLEET_HOME") or Path.home() / ".gpufleet").expanduser().absolute()
+    ensure_private_dir(path)
+    return path
+
+
+def ensure_private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+def content_root() -> Path:
+    """The folder holding playbooks/, roles/ and inventory_templates/."""
+    env = os.environ.get("GPUFLEET_CONTENT_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent
+
+
+def playbook(name: str) -> Path:
+    return content_root() / "playbooks" / f"{name}.yml"
+
+
+def fleet_dir(name: str) -> Path:
+    return ensure_private_dir(ensure_private_dir(home() / "fleets") / name)
+
+
+def control_dir() -> Path:
+    return ensure_private_dir(home() / "cp")

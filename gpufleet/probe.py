@@ -1,0 +1,95 @@
+"""Probe a fleet's hosts: open the login node connections first, then run playbooks/probe.yml."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from typing import Callable
+
+from gpufleet import ssherrors
+from gpufleet.inventory import GeneratedFiles, SshEntry
+from gpufleet.runner import HostOutcome, run_playbook
+
+JUMP_TIMEOUT = 40  # seconds for one hop's master connection (ConnectTimeout is 10 per attempt)
+MAX_FORKS = 64
+
+
+@dataclass
+class ProbeOutcome:
+    alias: str
+    status: str  # ok | unreachable | failed
+    reason: str = ""
+    facts: dict = field(default_factory=dict)
+
+
+def open_jump(files: GeneratedFiles, entry: SshEntry) -> str | None:
+    """Open (or reuse) the multiplexed master connection to one hop. Return the error, if any."""
+    cmd = ["ssh", "-F", str(files.ssh_config), "-o", "ControlPersist=120s", "-n", entry.alias, "true"]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=JUMP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return f"no answer within {JUMP_TIMEOUT}s"
+    if p.returncode == 0:
+        return None
+    return ssherrors.explain(p.stderr, f"{entry.hostname}:{entry.port}", str(files.known_hosts))
+
+
+def probe_fleet(files: GeneratedFiles, aliases: list[str],
+                on_update: Callable[[str, str, str], None] | None = None) -> dict[str, ProbeOutcome]:
+    """Probe ``aliases`` of the fleet in ``files``. ``on_update(alias, status, message)`` reports progress."""
+    plan = files.plan
+    outcomes: dict[str, ProbeOutcome] = {}
+    failed_jumps: dict[str, str] = {}
+    by_alias = {e.alias: e for e in plan.jumps}
+    for entry in plan.jumps:  # in chain order: a hop after the hop it goes through
+        if entry.proxy_jump in failed_jumps:
+            failed_jumps[entry.alias] = failed_jumps[entry.proxy_jump]
+            continue
+        if not any(t.jump_alias and _chain_has(by_alias, t.jump_alias, entry.alias)
+                   for t in plan.targets if t.alias in aliases):
+            continue
+        error = open_jump(files, entry)
+        if error:
+            failed_jumps[entry.alias] = f"login node {entry.hostname}:{entry.port} unreachable: {error}"
+    reachable = []
+    for t in plan.targets:
+        if t.alias not in aliases:
+            continue
+        if t.jump_alias in failed_jumps:
+            outcomes[t.alias] = ProbeOutcome(t.alias, "unreachable", failed_jumps[t.jump_alias])
+            if on_update:
+                on_update(t.alias, "unreachable", outcomes[t.alias].reason)
+        else:
+            reachable.append(t.alias)
+    if not reachable:
+        return outcomes
+
+    def update(o: HostOutcome) -> None:
+        if on_update:
+            on_update(o.host, o.status, o.message)
+
+    result = run_playbook("probe", files.inventory, limit=reachable,
+                          forks=min(max(len(reachable), 5), MAX_FORKS), on_update=update)
+    if result.canceled:
+        raise KeyboardInterrupt
+    for alias in reachable:
+        o = result.hosts.get(alias) or HostOutcome(alias, "failed", "no result from the probe")
+        facts = (o.results.get("gpufleet_probe") or {}).get("ansible_facts", {}).get("gpufleet_probe")
+        target = next(t.target for t in plan.targets if t.alias == alias)
+        if o.status == "unreachable":
+            outcomes[alias] = ProbeOutcome(alias, "unreachable",
+                                           ssherrors.explain(o.message, target.address, str(files.known_hosts)))
+        elif o.status == "failed" or facts is None:
+            outcomes[alias] = ProbeOutcome(alias, "failed", o.message or "the probe returned no facts")
+        else:
+            outcomes[alias] = ProbeOutcome(alias, "ok", "", facts)
+    return outcomes
+
+
+def _chain_has(by_alias: dict[str, SshEntry], last: str, alias: str) -> bool:
+    current: str | None = last
+    while current:
+        if current == alias:
+            return True
+        current = by_alias[current].proxy_jump if current in by_alias else None
+    return False

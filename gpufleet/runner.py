@@ -1,0 +1,133 @@
+"""A thin, isolated wrapper around ansible-runner (as ansible-navigator does it).
+
+- one private data dir under the state directory, a unique ident per run, artifacts rotated;
+- host-key checking forced on (ansible-runner would silently turn it off);
+- our own cancel callback, so Ctrl-C stops the run cleanly and our signal handling is restored;
+- an event handler that only records per-host outcomes, and tells the caller (for progress).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import ansible_runner
+
+from gpufleet import paths
+
+ROTATE_ARTIFACTS = 20
+
+
+@dataclass
+class HostOutcome:
+    host: str
+    status: str = "pending"  # pending | running | ok | failed | unreachable | skipped
+    message: str = ""
+    results: dict[str, dict] = field(default_factory=dict)  # task action -> module result
+
+
+@dataclass
+class PlaybookResult:
+    status: str  # successful | failed | canceled | timeout
+    rc: int
+    hosts: dict[str, HostOutcome]
+    artifact_dir: str
+    canceled: bool = False
+
+
+def ansible_env(forks: int | None = None) -> dict[str, str]:
+    """Environment for ansible-playbook runs: the settings gpufleet relies on."""
+    root = paths.content_root()
+    env = {
+        "ANSIBLE_HOST_KEY_CHECKING": "True",  # never off: ssh_config does accept-new, known_hosts per fleet
+        "ANSIBLE_ROLES_PATH": str(root / "roles"),
+        "ANSIBLE_RETRY_FILES_ENABLED": "False",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_DEPRECATION_WARNINGS": "False",
+        "ANSIBLE_SYSTEM_WARNINGS": "False",
+        "ANSIBLE_TIMEOUT": "15",
+        "ANSIBLE_SSH_RETRIES": "2",
+        "ANSIBLE_PIPELINING": "True",
+        "ANSIBLE_GATHERING": "explicit",
+        "ANSIBLE_SSH_CONTROL_PATH_DIR": str(paths.control_dir()),
+        "ANSIBLE_LOCAL_TEMP": str(paths.ensure_private_dir(paths.home() / "tmp")),
+        # ansible-playbook from the same environment as this Python (a venv need not be activated)
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    if forks:
+        env["ANSIBLE_FORKS"] = str(forks)
+    return env
+
+
+def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
+                 extravars: dict | None = None, forks: int | None = None,
+                 on_update: Callable[[HostOutcome], None] | None = None) -> PlaybookResult:
+    """Run ``playbooks/<name>.yml`` against ``inventory``; return each host's outcome."""
+    hosts: dict[str, HostOutcome] = {h: HostOutcome(h) for h in (limit or [])}
+    cancel = threading.Event()
+
+    def handle(event: dict) -> bool:
+        data = event.get("event_data") or {}
+        host = data.get("host")
+        kind = event.get("event", "")
+        if not host:
+            return True
+        outcome = hosts.setdefault(host, HostOutcome(host))
+        res = data.get("res") or {}
+        if kind == "runner_on_start" and outcome.status == "pending":
+            outcome.status = "running"
+        elif kind == "runner_on_ok":
+            outcome.results[data.get("task_action", "")] = res
+            if outcome.status in ("pending", "running"):
+                outcome.status = "running"
+        elif kind == "runner_on_unreachable":
+            outcome.status, outcome.message = "unreachable", str(res.get("msg", "")).strip()
+        elif kind == "runner_on_failed" and not data.get("ignore_errors"):
+            outcome.status, outcome.message = "failed", _failure_message(res)
+        elif kind == "runner_on_skipped":
+            pass
+        else:
+            return True
+        if on_update:
+            on_update(outcome)
+        return True
+
+    def on_sigint(signum, frame):  # first Ctrl-C: stop the run cleanly; runner kills its process group
+        cancel.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() \
+        else None
+    private = paths.ensure_private_dir(paths.home() / "runner")
+    ident = f"{time.strftime('%Y%m%dT%H%M%S')}-{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        r = ansible_runner.run(
+            private_data_dir=str(private), ident=ident, rotate_artifacts=ROTATE_ARTIFACTS,
+            playbook=str(paths.playbook(name)), inventory=str(inventory),
+            limit=",".join(limit) if limit else None, extravars=extravars or {},
+            envvars=ansible_env(forks), quiet=True, event_handler=handle,
+            cancel_callback=cancel.is_set, suppress_env_files=True,
+            settings={"suppress_ansible_output": True})
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    for outcome in hosts.values():
+        if outcome.status == "running":
+            outcome.status = "ok"
+            if on_update:
+                on_update(outcome)
+    return PlaybookResult(r.status, r.rc or 0, hosts, r.config.artifact_dir, canceled=cancel.is_set())
+
+
+def _failure_message(res: dict) -> str:
+    msg = str(res.get("msg") or "").strip()
+    stderr = str(res.get("stderr") or res.get("module_stderr") or "").strip()
+    if stderr and stderr not in msg:
+        msg = f"{msg}: {stderr}" if msg else stderr
+    return msg[:2000] or "the task failed"

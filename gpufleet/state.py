@@ -1,0 +1,232 @@
+"""The state store: fleets, instances and blocks, in SQLite (default) through SQLAlchemy Core.
+
+Written against SQLAlchemy Core only, so the same code runs on PostgreSQL
+(``GPUFLEET_DATABASE_URL``). Every change is one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import (Column, Float, ForeignKey, Integer, MetaData, String, Table, Text, UniqueConstraint,
+                        create_engine, delete, event, insert, select, update)
+from sqlalchemy.engine import Engine
+
+from gpufleet import paths
+from gpufleet.blocks import Block
+from gpufleet.errors import GpufleetError
+
+metadata = MetaData()
+
+fleets = Table(
+    "fleets", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("source", Text, nullable=False),
+    Column("config", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+instances = Table(
+    "instances", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("fleet", String(64), ForeignKey("fleets.name", ondelete="CASCADE"), nullable=False),
+    Column("num", Integer, nullable=False),
+    Column("alias", String(300), nullable=False),
+    Column("hostname", String(300), nullable=False),
+    Column("port", Integer, nullable=False),
+    Column("status", String(32), nullable=False),  # ready | unreachable | error
+    Column("reason", Text, nullable=False, default=""),
+    Column("resources", Text, nullable=False, default=""),
+    Column("probe", Text, nullable=False, default="{}"),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("fleet", "alias"),
+    UniqueConstraint("fleet", "num"),
+)
+
+blocks = Table(
+    "blocks", metadata,
+    Column("instance_id", Integer, ForeignKey("instances.id", ondelete="CASCADE"), primary_key=True),
+    Column("idx", Integer, primary_key=True),
+    Column("gpus", Text, nullable=False),  # JSON list of positions in the instance's probed GPU list
+    Column("cpus", Integer, nullable=False),
+    Column("memory_mib", Integer, nullable=False),
+    Column("numa_node", Integer, nullable=True),
+    Column("run", String(128), nullable=True),  # the run holding the block; NULL when free
+)
+
+READY, UNREACHABLE, ERROR = "ready", "unreachable", "error"
+
+
+@dataclass
+class InstanceView:
+    fleet: str
+    num: int
+    alias: str
+    hostname: str
+    port: int
+    status: str
+    reason: str
+    resources: str
+    probe: dict
+    created_at: float
+    updated_at: float
+    blocks_total: int = 0
+    blocks_busy: int = 0
+
+    @property
+    def status_text(self) -> str:
+        if self.status != READY:
+            return f"{self.status}: {self.reason}" if self.reason else self.status
+        if self.blocks_total <= 1:
+            return "busy" if self.blocks_busy else "idle"
+        return f"{self.blocks_busy}/{self.blocks_total} busy"
+
+
+@dataclass
+class FleetView:
+    name: str
+    source: str
+    created_at: float
+    instances: list[InstanceView] = field(default_factory=list)
+
+
+def database_url() -> str:
+    url = os.environ.get("GPUFLEET_DATABASE_URL")
+    if url:
+        return url
+    return f"sqlite:///{paths.home() / 'state.db'}"
+
+
+class Store:
+    def __init__(self, url: str | None = None):
+        self.url = url or database_url()
+        if self.url.startswith("sqlite:///"):
+            db = Path(self.url.removeprefix("sqlite:///"))
+            if not db.exists():
+                db.parent.mkdir(parents=True, exist_ok=True)
+                os.close(os.open(db, os.O_CREAT | os.O_WRONLY, 0o600))
+        self.engine: Engine = create_engine(self.url, future=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        metadata.create_all(self.engine)
+
+    # fleets -----------------------------------------------------------------------------------
+    def save_fleet(self, name: str, source: str, config: dict) -> None:
+        now = time.time()
+        with self.engine.begin() as c:
+            row = c.execute(select(fleets.c.name).where(fleets.c.name == name)).first()
+            if row:
+                c.execute(update(fleets).where(fleets.c.name == name).values(
+                    source=source, config=json.dumps(config), updated_at=now))
+            else:
+                c.execute(insert(fleets).values(name=name, source=source, config=json.dumps(config),
+                                                created_at=now, updated_at=now))
+
+    def fleet(self, name: str) -> FleetView | None:
+        views = self.fleets(name)
+        return views[0] if views else None
+
+    def fleets(self, name: str | None = None) -> list[FleetView]:
+        with self.engine.connect() as c:
+            q = select(fleets).order_by(fleets.c.name)
+            if name is not None:
+                q = q.where(fleets.c.name == name)
+            out = {r.name: FleetView(r.name, r.source, r.created_at) for r in c.execute(q)}
+            q = select(instances).order_by(instances.c.fleet, instances.c.num)
+            if name is not None:
+                q = q.where(instances.c.fleet == name)
+            counts = self._block_counts(c)
+            for r in c.execute(q):
+                total, busy = counts.get(r.id, (0, 0))
+                out[r.fleet].instances.append(InstanceView(
+                    r.fleet, r.num, r.alias, r.hostname, r.port, r.status, r.reason, r.resources,
+                    json.loads(r.probe), r.created_at, r.updated_at, total, busy))
+        return list(out.values())
+
+    @staticmethod
+    def _block_counts(c) -> dict[int, tuple[int, int]]:
+        counts: dict[int, list[int]] = {}
+        for r in c.execute(select(blocks.c.instance_id, blocks.c.run)):
+            entry = counts.setdefault(r.instance_id, [0, 0])
+            entry[0] += 1
+            entry[1] += r.run is not None
+        return {k: (v[0], v[1]) for k, v in counts.items()}
+
+    def delete_fleet(self, name: str) -> None:
+        with self.engine.begin() as c:
+            busy = self._busy_aliases(c, name)
+            if busy:
+                raise GpufleetError(f"fleet {name} has workloads running on {', '.join(busy)}: stop them first")
+            ids = [r.id for r in c.execute(select(instances.c.id).where(instances.c.fleet == name))]
+            if ids:
+                c.execute(delete(blocks).where(blocks.c.instance_id.in_(ids)))
+            c.execute(delete(instances).where(instances.c.fleet == name))
+            c.execute(delete(fleets).where(fleets.c.name == name))
+
+    @staticmethod
+    def _busy_aliases(c, fleet: str, alias: str | None = None) -> list[str]:
+        q = (select(instances.c.alias).distinct().join(blocks, blocks.c.instance_id == instances.c.id)
+             .where(instances.c.fleet == fleet, blocks.c.run.is_not(None)))
+        if alias is not None:
+            q = q.where(instances.c.alias == alias)
+        return [r.alias for r in c.execute(q)]
+
+    # instances --------------------------------------------------------------------------------
+    def record_instance(self, fleet: str, alias: str, hostname: str, port: int, status: str,
+                        reason: str = "", resources: str = "", probe: dict | None = None,
+                        block_layout: list[Block] | None = None) -> int:
+        """Insert or update one instance after a probe. ``block_layout`` replaces the blocks when
+        the instance is ready and none of its blocks is in use."""
+        now = time.time()
+        with self.engine.begin() as c:
+            row = c.execute(select(instances).where(instances.c.fleet == fleet, instances.c.alias == alias)).first()
+            values = dict(hostname=hostname, port=port, status=status, reason=reason, updated_at=now)
+            if probe is not None:
+                values.update(probe=json.dumps(probe), resources=resources)
+            if row is None:
+                used = {r.num for r in c.execute(select(instances.c.num).where(instances.c.fleet == fleet))}
+                num = next(i for i in range(len(used) + 1) if i not in used)
+                iid = c.execute(insert(instances).values(fleet=fleet, alias=alias, num=num, created_at=now,
+                                                         probe=values.pop("probe", "{}"),
+                                                         resources=values.pop("resources", ""), **values)
+                                ).inserted_primary_key[0]
+            else:
+                iid = row.id
+                c.execute(update(instances).where(instances.c.id == iid).values(**values))
+            if block_layout is not None and not self._busy_aliases(c, fleet, alias):
+                c.execute(delete(blocks).where(blocks.c.instance_id == iid))
+                if block_layout:
+                    c.execute(insert(blocks), [dict(instance_id=iid, idx=b.index, gpus=json.dumps(list(b.gpus)),
+                                                    cpus=b.cpus, memory_mib=b.memory_mib, numa_node=b.numa_node,
+                                                    run=None) for b in block_layout])
+            elif status != READY and not self._busy_aliases(c, fleet, alias):
+                c.execute(delete(blocks).where(blocks.c.instance_id == iid))
+            return iid
+
+    def remove_instance(self, fleet: str, alias: str) -> None:
+        with self.engine.begin() as c:
+            if self._busy_aliases(c, fleet, alias):
+                raise GpufleetError(f"{alias} runs workloads: stop them before removing it from fleet {fleet}")
+            row = c.execute(select(instances.c.id).where(instances.c.fleet == fleet,
+                                                         instances.c.alias == alias)).first()
+            if row:
+                c.execute(delete(blocks).where(blocks.c.instance_id == row.id))
+                c.execute(delete(instances).where(instances.c.id == row.id))
+
+    def busy_aliases(self, fleet: str) -> list[str]:
+        with self.engine.connect() as c:
+            return self._busy_aliases(c, fleet)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
