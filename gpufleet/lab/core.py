@@ -266,6 +266,9 @@ def _make_network(lab: Lab) -> None:
     _run(["ip", "link", "set", f"{p}-up", "up"])
     _run(["ip", "-n", login, "addr", "add", f"{lab.login.address}/24", "dev", "eth0"])
     _run(["ip", "-n", login, "link", "set", "eth0", "up"])
+    # the cluster network is reachable only through the login node; from here it is unreachable
+    # (never routed out of this machine)
+    _run(["ip", "route", "replace", "unreachable", f"198.19.{lab.index}.0/24"])
     # cluster network: a bridge inside the login node, one veth per node
     _run(["ip", "-n", login, "link", "add", "br0", "type", "bridge"])
     _run(["ip", "-n", login, "addr", "add", f"198.19.{lab.index}.1/24", "dev", "br0"])
@@ -283,6 +286,7 @@ def _make_network(lab: Lab) -> None:
 
 def _make_rootfs(lab: Lab) -> Path:
     """A busybox root filesystem as a tar, for `podman import`."""
+    lab.run_dir.mkdir(parents=True, exist_ok=True)
     tar_path = lab.run_dir / "busybox-rootfs.tar"
     busybox = shutil.which("busybox")
     applets = _run([busybox, "--list"]).stdout.split()
@@ -333,6 +337,9 @@ def _make_host(lab: Lab, host: LabHost, node_index: int) -> None:
         "SetEnv " + " ".join(f"{k}={v}" for k, v in env.items()),
         f"Subsystem sftp {sftp}", "",
     ]))
+    names = "".join(f"{h.address}\t{h.hostname}\n" for h in lab.hosts)
+    (d / "hosts").write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{names}")
+    (d / "resolv.conf").write_text("# lab host: no DNS server\nnameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
     if host.role == "node":
         host.gpus = write_standins(d / "bin", node_specs(lab.vendor, lab.gpus_per_node, node_index),
                                    host_index=lab.index * 1000 + node_index)
@@ -366,15 +373,27 @@ def _import_image(lab: Lab, host: LabHost, rootfs: Path) -> None:
 def _start_sshd(lab: Lab, host: LabHost) -> None:
     d = lab.host_dir(host)
     os.makedirs("/run/sshd", exist_ok=True)
-    # own UTS namespace (so `hostname` is the node's), then the node's network namespace
-    _run(["unshare", "--uts", "--", "nsenter", f"--net=/var/run/netns/{host.netns}", "--",
-          "sh", "-c", f'hostname "$1" && exec /usr/sbin/sshd -f "$2" -E "$3"', "sh",
-          host.hostname, str(d / "sshd_config"), str(d / "sshd.log")])
+    # Own UTS namespace (its hostname) and mount namespace (its /etc/hosts and resolv.conf: without them
+    # sudo waits for DNS that is not there), then the host's network namespace.
+    script = ('mount --make-rprivate / && mount --bind "$1/hosts" /etc/hosts && '
+              'mount --bind "$1/resolv.conf" /etc/resolv.conf && hostname "$2" && '
+              'exec nsenter --net="$3" -- /usr/sbin/sshd -f "$1/sshd_config" -E "$1/sshd.log"')
+    _run(["unshare", "--uts", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
+          str(d), host.hostname, f"/var/run/netns/{host.netns}"])
     for _ in range(100):
         if _sshd_pid(lab, host):
             return
         time.sleep(0.05)
     raise GpufleetError(f"lab: sshd on {host.hostname} did not start: see {d / 'sshd.log'}")
+
+
+def host_exec(lab: Lab, host: LabHost, cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    """Run ``cmd`` as root inside ``host`` (its network, mount and UTS namespaces)."""
+    pid = _sshd_pid(lab, host)
+    if pid is None:
+        raise GpufleetError(f"lab: {host.hostname} is not running")
+    env = {**os.environ, **lab.host_env(host)}
+    return _run(["nsenter", f"--target={pid}", "--net", "--mount", "--uts", "--"] + cmd, env=env, **kw)
 
 
 def _write_fleet(lab: Lab) -> None:
@@ -431,9 +450,8 @@ def down(dir: Path, log=print) -> bool:
         return False
     netns = _existing_netns()
     for host in lab.nodes:
-        if (lab.host_dir(host) / "containers" / "containers.conf").exists():
-            env = {**os.environ, **lab.host_env(host)}
-            _run(["podman", "rm", "--all", "--force", "--time", "0"], check=False, env=env, timeout=120)
+        if _sshd_pid(lab, host):
+            host_exec(lab, host, ["podman", "rm", "--all", "--force", "--time", "0"], check=False, timeout=120)
     for host in lab.hosts:
         stop_sshd(lab, host)
         if host.netns in netns:
@@ -444,6 +462,7 @@ def down(dir: Path, log=print) -> bool:
                     pass
             _run(["ip", "netns", "del", host.netns], check=False)
     _run(["ip", "link", "del", f"{lab.prefix}-up"], check=False)
+    _run(["ip", "route", "del", "unreachable", f"198.19.{lab.index}.0/24"], check=False)
     if lab.run_dir.exists():
         # podman may leave read-only or immutable-looking files; make them writable first
         subprocess.run(["chmod", "-R", "u+w", str(lab.run_dir)], capture_output=True)
