@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up gpufleet on a fresh Debian 12 machine: system packages for the lab, and a virtualenv
+# (.venv) with gpufleet and its test tools. Run as root (or with sudo). Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(python3 python3-venv python3-pip openssh-server openssh-client iproute2 util-linux
+          podman runc busybox-static sudo passwd git)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e '.[test]'
+echo "setup: done (.venv/bin/gpufleet)"
