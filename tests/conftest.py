@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Cli:
+    home: Path
+
+    def __call__(self, *args: str, check: int | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+        env = {**os.environ, "GPUFLEET_HOME": str(self.home), "COLUMNS": "200", "TERM": "dumb"}
+        p = subprocess.run([sys.executable, "-m", "gpufleet", *args], capture_output=True, text=True,
+                           env=env, timeout=timeout, cwd=ROOT)
+        if check is not None:
+            assert p.returncode == check, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+        return p
+
+
+def lab_available() -> str | None:
+    if os.geteuid() != 0:
+        return "the lab needs root"
+    return None
+
+
+@pytest.fixture(scope="session")
+def lab_factory(tmp_path_factory):
+    """Create labs (removed at the end of the session)."""
+    reason = lab_available()
+    if reason:
+        pytest.skip(reason)
+    from gpufleet.lab import core
+
+    made = []
+
+    def make(nodes: int = 2, gpus: int = 8, vendor: str = "nvidia"):
+        d = tmp_path_factory.mktemp(f"lab-{vendor}")
+        made.append(d)
+        return core.up(d, nodes=nodes, gpus=gpus, vendor=vendor, log=lambda *_: None)
+
+    yield make
+    for d in made:
+        core.down(d, log=lambda *_: None)
+
+
+@pytest.fixture()
+def cli(tmp_path: Path) -> Cli:
+    return Cli(tmp_path / "home")
