@@ -31,7 +31,7 @@ class FleetPlan:
         table = Table(box=None, pad_edge=False, header_style="bold")
         for col in ("HOST", "ADDRESS", "VIA", "BLOCKS", "ACTION"):
             table.add_column(col)
-        targets = dict(zip(target_aliases(self.fleet.targets), self.fleet.targets))
+        targets = dict(zip(target_aliases(self.fleet.targets), self.fleet.targets, strict=True))
         for alias in self.add + self.reprobe:
             t = targets[alias]
             via = " -> ".join(f"{j.hostname}:{j.port}" for j in t.jumps) or "direct"
@@ -77,7 +77,7 @@ def apply_fleet(path: str, yes: bool = False, dry_run: bool = False, console: Co
         store.remove_instance(fleet.name, alias)
     aliases = plan.add + plan.reprobe
     outcomes = _probe_with_progress(console, files, aliases)
-    targets = dict(zip(target_aliases(fleet.targets), fleet.targets))
+    targets = dict(zip(target_aliases(fleet.targets), fleet.targets, strict=True))
     all_ready = True
     warnings: list[str] = []
     for alias in aliases:

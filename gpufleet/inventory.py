@@ -80,7 +80,7 @@ def plan_connections(fleet: Fleet) -> ConnectionPlan:
     hop_alias: dict[tuple[Hop, ...], str] = {}
     jumps: list[SshEntry] = []
     targets: list[PlannedTarget] = []
-    for alias, t in zip(target_aliases(fleet.targets), fleet.targets):
+    for alias, t in zip(target_aliases(fleet.targets), fleet.targets, strict=True):
         previous: str | None = None
         for depth in range(len(t.jumps)):
             chain = t.jumps[: depth + 1]

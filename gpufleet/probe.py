@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from gpufleet import ssherrors
 from gpufleet.inventory import GeneratedFiles, SshEntry

@@ -158,7 +158,8 @@ def test_huge_and_binary_files_are_refused(tmp_path: Path) -> None:
 def test_cli_exits_2_without_traceback(tmp_path: Path) -> None:
     path = write(tmp_path, "type: fleet\nblocks: 0\nssh_config: {user: u, hosts: [a]}\n")
     p = subprocess.run([sys.executable, "-m", "gpufleet", "apply", "-f", str(path), "-y"],
-                       capture_output=True, text=True, env={"GPUFLEET_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"})
+                       capture_output=True, text=True,
+                       env={"GPUFLEET_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"})
     assert p.returncode == 2
     assert "Traceback" not in p.stderr and "blocks: must be" in p.stderr
     assert f"{path}:2:9" in p.stderr
