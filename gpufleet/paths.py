@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
+import tempfile
 from pathlib import Path
 
 
@@ -34,4 +37,14 @@ def fleet_dir(name: str) -> Path:
 
 
 def control_dir() -> Path:
-    return ensure_private_dir(home() / "cp")
+    """Where ssh's multiplexing sockets go. A socket path must fit in 108 bytes (with %C's 40
+    characters), so a long state directory gets a short folder under /tmp instead."""
+    path = home() / "cp"
+    if len(str(path)) > 60:
+        digest = hashlib.sha1(str(home()).encode()).hexdigest()[:10]
+        path = Path(tempfile.gettempdir()) / f"gpufleet-{os.getuid()}-{digest}"
+        path.mkdir(mode=0o700, exist_ok=True)
+        st = path.lstat()
+        if st.st_uid != os.getuid() or not stat.S_ISDIR(st.st_mode):
+            raise PermissionError(f"{path} is not a folder owned by this user; remove it")
+    return ensure_private_dir(path)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gpufleet import ssherrors
-from gpufleet.inventory import GeneratedFiles, SshEntry
+from gpufleet.inventory import GeneratedFiles, PlannedTarget, SshEntry
 from gpufleet.runner import HostOutcome, run_playbook
 
 JUMP_TIMEOUT = 40  # seconds for one hop's master connection (ConnectTimeout is 10 per attempt)
 MAX_FORKS = 64
+MAX_DIAGNOSES = 8  # failed hosts re-checked one by one for the login node's reason
 
 
 @dataclass
@@ -72,18 +74,39 @@ def probe_fleet(files: GeneratedFiles, aliases: list[str],
                           forks=min(max(len(reachable), 5), MAX_FORKS), on_update=update)
     if result.canceled:
         raise KeyboardInterrupt
+    by_target = {t.alias: t for t in plan.targets}
+    diagnosed = 0
     for alias in reachable:
         o = result.hosts.get(alias) or HostOutcome(alias, "failed", "no result from the probe")
         facts = (o.results.get("gpufleet_probe") or {}).get("ansible_facts", {}).get("gpufleet_probe")
         target = next(t.target for t in plan.targets if t.alias == alias)
         if o.status == "unreachable":
+            message = o.message
+            if diagnosed < MAX_DIAGNOSES and ssherrors.hides_cause(message):
+                diagnosed += 1
+                message = diagnose(files, by_target[alias]) or message
             outcomes[alias] = ProbeOutcome(alias, "unreachable",
-                                           ssherrors.explain(o.message, target.address, str(files.known_hosts)))
+                                           ssherrors.explain(message, target.address, str(files.known_hosts)))
         elif o.status == "failed" or facts is None:
             outcomes[alias] = ProbeOutcome(alias, "failed", o.message or "the probe returned no facts")
         else:
             outcomes[alias] = ProbeOutcome(alias, "ok", "", facts)
     return outcomes
+
+
+def diagnose(files: GeneratedFiles, target: PlannedTarget) -> str | None:
+    """Reconnect once without multiplexing on the last hop, so the login node's own reason
+    (connection refused, no route...) reaches us instead of the shared master's log."""
+    if not target.jump_alias:
+        return None
+    hop = ["ssh", "-F", str(files.ssh_config), "-o", "ControlPath=none", "-W", "%h:%p", target.jump_alias]
+    cmd = ["ssh", "-F", str(files.ssh_config), "-o", "ControlPath=none", "-o",
+           "ProxyCommand=" + shlex.join(hop), "-n", target.alias, "true"]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=JUMP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return None
+    return None if p.returncode == 0 else p.stderr
 
 
 def _chain_has(by_alias: dict[str, SshEntry], last: str, alias: str) -> bool:

@@ -416,7 +416,8 @@ def _write_fleet(lab: Lab) -> None:
 
 
 def stop_sshd(lab: Lab, host: LabHost) -> None:
-    """Stop one host's sshd (tests use this to take a host down)."""
+    """Stop one host's sshd and every ssh session on it, as a host going down would
+    (tests use this to take a host down; `start_sshd` brings it back)."""
     pid = _sshd_pid(lab, host)
     if pid:
         os.kill(pid, signal.SIGTERM)
@@ -424,6 +425,13 @@ def stop_sshd(lab: Lab, host: LabHost) -> None:
             if not _sshd_pid(lab, host):
                 break
             time.sleep(0.05)
+    if host.netns in _existing_netns():
+        for other in _run(["ip", "netns", "pids", host.netns], check=False).stdout.split():
+            try:
+                if Path(f"/proc/{other}/comm").read_text().strip() == "sshd":
+                    os.kill(int(other), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
 
 
 def start_sshd(lab: Lab, host: LabHost) -> None:
