@@ -16,9 +16,9 @@ def hides_cause(raw: str) -> bool:
 def explain(raw: str, host: str, known_hosts: str | None = None) -> str:
     text = _NOISE.sub("", raw or "").strip()
     if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or "Host key verification failed" in text:
-        hint = f" in {known_hosts}" if known_hosts else ""
-        return (f"host key of {host} does not match the one recorded{hint}: refusing to connect "
-                f"(if the host was reinstalled, remove its old key with ssh-keygen -R and re-apply)")
+        where = f" in {known_hosts}" if known_hosts else ""
+        return (f"host key of {host} changed since it was recorded{where}: refused "
+                f"(if the host was reinstalled: ssh-keygen -R HOST -f KNOWN_HOSTS, then re-apply)")
     if "Permission denied" in text:
         m = re.search(r"Permission denied \([^)]*\)", text)
         return f"login refused by {host} ({m.group(0) if m else 'Permission denied'}): check user and identity_file"

@@ -12,8 +12,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import tarfile
 import time
@@ -208,6 +210,7 @@ def up(dir: Path, nodes: int = 2, gpus: int = 8, vendor: str = "nvidia", log=pri
     try:
         log(f"creating lab {index}: login node + {nodes} nodes ({vendor}, {gpus} GPUs each)")
         _ensure_user()
+        _ensure_overlay_targets()
         _make_keys(lab)
         _make_network(lab)
         rootfs = _make_rootfs(lab)
@@ -343,6 +346,7 @@ def _make_host(lab: Lab, host: LabHost, node_index: int) -> None:
     if host.role == "node":
         host.gpus = write_standins(d / "bin", node_specs(lab.vendor, lab.gpus_per_node, node_index),
                                    host_index=lab.index * 1000 + node_index)
+        _make_devices(d, host.gpus)
         conf = d / "containers"
         conf.mkdir(exist_ok=True)
         (conf / "containers.conf").write_text(
@@ -365,6 +369,82 @@ def _make_host(lab: Lab, host: LabHost, node_index: int) -> None:
             (d / sub).mkdir(exist_ok=True, mode=0o700)
 
 
+# Paths that each host sees its own version of (bind mounts in its mount namespace). They must
+# exist on this machine to be mounted over; the lab creates the missing ones and removes them at the end.
+HOST_OVERLAYS = {"/etc/cdi": "dir", "/dev/dri": "dir", "/dev/tenstorrent": "dir", "/dev/kfd": "chr"}
+CREATED_LIST = Path("/var/lib/gpufleet-lab.created")
+
+
+def _ensure_overlay_targets() -> None:
+    created = set(CREATED_LIST.read_text().split()) if CREATED_LIST.exists() else set()
+    for path, kind in HOST_OVERLAYS.items():
+        if os.path.lexists(path):
+            continue
+        if kind == "dir":
+            os.makedirs(path, mode=0o755)
+        else:
+            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        created.add(path)
+    CREATED_LIST.write_text("\n".join(sorted(created)) + "\n")
+
+
+def _remove_overlay_targets() -> None:
+    if not CREATED_LIST.exists():
+        return
+    for path in CREATED_LIST.read_text().split():
+        try:
+            os.rmdir(path) if os.path.isdir(path) else os.unlink(path)
+        except OSError:
+            pass
+    CREATED_LIST.unlink()
+
+
+def _make_devices(d: Path, gpus: list[dict]) -> None:
+    """Device nodes for the host's simulated GPUs (char 1,3: reads like /dev/null), and a CDI spec for
+    its NVIDIA GPUs naming each by index and UUID, as `nvidia-ctk cdi generate` does."""
+    dev = d / "dev"
+    for sub in ("cdi", "dev/dri", "dev/tenstorrent"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(d / sub, 0o755)
+
+    def node(path: Path) -> str:
+        if not path.exists():
+            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        return str(path)
+
+    node(dev / "kfd")
+    nvidia = [g for g in gpus if g["vendor"] == "nvidia"]
+    devices = []
+    for g in nvidia:
+        edits = {"deviceNodes": [{"path": f"/dev/nvidia{g['index']}", "hostPath": node(dev / f"nvidia{g['index']}")}]}
+        devices += [{"name": str(g["index"]), "containerEdits": edits}, {"name": g["uuid"], "containerEdits": edits}]
+    for g in [g for g in gpus if g["vendor"] == "amd"]:
+        node(dev / "dri" / f"renderD{128 + g['index']}")
+    for g in [g for g in gpus if g["vendor"] == "tenstorrent"]:
+        node(dev / "tenstorrent" / str(g["index"]))
+    spec = d / "cdi" / "nvidia.json"
+    if nvidia:
+        common = [{"path": p, "hostPath": node(dev / p.rsplit("/", 1)[1])}
+                  for p in ("/dev/nvidiactl", "/dev/nvidia-uvm")]
+        devices.append({"name": "all", "containerEdits": {"deviceNodes": [
+            e for d_ in devices if d_["name"].isdigit() for e in d_["containerEdits"]["deviceNodes"]]}})
+        spec.write_text(json.dumps({"cdiVersion": "0.5.0", "kind": "nvidia.com/gpu", "devices": devices,
+                                    "containerEdits": {"deviceNodes": common}}, indent=2) + "\n")
+    else:
+        spec.unlink(missing_ok=True)
+
+
+def _host_mounts(lab: Lab, host: LabHost) -> list[tuple[str, str]]:
+    d = lab.host_dir(host)
+    mounts = [(str(d / "hosts"), "/etc/hosts"), (str(d / "resolv.conf"), "/etc/resolv.conf")]
+    if host.role == "node":
+        mounts += [(str(d / "cdi"), "/etc/cdi"), (str(d / "dev" / "dri"), "/dev/dri"),
+                   (str(d / "dev" / "tenstorrent"), "/dev/tenstorrent")]
+        if any(g["vendor"] == "amd" for g in host.gpus):
+            mounts.append((str(d / "dev" / "kfd"), "/dev/kfd"))
+    return mounts
+
+
 def _import_image(lab: Lab, host: LabHost, rootfs: Path) -> None:
     env = {**os.environ, **lab.host_env(host)}
     _run(["podman", "import", "--quiet", str(rootfs), LAB_IMAGE], env=env)
@@ -375,8 +455,8 @@ def _start_sshd(lab: Lab, host: LabHost) -> None:
     os.makedirs("/run/sshd", exist_ok=True)
     # Own UTS namespace (its hostname) and mount namespace (its /etc/hosts and resolv.conf: without them
     # sudo waits for DNS that is not there), then the host's network namespace.
-    script = ('mount --make-rprivate / && mount --bind "$1/hosts" /etc/hosts && '
-              'mount --bind "$1/resolv.conf" /etc/resolv.conf && hostname "$2" && '
+    binds = "".join(f"mount --bind {shlex.quote(src)} {shlex.quote(dst)} && " for src, dst in _host_mounts(lab, host))
+    script = (f'mount --make-rprivate / && {binds}hostname "$2" && '
               'exec nsenter --net="$3" -- /usr/sbin/sshd -f "$1/sshd_config" -E "$1/sshd.log"')
     _run(["unshare", "--uts", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
           str(d), host.hostname, f"/var/run/netns/{host.netns}"])
@@ -399,7 +479,7 @@ def host_exec(lab: Lab, host: LabHost, cmd: list[str], **kw) -> subprocess.Compl
 def _write_fleet(lab: Lab) -> None:
     fleet = {
         "type": "fleet",
-        "name": "lab" if lab.index == 0 else f"lab{lab.index}",
+        "name": fleet_name(lab),
         "ssh_config": {
             "user": LAB_USER,
             "identity_file": str(lab.key("node")),
@@ -449,6 +529,22 @@ def rotate_host_key(lab: Lab, host: LabHost) -> None:
     _start_sshd(lab, host)
 
 
+def fleet_name(lab: Lab) -> str:
+    return "lab" if lab.index == 0 else f"lab{lab.index}"
+
+
+def _forget_host_keys(lab: Lab) -> None:
+    """The next lab on these addresses has new host keys: drop this lab's keys from its fleet's
+    known_hosts, so that re-applying the lab fleet is not refused as a changed key."""
+    from gpufleet import paths
+
+    known_hosts = paths.home() / "fleets" / fleet_name(lab) / "known_hosts"
+    if known_hosts.exists():
+        for host in lab.hosts:
+            _run(["ssh-keygen", "-R", host.address, "-f", str(known_hosts)], check=False)
+        Path(f"{known_hosts}.old").unlink(missing_ok=True)
+
+
 def down(dir: Path, log=print) -> bool:
     """Remove every namespace, process and file the lab in ``dir`` made. Harmless when nothing is up."""
     dir = Path(dir).absolute()
@@ -475,6 +571,7 @@ def down(dir: Path, log=print) -> bool:
         # podman may leave read-only or immutable-looking files; make them writable first
         subprocess.run(["chmod", "-R", "u+w", str(lab.run_dir)], capture_output=True)
         shutil.rmtree(lab.run_dir, ignore_errors=True)
+    _forget_host_keys(lab)
     for name in ("lab.json", "fleet.yml"):
         (dir / name).unlink(missing_ok=True)
     shutil.rmtree(dir / "keys", ignore_errors=True)
@@ -484,6 +581,7 @@ def down(dir: Path, log=print) -> bool:
         pass
     if RUN_ROOT.exists() and not any(RUN_ROOT.iterdir()):
         RUN_ROOT.rmdir()
+        _remove_overlay_targets()
         SUDOERS.unlink(missing_ok=True)
         _run(["userdel", "--remove", LAB_USER], check=False)
     log(f"lab {lab.index} in {dir} is down")

@@ -28,7 +28,7 @@ def fleet_yaml(lab, tmp_path: Path, nodes: list[int], **extra) -> Path:
     return path
 
 
-def instances(cli, name: str = "lab") -> dict[str, dict]:
+def instances(cli, name: str) -> dict[str, dict]:
     out = json.loads(cli("fleet", "list", "--json", check=0).stdout)
     fleet = next(f for f in out if f["name"] == name)
     return {i["hostname"]: i for i in fleet["instances"]}
@@ -45,7 +45,7 @@ def test_direct_ssh_fails_and_apply_through_login_node_works(lab, cli, tmp_path)
     p = cli("apply", "-f", str(fleet_yaml(lab, tmp_path, [0, 1])), "-y", check=0)
     assert p.stdout.count("0/8 busy") == 2, p.stdout
     assert "8xH100 (80GB)" in p.stdout
-    found = instances(cli)
+    found = instances(cli, core.fleet_name(lab))
     assert set(found) == {lab.nodes[0].address, lab.nodes[1].address}
     for inst in found.values():
         assert inst["status"] == "ready" and inst["blocks"] == {"total": 8, "busy": 0}
@@ -58,7 +58,7 @@ def test_direct_ssh_fails_and_apply_through_login_node_works(lab, cli, tmp_path)
         assert [g["numa_node"] for g in probed] == [0, 0, 0, 0, 1, 1, 1, 1]
 
     # the generated inventory works with plain ansible-playbook (no gpufleet in between)
-    inventory = cli.home / "fleets" / "lab" / "inventory.yml"
+    inventory = cli.home / "fleets" / core.fleet_name(lab) / "inventory.yml"
     run = subprocess.run(["ansible-playbook", "-i", str(inventory), "playbooks/probe.yml"],
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -69,7 +69,7 @@ def test_blocks_that_do_not_divide_give_a_host_error(lab, cli, tmp_path):
     p = cli("apply", "-f", str(fleet_yaml(lab, tmp_path, [2], blocks=3)), "-y")
     assert p.returncode == 1, p.stdout + p.stderr
     assert "error: 8 GPUs cannot be split into 3 blocks" in p.stdout
-    inst = instances(cli)[lab.nodes[2].address]
+    inst = instances(cli, core.fleet_name(lab))[lab.nodes[2].address]
     assert inst["status"] == "error" and inst["blocks"]["total"] == 0
     p = cli("apply", "-f", str(fleet_yaml(lab, tmp_path, [2], blocks=2)), "-y", check=0)
     assert "0/2 busy" in p.stdout
@@ -77,10 +77,10 @@ def test_blocks_that_do_not_divide_give_a_host_error(lab, cli, tmp_path):
 
 def test_reapply_adds_and_removes_hosts(lab, cli, tmp_path):
     cli("apply", "-f", str(fleet_yaml(lab, tmp_path, [0, 1])), "-y", check=0)
-    before = instances(cli)
+    before = instances(cli, core.fleet_name(lab))
     p = cli("apply", "-f", str(fleet_yaml(lab, tmp_path, [1, 2])), "-y", check=0)
     assert "remove" in p.stdout and "add" in p.stdout and "re-probe" in p.stdout
-    after = instances(cli)
+    after = instances(cli, core.fleet_name(lab))
     assert set(after) == {lab.nodes[1].address, lab.nodes[2].address}
     # the kept host keeps its instance number; the new one takes the free number
     assert after[lab.nodes[1].address]["instance"] == before[lab.nodes[1].address]["instance"] == 1
@@ -91,15 +91,15 @@ def test_reapply_adds_and_removes_hosts(lab, cli, tmp_path):
 def test_changed_host_key_is_refused(lab, cli, tmp_path):
     path = fleet_yaml(lab, tmp_path, [0])
     cli("apply", "-f", str(path), "-y", check=0)
-    known_hosts = cli.home / "fleets" / "lab" / "known_hosts"
+    known_hosts = cli.home / "fleets" / core.fleet_name(lab) / "known_hosts"
     assert lab.nodes[0].address in known_hosts.read_text()
     before = known_hosts.read_text()
     core.rotate_host_key(lab, lab.nodes[0])
-    subprocess.run(["ssh", "-O", "exit", "-F", str(cli.home / "fleets" / "lab" / "ssh_config"),
+    subprocess.run(["ssh", "-O", "exit", "-F", str(cli.home / "fleets" / core.fleet_name(lab) / "ssh_config"),
                     lab.nodes[0].address], capture_output=True)
     p = cli("apply", "-f", str(path), "-y")
     assert p.returncode == 1
-    inst = instances(cli)[lab.nodes[0].address]
+    inst = instances(cli, core.fleet_name(lab))[lab.nodes[0].address]
     assert inst["status"] == "unreachable"
     assert "host key" in inst["reason"] and str(known_hosts) in inst["reason"], inst["reason"]
     assert known_hosts.read_text() == before  # never replaced behind the user's back
@@ -111,14 +111,14 @@ def test_down_node_is_unreachable_and_others_are_applied(lab, cli, tmp_path):
     try:
         p = cli("apply", "-f", str(path), "-y")
         assert p.returncode == 1
-        found = instances(cli)
+        found = instances(cli, core.fleet_name(lab))
         assert found[lab.nodes[1].address]["status"] == "ready"
         assert found[lab.nodes[2].address]["status"] == "unreachable"
         assert "Connection refused" in found[lab.nodes[2].address]["reason"]
     finally:
         core.start_sshd(lab, lab.nodes[2])
     cli("apply", "-f", str(path), "-y", check=0)
-    assert instances(cli)[lab.nodes[2].address]["status"] == "ready"
+    assert instances(cli, core.fleet_name(lab))[lab.nodes[2].address]["status"] == "ready"
 
 
 def test_login_node_down_names_the_login_node(lab, cli, tmp_path):
@@ -129,7 +129,7 @@ def test_login_node_down_names_the_login_node(lab, cli, tmp_path):
             sock.unlink()
         p = cli("apply", "-f", str(path), "-y", timeout=120)
         assert p.returncode == 1
-        for inst in instances(cli).values():
+        for inst in instances(cli, core.fleet_name(lab)).values():
             assert inst["status"] == "unreachable"
             assert inst["reason"].startswith(f"login node {lab.login.address}:22 unreachable"), inst["reason"]
     finally:
@@ -145,3 +145,56 @@ def test_lab_up_twice_and_down_twice_are_harmless(tmp_path):
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"{lab.prefix}-" not in netns
     assert not (core.RUN_ROOT / str(lab.index)).exists()
+
+
+def test_every_vendor_and_mixed_models_are_reported_as_they_are(lab_factory, cli):
+    mixed = lab_factory(nodes=6, gpus=8, vendor="mixed")
+    p = cli("apply", "-f", str(mixed.fleet_file), "-y", check=0)
+    found = instances(cli, core.fleet_name(mixed))
+    resources = [found[n.address]["resources"] for n in mixed.nodes]
+    assert resources == ["8xH100 (80GB)", "8xMI300X (192GB)", "4xH100 (80GB), 4xL40S (45GB)",
+                         "8xGaudi2 (96GB)", "8xn300 (12GB)", "cpu=2 mem=" + resources[5].split("mem=")[1]]
+    assert p.stdout.count("0/8 busy") == 5 and "idle" in p.stdout
+    vendors = [{g["vendor"] for g in found[n.address]["gpus"]} for n in mixed.nodes]
+    assert vendors == [{"nvidia"}, {"amd"}, {"nvidia"}, {"intel"}, {"tenstorrent"}, set()]
+    # the two-model host: every GPU, not GPU 0 repeated; blocks keep models apart
+    two = found[mixed.nodes[2].address]["gpus"]
+    assert [g["model"] for g in two] == ["H100"] * 4 + ["L40S"] * 4
+    assert len({g["uuid"] for g in two}) == 8
+    # container GPU support the lab provides: a CDI spec on NVIDIA nodes, /dev/kfd on the AMD node
+    assert found[mixed.nodes[0].address]["runtime"]["gpu_support"]["nvidia"] == "cdi"
+    assert found[mixed.nodes[1].address]["runtime"]["gpu_support"]["amd"] is True
+
+
+def test_ctrl_c_stops_apply_cleanly(lab, cli, tmp_path):
+    import os
+    import signal
+    import sys
+    import time
+
+    path = fleet_yaml(lab, tmp_path, [0, 1, 2])
+    env = {**os.environ, "GPUFLEET_HOME": str(cli.home)}
+    proc = subprocess.Popen([sys.executable, "-m", "gpufleet", "apply", "-f", str(path), "-y"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("apply finished before the interrupt arrived")
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err and "interrupted" in err
+    leftovers = subprocess.run(["pgrep", "-f", f"ansible-playbook.*{cli.home}"], capture_output=True, text=True)
+    assert leftovers.stdout == ""
+
+
+def test_lab_needs_root_and_names_missing_packages(monkeypatch):
+    from gpufleet.errors import UsageError
+
+    monkeypatch.setattr(core.os, "geteuid", lambda: 1000)
+    with pytest.raises(UsageError, match="needs root"):
+        core.preflight()
+    monkeypatch.setattr(core.os, "geteuid", lambda: 0)
+    real_which = core.shutil.which
+    monkeypatch.setattr(core.shutil, "which", lambda name: None if name == "podman" else real_which(name))
+    with pytest.raises(UsageError, match=r"apt-get install -y podman"):
+        core.preflight()
