@@ -84,7 +84,9 @@ def apply_fleet(path: str, yes: bool = False, dry_run: bool = False, console: Co
         ready, notes = record(store, fleet.name, alias, targets[alias], outcomes[alias])
         all_ready &= ready
         warnings += [f"{alias}: {n}" for n in notes]
-    print_fleets(console, store.fleets(fleet.name))
+    view = store.fleet(fleet.name)
+    write_fleet_files(fleet, probed={i.alias: i.probe for i in view.instances if i.probe})
+    print_fleets(console, [view])
     for w in warnings:
         console.print(f"[yellow]warning[/] {w}")
     console.print(f"[dim]inventory: {files.inventory}\nssh_config: {files.ssh_config}[/]")

@@ -10,13 +10,66 @@ from pathlib import Path
 from rich.console import Console
 
 from gpufleet import __version__
-from gpufleet.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, GpufleetError
+from gpufleet.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, GpufleetError, UsageError
 
 
 def _apply(args: argparse.Namespace, console: Console) -> int:
+    from gpufleet.runconfig import config_type
+
+    if config_type(args.file) in ("task", "service", "dev-environment"):
+        from gpufleet.workload import submit
+
+        if args.dry_run:
+            raise UsageError("--dry-run is for fleets; for runs, answer n at the prompt")
+        return submit(args.file, yes=args.yes, detach=args.detach, console=console)
     from gpufleet.apply import apply_fleet
 
     return apply_fleet(args.file, yes=args.yes, dry_run=args.dry_run, console=console)
+
+
+def _ps(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from gpufleet.state import Store
+    from gpufleet.workload import ps_table, refresh
+
+    store = Store()
+    refresh(store)
+    views = store.runs(include_finished=args.all)
+    if args.json:
+        print(json.dumps([{
+            "name": r.name, "type": r.type, "fleet": r.fleet, "instance": r.instance_num, "host": r.alias,
+            "status": r.status, "exit_code": r.exit_code, "message": r.message, "gpus": r.gpus,
+            "blocks": r.blocks, "created_at": r.created_at, "updated_at": r.updated_at,
+        } for r in views], indent=2))
+    elif not views:
+        console.print("No runs." if args.all else "No active runs (gpufleet ps -a shows finished ones).")
+    else:
+        console.print(ps_table(views))
+    return EXIT_OK
+
+
+def _logs(args: argparse.Namespace, console: Console) -> int:
+    from gpufleet.workload import logs
+
+    return logs(args.name, follow=args.follow)
+
+
+def _stop(args: argparse.Namespace, console: Console) -> int:
+    from gpufleet.workload import stop
+
+    if not args.yes and sys.stdin.isatty():
+        if console.input(f"Stop run {args.name}? [y/n]: ").strip().lower() not in ("y", "yes"):
+            return EXIT_OK
+    view = stop(args.name)
+    console.print(f"{view.name} stopped; its blocks are free.")
+    return EXIT_OK
+
+
+def _attach(args: argparse.Namespace, console: Console) -> int:
+    from gpufleet.workload import attach
+
+    return attach(args.name, console)
 
 
 def _fleet_list(args: argparse.Namespace, console: Console) -> int:
@@ -82,11 +135,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"gpufleet {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    a = sub.add_parser("apply", help="create or update a fleet from a YAML file")
-    a.add_argument("-f", "--file", required=True, help="fleet configuration (dstack SSH-fleet schema)")
+    a = sub.add_parser("apply", help="apply a fleet, or submit a task, service or dev-environment")
+    a.add_argument("-f", "--file", required=True, help="a fleet (dstack SSH-fleet schema) or run configuration")
     a.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    a.add_argument("--dry-run", action="store_true", help="validate and show the plan; change nothing")
+    a.add_argument("-d", "--detach", action="store_true", help="runs: do not follow the logs")
+    a.add_argument("--dry-run", action="store_true", help="fleets: validate and show the plan; change nothing")
     a.set_defaults(func=_apply)
+
+    ps = sub.add_parser("ps", help="list runs (status refreshed from the hosts)")
+    ps.add_argument("-a", "--all", action="store_true", help="include finished runs")
+    ps.add_argument("--json", action="store_true")
+    ps.set_defaults(func=_ps)
+    lg = sub.add_parser("logs", help="show a run's output")
+    lg.add_argument("name")
+    lg.add_argument("-f", "--follow", action="store_true")
+    lg.set_defaults(func=_logs)
+    st = sub.add_parser("stop", help="stop a run and free its blocks")
+    st.add_argument("name")
+    st.add_argument("-y", "--yes", action="store_true")
+    st.set_defaults(func=_stop)
+    at = sub.add_parser("attach", help="forward a run's ports to localhost; a shell for dev environments")
+    at.add_argument("name")
+    at.set_defaults(func=_attach)
 
     f = sub.add_parser("fleet", help="list or delete fleets")
     fs = f.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")

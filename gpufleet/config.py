@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -235,12 +236,19 @@ def load_fleet(path: str | Path) -> Fleet:
     src = load_yaml(read_config_text(path), str(path))
     if not isinstance(src.data, dict):
         raise ConfigError([src.problem((), "a fleet configuration must be a mapping (type: fleet, ssh_config: ...)")])
-    try:
-        cfg = FleetConfig.model_validate(src.data, context={"base_dir": str(path.resolve().parent)})
-    except ValidationError as e:
-        problems = sorted(_problems(e, src, FleetConfig), key=lambda p: (p.line or 0, p.column or 0))
-        raise ConfigError(problems) from None
+    cfg = validate(FleetConfig, src, context={"base_dir": str(path.resolve().parent)})
     return resolve(cfg, src, default_name=path.stem)
+
+
+def validate(model: Any, src: YamlSource, context: dict | None = None) -> Any:
+    """Validate ``src.data`` against a pydantic model (or a TypeAdapter), errors with positions."""
+    adapter = model if isinstance(model, TypeAdapter) else TypeAdapter(model)
+    try:
+        return adapter.validate_python(src.data, context=context)
+    except ValidationError as e:
+        root = model if isinstance(model, type) and issubclass(model, BaseModel) else None
+        problems = sorted(_problems(e, src, root), key=lambda p: (p.line or 0, p.column or 0))
+        raise ConfigError(problems) from None
 
 
 def resolve(cfg: FleetConfig, src: YamlSource, default_name: str) -> Fleet:
@@ -276,17 +284,19 @@ def resolve(cfg: FleetConfig, src: YamlSource, default_name: str) -> Fleet:
                  targets=tuple(targets), config=cfg)
 
 
-def _problems(err: ValidationError, src: YamlSource, model: type[BaseModel]) -> list[ConfigProblem]:
+def _problems(err: ValidationError, src: YamlSource, model: type[BaseModel] | None) -> list[ConfigProblem]:
     out = []
     for e in err.errors(include_url=False):
         loc = _source_loc(src.data, e["loc"])
+        if model is None and loc and isinstance(loc[0], str) and loc[0] not in (src.data or {}):
+            loc = loc[1:]  # a tagged union's member name (e.g. 'task'), not a field of the file
         kind = e["type"]
         if kind == "extra_forbidden":
             field = loc[-1]
             msg = f"unknown field {field!r}"
             if field in _CLOUD_ONLY and len(loc) == 1:
                 msg += " (a dstack cloud-fleet field; gpufleet manages SSH fleets only)"
-            else:
+            elif model is not None:
                 close = difflib.get_close_matches(str(field), _fields_at(model, loc[:-1]), n=1)
                 if close:
                     msg += f"; did you mean {close[0]!r}?"

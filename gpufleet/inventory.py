@@ -105,8 +105,10 @@ def group_name(fleet_name: str) -> str:
     return "fleet_" + re.sub(r"[^A-Za-z0-9_]", "_", fleet_name)
 
 
-def write_fleet_files(fleet: Fleet, out_dir: Path | None = None) -> GeneratedFiles:
-    """Render inventory.yml and ssh_config for ``fleet`` into its state folder (or ``out_dir``)."""
+def write_fleet_files(fleet: Fleet, out_dir: Path | None = None,
+                      probed: dict[str, dict] | None = None) -> GeneratedFiles:
+    """Render inventory.yml and ssh_config for ``fleet`` into its state folder (or ``out_dir``).
+    ``probed`` (alias -> probe facts) adds what the probe found that plays need, e.g. the runtime."""
     out = paths.ensure_private_dir(out_dir) if out_dir else paths.fleet_dir(fleet.name)
     plan = plan_connections(fleet)
     inventory = out / "inventory.yml"
@@ -121,8 +123,9 @@ def write_fleet_files(fleet: Fleet, out_dir: Path | None = None) -> GeneratedFil
         entries=plan.entries, known_hosts=_ssh_path(str(known_hosts)),
         control_dir=_ssh_path(str(paths.control_dir())), connect_timeout=CONNECT_TIMEOUT,
         control_persist=CONTROL_PERSIST, **common))
+    runtimes = {alias: facts.get("runtime") or {} for alias, facts in (probed or {}).items()}
     _write(inventory, env.get_template("inventory.yml.j2").render(
-        group=group_name(fleet.name), targets=plan.targets, **common))
+        group=group_name(fleet.name), targets=plan.targets, runtimes=runtimes, **common))
     return GeneratedFiles(out, inventory, ssh_config, known_hosts, plan)
 
 

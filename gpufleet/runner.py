@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ansible_runner
+import yaml
 
 from gpufleet import paths
 
@@ -67,7 +70,7 @@ def ansible_env(forks: int | None = None) -> dict[str, str]:
 
 
 def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
-                 extravars: dict | None = None, forks: int | None = None,
+                 extravars: dict | None = None, vars_file: Path | None = None, forks: int | None = None,
                  on_update: Callable[[HostOutcome], None] | None = None) -> PlaybookResult:
     """Run ``playbooks/<name>.yml`` against ``inventory``; return each host's outcome."""
     hosts: dict[str, HostOutcome] = {h: HostOutcome(h) for h in (limit or [])}
@@ -112,6 +115,7 @@ def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
             playbook=str(paths.playbook(name)), inventory=str(inventory),
             limit=",".join(limit) if limit else None, extravars=extravars or {},
             envvars=ansible_env(forks), quiet=True, event_handler=handle,
+            cmdline=f"-e @{shlex.quote(str(vars_file))}" if vars_file else None,
             cancel_callback=cancel.is_set, suppress_env_files=True,
             settings={"suppress_ansible_output": True})
     finally:
@@ -123,6 +127,38 @@ def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
             if on_update:
                 on_update(outcome)
     return PlaybookResult(r.status, r.rc or 0, hosts, r.config.artifact_dir, canceled=cancel.is_set())
+
+
+class _Unsafe(str):
+    pass
+
+
+class _UnsafeDumper(yaml.SafeDumper):
+    pass
+
+
+_UnsafeDumper.add_representer(_Unsafe, lambda dumper, value: dumper.represent_scalar("!unsafe", str(value)))
+
+
+def _mark(value):
+    if isinstance(value, str):
+        return _Unsafe(value)
+    if isinstance(value, dict):
+        return {k: _mark(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_mark(v) for v in value]
+    return value
+
+
+def write_unsafe_vars(data: dict) -> Path:
+    """A vars file for `-e @file` in which every string is tagged !unsafe: values from configs
+    (commands, env values, names) reach the hosts literally and are never templated here.
+    Created 0600, since env values may be secrets; the caller removes it."""
+    folder = paths.ensure_private_dir(paths.home() / "runner" / "vars")
+    fd, name = tempfile.mkstemp(prefix="vars-", suffix=".yml", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        yaml.dump(_mark(data), f, Dumper=_UnsafeDumper, sort_keys=False)
+    return Path(name)
 
 
 def _failure_message(res: dict) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 
 from gpufleet import paths
+from gpufleet.allocator import BlockSlot, HostSlots, Placement
 from gpufleet.blocks import Block
 from gpufleet.errors import GpufleetError
 
@@ -75,7 +77,27 @@ blocks = Table(
     Column("run", String(128), nullable=True),  # the run holding the block; NULL when free
 )
 
+runs = Table(
+    "runs", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("run_id", String(64), nullable=False),  # unique per submission; labels the container
+    Column("type", String(32), nullable=False),
+    Column("fleet", String(64), nullable=True),
+    Column("instance_id", Integer, nullable=True),
+    Column("alias", String(300), nullable=True),
+    Column("status", String(32), nullable=False),  # starting | running | done | failed | stopped
+    Column("message", Text, nullable=False, default=""),
+    Column("exit_code", Integer, nullable=True),
+    Column("gpus", Text, nullable=False, default="[]"),  # the host's GPU dicts given to the run
+    Column("blocks", Text, nullable=False, default="[]"),
+    Column("spec", Text, nullable=False),
+    Column("container", String(128), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
 READY, UNREACHABLE, ERROR = "ready", "unreachable", "error"
+ACTIVE = ("starting", "running")
 
 
 @dataclass
@@ -111,6 +133,30 @@ class FleetView:
     instances: list[InstanceView] = field(default_factory=list)
 
 
+@dataclass
+class RunView:
+    name: str
+    run_id: str
+    type: str
+    fleet: str | None
+    instance_id: int | None
+    alias: str | None
+    status: str
+    message: str
+    exit_code: int | None
+    gpus: list[dict]
+    blocks: list[int]
+    spec: dict
+    container: str
+    created_at: float
+    updated_at: float
+    instance_num: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+
 def database_url() -> str:
     url = os.environ.get("GPUFLEET_DATABASE_URL")
     if url:
@@ -129,6 +175,9 @@ class Store:
         self.engine: Engine = create_engine(self.url, future=True)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            # every transaction takes the write lock at once: two processes allocating at the same
+            # moment are serialised instead of both reading the same free blocks
+            event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         metadata.create_all(self.engine)
 
     # fleets -----------------------------------------------------------------------------------
@@ -234,12 +283,94 @@ class Store:
                 c.execute(delete(blocks).where(blocks.c.instance_id == row.id))
                 c.execute(delete(instances).where(instances.c.id == row.id))
 
+    # runs -------------------------------------------------------------------------------------
+    def slots(self, c) -> list[HostSlots]:
+        """Ready instances and their blocks, as the allocator sees them."""
+        rows = c.execute(select(instances).where(instances.c.status == READY)
+                         .order_by(instances.c.fleet, instances.c.num)).all()
+        by_id = {r.id: HostSlots(r.id, r.fleet, r.num, r.alias, json.loads(r.probe).get("gpus") or [], [])
+                 for r in rows}
+        q = select(blocks).order_by(blocks.c.instance_id, blocks.c.idx)
+        if self.engine.dialect.name == "postgresql" and c.in_transaction():
+            q = q.with_for_update()
+        for b in c.execute(q):
+            if b.instance_id in by_id:
+                by_id[b.instance_id].blocks.append(BlockSlot(b.idx, tuple(json.loads(b.gpus)), b.cpus,
+                                                             b.memory_mib, b.numa_node, b.run is None))
+        return [h for h in by_id.values() if h.blocks]
+
+    def slots_snapshot(self) -> list[HostSlots]:
+        with self.engine.connect() as c:
+            return self.slots(c)
+
+    def fleet_config(self, name: str) -> dict | None:
+        with self.engine.connect() as c:
+            row = c.execute(select(fleets.c.config).where(fleets.c.name == name)).first()
+            return json.loads(row.config) if row else None
+
+    def allocate(self, name: str, run_id: str, kind: str, spec: dict, container: str,
+                 choose: Callable[[list[HostSlots]], Placement]) -> Placement:
+        """In one transaction: refuse a duplicate active run, choose blocks with ``choose`` (which
+        raises when nothing fits), mark them, and record the run as `starting`."""
+        now = time.time()
+        with self.engine.begin() as c:
+            old = c.execute(select(runs.c.status).where(runs.c.name == name)).first()
+            if old and old.status in ACTIVE:
+                raise GpufleetError(f"a run named {name} is already {old.status}: stop it first "
+                                    f"(gpufleet stop {name}) or choose another name")
+            placement = choose(self.slots(c))
+            host = placement.host
+            for idx in placement.blocks:
+                done = c.execute(update(blocks).where(blocks.c.instance_id == host.instance_id,
+                                                      blocks.c.idx == idx, blocks.c.run.is_(None))
+                                 .values(run=name))
+                if done.rowcount != 1:  # cannot happen under the transaction's lock; never give a GPU twice
+                    raise GpufleetError(f"block {idx} of {host.alias} was taken meanwhile; try again")
+            c.execute(delete(runs).where(runs.c.name == name))
+            c.execute(insert(runs).values(
+                name=name, run_id=run_id, type=kind, fleet=host.fleet, instance_id=host.instance_id,
+                alias=host.alias, status="starting", message="", exit_code=None,
+                gpus=json.dumps([host.gpus[g] for g in placement.gpus]), blocks=json.dumps(list(placement.blocks)),
+                spec=json.dumps(spec), container=container, created_at=now, updated_at=now))
+        return placement
+
+    def finish_run(self, name: str, status: str, exit_code: int | None = None, message: str = "") -> None:
+        """Record a run's end and free its blocks, in one transaction."""
+        with self.engine.begin() as c:
+            c.execute(update(runs).where(runs.c.name == name).values(
+                status=status, exit_code=exit_code, message=message, updated_at=time.time()))
+            c.execute(update(blocks).where(blocks.c.run == name).values(run=None))
+
+    def set_run_status(self, name: str, status: str, message: str = "") -> None:
+        with self.engine.begin() as c:
+            c.execute(update(runs).where(runs.c.name == name).values(status=status, message=message,
+                                                                     updated_at=time.time()))
+
+    def runs(self, include_finished: bool = False, name: str | None = None) -> list[RunView]:
+        with self.engine.connect() as c:
+            q = select(runs, instances.c.num).join(instances, instances.c.id == runs.c.instance_id, isouter=True)
+            if name is not None:
+                q = q.where(runs.c.name == name)
+            elif not include_finished:
+                q = q.where(runs.c.status.in_(ACTIVE))
+            out = []
+            for r in c.execute(q.order_by(runs.c.created_at)):
+                out.append(RunView(r.name, r.run_id, r.type, r.fleet, r.instance_id, r.alias, r.status, r.message,
+                                   r.exit_code, json.loads(r.gpus), json.loads(r.blocks), json.loads(r.spec),
+                                   r.container, r.created_at, r.updated_at, r.num))
+            return out
+
+    def run(self, name: str) -> RunView | None:
+        found = self.runs(name=name)
+        return found[0] if found else None
+
     def busy_aliases(self, fleet: str) -> list[str]:
         with self.engine.connect() as c:
             return self._busy_aliases(c, fleet)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    dbapi_conn.isolation_level = None  # SQLAlchemy's "begin" hook issues BEGIN IMMEDIATE itself
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA busy_timeout=10000")
