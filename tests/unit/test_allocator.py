@@ -1,0 +1,73 @@
+"""Placement: smallest number of whole blocks, best fit, aligned runs, NUMA, clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpufleet.allocator import BlockSlot, HostSlots, NoCapacity, Request, place
+from gpufleet.runconfig import GPUSpec
+
+
+def host(num: int, n: int = 8, per: int = 1, busy: set[int] = frozenset(), model: str = "H100",
+         numa=lambda g: g // 4, vendor: str = "nvidia", mem: int = 81559) -> HostSlots:
+    gpus = [dict(index=g, vendor=vendor, model=model, name=f"NVIDIA {model}", memory_mib=mem, numa_node=numa(g))
+            for g in range(n)]
+    blocks = []
+    for b in range(max(n // per, 1) if n else 1):
+        members = tuple(range(b * per, (b + 1) * per)) if n else ()
+        nodes = {numa(g) for g in members}
+        blocks.append(BlockSlot(b, members, 8, 64000, nodes.pop() if len(nodes) == 1 else None, b not in busy))
+    return HostSlots(num, "f", num, f"node-{num}", gpus, blocks)
+
+
+def req(spec) -> Request:
+    return Request(gpu=GPUSpec.model_validate(spec))
+
+
+def test_best_fit_prefers_the_host_left_with_fewest_free_blocks():
+    p = place(req("H100:4"), [host(0), host(1, busy={0, 1})])
+    assert p.host.alias == "node-1" and p.gpus == (4, 5, 6, 7)
+
+
+def test_aligned_contiguous_blocks():
+    p = place(req(2), [host(0, n=4)])
+    assert p.blocks == (0, 1)
+    p = place(req(2), [host(0, n=4, busy={0})])
+    assert p.blocks == (2, 3)  # not 1-2: keeps 0..1 vs 2..3 halves whole
+
+
+def test_blocks_do_not_straddle_numa_when_avoidable():
+    # free: 3 (numa 0), 4, 5 (numa 1): a 2-GPU job takes 4-5, not 3-4
+    p = place(req(2), [host(0, busy={0, 1, 2, 6, 7})])
+    assert p.blocks == (4, 5)
+
+
+def test_whole_blocks_and_the_note_when_more_than_asked():
+    p = place(req(2), [host(0, n=8, per=4)])
+    assert len(p.gpus) == 4 and "gets 4 GPUs" in p.note
+
+
+def test_model_vendor_and_memory_filters():
+    hosts = [host(0, model="L40S", mem=46068), host(1, model="MI300X", vendor="amd", mem=196592)]
+    assert place(req("amd:2"), hosts).host.alias == "node-1"
+    assert place(req("L40S:1"), hosts).host.alias == "node-0"
+    assert place(req("100GB..:1"), hosts).host.alias == "node-1"
+    with pytest.raises(NoCapacity):
+        place(req("H100:1"), hosts)
+
+
+def test_refusal_shows_what_is_free():
+    with pytest.raises(NoCapacity) as e:
+        place(req("H100:4"), [host(0, busy={0, 1, 2, 3, 4, 5}), host(1, busy=set(range(8)))])
+    assert str(e.value) == "no instance has 4 H100 free: node-0 2/8 free, node-1 0/8 free"
+
+
+def test_cpu_only_runs_prefer_hosts_without_gpus():
+    p = place(Request(), [host(0), host(1, n=0)])
+    assert p.host.alias == "node-1" and p.gpus == ()
+
+
+def test_fleets_filter():
+    h = host(0)
+    with pytest.raises(NoCapacity, match="no ready instance in fleets other"):
+        place(Request(gpu=GPUSpec.model_validate(1), fleets=("other",)), [h])
