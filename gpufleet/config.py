@@ -287,9 +287,10 @@ def resolve(cfg: FleetConfig, src: YamlSource, default_name: str) -> Fleet:
 def _problems(err: ValidationError, src: YamlSource, model: type[BaseModel] | None) -> list[ConfigProblem]:
     out = []
     for e in err.errors(include_url=False):
-        loc = _source_loc(src.data, e["loc"])
+        loc = tuple(e["loc"])
         if model is None and loc and isinstance(loc[0], str) and loc[0] not in (src.data or {}):
             loc = loc[1:]  # a tagged union's member name (e.g. 'task'), not a field of the file
+        loc = _source_loc(src.data, loc)
         kind = e["type"]
         if kind == "extra_forbidden":
             field = loc[-1]

@@ -183,12 +183,22 @@ def _port(v: Any) -> Any:
 Port = Annotated[int | str, BeforeValidator(_port)]
 
 
+def _scalar_text(v: Any) -> Any:
+    """A command YAML read as a scalar (`true`, `3`) is still the command the user wrote."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (int, float)):
+        return str(v)
+    return v
+
+
 class _Run(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(None, description="Run name (default: the file name).")
     image: str = Field(description="Container image, e.g. localhost/gpufleet-lab:latest.")
-    commands: list[str] = Field([], description="Shell commands, run in order in the container.")
+    commands: list[Annotated[str, BeforeValidator(_scalar_text)]] = Field(
+        [], description="Shell commands, run in order in the container.")
     env: dict[str, str | int | float | bool] | list[str] | None = Field(
         None, description="Environment: a mapping or KEY=VALUE list.")
     resources: ResourcesSpec = Field(ResourcesSpec(), description="What the run needs.")

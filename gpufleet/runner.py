@@ -129,7 +129,15 @@ def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
     return PlaybookResult(r.status, r.rc or 0, hosts, r.config.artifact_dir, canceled=cancel.is_set())
 
 
-class _Unsafe(str):
+class _UnsafeStr(str):
+    pass
+
+
+class _UnsafeList(list):
+    pass
+
+
+class _UnsafeDict(dict):
     pass
 
 
@@ -137,17 +145,28 @@ class _UnsafeDumper(yaml.SafeDumper):
     pass
 
 
-_UnsafeDumper.add_representer(_Unsafe, lambda dumper, value: dumper.represent_scalar("!unsafe", str(value)))
+# ansible-core 2.19 reads `!unsafe "true"` as a boolean, so a lone string is tagged only when YAML
+# reads it as a string anyway; lists and mappings are tagged whole, which keeps their strings strings.
+_UnsafeDumper.add_representer(_UnsafeStr, lambda d, v: d.represent_scalar("!unsafe", str(v), style="'"))
+_UnsafeDumper.add_representer(_UnsafeList, lambda d, v: d.represent_sequence("!unsafe", list(v)))
+_UnsafeDumper.add_representer(_UnsafeDict, lambda d, v: d.represent_mapping("!unsafe", dict(v)))
 
 
 def _mark(value):
     if isinstance(value, str):
-        return _Unsafe(value)
+        return _UnsafeStr(value) if isinstance(_plain(value), str) else value
     if isinstance(value, dict):
-        return {k: _mark(v) for k, v in value.items()}
+        return _UnsafeDict(value)
     if isinstance(value, (list, tuple)):
-        return [_mark(v) for v in value]
+        return _UnsafeList(value)
     return value
+
+
+def _plain(value: str):
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
 
 
 def write_unsafe_vars(data: dict) -> Path:
@@ -157,7 +176,7 @@ def write_unsafe_vars(data: dict) -> Path:
     folder = paths.ensure_private_dir(paths.home() / "runner" / "vars")
     fd, name = tempfile.mkstemp(prefix="vars-", suffix=".yml", dir=folder)
     with os.fdopen(fd, "w") as f:
-        yaml.dump(_mark(data), f, Dumper=_UnsafeDumper, sort_keys=False)
+        yaml.dump({k: _mark(v) for k, v in data.items()}, f, Dumper=_UnsafeDumper, sort_keys=False)
     return Path(name)
 
 
