@@ -183,6 +183,60 @@ def place(req: Request, hosts: list[HostSlots]) -> Placement:
     return Placement(host, tuple(combo), gpus, sum(b.cpus for b in blocks), sum(b.memory_mib for b in blocks), note)
 
 
+def place_gang(req: Request, hosts: list[HostSlots], nodes: int, cluster_fleets: set[str]) -> list[Placement]:
+    """Place a run on ``nodes`` hosts of one `placement: cluster` fleet, all or nothing.
+
+    Without a GPU request each node takes a whole host; with one, every host gets the same
+    number of blocks. Rank 0 is the first placement returned."""
+    if nodes == 1:
+        return [place(req, hosts)]
+    whole = req.gpu is None and not req.cpu and not req.memory_gb
+    reasons = []
+    best = None
+    fleets = sorted({h.fleet for h in hosts if not req.fleets or h.fleet in req.fleets})
+    for fleet in fleets:
+        members = [h for h in hosts if h.fleet == fleet]
+        if fleet not in cluster_fleets:
+            reasons.append(f"fleet {fleet} is not placement: cluster")
+            continue
+        if len(members) < nodes:
+            reasons.append(f"fleet {fleet} has {len(members)} ready instance{'s' if len(members) != 1 else ''}, "
+                           f"the task needs {nodes}")
+            continue
+        options = []
+        for h in members:
+            usable = list(h.blocks) if whole else _usable_blocks(h, req)
+            need = len(usable) if whole else _blocks_needed(h, req, usable)
+            if need is None:
+                continue
+            chosen = _choose_blocks(h, usable, need)
+            if chosen is None:
+                continue
+            options.append(((h.free_count - need, chosen[1], h.num), h, chosen[0], need))
+        by_need: dict[int, list] = {}
+        for option in options:
+            by_need.setdefault(option[3], []).append(option)
+        fits = [sorted(group)[:nodes] for group in by_need.values() if len(group) >= nodes]
+        if not fits:
+            free = ", ".join(f"{h.alias} {h.free_count}/{len(h.blocks)} blocks free" for h in members)
+            what = "a whole free host" if whole else req.describe() + " free"
+            reasons.append(f"fleet {fleet}: fewer than {nodes} instances have {what} ({free})")
+            continue
+        chosen_group = min(fits, key=lambda g: sum(o[0][0] for o in g))
+        score = sum(o[0][0] for o in chosen_group)
+        if best is None or score < best[0]:
+            best = (score, sorted(chosen_group, key=lambda o: o[1].num))
+    if best is None:
+        detail = "; ".join(reasons) or "no ready instance"
+        raise NoCapacity(f"cannot place {nodes} nodes: {detail}", [h.alias for h in hosts])
+    out = []
+    for _, host, combo, _need in best[1]:
+        blocks = [b for b in host.blocks if b.idx in combo]
+        gpus = tuple(sorted(g for b in blocks for g in b.gpus))
+        out.append(Placement(host, tuple(combo), gpus, sum(b.cpus for b in blocks), sum(b.memory_mib for b in blocks)))
+    return out
+
+
 def _refusal(req: Request, hosts: list[HostSlots]) -> str:
     considered = [h for h in hosts if not req.fleets or h.fleet in req.fleets]
     if not considered:

@@ -40,7 +40,7 @@ def _ps(args: argparse.Namespace, console: Console) -> int:
         print(json.dumps([{
             "name": r.name, "type": r.type, "fleet": r.fleet, "instance": r.instance_num, "host": r.alias,
             "status": r.status, "exit_code": r.exit_code, "message": r.message, "gpus": r.gpus,
-            "blocks": r.blocks, "created_at": r.created_at, "updated_at": r.updated_at,
+            "blocks": r.blocks, "nodes": r.nodes, "created_at": r.created_at, "updated_at": r.updated_at,
         } for r in views], indent=2))
     elif not views:
         console.print("No runs." if args.all else "No active runs (gpufleet ps -a shows finished ones).")
@@ -52,7 +52,7 @@ def _ps(args: argparse.Namespace, console: Console) -> int:
 def _logs(args: argparse.Namespace, console: Console) -> int:
     from gpufleet.workload import logs
 
-    return logs(args.name, follow=args.follow)
+    return logs(args.name, follow=args.follow, node=args.node)
 
 
 def _stop(args: argparse.Namespace, console: Console) -> int:
@@ -149,6 +149,7 @@ def parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("logs", help="show a run's output")
     lg.add_argument("name")
     lg.add_argument("-f", "--follow", action="store_true")
+    lg.add_argument("--node", type=int, default=0, help="multi-node runs: the node's rank (default 0)")
     lg.set_defaults(func=_logs)
     st = sub.add_parser("stop", help="stop a run and free its blocks")
     st.add_argument("name")

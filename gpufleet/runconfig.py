@@ -253,7 +253,8 @@ class TaskConfig(_Run):
     """A batch job: runs its commands and ends."""
 
     type: Literal["task"]
-    nodes: int = Field(1, ge=1, le=1, description="Number of hosts (multi-node tasks are not supported yet).")
+    nodes: int = Field(1, ge=1, le=1024, description="Number of hosts, one container on each "
+                                                     "(needs a `placement: cluster` fleet).")
 
 
 class ServiceConfig(_Run):

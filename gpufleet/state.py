@@ -92,6 +92,7 @@ runs = Table(
     Column("blocks", Text, nullable=False, default="[]"),
     Column("spec", Text, nullable=False),
     Column("container", String(128), nullable=False),
+    Column("nodes", Text, nullable=False, default="[]"),  # per node: rank, alias, instance_id, blocks, gpus
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
 )
@@ -148,6 +149,7 @@ class RunView:
     blocks: list[int]
     spec: dict
     container: str
+    nodes: list[dict]
     created_at: float
     updated_at: float
     instance_num: int | None = None
@@ -309,30 +311,38 @@ class Store:
             return json.loads(row.config) if row else None
 
     def allocate(self, name: str, run_id: str, kind: str, spec: dict, container: str,
-                 choose: Callable[[list[HostSlots]], Placement]) -> Placement:
+                 choose: Callable[[list[HostSlots]], Placement | list[Placement]]) -> list[Placement]:
         """In one transaction: refuse a duplicate active run, choose blocks with ``choose`` (which
-        raises when nothing fits), mark them, and record the run as `starting`."""
+        raises when nothing fits; a list for multi-node runs, rank 0 first), mark them, and record
+        the run as `starting`."""
         now = time.time()
         with self.engine.begin() as c:
             old = c.execute(select(runs.c.status).where(runs.c.name == name)).first()
             if old and old.status in ACTIVE:
                 raise GpufleetError(f"a run named {name} is already {old.status}: stop it first "
                                     f"(gpufleet stop {name}) or choose another name")
-            placement = choose(self.slots(c))
-            host = placement.host
-            for idx in placement.blocks:
-                done = c.execute(update(blocks).where(blocks.c.instance_id == host.instance_id,
-                                                      blocks.c.idx == idx, blocks.c.run.is_(None))
-                                 .values(run=name))
-                if done.rowcount != 1:  # cannot happen under the transaction's lock; never give a GPU twice
-                    raise GpufleetError(f"block {idx} of {host.alias} was taken meanwhile; try again")
+            chosen = choose(self.slots(c))
+            placements = chosen if isinstance(chosen, list) else [chosen]
+            nodes = []
+            for rank, p in enumerate(placements):
+                host = p.host
+                for idx in p.blocks:
+                    done = c.execute(update(blocks).where(blocks.c.instance_id == host.instance_id,
+                                                          blocks.c.idx == idx, blocks.c.run.is_(None))
+                                     .values(run=name))
+                    if done.rowcount != 1:  # cannot happen under the transaction's lock; never give a GPU twice
+                        raise GpufleetError(f"block {idx} of {host.alias} was taken meanwhile; try again")
+                nodes.append({"rank": rank, "alias": host.alias, "instance_id": host.instance_id,
+                              "instance_num": host.num, "blocks": list(p.blocks),
+                              "gpus": [host.gpus[g] for g in p.gpus]})
+            first = placements[0].host
             c.execute(delete(runs).where(runs.c.name == name))
             c.execute(insert(runs).values(
-                name=name, run_id=run_id, type=kind, fleet=host.fleet, instance_id=host.instance_id,
-                alias=host.alias, status="starting", message="", exit_code=None,
-                gpus=json.dumps([host.gpus[g] for g in placement.gpus]), blocks=json.dumps(list(placement.blocks)),
-                spec=json.dumps(spec), container=container, created_at=now, updated_at=now))
-        return placement
+                name=name, run_id=run_id, type=kind, fleet=first.fleet, instance_id=first.instance_id,
+                alias=first.alias, status="starting", message="", exit_code=None,
+                gpus=json.dumps(nodes[0]["gpus"]), blocks=json.dumps(nodes[0]["blocks"]),
+                spec=json.dumps(spec), container=container, nodes=json.dumps(nodes), created_at=now, updated_at=now))
+        return placements
 
     def finish_run(self, name: str, status: str, exit_code: int | None = None, message: str = "") -> None:
         """Record a run's end and free its blocks, in one transaction."""
@@ -357,7 +367,7 @@ class Store:
             for r in c.execute(q.order_by(runs.c.created_at)):
                 out.append(RunView(r.name, r.run_id, r.type, r.fleet, r.instance_id, r.alias, r.status, r.message,
                                    r.exit_code, json.loads(r.gpus), json.loads(r.blocks), json.loads(r.spec),
-                                   r.container, r.created_at, r.updated_at, r.num))
+                                   r.container, json.loads(r.nodes), r.created_at, r.updated_at, r.num))
             return out
 
     def run(self, name: str) -> RunView | None:

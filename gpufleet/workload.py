@@ -15,8 +15,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from gpufleet import paths
-from gpufleet.allocator import NoCapacity, Placement, Request, place
+from gpufleet import cluster, paths
+from gpufleet.allocator import NoCapacity, Placement, Request, place_gang
 from gpufleet.errors import EXIT_FAILED, EXIT_OK, GpufleetError, UsageError
 from gpufleet.runconfig import DevEnvironmentConfig, Run, ServiceConfig, TaskConfig, load_run
 from gpufleet.runner import run_playbook, write_unsafe_vars
@@ -50,7 +50,8 @@ def _cpuset(probe: dict, numa_nodes: set) -> str | None:
 
 
 def container_vars(run: Run, run_id: str, fleet_env: dict[str, str], probe: dict, gpus: list[dict],
-                   cpus: int, memory_mib: int, numa_nodes: set) -> dict:
+                   cpus: int, memory_mib: int, numa_nodes: set, node_env: dict[str, str] | None = None,
+                   prelude: str = "") -> dict:
     """Everything the `workload` role needs to start the run's container, per GPU vendor."""
     cfg = run.config
     runtime = probe.get("runtime") or {}
@@ -76,10 +77,12 @@ def container_vars(run: Run, run_id: str, fleet_env: dict[str, str], probe: dict
     indices = ",".join(str(g["index"]) for g in gpus)
     env = {**fleet_env, **cfg.env_dict, **extra_env,
            "GPUFLEET_RUN_NAME": run.name, "GPUFLEET_GPUS_NUM": str(len(gpus)), "GPUFLEET_GPUS": indices,
-           "DSTACK_RUN_NAME": run.name, "DSTACK_GPUS_NUM": str(len(gpus))}
-    script = "\n".join(cfg.commands)
+           "DSTACK_RUN_NAME": run.name, "DSTACK_GPUS_NUM": str(len(gpus)), **(node_env or {})}
+    lines = [prelude] if prelude else []
+    lines += cfg.commands
     if isinstance(cfg, DevEnvironmentConfig):
-        script = "\n".join([*cfg.commands, KEEP_ALIVE])
+        lines.append(KEEP_ALIVE)
+    script = "\n".join(lines)
     command = ["/bin/sh", "-c", "set -e\n" + script] if script else []
     return {
         "workload_name": container_name(run.name),
@@ -100,14 +103,20 @@ def container_vars(run: Run, run_id: str, fleet_env: dict[str, str], probe: dict
     }
 
 
-def _plan_table(run: Run, p: Placement) -> Table:
+def _plan_table(run: Run, placements: list[Placement]) -> Table:
     t = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("RUN", "TYPE", "FLEET", "INSTANCE", "BLOCKS", "GPUS", "CPUS", "MEMORY"):
+    for col in ("RUN", "TYPE", "NODE", "FLEET", "INSTANCE", "BLOCKS", "GPUS", "CPUS", "MEMORY"):
         t.add_column(col)
-    gpus = ", ".join(f"{p.host.gpus[g]['index']}:{p.host.gpus[g].get('model')}" for g in p.gpus) or "-"
-    t.add_row(run.name, run.config.type, p.host.fleet, f"{p.host.num} ({p.host.alias})",
-              ",".join(map(str, p.blocks)), gpus, str(p.cpus), f"{round(p.memory_mib / 1024)}GB")
+    for rank, p in enumerate(placements):
+        gpus = ", ".join(f"{p.host.gpus[g]['index']}:{p.host.gpus[g].get('model')}" for g in p.gpus) or "-"
+        t.add_row(run.name if rank == 0 else "", run.config.type if rank == 0 else "", str(rank), p.host.fleet,
+                  f"{p.host.num} ({p.host.alias})", ",".join(map(str, p.blocks)), gpus, str(p.cpus),
+                  f"{round(p.memory_mib / 1024)}GB")
     return t
+
+
+def cluster_fleets(store: Store) -> set[str]:
+    return {f.name for f in store.fleets() if (store.fleet_config(f.name) or {}).get("placement") == "cluster"}
 
 
 def submit(path: str, yes: bool = False, detach: bool = False, console: Console | None = None) -> int:
@@ -115,14 +124,20 @@ def submit(path: str, yes: bool = False, detach: bool = False, console: Console 
     run = load_run(path)
     store = Store()
     request = request_of(run.config)
-    preview = store.slots_snapshot()  # for the plan shown; the real choice is made under the lock
+    nodes = getattr(run.config, "nodes", 1)
+    clusters = cluster_fleets(store)
+
+    def choose(hosts):
+        return place_gang(request, hosts, nodes, clusters)
+
     try:
-        planned = place(request, preview)
+        planned = choose(store.slots_snapshot())  # for the plan shown; the real choice is made under the lock
     except NoCapacity as e:
         raise GpufleetError(str(e)) from None
     console.print(_plan_table(run, planned))
-    if planned.note:
-        console.print(f"[yellow]note[/] {run.name} {planned.note}")
+    for p in planned:
+        if p.note:
+            console.print(f"[yellow]note[/] {run.name} {p.note}")
     if not yes:
         import sys
 
@@ -133,31 +148,97 @@ def submit(path: str, yes: bool = False, detach: bool = False, console: Console 
             return EXIT_OK
     run_id = uuid.uuid4().hex[:12]
     try:
-        placement = store.allocate(run.name, run_id, run.config.type, run.config.model_dump(mode="json"),
-                                   container_name(run.name), lambda hosts: place(request, hosts))
+        placements = store.allocate(run.name, run_id, run.config.type, run.config.model_dump(mode="json"),
+                                    container_name(run.name), choose)
     except NoCapacity as e:
         raise GpufleetError(str(e)) from None
-    host = placement.host
-    fleet = store.fleet(host.fleet)
-    fleet_env = fleet_config_env(store, host.fleet)
-    probe = next(i.probe for i in fleet.instances if i.alias == host.alias)
-    numa = {b.numa_node for b in host.blocks if b.idx in placement.blocks}
-    variables = container_vars(run, run_id, fleet_env, probe, [host.gpus[g] for g in placement.gpus],
-                               placement.cpus, placement.memory_mib, numa)
-    ok, message = _start(host.fleet, host.alias, variables)
-    if not ok:
-        store.finish_run(run.name, "failed", None, message)
-        console.print(f"[red]failed[/] {run.name} on {host.alias}: {message}")
+    started: list[str] = []
+    try:
+        error = _start_nodes(store, run, run_id, placements, started)
+    except BaseException:
+        _stop_containers(store.run(run.name), started, remove=True)
+        store.finish_run(run.name, "failed", None, "interrupted while starting")
+        raise
+    if error:
+        _stop_containers(store.run(run.name), started, remove=True)
+        store.finish_run(run.name, "failed", None, error)
+        console.print(f"[red]failed[/] {run.name}: {error}")
         return EXIT_FAILED
     store.set_run_status(run.name, "running")
-    console.print(f"{run.name} is running on {host.fleet} instance {host.num} ({host.alias})")
+    where = ", ".join(f"instance {p.host.num} ({p.host.alias})" for p in placements)
+    console.print(f"{run.name} is running on {placements[0].host.fleet} {where}")
     if detach or not isinstance(run.config, TaskConfig):
         return EXIT_OK
     logs(run.name, follow=True)
-    view = refresh(store, names=[run.name])[0]
+    view = _wait_finished(store, run.name)
     console.print(f"{run.name}: {view.status}" + (f" (exit code {view.exit_code})" if view.exit_code is not None
                                                   else ""))
     return EXIT_OK if view.status == "done" else EXIT_FAILED
+
+
+def _wait_finished(store: Store, name: str, timeout: float = 60) -> RunView:
+    """After the followed logs end: refresh until every node's container has exited (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        view = refresh(store, names=[name])[0]
+        if not view.active or time.monotonic() > deadline:
+            return view
+        time.sleep(1)
+
+
+def _start_nodes(store: Store, run: Run, run_id: str, placements: list[Placement], started: list[str]) -> str:
+    """Start the run's container on each node, rank 0 first. Return the error, or "" when all started."""
+    fleet_name = placements[0].host.fleet
+    fleet = store.fleet(fleet_name)
+    fleet_env = fleet_config_env(store, fleet_name)
+    probes = {i.alias: i.probe for i in fleet.instances}
+    envs: list[dict[str, str]] = [{} for _ in placements]
+    prelude = ""
+    gpus_per_node = len(placements[0].gpus)
+    if len(placements) > 1:
+        try:
+            ips = node_addresses(store, fleet_name, [p.host.alias for p in placements])
+        except GpufleetError as e:
+            return str(e)
+        envs = [cluster.node_env(rank, ips, gpus_per_node) for rank in range(len(placements))]
+        prelude = cluster.hostfile_script(ips, gpus_per_node)
+    else:
+        envs = [{"GPUFLEET_NODE_RANK": "0", "GPUFLEET_NODES_NUM": "1", "DSTACK_NODE_RANK": "0",
+                 "DSTACK_NODES_NUM": "1", "GPUFLEET_GPUS_PER_NODE": str(gpus_per_node),
+                 "DSTACK_GPUS_PER_NODE": str(gpus_per_node)}]
+    for rank, p in enumerate(placements):
+        host = p.host
+        numa = {b.numa_node for b in host.blocks if b.idx in p.blocks}
+        variables = container_vars(run, run_id, fleet_env, probes[host.alias], [host.gpus[g] for g in p.gpus],
+                                   p.cpus, p.memory_mib, numa, envs[rank], prelude)
+        started.append(host.alias)
+        ok, message = _start(fleet_name, host.alias, variables)
+        if not ok:
+            prefix = f"node {rank} ({host.alias}): " if len(placements) > 1 else f"{host.alias}: "
+            return prefix + message
+    return ""
+
+
+def node_addresses(store: Store, fleet_name: str, aliases: list[str]) -> list[str]:
+    from gpufleet.config import FleetConfig
+
+    cfg = FleetConfig.model_validate(store.fleet_config(fleet_name))
+    targets = dict(zip(target_aliases_of(cfg), cfg.ssh_config.hosts, strict=True))
+    inventory, _ = fleet_paths(fleet_name)
+    hostnames = {a: targets[a].hostname for a in aliases}
+    outcomes = cluster.probe_addresses(inventory, aliases, hostnames)
+    return [cluster.choose_address(a, outcomes.get(a), str(targets[a].internal_ip) if targets[a].internal_ip
+                                   else None, cfg.ssh_config.network) for a in aliases]
+
+
+def target_aliases_of(cfg) -> list[str]:
+    """Inventory aliases of a stored fleet config's hosts (same rule as the inventory)."""
+    from gpufleet.config import Target
+    from gpufleet.inventory import target_aliases
+
+    ssh = cfg.ssh_config
+    return target_aliases(tuple(Target(h.hostname, h.port or ssh.port or 22, None, None, (), 1, None)
+                                for h in ssh.hosts))
 
 
 def fleet_config_env(store: Store, fleet: str) -> dict[str, str]:
@@ -186,7 +267,9 @@ def _start(fleet: str, alias: str, variables: dict) -> tuple[bool, str]:
 
 
 def refresh(store: Store, names: list[str] | None = None) -> list[RunView]:
-    """Ask each host with active runs what became of their containers, in one round per fleet."""
+    """Ask each host with active runs what became of their containers, in one round per fleet.
+    A run is done when every node's container exited 0; failed as soon as one failed or vanished
+    (the other nodes are then stopped, so no block is freed under a running container)."""
     active = [r for r in store.runs() if names is None or r.name in names]
     by_fleet: dict[str, list[RunView]] = {}
     for r in active:
@@ -197,25 +280,66 @@ def refresh(store: Store, names: list[str] | None = None) -> list[RunView]:
             inventory, _ = fleet_paths(fleet)
         except GpufleetError:
             continue
-        hosts = sorted({r.alias for r in fleet_runs})
+        hosts = sorted({a for r in fleet_runs for a in _aliases(r)})
         result = run_playbook("status", inventory, limit=hosts)
         for r in fleet_runs:
-            o = result.hosts.get(r.alias)
-            if o is None or o.status in ("failed", "unreachable"):
-                store.set_run_status(r.name, r.status, f"cannot check: {o.message if o else 'no result'}")
-                continue
-            info = next((res for action, res in o.results.items() if action.endswith("gpufleet_container_info")), {})
-            found = next((c for c in info.get("containers", []) if c.get("name") == r.container
-                          and c.get("run_id") == r.run_id), None)
-            if found is None:
-                store.finish_run(r.name, "failed", None, "the container is gone (host rebooted or removed by hand)")
-            elif found.get("state") in ("exited", "stopped", "dead"):
-                code = found.get("exit_code")
-                store.finish_run(r.name, "done" if code == 0 else "failed", code,
-                                 "" if code == 0 else f"exited with code {code}")
-            elif r.status == "starting":
-                store.set_run_status(r.name, "running")
+            states = []
+            unknown = ""
+            for alias in _aliases(r):
+                o = result.hosts.get(alias)
+                if o is None or o.status in ("failed", "unreachable"):
+                    unknown = f"cannot check {alias}: {o.message if o else 'no result'}"
+                    continue
+                info = next((res for action, res in o.results.items()
+                             if action.endswith("gpufleet_container_info")), {})
+                found = next((c for c in info.get("containers", []) if c.get("name") == r.container
+                              and c.get("run_id") == r.run_id), None)
+                states.append((alias, found))
+            _settle(store, r, states, unknown)
     return store.runs(include_finished=True, name=names[0]) if names and len(names) == 1 else store.runs()
+
+
+def _aliases(r: RunView) -> list[str]:
+    return [n["alias"] for n in r.nodes] if r.nodes else ([r.alias] if r.alias else [])
+
+
+def _settle(store: Store, r: RunView, states: list[tuple[str, dict | None]], unknown: str) -> None:
+    gone = [a for a, c in states if c is None]
+    failed = [(a, c.get("exit_code")) for a, c in states
+              if c and c.get("state") in ("exited", "stopped", "dead") and c.get("exit_code") != 0]
+    running = [a for a, c in states if c and c.get("state") not in ("exited", "stopped", "dead")]
+    if gone or failed:
+        code = failed[0][1] if failed else None
+        reason = (f"the container on {gone[0]} is gone (host rebooted or removed by hand)" if gone
+                  else f"exited with code {code}" + (f" on {failed[0][0]}" if len(_aliases(r)) > 1 else ""))
+        if running:
+            _stop_containers(r, running)
+        store.finish_run(r.name, "failed", code, reason)
+    elif not running and not unknown and states:
+        store.finish_run(r.name, "done", 0, "")
+    elif unknown:
+        store.set_run_status(r.name, r.status, unknown)
+    elif r.status == "starting":
+        store.set_run_status(r.name, "running")
+
+
+def _stop_containers(r: RunView | None, aliases: list[str], remove: bool = False) -> str:
+    """Stop (or remove) the run's containers on ``aliases``; return the error, if any."""
+    if r is None or not aliases:
+        return ""
+    inventory, _ = fleet_paths(r.fleet)
+    variables = {"workload_name": r.container, "workload_run_id": r.run_id}
+    if remove:
+        variables["workload_state"] = "absent"
+    vars_file = write_unsafe_vars(variables)
+    try:
+        result = run_playbook("stop", inventory, limit=aliases, vars_file=vars_file)
+    finally:
+        vars_file.unlink(missing_ok=True)
+    bad = [(a, result.hosts.get(a)) for a in aliases]
+    bad = [f"{a}: {o.message if o else 'no result'}" for a, o in bad if o is None or o.status in ("failed",
+                                                                                                   "unreachable")]
+    return "; ".join(bad)
 
 
 def _host_runtime_vars(store: Store, fleet: str) -> dict[str, dict]:
@@ -227,14 +351,15 @@ def _host_runtime_vars(store: Store, fleet: str) -> dict[str, dict]:
     return out
 
 
-def _ssh(run: RunView, remote: list[str] | None, tty: bool = False, extra: list[str] | None = None) -> list[str]:
+def _ssh(run: RunView, remote: list[str] | None, tty: bool = False, extra: list[str] | None = None,
+         alias: str | None = None) -> list[str]:
     _, ssh_config = fleet_paths(run.fleet)
-    cmd = ["ssh", "-F", str(ssh_config), *(["-t"] if tty else []), *(extra or []), run.alias]
+    cmd = ["ssh", "-F", str(ssh_config), *(["-t"] if tty else []), *(extra or []), alias or run.alias]
     return cmd + ["--", shlex.join(remote)] if remote else cmd
 
 
-def _runtime_argv(store: Store, run: RunView) -> list[str]:
-    rt = _host_runtime_vars(store, run.fleet).get(run.alias, {"runtime": "podman", "become": True})
+def _runtime_argv(store: Store, run: RunView, alias: str | None = None) -> list[str]:
+    rt = _host_runtime_vars(store, run.fleet).get(alias or run.alias, {"runtime": "podman", "become": True})
     return (["sudo", "-n"] if rt["become"] else []) + [rt["runtime"]]
 
 
@@ -245,13 +370,16 @@ def get_run(store: Store, name: str) -> RunView:
     return run
 
 
-def logs(name: str, follow: bool = False) -> int:
+def logs(name: str, follow: bool = False, node: int = 0) -> int:
     store = Store()
     run = get_run(store, name)
-    if run.alias is None:
+    aliases = _aliases(run)
+    if not aliases:
         raise GpufleetError(f"run {name} never started: {run.message}")
-    cmd = _runtime_argv(store, run) + ["logs", *(["-f"] if follow else []), run.container]
-    return subprocess.run(_ssh(run, cmd)).returncode
+    if not 0 <= node < len(aliases):
+        raise UsageError(f"run {name} has {len(aliases)} node(s): --node must be 0..{len(aliases) - 1}")
+    cmd = _runtime_argv(store, run, aliases[node]) + ["logs", *(["-f"] if follow else []), run.container]
+    return subprocess.run(_ssh(run, cmd, alias=aliases[node])).returncode
 
 
 def stop(name: str) -> RunView:
@@ -259,15 +387,9 @@ def stop(name: str) -> RunView:
     run = get_run(store, name)
     if not run.active:
         raise GpufleetError(f"run {name} is not running ({run.status})")
-    inventory, _ = fleet_paths(run.fleet)
-    vars_file = write_unsafe_vars({"workload_name": run.container, "workload_run_id": run.run_id})
-    try:
-        result = run_playbook("stop", inventory, limit=[run.alias], vars_file=vars_file)
-    finally:
-        vars_file.unlink(missing_ok=True)
-    o = result.hosts.get(run.alias)
-    if o is None or o.status in ("failed", "unreachable"):
-        raise GpufleetError(f"could not stop {name} on {run.alias}: {o.message if o else 'no result'}")
+    error = _stop_containers(run, _aliases(run))
+    if error:
+        raise GpufleetError(f"could not stop {name}: {error}")
     store.finish_run(name, "stopped", None, "stopped by the user")
     return store.run(name)
 
@@ -306,9 +428,12 @@ def ps_table(views: list[RunView]) -> Table:
         t.add_column(col, overflow="fold")
     for r in views:
         gpus = ", ".join(f"{g['index']}:{g.get('model')}" for g in r.gpus) or "-"
+        instance = "-" if r.instance_num is None else str(r.instance_num)
+        if len(r.nodes) > 1:
+            gpus = " + ".join(str(len(n["gpus"])) for n in r.nodes) + " GPUs"
+            instance = ",".join(str(n.get("instance_num")) for n in r.nodes)
         status = r.status + (f" ({r.exit_code})" if r.exit_code not in (None, 0) else "")
         if r.message and r.status in ("failed",):
             status += f": {r.message[:120]}"
-        t.add_row(r.name, r.type, r.fleet or "-", "-" if r.instance_num is None else f"{r.instance_num}",
-                  gpus, status, age(r.created_at, time.time()))
+        t.add_row(r.name, r.type, r.fleet or "-", instance, gpus, status, age(r.created_at, time.time()))
     return t
