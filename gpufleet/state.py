@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,8 +32,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import ArgumentError, OperationalError
 
-from gpufleet import paths
+from gpufleet import migrations, paths
 from gpufleet.allocator import BlockSlot, HostSlots, Placement
 from gpufleet.blocks import Block
 from gpufleet.errors import GpufleetError
@@ -160,8 +162,12 @@ class RunView:
 
 
 def database_url() -> str:
+    """GPUFLEET_DATABASE_URL (postgresql://user:password@host/db shares a fleet's accounting between
+    operators and CI runners), else a SQLite file in the state directory."""
     url = os.environ.get("GPUFLEET_DATABASE_URL")
     if url:
+        if url.startswith(("postgresql://", "postgres://")):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
         return url
     return f"sqlite:///{paths.home() / 'state.db'}"
 
@@ -174,13 +180,24 @@ class Store:
             if not db.exists():
                 db.parent.mkdir(parents=True, exist_ok=True)
                 os.close(os.open(db, os.O_CREAT | os.O_WRONLY, 0o600))
-        self.engine: Engine = create_engine(self.url, future=True)
+        try:
+            self.engine: Engine = create_engine(self.url, future=True, pool_pre_ping=True)
+        except (ImportError, ArgumentError) as e:
+            raise GpufleetError(f"cannot use database {self.safe_url}: {e}") from None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
             # every transaction takes the write lock at once: two processes allocating at the same
             # moment are serialised instead of both reading the same free blocks
             event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
-        metadata.create_all(self.engine)
+        try:
+            migrations.upgrade(self.engine, metadata)
+        except OperationalError as e:
+            raise GpufleetError(f"cannot open the state database {self.safe_url}: {e.orig}") from None
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without its password, for messages."""
+        return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", self.url)
 
     # fleets -----------------------------------------------------------------------------------
     def save_fleet(self, name: str, source: str, config: dict) -> None:

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Run every test: set up (as scripts/setup.sh), then pytest. Lab tests need root; they create and
-# remove their own lab in a temporary folder.
+# Run every test: set up (as scripts/setup.sh), start PostgreSQL, then pytest. Lab tests need root;
+# they create and remove their own lab in a temporary folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# the state tests run on SQLite and on a real PostgreSQL server
+GPUFLEET_TEST_DATABASE_URL=$(scripts/postgres.sh)
+export GPUFLEET_TEST_DATABASE_URL
 exec .venv/bin/python -m pytest -q -ra "$@"

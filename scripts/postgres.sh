@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Start the machine's PostgreSQL (Debian's cluster) and make a role and database for the tests.
+# Prints the URL to use as GPUFLEET_TEST_DATABASE_URL. Idempotent. Needs root.
+set -euo pipefail
+command -v pg_lsclusters >/dev/null || { echo "postgres.sh: PostgreSQL is not installed" >&2; exit 1; }
+read -r version cluster port status _ < <(pg_lsclusters -h | head -n 1)
+if [ -z "${version:-}" ]; then
+  version=$(ls /usr/lib/postgresql | sort -V | tail -n 1)
+  pg_createcluster "$version" main >/dev/null
+  read -r version cluster port status _ < <(pg_lsclusters -h | head -n 1)
+fi
+[ "$status" = online ] || pg_ctlcluster "$version" "$cluster" start
+psql_() { su postgres -c "psql -p $port -qtAX $*"; }
+for _ in $(seq 1 50); do psql_ "-c 'select 1'" >/dev/null 2>&1 && break; sleep 0.2; done
+[ "$(psql_ "-c \"select 1 from pg_roles where rolname='gpufleet'\"")" = 1 ] ||
+  psql_ "-c \"create role gpufleet login password 'gpufleet'\""
+[ "$(psql_ "-c \"select 1 from pg_database where datname='gpufleet_test'\"")" = 1 ] ||
+  psql_ "-c 'create database gpufleet_test owner gpufleet'"
+echo "postgresql://gpufleet:gpufleet@127.0.0.1:$port/gpufleet_test"

@@ -1,0 +1,155 @@
+"""The state store on SQLite and on PostgreSQL (GPUFLEET_TEST_DATABASE_URL, set by scripts/test.sh)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from gpufleet import migrations
+from gpufleet.allocator import Request, place
+from gpufleet.blocks import split
+from gpufleet.errors import GpufleetError
+from gpufleet.runconfig import GPUSpec
+from gpufleet.state import Store, metadata
+
+PG_URL = os.environ.get("GPUFLEET_TEST_DATABASE_URL")
+
+
+def _wipe(url: str) -> None:
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with engine.begin() as c:
+        metadata.drop_all(c)
+        migrations.version_table.drop(c, checkfirst=True)
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    if not PG_URL:
+        if os.environ.get("CI"):
+            pytest.fail("CI must provide GPUFLEET_TEST_DATABASE_URL (scripts/test.sh starts PostgreSQL)")
+        pytest.skip("no PostgreSQL: set GPUFLEET_TEST_DATABASE_URL (scripts/test.sh does)")
+    _wipe(PG_URL)
+    return PG_URL
+
+
+def gpus(n: int) -> list[dict]:
+    return [dict(index=i, vendor="nvidia", model="H100", memory_mib=81559, uuid=f"GPU-{i}", numa_node=i // 4)
+            for i in range(n)]
+
+
+def add_host(store: Store, fleet: str, alias: str, n: int = 8) -> None:
+    store.save_fleet(fleet, f"{fleet}.yml", {"type": "fleet", "placement": "cluster"})
+    probe = {"gpus": gpus(n), "cpu": {"count": 16}, "memory_mib": 64000}
+    store.record_instance(fleet, alias, alias, 22, "ready", "", f"{n}xH100", probe, split(gpus(n), "auto", 16, 64000))
+
+
+def test_fleets_instances_and_blocks(db_url):
+    store = Store(db_url)
+    add_host(store, "f", "a")
+    add_host(store, "f", "b")
+    view = store.fleet("f")
+    assert [(i.num, i.alias, i.status_text) for i in view.instances] == [(0, "a", "0/8 busy"), (1, "b", "0/8 busy")]
+    store.remove_instance("f", "a")
+    add_host(store, "f", "c")
+    assert [(i.num, i.alias) for i in store.fleet("f").instances] == [(0, "c"), (1, "b")]
+    store.record_instance("f", "b", "b", 22, "unreachable", "Connection refused")
+    assert store.fleet("f").instances[1].status_text == "unreachable: Connection refused"
+
+
+def test_allocate_finish_and_busy_rules(db_url):
+    store = Store(db_url)
+    add_host(store, "f", "a")
+    req = Request(gpu=GPUSpec.model_validate(4))
+    [p] = store.allocate("r1", "id1", "task", {}, "gpufleet-r1", lambda hosts: place(req, hosts))
+    assert p.blocks == (0, 1, 2, 3)
+    assert store.fleet("f").instances[0].status_text == "4/8 busy"
+    with pytest.raises(GpufleetError, match="already starting"):
+        store.allocate("r1", "id2", "task", {}, "gpufleet-r1", lambda hosts: place(req, hosts))
+    with pytest.raises(GpufleetError, match="runs workloads"):
+        store.remove_instance("f", "a")
+    with pytest.raises(GpufleetError, match="workloads running"):
+        store.delete_fleet("f")
+    store.finish_run("r1", "done", 0)
+    assert store.fleet("f").instances[0].status_text == "0/8 busy"
+    assert store.run("r1").status == "done"
+    store.delete_fleet("f")
+    assert store.fleets() == []
+
+
+ALLOCATE = """
+import sys, time
+from gpufleet.allocator import NoCapacity, Request, place
+from gpufleet.runconfig import GPUSpec
+from gpufleet.state import Store
+url, name, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+store = Store(url)
+req = Request(gpu=GPUSpec.model_validate(1))
+while time.time() < start:
+    time.sleep(0.001)
+try:
+    [p] = store.allocate(name, name, "task", {}, "c-" + name, lambda hosts: place(req, hosts))
+    print("OK", p.host.alias, p.gpus[0])
+except NoCapacity as e:
+    print("REFUSED", e)
+"""
+
+
+def test_sixteen_processes_eight_blocks(db_url, tmp_path):
+    store = Store(db_url)
+    add_host(store, "f", "a", n=4)
+    add_host(store, "g", "b", n=4)
+    start = time.time() + 3
+    procs = [subprocess.Popen([sys.executable, "-c", ALLOCATE, db_url, f"r{i}", str(start)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(16)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    lines = [o[0].strip() for o in outs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    ok = [line for line in lines if line.startswith("OK")]
+    refused = [line for line in lines if line.startswith("REFUSED")]
+    assert len(ok) == 8 and len(refused) == 8, lines
+    assert len({tuple(line.split()[1:]) for line in ok}) == 8  # no GPU given twice
+    assert all("no instance has 1 GPU free: a 0/4 free, b 0/4 free" in line for line in refused)
+    with store.engine.connect() as c:
+        busy = c.execute(text("SELECT count(*) FROM blocks WHERE run IS NOT NULL")).scalar()
+        orphans = c.execute(text("SELECT count(*) FROM blocks WHERE run IS NOT NULL AND run NOT IN "
+                                 "(SELECT name FROM runs)")).scalar()
+    assert busy == 8 and orphans == 0
+
+
+def test_schema_versions(db_url):
+    store = Store(db_url)
+    with store.engine.connect() as c:
+        assert migrations.current_version(c) == migrations.LATEST
+    # a database of version 1 (before runs.nodes) is upgraded in place, keeping its data
+    with store.engine.begin() as c:
+        c.execute(text("ALTER TABLE runs DROP COLUMN nodes"))
+        c.execute(migrations.version_table.update().values(version=1))
+    add = Store(db_url)
+    add_host(add, "f", "a")
+    add.allocate("r", "id", "task", {}, "c", lambda hosts: place(Request(gpu=GPUSpec.model_validate(1)), hosts))
+    assert add.run("r").nodes[0]["alias"] == "a"
+    # a newer database is refused, not guessed at
+    with add.engine.begin() as c:
+        c.execute(migrations.version_table.update().values(version=migrations.LATEST + 1))
+    with pytest.raises(GpufleetError, match="newer than this gpufleet"):
+        Store(db_url)
+
+
+def test_bad_database_url_is_a_clear_error(tmp_path):
+    with pytest.raises(GpufleetError, match=r"cannot open the state database postgresql\+psycopg://u:\*\*\*@"):
+        os.environ["GPUFLEET_DATABASE_URL"] = "postgresql://u:secret@127.0.0.1:1/x"
+        try:
+            from gpufleet.state import database_url
+
+            Store(database_url())
+        finally:
+            del os.environ["GPUFLEET_DATABASE_URL"]
