@@ -34,7 +34,10 @@ def _ps(args: argparse.Namespace, console: Console) -> int:
     from gpufleet.workload import ps_table, refresh
 
     store = Store()
-    refresh(store)
+    notes: list[str] = []
+    refresh(store, sweep=True, notes=notes)
+    for note in notes:
+        Console(stderr=True).print(f"[yellow]warning[/] {note}")
     views = store.runs(include_finished=args.all)
     if args.json:
         print(json.dumps([{

@@ -7,6 +7,7 @@ node shares one multiplexed connection to it. The templates only format.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shlex
@@ -101,6 +102,13 @@ def _environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined, autoescape=False)
 
 
+def fleet_control_dir(fleet_name: str) -> Path:
+    """Each fleet multiplexes its own connections: a master opened with another fleet's key or
+    known_hosts is never reused for this one. Short (a hash) so socket paths fit in 108 bytes."""
+    digest = hashlib.sha1(fleet_name.encode()).hexdigest()[:8]
+    return paths.ensure_private_dir(paths.control_dir() / digest)
+
+
 def group_name(fleet_name: str) -> str:
     return "fleet_" + re.sub(r"[^A-Za-z0-9_]", "_", fleet_name)
 
@@ -118,10 +126,11 @@ def write_fleet_files(fleet: Fleet, out_dir: Path | None = None,
         known_hosts.touch(mode=0o600)
     env = _environment()
     env.filters["quote"] = shlex.quote
-    common = dict(fleet=fleet, ssh_config_path=str(ssh_config), inventory_path=str(inventory))
+    common = dict(fleet=fleet, ssh_config_path=str(ssh_config), inventory_path=str(inventory),
+                  control_dir=str(fleet_control_dir(fleet.name)))
     _write(ssh_config, env.get_template("ssh_config.j2").render(
         entries=plan.entries, known_hosts=_ssh_path(str(known_hosts)),
-        control_dir=_ssh_path(str(paths.control_dir())), connect_timeout=CONNECT_TIMEOUT,
+        ssh_control_dir=_ssh_path(common["control_dir"]), connect_timeout=CONNECT_TIMEOUT,
         control_persist=CONTROL_PERSIST, **common))
     runtimes = {alias: facts.get("runtime") or {} for alias, facts in (probed or {}).items()}
     _write(inventory, env.get_template("inventory.yml.j2").render(

@@ -27,10 +27,15 @@ def _add_runs_nodes(c: Connection) -> None:
     c.execute(text("ALTER TABLE runs ADD COLUMN nodes TEXT NOT NULL DEFAULT '[]'"))
 
 
+def _add_runs_owner(c: Connection) -> None:
+    c.execute(text("ALTER TABLE runs ADD COLUMN owner VARCHAR(300) NOT NULL DEFAULT ''"))
+
+
 # (version, description, step): step brings a database at version-1 to version.
 # Version 1 is the first released schema (fleets, instances, blocks, runs without `nodes`).
 STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (2, "runs.nodes: per-node placement of multi-node runs", _add_runs_nodes),
+    (3, "runs.owner: the process starting a run, for reconciliation after a crash", _add_runs_owner),
 ]
 LATEST = STEPS[-1][0] if STEPS else 1
 

@@ -37,10 +37,11 @@ def fleet_dir(name: str) -> Path:
 
 
 def control_dir() -> Path:
-    """Where ssh's multiplexing sockets go. A socket path must fit in 108 bytes (with %C's 40
-    characters), so a long state directory gets a short folder under /tmp instead."""
+    """Where ssh's multiplexing sockets go. A socket path must fit in 108 bytes: this folder, a
+    9-character folder per fleet, %C's 40 characters and the 17 ssh adds while it creates the
+    socket. So a state directory with a long path gets a short folder under /tmp instead."""
     path = home() / "cp"
-    if len(str(path)) > 60:
+    if len(str(path)) > 40:
         digest = hashlib.sha1(str(home()).encode()).hexdigest()[:10]
         path = Path(tempfile.gettempdir()) / f"gpufleet-{os.getuid()}-{digest}"
         path.mkdir(mode=0o700, exist_ok=True)

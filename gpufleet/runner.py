@@ -59,7 +59,6 @@ def ansible_env(forks: int | None = None) -> dict[str, str]:
         "ANSIBLE_SSH_RETRIES": "2",
         "ANSIBLE_PIPELINING": "True",
         "ANSIBLE_GATHERING": "explicit",
-        "ANSIBLE_SSH_CONTROL_PATH_DIR": str(paths.control_dir()),
         "ANSIBLE_LOCAL_TEMP": str(paths.ensure_private_dir(paths.home() / "tmp")),
         # ansible-playbook from the same environment as this Python (a venv need not be activated)
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),

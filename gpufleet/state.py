@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,6 +96,7 @@ runs = Table(
     Column("spec", Text, nullable=False),
     Column("container", String(128), nullable=False),
     Column("nodes", Text, nullable=False, default="[]"),  # per node: rank, alias, instance_id, blocks, gpus
+    Column("owner", String(300), nullable=False, default=""),  # host:pid of the process starting it
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
 )
@@ -155,6 +157,23 @@ class RunView:
     created_at: float
     updated_at: float
     instance_num: int | None = None
+    owner: str = ""
+
+    def start_in_progress(self, lease: float) -> bool:
+        """Whether the process that allocated this `starting` run may still be starting it:
+        alive on this machine, or (elsewhere) within the lease."""
+        if self.status != "starting":
+            return False
+        host, _, pid = self.owner.rpartition(":")
+        if host == socket.gethostname() and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                return True
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+        return time.time() - self.updated_at < lease
 
     @property
     def active(self) -> bool:
@@ -358,7 +377,8 @@ class Store:
                 name=name, run_id=run_id, type=kind, fleet=first.fleet, instance_id=first.instance_id,
                 alias=first.alias, status="starting", message="", exit_code=None,
                 gpus=json.dumps(nodes[0]["gpus"]), blocks=json.dumps(nodes[0]["blocks"]),
-                spec=json.dumps(spec), container=container, nodes=json.dumps(nodes), created_at=now, updated_at=now))
+                spec=json.dumps(spec), container=container, nodes=json.dumps(nodes),
+                owner=f"{socket.gethostname()}:{os.getpid()}", created_at=now, updated_at=now))
         return placements
 
     def finish_run(self, name: str, status: str, exit_code: int | None = None, message: str = "") -> None:
@@ -384,7 +404,8 @@ class Store:
             for r in c.execute(q.order_by(runs.c.created_at)):
                 out.append(RunView(r.name, r.run_id, r.type, r.fleet, r.instance_id, r.alias, r.status, r.message,
                                    r.exit_code, json.loads(r.gpus), json.loads(r.blocks), json.loads(r.spec),
-                                   r.container, json.loads(r.nodes), r.created_at, r.updated_at, r.num))
+                                   r.container, json.loads(r.nodes), r.created_at, r.updated_at, r.num,
+                                   r.owner))
             return out
 
     def run(self, name: str) -> RunView | None:

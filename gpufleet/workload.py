@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from gpufleet import cluster, paths
+from gpufleet import cluster, failpoints, paths
 from gpufleet.allocator import NoCapacity, Placement, Request, place_gang
 from gpufleet.errors import EXIT_FAILED, EXIT_OK, GpufleetError, UsageError
 from gpufleet.runconfig import DevEnvironmentConfig, Run, ServiceConfig, TaskConfig, load_run
@@ -152,6 +152,7 @@ def submit(path: str, yes: bool = False, detach: bool = False, console: Console 
                                     container_name(run.name), choose)
     except NoCapacity as e:
         raise GpufleetError(str(e)) from None
+    failpoints.reach("after-allocate")
     started: list[str] = []
     try:
         error = _start_nodes(store, run, run_id, placements, started)
@@ -164,6 +165,7 @@ def submit(path: str, yes: bool = False, detach: bool = False, console: Console 
         store.finish_run(run.name, "failed", None, error)
         console.print(f"[red]failed[/] {run.name}: {error}")
         return EXIT_FAILED
+    failpoints.reach("after-start")
     store.set_run_status(run.name, "running")
     where = ", ".join(f"instance {p.host.num} ({p.host.alias})" for p in placements)
     console.print(f"{run.name} is running on {placements[0].host.fleet} {where}")
@@ -266,22 +268,39 @@ def _start(fleet: str, alias: str, variables: dict) -> tuple[bool, str]:
     return True, ""
 
 
-def refresh(store: Store, names: list[str] | None = None) -> list[RunView]:
-    """Ask each host with active runs what became of their containers, in one round per fleet.
+START_LEASE = 300.0  # seconds a `starting` run of another machine's gpufleet is given to start
+
+
+def refresh(store: Store, names: list[str] | None = None, sweep: bool = False,
+            notes: list[str] | None = None) -> list[RunView]:
+    """Ask the hosts what became of the runs' containers, in one round per fleet.
+
     A run is done when every node's container exited 0; failed as soon as one failed or vanished
-    (the other nodes are then stopped, so no block is freed under a running container)."""
+    (the other nodes are then stopped, so no block is freed under a running container). A run
+    left `starting` by a gpufleet that died is released once its start can no longer be going on.
+    With ``sweep``, every ready host is asked, and gpufleet containers that no run owns (left by
+    a crash, or by a lost state) are stopped and reported in ``notes``."""
     active = [r for r in store.runs() if names is None or r.name in names]
     by_fleet: dict[str, list[RunView]] = {}
     for r in active:
         if r.fleet:
             by_fleet.setdefault(r.fleet, []).append(r)
+    if sweep:
+        for f in store.fleets():
+            by_fleet.setdefault(f.name, [])
     for fleet, fleet_runs in by_fleet.items():
         try:
             inventory, _ = fleet_paths(fleet)
         except GpufleetError:
             continue
         hosts = sorted({a for r in fleet_runs for a in _aliases(r)})
+        if sweep:
+            view = store.fleet(fleet)
+            hosts = sorted(set(hosts) | {i.alias for i in (view.instances if view else []) if i.status == "ready"})
+        if not hosts:
+            continue
         result = run_playbook("status", inventory, limit=hosts)
+        owned: set[tuple[str, str, str]] = set()
         for r in fleet_runs:
             states = []
             unknown = ""
@@ -290,13 +309,37 @@ def refresh(store: Store, names: list[str] | None = None) -> list[RunView]:
                 if o is None or o.status in ("failed", "unreachable"):
                     unknown = f"cannot check {alias}: {o.message if o else 'no result'}"
                     continue
-                info = next((res for action, res in o.results.items()
-                             if action.endswith("gpufleet_container_info")), {})
-                found = next((c for c in info.get("containers", []) if c.get("name") == r.container
+                found = next((c for c in _containers(o) if c.get("name") == r.container
                               and c.get("run_id") == r.run_id), None)
                 states.append((alias, found))
+                owned.add((alias, r.container, r.run_id))
+            if r.status == "starting" and any(c is None for _, c in states) and r.start_in_progress(START_LEASE):
+                continue  # its gpufleet is still starting it
             _settle(store, r, states, unknown)
+        if sweep:
+            _stop_orphans(store, fleet, result, owned, notes if notes is not None else [])
     return store.runs(include_finished=True, name=names[0]) if names and len(names) == 1 else store.runs()
+
+
+def _containers(o) -> list[dict]:
+    info = next((res for action, res in o.results.items() if action.endswith("gpufleet_container_info")), {})
+    return info.get("containers", [])
+
+
+def _stop_orphans(store: Store, fleet: str, result, owned: set[tuple[str, str, str]], notes: list[str]) -> None:
+    active_ids = {r.run_id for r in store.runs()}
+    for alias, o in result.hosts.items():
+        if o.status in ("failed", "unreachable"):
+            continue
+        for c in _containers(o):
+            if (alias, c.get("name"), c.get("run_id")) in owned or c.get("run_id") in active_ids:
+                continue
+            if c.get("state") not in ("exited", "stopped", "dead", "created"):
+                probe = RunView(c.get("name"), c.get("run_id"), "", fleet, None, alias, "running", "", None,
+                                [], [], {}, c.get("name"), [], 0, 0)
+                error = _stop_containers(probe, [alias])
+                notes.append(f"stopped container {c.get('name')} on {alias}: no run holds blocks for it"
+                                    + (f" (stop failed: {error})" if error else ""))
 
 
 def _aliases(r: RunView) -> list[str]:
@@ -310,7 +353,9 @@ def _settle(store: Store, r: RunView, states: list[tuple[str, dict | None]], unk
     running = [a for a, c in states if c and c.get("state") not in ("exited", "stopped", "dead")]
     if gone or failed:
         code = failed[0][1] if failed else None
-        reason = (f"the container on {gone[0]} is gone (host rebooted or removed by hand)" if gone
+        interrupted = gone and r.status == "starting"
+        reason = ("its start did not complete (gpufleet was interrupted); blocks freed" if interrupted
+                  else f"the container on {gone[0]} is gone (host rebooted or removed by hand)" if gone
                   else f"exited with code {code}" + (f" on {failed[0][0]}" if len(_aliases(r)) > 1 else ""))
         if running:
             _stop_containers(r, running)

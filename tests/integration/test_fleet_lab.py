@@ -124,9 +124,7 @@ def test_down_node_is_unreachable_and_others_are_applied(lab, cli, tmp_path):
 def test_login_node_down_names_the_login_node(lab, cli, tmp_path):
     path = fleet_yaml(lab, tmp_path, [0, 1])
     core.stop_sshd(lab, lab.login)
-    try:
-        for sock in (cli.home / "cp").glob("*"):
-            sock.unlink()
+    try:  # stopping sshd also ended every session, so no multiplexed master survives
         p = cli("apply", "-f", str(path), "-y", timeout=120)
         assert p.returncode == 1
         for inst in instances(cli, core.fleet_name(lab)).values():

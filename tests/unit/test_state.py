@@ -132,6 +132,7 @@ def test_schema_versions(db_url):
     # a database of version 1 (before runs.nodes) is upgraded in place, keeping its data
     with store.engine.begin() as c:
         c.execute(text("ALTER TABLE runs DROP COLUMN nodes"))
+        c.execute(text("ALTER TABLE runs DROP COLUMN owner"))
         c.execute(migrations.version_table.update().values(version=1))
     add = Store(db_url)
     add_host(add, "f", "a")
