@@ -2,6 +2,8 @@
 # Start the machine's PostgreSQL (Debian's cluster) and make a role and database for the tests.
 # Prints the URL to use as GPUFLEET_TEST_DATABASE_URL. Idempotent. Needs root.
 set -euo pipefail
+# only the URL goes to stdout: whatever the PostgreSQL tools print ("Removed stale pid file.") goes to stderr
+exec 3>&1 1>&2
 command -v pg_lsclusters >/dev/null || { echo "postgres.sh: PostgreSQL is not installed" >&2; exit 1; }
 read -r version cluster port status _ < <(pg_lsclusters -h | head -n 1)
 if [ -z "${version:-}" ]; then
@@ -16,4 +18,4 @@ for _ in $(seq 1 50); do psql_ "-c 'select 1'" >/dev/null 2>&1 && break; sleep 0
   psql_ "-c \"create role gpufleet login password 'gpufleet'\""
 [ "$(psql_ "-c \"select 1 from pg_database where datname='gpufleet_test'\"")" = 1 ] ||
   psql_ "-c 'create database gpufleet_test owner gpufleet'"
-echo "postgresql://gpufleet:gpufleet@127.0.0.1:$port/gpufleet_test"
+echo "postgresql://gpufleet:gpufleet@127.0.0.1:$port/gpufleet_test" >&3
