@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -106,14 +107,33 @@ def _fleet_delete(args: argparse.Namespace, console: Console) -> int:
 
 
 def _inventory(args: argparse.Namespace, console: Console) -> int:
+    from gpufleet import paths
     from gpufleet.config import load_fleet
-    from gpufleet.inventory import write_fleet_files
+    from gpufleet.inventory import group_name, write_fleet_files
+    from gpufleet.state import Store
 
     fleet = load_fleet(args.file)
-    files = write_fleet_files(fleet, Path(args.out) if args.out else None)
-    console.print(f"inventory:   {files.inventory}\nssh_config:  {files.ssh_config}\n"
-                  f"known_hosts: {files.known_hosts}\n\n"
-                  f"Run a playbook with: ansible-playbook -i {files.inventory} playbooks/probe.yml")
+    # once the fleet is applied, its hosts' container runtimes (gpufleet_runtime...) go in too, as
+    # `gpufleet apply` writes them; a fleet never applied here gets no state database made for it
+    probed: dict[str, dict] = {}
+    if os.environ.get("GPUFLEET_DATABASE_URL") or (paths.home() / "state.db").exists():
+        view = Store().fleet(fleet.name)
+        probed = {i.alias: i.probe for i in view.instances if i.probe} if view else {}
+    files = write_fleet_files(fleet, Path(args.out) if args.out else None, probed=probed)
+    hosts = [t.alias for t in files.plan.targets]
+    inventory = files.inventory
+    console.print(
+        f"inventory:   {inventory}\nssh_config:  {files.ssh_config}\nknown_hosts: {files.known_hosts}\n"
+        f"hosts:       {', '.join(hosts)} (group {group_name(fleet.name)})\n\n"
+        "Plain Ansible needs nothing else: the inventory passes `-F ssh_config` to ssh (jump hosts, keys,\n"
+        "multiplexing), and host keys stay checked (new ones are recorded in known_hosts; a changed one\n"
+        "is refused). Keep the three files together.\n\n"
+        f"  ansible -i {inventory} all -m ansible.builtin.ping\n"
+        f"  ansible-playbook -i {inventory} gpufleet.fleet.probe    # with the gpufleet.fleet collection\n"
+        f"  ansible-playbook -i {inventory} {paths.content_root() / 'playbooks' / 'probe.yml'}\n"
+        f"  ssh -F {files.ssh_config} {hosts[0]}\n\n"
+        "Collection, roles, inventory plugin and an example playbook: docs/ansible.md",
+        markup=False, highlight=False, soft_wrap=True)
     return EXIT_OK
 
 
@@ -192,6 +212,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # everything gpufleet and its children (ansible-runner artifacts, SQLite's WAL files, ssh
+    # sockets) write may hold secrets or keys: private to this user
+    os.umask(0o077)
     console = Console()
     err = Console(stderr=True)
     try:

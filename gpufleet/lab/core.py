@@ -9,6 +9,7 @@ All hosts share this machine's filesystem, users and /etc.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -179,6 +180,21 @@ def node_specs(vendor: str, gpus: int, node: int) -> list[GpuSpec]:
     return [GpuSpec(model[0], model[1], gpus)]
 
 
+def _world_readable(fn):
+    """Run ``fn`` with umask 022: the lab's hosts read what it writes (CDI spec, stand-in tools,
+    hosts, sshd_config) as the plain lab user, whatever umask the caller runs with (the CLI's is
+    077). Files that hold keys are made 0600 explicitly."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        old = os.umask(0o022)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            os.umask(old)
+    return wrapper
+
+
+@_world_readable
 def up(dir: Path, nodes: int = 2, gpus: int = 8, vendor: str = "nvidia", log=print) -> Lab:
     preflight()
     if vendor not in VENDORS:
@@ -514,11 +530,13 @@ def stop_sshd(lab: Lab, host: LabHost) -> None:
                 pass
 
 
+@_world_readable
 def start_sshd(lab: Lab, host: LabHost) -> None:
     if not _sshd_pid(lab, host):
         _start_sshd(lab, host)
 
 
+@_world_readable
 def rotate_host_key(lab: Lab, host: LabHost) -> None:
     """Give ``host`` a new host key, as a reinstalled (or impersonated) server would have."""
     d = lab.host_dir(host)
