@@ -60,12 +60,12 @@ class GeneratedFiles:
 
 
 def _ssh_path(value: str | None) -> str | None:
-    # '%' starts a token in ssh_config paths
+    # '%' starts a token in ssh_config paths and in HostName (fe80::1%eth0 must stay as written)
     return value.replace("%", "%%") if value else value
 
 
 def _target_entry(t: PlannedTarget) -> SshEntry:
-    return SshEntry(t.alias, t.target.hostname, t.target.port, t.target.user,
+    return SshEntry(t.alias, _ssh_path(t.target.hostname), t.target.port, t.target.user,
                     _ssh_path(t.target.identity_file), t.jump_alias)
 
 
@@ -88,7 +88,7 @@ def plan_connections(fleet: Fleet) -> ConnectionPlan:
             if chain not in hop_alias:
                 hop = chain[-1]
                 hop_alias[chain] = f"{fleet.name}-jump{len(hop_alias)}"
-                jumps.append(SshEntry(hop_alias[chain], hop.hostname, hop.port, hop.user,
+                jumps.append(SshEntry(hop_alias[chain], _ssh_path(hop.hostname), hop.port, hop.user,
                                       _ssh_path(hop.identity_file), previous))
             previous = hop_alias[chain]
         targets.append(PlannedTarget(alias, t, previous))

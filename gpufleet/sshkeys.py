@@ -12,13 +12,14 @@ _PUBLIC_PREFIXES = ("ssh-", "ecdsa-sha2-", "sk-ssh-", "sk-ecdsa-")
 
 def check_private_key(path: Path) -> str | None:
     """Return why ``path`` cannot be used as an ssh identity file, or None if it can."""
-    if not path.exists():
-        return f"identity file {path} does not exist"
-    if not path.is_file():
-        return f"identity file {path} is not a regular file"
     try:
-        text = path.read_bytes()[:65536].decode("ascii", errors="replace")
-    except OSError as e:
+        if not path.exists():
+            return f"identity file {path} does not exist"
+        if not path.is_file():
+            return f"identity file {path} is not a regular file"
+        with path.open("rb") as f:
+            text = f.read(65536).decode("ascii", errors="replace")
+    except OSError as e:  # e.g. a name too long, a folder that is not searchable
         return f"cannot read identity file {path}: {e.strerror}"
     head = text.lstrip()
     if head.startswith(_PUBLIC_PREFIXES) or "PUBLIC KEY-----" in head[:100]:
