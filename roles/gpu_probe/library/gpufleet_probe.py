@@ -118,7 +118,18 @@ import pwd  # noqa: E402
 import socket  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
-from ansible.module_utils.gpufleet_gpus import probe_gpus, problem, shorten  # noqa: E402
+
+# The parsers live once, in the role's module_utils; from the gpufleet.fleet collection the same file
+# is plugins/module_utils/gpufleet_gpus.py. Both imports are optional to Ansible's module packer
+# (inside try), so each way of running packs the copy it can find.
+try:
+    from ansible.module_utils.gpufleet_gpus import probe_gpus, problem, shorten  # noqa: E402
+except ImportError:
+    from ansible_collections.gpufleet.fleet.plugins.module_utils.gpufleet_gpus import (  # noqa: E402
+        probe_gpus,
+        problem,
+        shorten,
+    )
 
 INFO_FORMAT = {"podman": "json", "docker": "{{json .}}"}  # `docker info --format json` needs docker >= 23
 CDI_DIRS = ("/etc/cdi", "/var/run/cdi")

@@ -95,40 +95,25 @@ import json  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
-RUN_ID_LABEL = "gpufleet.run_id"
+# One copy of the inspect parsing, in the role's module_utils; from the gpufleet.fleet collection
+# the same file is plugins/module_utils/gpufleet_inspect.py (see gpufleet_container).
+try:
+    from ansible.module_utils import gpufleet_inspect  # noqa: E402
+except ImportError:
+    from ansible_collections.gpufleet.fleet.plugins.module_utils import gpufleet_inspect  # noqa: E402
+
+RUN_ID_LABEL = gpufleet_inspect.RUN_ID_LABEL
+
 PS_FORMAT = {"podman": "json", "docker": "{{json .}}"}  # podman: one JSON list; docker: one object a line
-ZERO_TIMES = ("", "0001-01-01T00:00:00Z")
-STATE_MAP = {"stopped": "exited", "configured": "created", "initialized": "created"}
+# what each item of `containers` holds (RETURN)
+CONTAINER_KEYS = ("name", "id", "state", "exit_code", "run_id", "labels", "started_at", "finished_at")
 
 
-# --------------------------------------------------------------------------- inspect (as in gpufleet_container)
-
-def _time(value):
-    if not value or value in ZERO_TIMES or str(value).startswith("0001-01-01"):
-        return None
-    return str(value)
-
+# --------------------------------------------------------------------------- inspect (module_utils/gpufleet_inspect.py)
 
 def container_from_inspect(data):
-    """Our container dict from one object of `podman|docker container inspect` (field names differ a little)."""
-    state = data.get("State") or {}
-    if isinstance(state, str):  # very old podman
-        state = {"Status": state}
-    status = str(state.get("Status") or "").lower() or ("running" if state.get("Running") else "unknown")
-    status = STATE_MAP.get(status, status)
-    config = data.get("Config") or {}
-    labels = config.get("Labels") or data.get("Labels") or {}
-    exit_code = state.get("ExitCode")
-    return {
-        "name": str(data.get("Name") or "").lstrip("/"),  # docker: "/name"
-        "id": data.get("Id") or data.get("ID"),
-        "state": status,
-        "exit_code": int(exit_code) if status in ("exited", "dead") and exit_code is not None else None,
-        "run_id": labels.get(RUN_ID_LABEL),
-        "labels": dict(labels),
-        "started_at": _time(state.get("StartedAt")),
-        "finished_at": _time(state.get("FinishedAt")) if status in ("exited", "dead") else None,
-    }
+    full = gpufleet_inspect.container_from_inspect(data)
+    return dict((key, full[key]) for key in CONTAINER_KEYS)
 
 
 def parse_ps(text):

@@ -1,0 +1,1 @@
+../../roles/gpu_probe/module_utils/gpufleet_gpus.py

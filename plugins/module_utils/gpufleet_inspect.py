@@ -1,0 +1,1 @@
+../../roles/workload/module_utils/gpufleet_inspect.py

@@ -1,0 +1,1 @@
+../../roles/workload/library/gpufleet_container_info.py

@@ -1,0 +1,1 @@
+../../roles/gpu_probe/library/gpufleet_probe.py
