@@ -84,7 +84,12 @@ UserName = Annotated[str, BeforeValidator(_user)]
 def _identity(v: Any, info: ValidationInfo) -> Any:
     if v is None or not isinstance(v, str):
         return v
-    path = Path(v).expanduser()
+    if any(ord(c) < 32 or c in '"\x7f' for c in v):
+        raise ValueError(f"{v!r}: a path with control characters or '\"' cannot be written to ssh_config")
+    try:
+        path = Path(v).expanduser()
+    except RuntimeError:  # ~nosuchuser/key
+        raise ValueError(f"{v!r}: cannot expand '~' (no such user)") from None
     if not path.is_absolute():
         base = (info.context or {}).get("base_dir")
         path = (Path(base) if base else Path.cwd()) / path
@@ -163,13 +168,40 @@ class SSHParams(_Model):
         return v
 
 
+EnvSpec = dict[str, str | int | float | bool | None] | list[str] | None
+
+
+def split_env(env: EnvSpec) -> tuple[dict[str, str], list[str]]:
+    """``env`` as dstack writes it (a mapping, or a ``KEY=VALUE`` list) -> (values, secret names).
+
+    A name given without a value (``- HF_TOKEN`` in the list, ``HF_TOKEN:`` with nothing after it
+    in the mapping) is a secret: its value is read from the environment of the gpufleet process
+    when a run starts, passed to the host without being written to state, logs or artifacts, and
+    never shown.
+    """
+    values: dict[str, str] = {}
+    secrets: list[str] = []
+    items = env.items() if isinstance(env, dict) else (
+        (item.split("=", 1)[0], item.split("=", 1)[1] if "=" in item else None) for item in (env or []))
+    for name, value in items:
+        if value is None:
+            secrets.append(name)
+            values.pop(name, None)
+        else:
+            values[name] = str(value).lower() if isinstance(value, bool) else str(value)
+            if name in secrets:
+                secrets.remove(name)
+    return values, secrets
+
+
 class FleetConfig(_Model):
     """A fleet of existing hosts reached over SSH (dstack's SSH fleet)."""
 
     type: Literal["fleet"] = Field(description="Always `fleet`.")
     name: str | None = Field(None, description="Fleet name (default: the file name).")
-    env: dict[str, str | int | float | bool] | list[str] | None = Field(
-        None, description="Environment for every workload on the fleet: a mapping or KEY=VALUE list.")
+    env: dict[str, str | int | float | bool | None] | list[str] | None = Field(
+        None, description="Environment for every workload on the fleet: a mapping or KEY=VALUE list. A name "
+                          "without a value is a secret, read from the environment of `gpufleet apply`.")
     placement: Literal["any", "cluster"] = Field(
         "any", description="`cluster`: hosts are interconnected, for multi-node tasks.")
     blocks: Blocks = Field(1, description='Slices per host: "auto" (one per GPU) or N dividing the GPU count.')
@@ -236,6 +268,10 @@ def load_fleet(path: str | Path) -> Fleet:
     src = load_yaml(read_config_text(path), str(path))
     if not isinstance(src.data, dict):
         raise ConfigError([src.problem((), "a fleet configuration must be a mapping (type: fleet, ssh_config: ...)")])
+    kind = src.data.get("type", "fleet")
+    if kind != "fleet":
+        raise ConfigError([src.problem(("type",), f"must be fleet (or, for runs, task, service or "
+                                                  f"dev-environment); got {kind!r}")])
     cfg = validate(FleetConfig, src, context={"base_dir": str(path.resolve().parent)})
     return resolve(cfg, src, default_name=path.stem)
 
@@ -272,16 +308,34 @@ def resolve(cfg: FleetConfig, src: YamlSource, default_name: str) -> Fleet:
             problems.append(src.problem(loc, f"{t.address} is listed twice (first as hosts[{seen[t.address]}])"))
         seen.setdefault(t.address, i)
         targets.append(t)
-    if problems:
-        raise ConfigError(problems)
     name = cfg.name or re.sub(r"[^a-z0-9-]+", "-", default_name.lower().split(".")[0]).strip("-") or "fleet"
     if not name[0].isalpha():
         name = "fleet-" + name
-    env = cfg.env if isinstance(cfg.env, dict) else dict(
-        (item.split("=", 1) + [""])[:2] for item in (cfg.env or []))
-    return Fleet(name=name, source=src.file, placement=cfg.placement,
-                 env={k: str(v) for k, v in env.items()}, network=ssh.network,
+    if not problems:
+        problems += _alias_clashes(src, name, targets)
+    if problems:
+        raise ConfigError(problems)
+    env, _secrets = split_env(cfg.env)
+    return Fleet(name=name, source=src.file, placement=cfg.placement, env=env, network=ssh.network,
                  targets=tuple(targets), config=cfg)
+
+
+def _alias_clashes(src: YamlSource, fleet_name: str, targets: list[Target]) -> list[ConfigProblem]:
+    """Two hosts may not get the same Host alias in ssh_config and inventory (e.g. `n` on ports 1 and
+    2 becomes n-1 and n-2, which clashes with a host named n-1), nor a jump hop's alias."""
+    from gpufleet.inventory import target_aliases  # inventory imports this module
+
+    out = []
+    first: dict[str, int] = {}
+    for i, alias in enumerate(target_aliases(tuple(targets))):
+        if alias in first:
+            out.append(src.problem(("ssh_config", "hosts", i), f"its inventory name {alias!r} is also the name "
+                                                              f"of hosts[{first[alias]}]; rename one"))
+        elif re.fullmatch(re.escape(fleet_name) + r"-jump\d+", alias):
+            out.append(src.problem(("ssh_config", "hosts", i),
+                                   f"{alias!r} is the name gpufleet gives to jump hosts of fleet {fleet_name}"))
+        first.setdefault(alias, i)
+    return out
 
 
 def _problems(err: ValidationError, src: YamlSource, model: type[BaseModel] | None) -> list[ConfigProblem]:
@@ -312,11 +366,18 @@ def _problems(err: ValidationError, src: YamlSource, model: type[BaseModel] | No
     return out
 
 
+_UNION_MEMBERS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def _source_loc(data: Any, loc: tuple) -> Loc:
-    """Pydantic's loc, minus the list indices our validators added (a single hop given as a mapping)."""
+    """Pydantic's loc, minus the list indices our validators added (a single hop given as a mapping)
+    and the names pydantic gives the members of a union (`env.dict[str,union].A.str`)."""
     out = []
     for part in loc:
         if isinstance(part, int) and not isinstance(data, list):
+            continue
+        if isinstance(part, str) and ("[" in part or part in _UNION_MEMBERS) and \
+                not (isinstance(data, dict) and part in data):
             continue
         out.append(part)
         try:

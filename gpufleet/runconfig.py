@@ -7,14 +7,16 @@ GPU requests accept dstack's forms: `4`, `2..4`, `H100:4`, `H100:80GB:4`, `A100,
 
 from __future__ import annotations
 
+import math
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-from gpufleet.config import validate
+from gpufleet.config import split_env, validate
 from gpufleet.errors import ConfigError
 from gpufleet.yamlsource import load_yaml, read_config_text
 
@@ -66,6 +68,8 @@ def parse_size_gb(text: str) -> float:
     if not m:
         raise ValueError(f"{text!r} is not a size like 80GB")
     value, unit = float(m.group(1)), (m.group(2) or "GB").upper()
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is too large")
     return value * {"MB": 1 / 1024, "GB": 1, "TB": 1024}[unit]
 
 
@@ -73,6 +77,8 @@ def parse_size_range(value: Any, what: str = "memory") -> Range:
     if isinstance(value, bool):
         raise ValueError(f"{what} must be a size like 80GB")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{what} {value!r} must be a size like 80GB (a number of GB >= 0)")
         return Range(float(value), None)
     if not isinstance(value, str):
         raise ValueError(f"{what} must be a size like 80GB or a range like 24GB..80GB")
@@ -148,6 +154,9 @@ def _parse_gpu_string(text: str) -> dict:
         elif token.lower() in VENDORS:
             out["vendor"] = VENDORS[token.lower()]
         elif re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.,-]*", token):
+            if "name" in out:
+                raise ValueError(f"GPU spec {text!r}: {token!r} is not a count, a size (80GB) or a vendor, "
+                                 f"and the model was already given ({','.join(out['name'])})")
             out["name"] = [n for n in token.split(",") if n]
         else:
             raise ValueError(f"GPU spec {text!r}: cannot read {token!r} (e.g. H100:80GB:4, 2..4, amd:2)")
@@ -173,11 +182,15 @@ class ResourcesSpec(BaseModel):
 def _port(v: Any) -> Any:
     if isinstance(v, bool):
         raise ValueError("a port must be a number")
-    if isinstance(v, str) and re.fullmatch(r"\d+(:\d+)?", v):
-        return v
-    if isinstance(v, int):
-        return v
-    raise ValueError(f"{v!r} is not a port (8000) or a mapping (8080:8000)")
+    if isinstance(v, str) and re.fullmatch(r"\d{1,5}(:\d{1,5})?", v):
+        numbers = [int(p) for p in v.split(":")]
+    elif isinstance(v, int):
+        numbers = [v]
+    else:
+        raise ValueError(f"{v!r} is not a port (8000) or a mapping (8080:8000)")
+    if not all(1 <= n <= 65535 for n in numbers):
+        raise ValueError(f"{v!r}: a port must be between 1 and 65535")
+    return v
 
 
 Port = Annotated[int | str, BeforeValidator(_port)]
@@ -199,8 +212,10 @@ class _Run(BaseModel):
     image: str = Field(description="Container image, e.g. localhost/gpufleet-lab:latest.")
     commands: list[Annotated[str, BeforeValidator(_scalar_text)]] = Field(
         [], description="Shell commands, run in order in the container.")
-    env: dict[str, str | int | float | bool] | list[str] | None = Field(
-        None, description="Environment: a mapping or KEY=VALUE list.")
+    env: dict[str, str | int | float | bool | None] | list[str] | None = Field(
+        None, description="Environment: a mapping or KEY=VALUE list. A name without a value (`- HF_TOKEN`) "
+                          "is a secret: its value comes from the environment of `gpufleet apply` and is "
+                          "never stored, logged or shown.")
     resources: ResourcesSpec = Field(ResourcesSpec(), description="What the run needs.")
     ports: list[Port] = Field([], description="Ports to forward with `gpufleet attach` (8000 or 8080:8000).")
     fleets: list[str] | None = Field(None, description="Only place the run on these fleets.")
@@ -244,9 +259,12 @@ class _Run(BaseModel):
 
     @property
     def env_dict(self) -> dict[str, str]:
-        if isinstance(self.env, dict):
-            return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in self.env.items()}
-        return dict((item.split("=", 1) + [""])[:2] for item in (self.env or []))
+        """The variables given with a value (secrets, given without one, are not here)."""
+        return split_env(self.env)[0]
+
+    @property
+    def secret_env_names(self) -> list[str]:
+        return split_env(self.env)[1]
 
 
 class TaskConfig(_Run):
@@ -280,6 +298,8 @@ class Run:
     name: str
     source: str
     config: TaskConfig | ServiceConfig | DevEnvironmentConfig
+    # the values of the run's secret env names, from this process's environment: never stored
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 def load_run(path: str | Path) -> Run:
@@ -291,10 +311,29 @@ def load_run(path: str | Path) -> Run:
         raise ConfigError([src.problem(("type",), f"type must be task, service or dev-environment "
                                                   f"(got {src.data.get('type')!r})")])
     cfg = validate(_adapter, src)
+    secrets = _secret_values(src, cfg)
     name = cfg.name or re.sub(r"[^a-z0-9-]+", "-", path.stem.lower().split(".")[0]).strip("-") or "run"
     if not name[0].isalpha():
         name = "run-" + name
-    return Run(name=name[:41], source=str(path), config=cfg)
+    return Run(name=name[:41], source=str(path), config=cfg, secrets=secrets)
+
+
+def _secret_values(src, cfg) -> dict[str, str]:
+    """Each secret env name's value from the environment; a missing one is a config error that
+    points at the name (the value, when there is one, is never part of a message)."""
+    values, problems = {}, []
+    for name in cfg.secret_env_names:
+        if name in os.environ:
+            values[name] = os.environ[name]
+            continue
+        loc = ("env", name) if isinstance(cfg.env, dict) else \
+            ("env", next(i for i, item in enumerate(cfg.env) if item == name))
+        problems.append(src.problem(loc, f"{name} is a secret (a name without a value) but is not set in the "
+                                         f"environment: export {name}=... before gpufleet apply",
+                                    prefer_key=isinstance(cfg.env, dict)))
+    if problems:
+        raise ConfigError(problems)
+    return values
 
 
 def config_type(path: str | Path) -> str | None:

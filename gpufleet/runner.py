@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -26,6 +27,7 @@ import yaml
 from gpufleet import paths
 
 ROTATE_ARTIFACTS = 20
+STALE_VARS_S = 3600  # a vars file is read when its playbook starts; one this old was left behind
 
 
 @dataclass
@@ -59,6 +61,8 @@ def ansible_env(forks: int | None = None) -> dict[str, str]:
         "ANSIBLE_SSH_RETRIES": "2",
         "ANSIBLE_PIPELINING": "True",
         "ANSIBLE_GATHERING": "explicit",
+        # task arguments (secret env values among them) never go into the event stream or artifacts
+        "ANSIBLE_DISPLAY_ARGS_TO_STDOUT": "False",
         "ANSIBLE_LOCAL_TEMP": str(paths.ensure_private_dir(paths.home() / "tmp")),
         # ansible-playbook from the same environment as this Python (a venv need not be activated)
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
@@ -116,16 +120,37 @@ def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
             envvars=ansible_env(forks), quiet=True, event_handler=handle,
             cmdline=f"-e @{shlex.quote(str(vars_file))}" if vars_file else None,
             cancel_callback=cancel.is_set, suppress_env_files=True,
+            fact_cache_type="memory",  # facts are read from the event stream; none are written to disk
             settings={"suppress_ansible_output": True})
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+    _scrub_command_artifact(Path(r.config.artifact_dir), ansible_env(forks))
     for outcome in hosts.values():
         if outcome.status == "running":
             outcome.status = "ok"
             if on_update:
                 on_update(outcome)
     return PlaybookResult(r.status, r.rc or 0, hosts, r.config.artifact_dir, canceled=cancel.is_set())
+
+
+def _scrub_command_artifact(artifact_dir: Path, ours: dict[str, str]) -> None:
+    """ansible-runner records the whole environment of ansible-playbook in artifacts/<ident>/command:
+    whatever the user had exported (cloud keys, tokens) would sit there. Keep the command, the
+    folder and the variables gpufleet set; drop the rest."""
+    path = artifact_dir / "command"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    env = data.get("env") or {}
+    data["env"] = {k: v for k, v in env.items() if k in ours}
+    data["env_note"] = "gpufleet keeps only the variables it sets; the rest of the environment is not recorded"
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
 
 
 class _UnsafeStr(str):
@@ -173,6 +198,12 @@ def write_unsafe_vars(data: dict) -> Path:
     (commands, env values, names) reach the hosts literally and are never templated here.
     Created 0600, since env values may be secrets; the caller removes it."""
     folder = paths.ensure_private_dir(paths.home() / "runner" / "vars")
+    for old in folder.glob("vars-*.yml"):  # left by a gpufleet that was killed: read long ago
+        try:
+            if time.time() - old.stat().st_mtime > STALE_VARS_S:
+                old.unlink()
+        except OSError:
+            pass
     fd, name = tempfile.mkstemp(prefix="vars-", suffix=".yml", dir=folder)
     with os.fdopen(fd, "w") as f:
         yaml.dump({k: _mark(v) for k, v in data.items()}, f, Dumper=_UnsafeDumper, sort_keys=False)

@@ -6,6 +6,7 @@ this module decides what to start where, and keeps the accounting in the state s
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import time
@@ -51,7 +52,7 @@ def _cpuset(probe: dict, numa_nodes: set) -> str | None:
 
 def container_vars(run: Run, run_id: str, fleet_env: dict[str, str], probe: dict, gpus: list[dict],
                    cpus: int, memory_mib: int, numa_nodes: set, node_env: dict[str, str] | None = None,
-                   prelude: str = "") -> dict:
+                   prelude: str = "", secrets: dict[str, str] | None = None) -> dict:
     """Everything the `workload` role needs to start the run's container, per GPU vendor."""
     cfg = run.config
     runtime = probe.get("runtime") or {}
@@ -75,9 +76,17 @@ def container_vars(run: Run, run_id: str, fleet_env: dict[str, str], probe: dict
         extra_env["HABANA_VISIBLE_DEVICES"] = ",".join(str(g["index"]) for g in intel)
     devices += [f"/dev/tenstorrent/{g['index']}" for g in gpus if g["vendor"] == "tenstorrent"]
     indices = ",".join(str(g["index"]) for g in gpus)
-    env = {**fleet_env, **cfg.env_dict, **extra_env,
-           "GPUFLEET_RUN_NAME": run.name, "GPUFLEET_GPUS_NUM": str(len(gpus)), "GPUFLEET_GPUS": indices,
-           "DSTACK_RUN_NAME": run.name, "DSTACK_GPUS_NUM": str(len(gpus)), **(node_env or {})}
+    # fleet env < run env < what gpufleet sets (the node's own settings last); at each layer a value
+    # or a secret replaces the one below
+    ours = {"GPUFLEET_RUN_NAME": run.name, "GPUFLEET_GPUS_NUM": str(len(gpus)), "GPUFLEET_GPUS": indices,
+            "DSTACK_RUN_NAME": run.name, "DSTACK_GPUS_NUM": str(len(gpus))}
+    env: dict[str, str] = {}
+    secret_env: dict[str, str] = {}
+    for layer, secret in ((fleet_env, False), (secrets or {}, True), (cfg.env_dict, False), (run.secrets, True),
+                          (extra_env, False), (ours, False), (node_env or {}, False)):
+        for name, value in layer.items():
+            (secret_env if secret else env)[name] = value
+            (env if secret else secret_env).pop(name, None)
     lines = [prelude] if prelude else []
     lines += cfg.commands
     if isinstance(cfg, DevEnvironmentConfig):
@@ -90,6 +99,7 @@ def container_vars(run: Run, run_id: str, fleet_env: dict[str, str], probe: dict
         "workload_image": cfg.image,
         "workload_command": command,
         "workload_env": env,
+        "workload_secret_env": secret_env,
         "workload_labels": {"gpufleet.run": run.name, "gpufleet.type": cfg.type, "gpufleet.gpus": indices},
         "workload_devices": devices,
         "workload_gpus": docker_gpus,
@@ -122,6 +132,7 @@ def cluster_fleets(store: Store) -> set[str]:
 def submit(path: str, yes: bool = False, detach: bool = False, console: Console | None = None) -> int:
     console = console or Console()
     run = load_run(path)
+    forget_secrets(run.secrets)
     store = Store()
     request = request_of(run.config)
     nodes = getattr(run.config, "nodes", 1)
@@ -192,7 +203,10 @@ def _start_nodes(store: Store, run: Run, run_id: str, placements: list[Placement
     """Start the run's container on each node, rank 0 first. Return the error, or "" when all started."""
     fleet_name = placements[0].host.fleet
     fleet = store.fleet(fleet_name)
-    fleet_env = fleet_config_env(store, fleet_name)
+    try:
+        fleet_env, fleet_secrets = fleet_config_env(store, fleet_name)
+    except UsageError as e:
+        return str(e)
     probes = {i.alias: i.probe for i in fleet.instances}
     envs: list[dict[str, str]] = [{} for _ in placements]
     prelude = ""
@@ -212,7 +226,7 @@ def _start_nodes(store: Store, run: Run, run_id: str, placements: list[Placement
         host = p.host
         numa = {b.numa_node for b in host.blocks if b.idx in p.blocks}
         variables = container_vars(run, run_id, fleet_env, probes[host.alias], [host.gpus[g] for g in p.gpus],
-                                   p.cpus, p.memory_mib, numa, envs[rank], prelude)
+                                   p.cpus, p.memory_mib, numa, envs[rank], prelude, fleet_secrets)
         started.append(host.alias)
         ok, message = _start(fleet_name, host.alias, variables)
         if not ok:
@@ -243,14 +257,27 @@ def target_aliases_of(cfg) -> list[str]:
                                 for h in ssh.hosts))
 
 
-def fleet_config_env(store: Store, fleet: str) -> dict[str, str]:
-    from gpufleet.config import FleetConfig
+def fleet_config_env(store: Store, fleet: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The fleet's env for its workloads: (values, secrets); secret values come from this process's
+    environment, as a run's do."""
+    from gpufleet.config import FleetConfig, split_env
 
     cfg = store.fleet_config(fleet)
-    env = FleetConfig.model_validate(cfg).env if cfg else None
-    if isinstance(env, dict):
-        return {k: str(v) for k, v in env.items()}
-    return dict((item.split("=", 1) + [""])[:2] for item in (env or []))
+    values, names = split_env(FleetConfig.model_validate(cfg).env if cfg else None)
+    missing = [n for n in names if n not in os.environ]
+    if missing:
+        raise UsageError(f"fleet {fleet}: env {', '.join(missing)} is secret (given without a value) but not set "
+                         f"in the environment: export {missing[0]}=... before gpufleet apply")
+    secrets = {n: os.environ[n] for n in names}
+    forget_secrets(secrets)
+    return values, secrets
+
+
+def forget_secrets(secrets: dict[str, str]) -> None:
+    """Once read, secret values leave this process's environment, so that no child inherits them
+    (ansible-playbook would otherwise carry them; only the workload role's no_log option does)."""
+    for name in secrets:
+        os.environ.pop(name, None)
 
 
 def _start(fleet: str, alias: str, variables: dict) -> tuple[bool, str]:

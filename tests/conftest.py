@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 class Cli:
     home: Path
 
-    def __call__(self, *args: str, check: int | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-        env = {**os.environ, "GPUFLEET_HOME": str(self.home), "COLUMNS": "200", "TERM": "dumb"}
+    def __call__(self, *args: str, check: int | None = None, timeout: int = 600,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "GPUFLEET_HOME": str(self.home), "COLUMNS": "200", "TERM": "dumb", **(env or {})}
         p = subprocess.run([sys.executable, "-m", "gpufleet", *args], capture_output=True, text=True,
                            env=env, timeout=timeout, cwd=ROOT)
         if check is not None:

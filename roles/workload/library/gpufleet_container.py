@@ -70,6 +70,16 @@ options:
         on the host). Names must not be empty or contain C(=); numbers are turned into strings.
     type: dict
     default: {}
+  secret_env:
+    description:
+      - Environment variables whose values are secret, name to value. The values never appear in
+        the module's arguments or results as logged (the option is C(no_log)), nor on the runtime's
+        command line, which the host's process list shows. The runtime gets C(--env=NAME) and reads
+        the value from its own environment. A name in both O(env) and O(secret_env) is secret.
+      - Only the names count when O(run_id) is derived from the configuration, so changing a
+        secret's value alone does not recreate the container; give a new O(run_id) for that.
+    type: dict
+    default: {}
   labels:
     description:
       - Extra container labels. Keys starting with C(gpufleet.run_id) are refused (the module sets it).
@@ -221,25 +231,27 @@ import re  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
-RUN_ID_LABEL = "gpufleet.run_id"
+# One copy of the inspect parsing, in the role's module_utils; from the gpufleet.fleet collection
+# the same file is plugins/module_utils/gpufleet_inspect.py. Both imports are optional to Ansible's
+# module packer (inside try), so each way of running packs only the copy it can find.
+try:
+    from ansible.module_utils import gpufleet_inspect  # noqa: E402
+except ImportError:
+    from ansible_collections.gpufleet.fleet.plugins.module_utils import gpufleet_inspect  # noqa: E402
+
+RUN_ID_LABEL = gpufleet_inspect.RUN_ID_LABEL
+
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 STOP_TIMEOUT = 10
-ZERO_TIMES = ("", "0001-01-01T00:00:00Z")
-# runtime states -> what we report
-STATE_MAP = {"stopped": "exited", "configured": "created", "initialized": "created"}
 RUNNING_STATES = ("running", "paused", "restarting", "stopping")
 VOLUME_OPTIONS = {"ro", "rw", "z", "Z", "shared", "slave", "private", "rshared", "rslave", "rprivate",
                   "nocopy", "U", "O", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "copy",
                   "bind", "rbind"}
+# what `container` holds (RETURN)
+CONTAINER_KEYS = ("name", "id", "state", "exit_code", "started_at", "finished_at", "error", "run_id", "image")
 
 
-# --------------------------------------------------------------------------- inspect (as in gpufleet_container_info)
-
-def _time(value):
-    if not value or value in ZERO_TIMES or str(value).startswith("0001-01-01"):
-        return None
-    return str(value)
-
+# --------------------------------------------------------------------------- inspect (module_utils/gpufleet_inspect.py)
 
 def missing_container(name):
     return {"name": name, "id": None, "state": "missing", "exit_code": None, "started_at": None,
@@ -247,26 +259,8 @@ def missing_container(name):
 
 
 def container_from_inspect(data):
-    """Our container dict from one object of `podman|docker container inspect` (field names differ a little)."""
-    state = data.get("State") or {}
-    if isinstance(state, str):  # very old podman
-        state = {"Status": state}
-    status = str(state.get("Status") or "").lower() or ("running" if state.get("Running") else "unknown")
-    status = STATE_MAP.get(status, status)
-    config = data.get("Config") or {}
-    labels = config.get("Labels") or data.get("Labels") or {}
-    exit_code = state.get("ExitCode")
-    return {
-        "name": str(data.get("Name") or "").lstrip("/"),  # docker: "/name"
-        "id": data.get("Id") or data.get("ID"),
-        "state": status,
-        "exit_code": int(exit_code) if status in ("exited", "dead") and exit_code is not None else None,
-        "started_at": _time(state.get("StartedAt")),
-        "finished_at": _time(state.get("FinishedAt")) if status in ("exited", "dead") else None,
-        "error": state.get("Error") or None,
-        "run_id": labels.get(RUN_ID_LABEL),
-        "image": data.get("ImageName") or config.get("Image") or data.get("Image"),
-    }
+    full = gpufleet_inspect.container_from_inspect(data)
+    return dict((key, full[key]) for key in CONTAINER_KEYS)
 
 
 def is_missing_error(text):
@@ -284,7 +278,8 @@ def _stringify(module, what, mapping):
         if not key or "=" in key or "\0" in key:
             module.fail_json(msg=f"{what}: invalid name {key!r} (empty, or contains '=')")
         if isinstance(value, bool) or value is None or isinstance(value, (dict, list)):
-            module.fail_json(msg=f"{what}: the value of {key} must be a string (got {value!r}); quote it (with "
+            shown = type(value).__name__ if what == "secret_env" else repr(value)
+            module.fail_json(msg=f"{what}: the value of {key} must be a string (got {shown}); quote it (with "
                              "ansible-core 2.19, !unsafe on a quoted scalar drops the quotes: tag the whole mapping, "
                              "!unsafe {...})")
         value = str(value)
@@ -324,7 +319,8 @@ def validate(module):
                              "boolean. Tag the whole list instead: !unsafe [\"true\"].)")
     if any("\0" in a for a in command):
         module.fail_json(msg="command: an item contains a NUL character")
-    env = _stringify(module, "env", p["env"])
+    secret_env = _stringify(module, "secret_env", p["secret_env"])
+    env = {k: v for k, v in _stringify(module, "env", p["env"]).items() if k not in secret_env}
     labels = _stringify(module, "labels", p["labels"])
     if any(k.startswith(RUN_ID_LABEL) for k in labels):
         module.fail_json(msg=f"labels: {RUN_ID_LABEL} is set by the module (use run_id)")
@@ -345,11 +341,12 @@ def validate(module):
         module.fail_json(msg="cpus must be > 0")
     if p["memory_mib"] is not None and p["memory_mib"] <= 0:
         module.fail_json(msg="memory_mib must be > 0")
-    return {"image": image, "command": list(command), "env": env, "labels": labels}
+    return {"image": image, "command": list(command), "env": env, "labels": labels, "secret_env": secret_env}
 
 
 def config_run_id(p, spec):
     data = dict(spec)
+    data["secret_env"] = sorted(spec["secret_env"])  # names only: no digest of a secret leaves the host
     for key in ("runtime", "devices", "gpus", "oci_runtime", "cpuset_cpus", "cpus", "memory_mib", "network",
                 "volumes", "workdir"):
         data[key] = p[key]
@@ -364,6 +361,8 @@ def run_argv(binary, p, spec, run_id):
         argv.append(f"--label={key}={spec['labels'][key]}")
     for key in sorted(spec["env"]):
         argv.append(f"--env={key}={spec['env'][key]}")
+    for key in sorted(spec["secret_env"]):
+        argv.append(f"--env={key}")  # the value comes from the runtime's environment (run_command's environ_update)
     for device in p["devices"] or []:
         argv.append("--device=" + device)
     if p["gpus"]:
@@ -447,6 +446,7 @@ def main():
             image=dict(type="str"),
             command=dict(type="raw", default=[]),
             env=dict(type="dict", default={}),
+            secret_env=dict(type="dict", default={}, no_log=True),
             labels=dict(type="dict", default={}),
             devices=dict(type="list", elements="str", default=[]),
             gpus=dict(type="str"),
@@ -512,7 +512,7 @@ def main():
         elif action == "create":
             result["changed"] = i > 0  # until it succeeds, only what was done before counts
             argv = run_argv(runtime.binary, p, spec, run_id)
-            rc, out, err = module.run_command(argv, expand_user_and_vars=False)
+            rc, out, err = module.run_command(argv, expand_user_and_vars=False, environ_update=spec["secret_env"])
             if rc != 0:
                 # a failed start can leave the container created: remove it if it is this run's
                 left = runtime.inspect(name)
