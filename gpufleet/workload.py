@@ -393,6 +393,8 @@ def _settle(store: Store, r: RunView, states: list[tuple[str, dict | None]], unk
         store.set_run_status(r.name, r.status, unknown)
     elif r.status == "starting":
         store.set_run_status(r.name, "running")
+    elif r.message:  # its host answers again: the "cannot check" note is over
+        store.set_run_status(r.name, r.status, "")
 
 
 def _stop_containers(r: RunView | None, aliases: list[str], remove: bool = False) -> str:
@@ -505,7 +507,7 @@ def ps_table(views: list[RunView]) -> Table:
             gpus = " + ".join(str(len(n["gpus"])) for n in r.nodes) + " GPUs"
             instance = ",".join(str(n.get("instance_num")) for n in r.nodes)
         status = r.status + (f" ({r.exit_code})" if r.exit_code not in (None, 0) else "")
-        if r.message and r.status in ("failed",):
+        if r.message and r.status in ("failed", "running", "starting"):  # why it failed; why it is unchecked
             status += f": {r.message[:120]}"
         t.add_row(r.name, r.type, r.fleet or "-", instance, gpus, status, age(r.created_at, time.time()))
     return t

@@ -134,3 +134,27 @@ def test_wrong_keys_are_reported_against_the_right_hop(lab, fcli, tmp_path):
         assert inst["reason"].startswith(expected) and "Permission denied (publickey" in inst["reason"], inst["reason"]
         if hop == "node":
             assert lab.nodes[0].address in inst["reason"]
+
+
+def test_runs_on_a_down_node_are_shown_not_forgotten(lab, fcli, tmp_path):
+    fcli("apply", "-f", str(task(tmp_path, "on-down-node")), "-y", "-d", check=0)
+    node = lab.nodes[0]
+    core.stop_sshd(lab, node)
+    try:
+        runs, _ = ps(fcli)
+        run = runs["on-down-node"]
+        # still running as far as anyone knows, its blocks still held, and why it is not checked
+        assert run["status"] == "running", run
+        assert "cannot check" in run["message"] and node.address in run["message"], run
+        assert busy(fcli).startswith("1/4"), busy(fcli)
+        p = fcli("apply", "-f", str(lab.fleet_file), "-y")
+        assert p.returncode == 1 and "unreachable" in p.stdout, p.stdout + p.stderr
+        out = fcli("ps", check=0).stdout
+        assert "on-down-node" in out and "cannot check" in out, out
+    finally:
+        core.start_sshd(lab, node)
+    fcli("apply", "-f", str(lab.fleet_file), "-y", check=0)
+    runs, _ = ps(fcli)
+    assert runs["on-down-node"]["status"] == "running" and runs["on-down-node"]["message"] == ""
+    fcli("stop", "on-down-node", "-y", check=0)
+    assert busy(fcli).startswith("0/4")
