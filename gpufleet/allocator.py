@@ -8,7 +8,9 @@ that can be avoided. Gang placement (several hosts, all or nothing) uses the sam
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import combinations
 
@@ -33,10 +35,66 @@ class HostSlots:
     alias: str
     gpus: list[dict]
     blocks: list[BlockSlot]
+    # hosts with equal ``shape`` have the same GPU models and block layout (the state store sets it),
+    # so which of their blocks suit a request is worked out once per shape; None: per host
+    shape: object = None
 
     @property
     def free_count(self) -> int:
         return sum(b.free for b in self.blocks)
+
+
+class HostIndex:
+    """Hosts grouped by all that the choice of blocks depends on: fleet, shape (GPU models and block
+    layout) and which blocks are free. Every host of a group scores the same, and ties go to the
+    lowest ``num``, so a placement looks at one host per group: its cost grows with the number of
+    distinct groups (a few per fleet in practice), not with the number of hosts. The state store
+    keeps one up to date host by host (``put``/``remove``); a plain list of hosts is indexed on the
+    fly. Hosts without a ``shape`` get a group of their own."""
+
+    def __init__(self, hosts: list[HostSlots] | tuple = ()):
+        self._hosts: dict[int, HostSlots] = {}
+        self._key: dict[int, tuple] = {}
+        self._groups: dict[tuple, list[tuple[int, int]]] = {}  # key -> [(num, instance_id)], sorted
+        for host in hosts:
+            self.put(host)
+
+    def put(self, host: HostSlots) -> None:
+        self.remove(host.instance_id)
+        shape = host.shape if host.shape is not None else ("host", host.instance_id)
+        key = (host.fleet, shape, tuple(b.free for b in host.blocks))
+        self._hosts[host.instance_id] = host
+        self._key[host.instance_id] = key
+        bisect.insort(self._groups.setdefault(key, []), (host.num, host.instance_id))
+
+    def remove(self, instance_id: int) -> None:
+        key = self._key.pop(instance_id, None)
+        if key is None:
+            return
+        host = self._hosts.pop(instance_id)
+        members = self._groups[key]
+        del members[bisect.bisect_left(members, (host.num, instance_id))]
+        if not members:
+            del self._groups[key]
+
+    def leaders(self) -> Iterator[HostSlots]:
+        """The lowest-numbered host of each group."""
+        for members in self._groups.values():
+            yield self._hosts[members[0][1]]
+
+    def hosts(self) -> list[HostSlots]:
+        return sorted(self._hosts.values(), key=lambda h: (h.fleet, h.num))
+
+    def __len__(self) -> int:
+        return len(self._hosts)
+
+
+def _as_index(hosts: HostIndex | list[HostSlots]) -> HostIndex:
+    return hosts if isinstance(hosts, HostIndex) else HostIndex(hosts)
+
+
+def _as_list(hosts: HostIndex | list[HostSlots]) -> list[HostSlots]:
+    return hosts.hosts() if isinstance(hosts, HostIndex) else hosts
 
 
 @dataclass(frozen=True)
@@ -151,26 +209,58 @@ def _free_runs(all_idx: list[int], free: set[int]) -> int:
     return runs
 
 
-def place(req: Request, hosts: list[HostSlots]) -> Placement:
+def place(req: Request, hosts: HostIndex | list[HostSlots]) -> Placement:
     """Choose blocks for ``req``; raise NoCapacity with what is free if nothing fits."""
-    best = None
-    for host in hosts:
+    index = _as_index(hosts)
+    # One host per group of the index stands for all hosts that would score the same. A score
+    # starts with (penalty, free blocks left): cheap to compute. Candidates are visited in that order
+    # and the block choice (the costly part) is made only while it can still win; the same shape
+    # and free blocks in another fleet get the same choice, worked out once.
+    candidates = []
+    by_shape: dict = {}
+    for host in index.leaders():
         if req.fleets and host.fleet not in req.fleets:
             continue
-        usable = _usable_blocks(host, req)
-        need = _blocks_needed(host, req, usable)
+        known = by_shape.get(host.shape) if host.shape is not None else None
+        if known is None:
+            usable = _usable_blocks(host, req)
+            need = _blocks_needed(host, req, usable)
+            ids = {id(b) for b in usable}
+            positions = None if len(usable) == len(host.blocks) else \
+                [i for i, b in enumerate(host.blocks) if id(b) in ids]
+            known = (positions, need, 1 if req.gpu_min == 0 and any(b.gpus for b in host.blocks) else 0)
+            if host.shape is not None:
+                by_shape[host.shape] = known
+        positions, need, gpu_hosts_penalty = known
         if need is None:
             continue
-        chosen = _choose_blocks(host, usable, need)
+        blks = host.blocks
+        free = sum(b.free for b in blks)
+        if free < need:
+            continue
+        if positions is not None and sum(blks[i].free for i in positions) < need:
+            continue
+        candidates.append(((gpu_hosts_penalty, free - need), len(candidates), host, positions, need))
+    candidates.sort(key=lambda c: (c[0], c[1]))
+    best = None
+    choices: dict = {}
+    for head, _, host, positions, need in candidates:
+        if best is not None and head > best[0][:2]:
+            break
+        usable = host.blocks if positions is None else [host.blocks[i] for i in positions]
+        pattern = (tuple((b.idx, b.numa_node, b.free) for b in usable), tuple(b.idx for b in host.blocks), need)
+        if pattern not in choices:
+            choices[pattern] = _choose_blocks(host, usable, need)
+        chosen = choices[pattern]
         if chosen is None:
             continue
         combo, score = chosen
-        gpu_hosts_penalty = 1 if req.gpu_min == 0 and any(b.gpus for b in host.blocks) else 0
-        host_score = (gpu_hosts_penalty, host.free_count - need, score, host.fleet, host.num)
+        host_score = head + (score, host.fleet, host.num)
         if best is None or host_score < best[0]:
             best = (host_score, host, combo)
     if best is None:
-        raise NoCapacity(_refusal(req, hosts), [h.alias for h in hosts])
+        every = index.hosts()
+        raise NoCapacity(_refusal(req, every), [h.alias for h in every])
     _, host, combo = best
     blocks = [b for b in host.blocks if b.idx in combo]
     gpus = tuple(sorted(g for b in blocks for g in b.gpus))
@@ -183,13 +273,15 @@ def place(req: Request, hosts: list[HostSlots]) -> Placement:
     return Placement(host, tuple(combo), gpus, sum(b.cpus for b in blocks), sum(b.memory_mib for b in blocks), note)
 
 
-def place_gang(req: Request, hosts: list[HostSlots], nodes: int, cluster_fleets: set[str]) -> list[Placement]:
+def place_gang(req: Request, hosts: HostIndex | list[HostSlots], nodes: int,
+               cluster_fleets: set[str]) -> list[Placement]:
     """Place a run on ``nodes`` hosts of one `placement: cluster` fleet, all or nothing.
 
     Without a GPU request each node takes a whole host; with one, every host gets the same
     number of blocks. Rank 0 is the first placement returned."""
     if nodes == 1:
         return [place(req, hosts)]
+    hosts = _as_list(hosts)
     whole = req.gpu is None and not req.cpu and not req.memory_gb
     reasons = []
     best = None

@@ -23,19 +23,24 @@ version_table = Table(
 )
 
 
-def _add_runs_nodes(c: Connection) -> None:
+def _add_runs_nodes(c: Connection, metadata: MetaData) -> None:
     c.execute(text("ALTER TABLE runs ADD COLUMN nodes TEXT NOT NULL DEFAULT '[]'"))
 
 
-def _add_runs_owner(c: Connection) -> None:
+def _add_runs_owner(c: Connection, metadata: MetaData) -> None:
     c.execute(text("ALTER TABLE runs ADD COLUMN owner VARCHAR(300) NOT NULL DEFAULT ''"))
+
+
+def _add_changes(c: Connection, metadata: MetaData) -> None:
+    metadata.tables["changes"].create(c)
 
 
 # (version, description, step): step brings a database at version-1 to version.
 # Version 1 is the first released schema (fleets, instances, blocks, runs without `nodes`).
-STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
+STEPS: list[tuple[int, str, Callable[[Connection, MetaData], None]]] = [
     (2, "runs.nodes: per-node placement of multi-node runs", _add_runs_nodes),
     (3, "runs.owner: the process starting a run, for reconciliation after a crash", _add_runs_owner),
+    (4, "changes: which instances each transaction touched, so allocators re-read only those", _add_changes),
 ]
 LATEST = STEPS[-1][0] if STEPS else 1
 
@@ -49,6 +54,12 @@ def current_version(c: Connection) -> int | None:
 
 def upgrade(engine: Engine, metadata: MetaData) -> int:
     """Bring the database to LATEST; return the version found before."""
+    # the usual case, a database already at LATEST, is seen without a write lock (on SQLite the
+    # state store's "begin" hook takes one for every transaction not marked as a read)
+    with engine.execution_options(gpufleet_read=True).connect() as c:
+        found = current_version(c)
+    if found == LATEST:
+        return found
     with engine.begin() as c:
         if engine.dialect.name == "postgresql":
             c.execute(text("SELECT pg_advisory_xact_lock(7405323)"))  # one migrator at a time
@@ -66,7 +77,7 @@ def upgrade(engine: Engine, metadata: MetaData) -> int:
                                 f"understands ({LATEST}): upgrade gpufleet")
         for version, description, step in STEPS:
             if version > found:
-                step(c)
+                step(c, metadata)
                 c.execute(version_table.update().where(version_table.c.id == 1)
                           .values(version=version, description=description))
         return found

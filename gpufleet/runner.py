@@ -27,6 +27,7 @@ import yaml
 from gpufleet import paths
 
 ROTATE_ARTIFACTS = 20
+MAX_FORKS = min(64, max(16, 8 * (os.cpu_count() or 1)))  # as in probe.py: more only costs memory
 STALE_VARS_S = 3600  # a vars file is read when its playbook starts; one this old was left behind
 
 
@@ -108,6 +109,8 @@ def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
     def on_sigint(signum, frame):  # first Ctrl-C: stop the run cleanly; runner kills its process group
         cancel.set()
 
+    if forks is None and limit:  # one fork per host (Ansible's default is 5): the hosts are asked at once
+        forks = min(max(len(limit), 5), MAX_FORKS)
     previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() \
         else None
     private = paths.ensure_private_dir(paths.home() / "runner")

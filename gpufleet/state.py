@@ -25,18 +25,21 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     delete,
     event,
+    func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, OperationalError
 
 from gpufleet import migrations, paths
-from gpufleet.allocator import BlockSlot, HostSlots, Placement
+from gpufleet.allocator import BlockSlot, HostIndex, HostSlots, Placement
 from gpufleet.blocks import Block
 from gpufleet.errors import GpufleetError
 
@@ -100,6 +103,26 @@ runs = Table(
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
 )
+
+# One row per transaction and instance whose blocks or status changed (allocation, release,
+# probe, removal): a Store that has seen up to seq N re-reads only the instances changed after N.
+# Old rows are pruned; a Store that fell behind the oldest row reads everything again.
+changes = Table(
+    "changes", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("instance_id", Integer, nullable=False),
+    sqlite_autoincrement=True,  # never reuse a seq
+)
+KEEP_CHANGES = 100_000
+ALLOCATION_LOCK = 7405324  # PostgreSQL advisory lock: one writer of blocks at a time
+
+# built once: an allocation is a handful of statements and building them each time was a third of its cost
+_TAKE_BLOCKS = (update(blocks)
+                .where(blocks.c.instance_id == bindparam("iid"), blocks.c.idx.in_(bindparam("idxs", expanding=True)),
+                       blocks.c.run.is_(None))
+                .values(run=bindparam("run_name")))
+_RUN_STATUS = select(runs.c.status).where(runs.c.name == bindparam("name"))
+_CHANGES_RANGE = select(func.min(changes.c.seq), func.max(changes.c.seq))
 
 READY, UNREACHABLE, ERROR = "ready", "unreachable", "error"
 ACTIVE = ("starting", "running")
@@ -194,6 +217,9 @@ def database_url() -> str:
 class Store:
     def __init__(self, url: str | None = None):
         self.url = url or database_url()
+        self._slot_cache: dict[int, tuple] = {}  # instance id -> (updated_at, gpus, shape, block slots)
+        self._index: HostIndex | None = None  # ready hosts as the allocator sees them ...
+        self._seen = 0  # ... as of this seq of `changes`
         if self.url.startswith("sqlite:///"):
             db = Path(self.url.removeprefix("sqlite:///"))
             if not db.exists():
@@ -205,9 +231,11 @@ class Store:
             raise GpufleetError(f"cannot use database {self.safe_url}: {e}") from None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-            # every transaction takes the write lock at once: two processes allocating at the same
-            # moment are serialised instead of both reading the same free blocks
-            event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+            # every transaction that may write takes the write lock at once: two processes
+            # allocating at the same moment are serialised instead of both reading the same free
+            # blocks; reads (self._reads) take none and never wait for a writer (WAL)
+            event.listen(self.engine, "begin", _sqlite_begin)
+        self._reads = self.engine.execution_options(gpufleet_read=True)
         try:
             migrations.upgrade(self.engine, metadata)
         except OperationalError as e:
@@ -235,7 +263,7 @@ class Store:
         return views[0] if views else None
 
     def fleets(self, name: str | None = None) -> list[FleetView]:
-        with self.engine.connect() as c:
+        with self._reads.connect() as c:
             q = select(fleets).order_by(fleets.c.name)
             if name is not None:
                 q = q.where(fleets.c.name == name)
@@ -262,12 +290,14 @@ class Store:
 
     def delete_fleet(self, name: str) -> None:
         with self.engine.begin() as c:
+            self._serialize(c)
             busy = self._busy_aliases(c, name)
             if busy:
                 raise GpufleetError(f"fleet {name} has workloads running on {', '.join(busy)}: stop them first")
             ids = [r.id for r in c.execute(select(instances.c.id).where(instances.c.fleet == name))]
             if ids:
                 c.execute(delete(blocks).where(blocks.c.instance_id.in_(ids)))
+                self._changed(c, ids)
             c.execute(delete(instances).where(instances.c.fleet == name))
             c.execute(delete(fleets).where(fleets.c.name == name))
 
@@ -287,6 +317,7 @@ class Store:
         the instance is ready and none of its blocks is in use."""
         now = time.time()
         with self.engine.begin() as c:
+            self._serialize(c)
             row = c.execute(select(instances).where(instances.c.fleet == fleet, instances.c.alias == alias)).first()
             values = dict(hostname=hostname, port=port, status=status, reason=reason, updated_at=now)
             if probe is not None:
@@ -309,84 +340,163 @@ class Store:
                                                     run=None) for b in block_layout])
             elif status != READY and not self._busy_aliases(c, fleet, alias):
                 c.execute(delete(blocks).where(blocks.c.instance_id == iid))
+            self._changed(c, [iid])
+            c.execute(delete(changes).where(changes.c.seq < select(func.max(changes.c.seq)).scalar_subquery()
+                                            - KEEP_CHANGES))
             return iid
 
     def remove_instance(self, fleet: str, alias: str) -> None:
         with self.engine.begin() as c:
+            self._serialize(c)
             if self._busy_aliases(c, fleet, alias):
                 raise GpufleetError(f"{alias} runs workloads: stop them before removing it from fleet {fleet}")
             row = c.execute(select(instances.c.id).where(instances.c.fleet == fleet,
                                                          instances.c.alias == alias)).first()
             if row:
+                self._changed(c, [row.id])
                 c.execute(delete(blocks).where(blocks.c.instance_id == row.id))
                 c.execute(delete(instances).where(instances.c.id == row.id))
 
     # runs -------------------------------------------------------------------------------------
-    def slots(self, c) -> list[HostSlots]:
-        """Ready instances and their blocks, as the allocator sees them."""
-        rows = c.execute(select(instances).where(instances.c.status == READY)
-                         .order_by(instances.c.fleet, instances.c.num)).all()
-        by_id = {r.id: HostSlots(r.id, r.fleet, r.num, r.alias, json.loads(r.probe).get("gpus") or [], [])
-                 for r in rows}
-        q = select(blocks).order_by(blocks.c.instance_id, blocks.c.idx)
-        if self.engine.dialect.name == "postgresql" and c.in_transaction():
-            q = q.with_for_update()
-        for b in c.execute(q):
-            if b.instance_id in by_id:
-                by_id[b.instance_id].blocks.append(BlockSlot(b.idx, tuple(json.loads(b.gpus)), b.cpus,
-                                                             b.memory_mib, b.numa_node, b.run is None))
-        return [h for h in by_id.values() if h.blocks]
+    def _serialize(self, c) -> None:
+        """On PostgreSQL, writers of blocks and instances go one at a time (an advisory lock held
+        to the end of the transaction), so allocations never race and `changes` rows commit in seq
+        order. SQLite's BEGIN IMMEDIATE does the same by itself."""
+        if self.engine.dialect.name == "postgresql":
+            c.execute(text(f"SELECT pg_advisory_xact_lock({ALLOCATION_LOCK})"))
 
-    def slots_snapshot(self) -> list[HostSlots]:
-        with self.engine.connect() as c:
-            return self.slots(c)
+    @staticmethod
+    def _changed(c, ids) -> None:
+        c.execute(insert(changes), [{"instance_id": i} for i in sorted(set(ids))])
+
+    def index(self, c) -> HostIndex:
+        """Ready instances and their blocks, as the allocator sees them, brought up to date.
+
+        The first call reads every ready instance; later ones read only the instances named in
+        `changes` since the last call (a re-probe's GPUs and block layout are read again when its
+        ``updated_at`` moved). ``allocate`` calls it under the allocation lock."""
+        low, top = c.execute(_CHANGES_RANGE).one()
+        top = top or 0
+        if self._index is not None and top == self._seen:
+            return self._index
+        if self._index is None or (low is not None and low > self._seen + 1):
+            rows = c.execute(select(instances.c.id, instances.c.fleet, instances.c.num, instances.c.alias,
+                                    instances.c.updated_at).where(instances.c.status == READY)).all()
+            ids = None
+            self._index = HostIndex()
+        else:
+            ids = sorted({r.instance_id for r in c.execute(select(changes.c.instance_id)
+                                                            .where(changes.c.seq > self._seen))})
+            rows = []
+            for i in range(0, len(ids), 500):
+                rows += c.execute(select(instances.c.id, instances.c.fleet, instances.c.num, instances.c.alias,
+                                         instances.c.updated_at)
+                                  .where(instances.c.status == READY, instances.c.id.in_(ids[i:i + 500]))).all()
+            for iid in ids:
+                self._index.remove(iid)
+        cache = self._slot_cache
+        stale = [r.id for r in rows if r.id not in cache or cache[r.id][0] != r.updated_at]
+        for i in range(0, len(stale), 500):
+            self._load_static(c, stale[i:i + 500])
+        busy: dict[int, set[int]] = {}
+        q = select(blocks.c.instance_id, blocks.c.idx).where(blocks.c.run.is_not(None))
+        chunks = [None] if ids is None else [ids[i:i + 500] for i in range(0, len(ids), 500)]
+        for chunk in chunks:
+            for b in c.execute(q if chunk is None else q.where(blocks.c.instance_id.in_(chunk))):
+                busy.setdefault(b.instance_id, set()).add(b.idx)
+        for r in rows:
+            self._index_put(r.id, r.fleet, r.num, r.alias, busy.get(r.id, ()))
+        self._seen = top
+        return self._index
+
+    def _index_put(self, iid: int, fleet: str, num: int, alias: str, taken) -> None:
+        """Put a ready instance in the view, its blocks ``taken`` (indices) busy, the rest free."""
+        _, gpus, shape, variants = self._slot_cache[iid]
+        if variants:
+            self._index.put(HostSlots(iid, fleet, num, alias, gpus,
+                                      [busy if idx in taken else free for idx, free, busy in variants], shape))
+        else:
+            self._index.remove(iid)
+
+    def _load_static(self, c, ids: list[int]) -> None:
+        layout: dict[int, list] = {i: [] for i in ids}
+        for b in c.execute(select(blocks.c.instance_id, blocks.c.idx, blocks.c.gpus, blocks.c.cpus,
+                                  blocks.c.memory_mib, blocks.c.numa_node)
+                           .where(blocks.c.instance_id.in_(ids)).order_by(blocks.c.instance_id, blocks.c.idx)):
+            layout[b.instance_id].append((b.idx, tuple(json.loads(b.gpus)), b.cpus, b.memory_mib, b.numa_node))
+        for r in c.execute(select(instances.c.id, instances.c.updated_at, instances.c.probe)
+                           .where(instances.c.id.in_(ids))):
+            gpus = json.loads(r.probe).get("gpus") or []
+            blist = layout[r.id]
+            shape = (tuple((g.get("vendor"), g.get("model"), g.get("name"), g.get("memory_mib")) for g in gpus),
+                     tuple(blist))
+            variants = [(idx, BlockSlot(idx, g, cp, mem, numa, True), BlockSlot(idx, g, cp, mem, numa, False))
+                        for idx, g, cp, mem, numa in blist]
+            self._slot_cache[r.id] = (r.updated_at, gpus, shape, variants)
+
+    def slots_snapshot(self) -> HostIndex:
+        with self._reads.connect() as c:
+            return self.index(c)
 
     def fleet_config(self, name: str) -> dict | None:
-        with self.engine.connect() as c:
+        with self._reads.connect() as c:
             row = c.execute(select(fleets.c.config).where(fleets.c.name == name)).first()
             return json.loads(row.config) if row else None
 
     def allocate(self, name: str, run_id: str, kind: str, spec: dict, container: str,
-                 choose: Callable[[list[HostSlots]], Placement | list[Placement]]) -> list[Placement]:
+                 choose: Callable[[HostIndex], Placement | list[Placement]]) -> list[Placement]:
         """In one transaction: refuse a duplicate active run, choose blocks with ``choose`` (which
         raises when nothing fits; a list for multi-node runs, rank 0 first), mark them, and record
         the run as `starting`."""
         now = time.time()
+        self.slots_snapshot()  # most of the reading (all of it in a new process) before the write lock
         with self.engine.begin() as c:
-            old = c.execute(select(runs.c.status).where(runs.c.name == name)).first()
+            self._serialize(c)
+            old = c.execute(_RUN_STATUS, {"name": name}).first()
             if old and old.status in ACTIVE:
                 raise GpufleetError(f"a run named {name} is already {old.status}: stop it first "
                                     f"(gpufleet stop {name}) or choose another name")
-            chosen = choose(self.slots(c))
+            chosen = choose(self.index(c))
             placements = chosen if isinstance(chosen, list) else [chosen]
             nodes = []
             for rank, p in enumerate(placements):
                 host = p.host
-                for idx in p.blocks:
-                    done = c.execute(update(blocks).where(blocks.c.instance_id == host.instance_id,
-                                                          blocks.c.idx == idx, blocks.c.run.is_(None))
-                                     .values(run=name))
-                    if done.rowcount != 1:  # cannot happen under the transaction's lock; never give a GPU twice
-                        raise GpufleetError(f"block {idx} of {host.alias} was taken meanwhile; try again")
+                done = c.execute(_TAKE_BLOCKS, {"iid": host.instance_id, "idxs": list(p.blocks), "run_name": name})
+                if done.rowcount != len(p.blocks):  # cannot happen under the lock; never give a GPU twice
+                    raise GpufleetError(f"blocks {list(p.blocks)} of {host.alias} were taken meanwhile; try again")
                 nodes.append({"rank": rank, "alias": host.alias, "instance_id": host.instance_id,
                               "instance_num": host.num, "blocks": list(p.blocks),
                               "gpus": [host.gpus[g] for g in p.gpus]})
+            seen = max(c.execute(insert(changes).returning(changes.c.seq),
+                                 [{"instance_id": p.host.instance_id} for p in placements]).scalars())
             first = placements[0].host
-            c.execute(delete(runs).where(runs.c.name == name))
-            c.execute(insert(runs).values(
+            if old:
+                c.execute(delete(runs).where(runs.c.name == name))
+            c.execute(insert(runs), dict(
                 name=name, run_id=run_id, type=kind, fleet=first.fleet, instance_id=first.instance_id,
                 alias=first.alias, status="starting", message="", exit_code=None,
                 gpus=json.dumps(nodes[0]["gpus"]), blocks=json.dumps(nodes[0]["blocks"]),
                 spec=json.dumps(spec), container=container, nodes=json.dumps(nodes),
                 owner=f"{socket.gethostname()}:{os.getpid()}", created_at=now, updated_at=now))
+        # Committed. Nothing else wrote between this transaction's index() and its commit (it held
+        # the write lock), so the view is brought up to date here instead of re-read next time.
+        for p in placements:
+            taken = {b.idx for b in p.host.blocks if not b.free} | set(p.blocks)
+            self._index_put(p.host.instance_id, p.host.fleet, p.host.num, p.host.alias, taken)
+        self._seen = seen
         return placements
 
     def finish_run(self, name: str, status: str, exit_code: int | None = None, message: str = "") -> None:
         """Record a run's end and free its blocks, in one transaction."""
         with self.engine.begin() as c:
+            self._serialize(c)
             c.execute(update(runs).where(runs.c.name == name).values(
                 status=status, exit_code=exit_code, message=message, updated_at=time.time()))
-            c.execute(update(blocks).where(blocks.c.run == name).values(run=None))
+            held = [r.instance_id for r in c.execute(select(blocks.c.instance_id).distinct()
+                                                     .where(blocks.c.run == name))]
+            if held:
+                c.execute(update(blocks).where(blocks.c.run == name).values(run=None))
+                self._changed(c, held)
 
     def set_run_status(self, name: str, status: str, message: str = "") -> None:
         with self.engine.begin() as c:
@@ -394,7 +504,7 @@ class Store:
                                                                      updated_at=time.time()))
 
     def runs(self, include_finished: bool = False, name: str | None = None) -> list[RunView]:
-        with self.engine.connect() as c:
+        with self._reads.connect() as c:
             q = select(runs, instances.c.num).join(instances, instances.c.id == runs.c.instance_id, isouter=True)
             if name is not None:
                 q = q.where(runs.c.name == name)
@@ -413,14 +523,21 @@ class Store:
         return found[0] if found else None
 
     def busy_aliases(self, fleet: str) -> list[str]:
-        with self.engine.connect() as c:
+        with self._reads.connect() as c:
             return self._busy_aliases(c, fleet)
+
+
+def _sqlite_begin(conn) -> None:
+    conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("gpufleet_read") else "BEGIN IMMEDIATE")
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     dbapi_conn.isolation_level = None  # SQLAlchemy's "begin" hook issues BEGIN IMMEDIATE itself
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
+    # the busy timeout first: switching a new file to WAL (or reading one another process is
+    # switching) takes a lock, and without the timeout "database is locked" comes back at once
     cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit is not fsynced alone, the database stays consistent
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()

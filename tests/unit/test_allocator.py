@@ -71,3 +71,55 @@ def test_fleets_filter():
     h = host(0)
     with pytest.raises(NoCapacity, match="no ready instance in fleets other"):
         place(Request(gpu=GPUSpec.model_validate(1), fleets=("other",)), [h])
+
+
+def _shaped(h: HostSlots, fleet: str) -> HostSlots:
+    shape = (tuple((g["vendor"], g["model"], g["memory_mib"]) for g in h.gpus),
+             tuple((b.idx, b.gpus, b.numa_node) for b in h.blocks))
+    return HostSlots(h.instance_id, fleet, h.num, h.alias, h.gpus, h.blocks, shape)
+
+
+def test_grouped_placement_chooses_exactly_as_host_by_host():
+    """HostIndex looks at one host per (fleet, shape, free blocks): on random states it must pick
+    the same host and blocks as scoring every host on its own (hosts without a shape)."""
+    import random
+
+    from gpufleet.allocator import HostIndex
+
+    rng = random.Random(11)
+    specs = [1, 2, 3, 4, 8, "H100:2", "A100:1", "2..4", "H100:80GB:4"]
+    for _ in range(300):
+        hosts = []
+        for num in range(rng.randint(1, 12)):
+            n, per = rng.choice([(8, 1), (8, 2), (4, 1), (8, 4)])
+            model = rng.choice(["H100", "H100", "A100"])
+            busy = {b for b in range(n // per) if rng.random() < 0.4}
+            hosts.append(host(num, n=n, per=per, busy=busy, model=model))
+        fleets = [rng.choice(["f", "g"]) for _ in hosts]
+        pairs = list(zip(hosts, fleets, strict=True))
+        plain = [HostSlots(h.instance_id, f, h.num, h.alias, h.gpus, h.blocks) for h, f in pairs]
+        index = HostIndex([_shaped(h, f) for h, f in pairs])
+        r = req(rng.choice(specs))
+        try:
+            want = place(r, plain)
+        except NoCapacity as e:
+            with pytest.raises(NoCapacity) as got:
+                place(r, index)
+            assert str(got.value) == str(e)
+            continue
+        got = place(r, index)
+        assert (got.host.instance_id, got.blocks, got.gpus, got.note) == \
+            (want.host.instance_id, want.blocks, want.gpus, want.note)
+
+
+def test_index_follows_put_and_remove():
+    from gpufleet.allocator import HostIndex
+
+    index = HostIndex([_shaped(host(n), "f") for n in range(4)])
+    assert place(req(8), index).host.num == 0  # ties go to the lowest num
+    index.put(_shaped(host(0, busy={0}), "f"))
+    assert place(req(8), index).host.num == 1
+    assert place(req(1), index).host.num == 0  # best fit: the host already in use
+    index.remove(0)
+    index.remove(1)
+    assert len(index) == 2 and place(req(1), index).host.num == 2

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from gpufleet import migrations
-from gpufleet.allocator import Request, place
+from gpufleet.allocator import NoCapacity, Request, place
 from gpufleet.blocks import split
 from gpufleet.errors import GpufleetError
 from gpufleet.runconfig import GPUSpec
@@ -133,6 +133,7 @@ def test_schema_versions(db_url):
     with store.engine.begin() as c:
         c.execute(text("ALTER TABLE runs DROP COLUMN nodes"))
         c.execute(text("ALTER TABLE runs DROP COLUMN owner"))
+        c.execute(text("DROP TABLE changes"))
         c.execute(migrations.version_table.update().values(version=1))
     add = Store(db_url)
     add_host(add, "f", "a")
@@ -154,3 +155,79 @@ def test_bad_database_url_is_a_clear_error(tmp_path):
             Store(database_url())
         finally:
             del os.environ["GPUFLEET_DATABASE_URL"]
+
+
+def _one_gpu(hosts):
+    return place(Request(gpu=GPUSpec.model_validate(1)), hosts)
+
+
+def test_long_lived_stores_see_each_others_changes(db_url):
+    """A Store keeps its view of the blocks between allocations and re-reads only what `changes`
+    says moved: another store's allocations, releases, re-probes and removals must all show."""
+    a, b = Store(db_url), Store(db_url)
+    add_host(a, "f", "x", n=2)
+    add_host(a, "f", "y", n=2)
+    taken = set()
+    for i in range(4):  # alternate stores: each must see the other's allocations
+        store = (a, b)[i % 2]
+        [p] = store.allocate(f"r{i}", f"r{i}", "task", {}, f"c{i}", _one_gpu)
+        taken.add((p.host.alias, p.gpus))
+    assert len(taken) == 4
+    with pytest.raises(NoCapacity):
+        b.allocate("r9", "r9", "task", {}, "c9", _one_gpu)
+    a.finish_run("r1", "done", 0)  # b allocated r1; a frees it; b sees the block free again
+    [p] = b.allocate("r5", "r5", "task", {}, "c5", _one_gpu)
+    assert (p.host.alias, p.gpus) in taken
+    for i in (0, 2, 3, 5):
+        b.finish_run(f"r{i}", "done", 0)
+    # x re-probed with 4 GPUs by a: b's next allocation knows the new layout
+    probe = {"gpus": gpus(4), "cpu": {"count": 16}, "memory_mib": 64000}
+    a.record_instance("f", "x", "x", 22, "ready", "", "4xH100", probe, split(gpus(4), "auto", 16, 64000))
+    [p] = b.allocate("big", "big", "task", {}, "cbig",
+                     lambda hosts: place(Request(gpu=GPUSpec.model_validate(4)), hosts))
+    assert p.host.alias == "x" and p.gpus == (0, 1, 2, 3)
+    b.finish_run("big", "done", 0)
+    a.remove_instance("f", "x")
+    a.record_instance("f", "y", "y", 22, "unreachable", "Connection refused")
+    with pytest.raises(NoCapacity, match="no ready instance"):
+        b.allocate("r6", "r6", "task", {}, "c6", _one_gpu)
+
+
+def test_a_store_behind_the_pruned_changes_reads_everything_again(db_url, monkeypatch):
+    from gpufleet import state
+
+    a, b = Store(db_url), Store(db_url)
+    add_host(a, "f", "x", n=2)
+    b.allocate("r0", "r0", "task", {}, "c0", _one_gpu)  # b's view is now current
+    monkeypatch.setattr(state, "KEEP_CHANGES", 0)
+    a.finish_run("r0", "done", 0)
+    a.allocate("r1", "r1", "task", {}, "c1", _one_gpu)
+    a.allocate("r2", "r2", "task", {}, "c2", _one_gpu)
+    add_host(a, "f", "z", n=2)  # prunes every change but its own
+    with a.engine.connect() as c:
+        assert c.execute(text("SELECT count(*) FROM changes")).scalar() == 1
+    [p] = b.allocate("r3", "r3", "task", {}, "c3", _one_gpu)
+    assert p.host.alias == "z"  # x is full: b did not keep its stale view of x
+
+
+OPEN = """
+import sys, time
+from gpufleet.state import Store
+url, start = sys.argv[1], float(sys.argv[2])
+while time.time() < start:
+    time.sleep(0.001)
+Store(url)
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("attempt", range(2))
+def test_processes_opening_a_new_database_at_once(tmp_path, attempt):
+    """Two `gpufleet apply` run at once on a fresh machine both create the SQLite file, switch it
+    to WAL and migrate it: neither may fail with "database is locked"."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    start = time.time() + 2
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN, url, str(start)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [o[0].strip() for o in outs] == ["OK"] * 8, [o[1][-300:] for o in outs if o[1]]
