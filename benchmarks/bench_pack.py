@@ -1,0 +1,113 @@
+"""Packing quality: a seeded stream of 1/2/4/8-GPU jobs with random lengths on simulated 8-GPU hosts.
+A job that fits nowhere when it arrives is refused (no queue). Policies: gpufleet's allocator
+(allocator.place, best fit), first fit (first host with room, lowest free GPUs) and random choice
+(dstack picks free GPUs in random order: a random host with room, random free GPUs on it)."""
+
+from __future__ import annotations
+
+import heapq
+import random
+
+from gpufleet.allocator import BlockSlot, HostSlots, NoCapacity, Request, place
+from gpufleet.runconfig import GPUSpec
+
+SIZES = (1, 2, 4, 8)
+GPUS = 8
+
+
+def make_stream(seed: int, jobs: int, hosts: int, load: float = 0.95) -> list[tuple[float, int, float]]:
+    """(arrival, gpus, length) jobs; mean offered load ``load`` of the fleet's GPUs."""
+    rng = random.Random(seed)
+    mean_len = 10.0
+    mean_gpus = sum(SIZES) / len(SIZES)
+    rate = load * hosts * GPUS / (mean_gpus * mean_len)
+    t, out = 0.0, []
+    for _ in range(jobs):
+        t += rng.expovariate(rate)
+        out.append((t, rng.choice(SIZES), rng.expovariate(1 / mean_len)))
+    return out
+
+
+def host_gpus(h: int) -> list[dict]:
+    return [{"index": i, "vendor": "nvidia", "name": "NVIDIA H100 80GB HBM3", "model": "H100", "memory_mib": 81559,
+             "uuid": f"GPU-{h}-{i}", "numa_node": i // 4} for i in range(GPUS)]
+
+
+def simulate(stream, hosts: int, policy: str, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    free = [[True] * GPUS for _ in range(hosts)]
+    gpus = [host_gpus(h) for h in range(hosts)]
+    shape = ("H100x8", tuple(range(GPUS)))
+    ends: list[tuple[float, int, tuple[int, ...]]] = []
+    used = refused = 0.0
+    refused_by_size = {s: 0 for s in SIZES}
+    cross_numa = 0
+    requests = {s: Request(gpu=GPUSpec.model_validate(s)) for s in SIZES}
+    for arrival, size, length in stream:
+        while ends and ends[0][0] <= arrival:
+            _, h, taken = heapq.heappop(ends)
+            for g in taken:
+                free[h][g] = True
+        choice = None
+        if policy == "gpufleet":
+            slots = [HostSlots(h, "sim", h, f"node-{h}", gpus[h],
+                               [BlockSlot(i, (i,), 8, 1024, i // 4, free[h][i]) for i in range(GPUS)], shape)
+                     for h in range(hosts)]
+            try:
+                p = place(requests[size], slots)
+                choice = (p.host.num, p.gpus)
+            except NoCapacity:
+                pass
+        else:
+            fits = [h for h in range(hosts) if sum(free[h]) >= size]
+            if fits:
+                if policy == "first-fit":
+                    h = fits[0]
+                    choice = (h, tuple([i for i in range(GPUS) if free[h][i]][:size]))
+                else:
+                    h = rng.choice(fits)
+                    choice = (h, tuple(sorted(rng.sample([i for i in range(GPUS) if free[h][i]], size))))
+        if choice is None:
+            refused += 1
+            refused_by_size[size] += 1
+            continue
+        h, taken = choice
+        for g in taken:
+            free[h][g] = False
+        cross_numa += len({g // 4 for g in taken}) > 1
+        used += size * length
+        heapq.heappush(ends, (arrival + length, h, taken))
+    return {"policy": policy, "gpu_hours": used, "refused": int(refused), "refused_by_size": refused_by_size,
+            "cross_numa": cross_numa, "jobs": len(stream)}
+
+
+def upper_bound(stream, hosts: int) -> float:
+    """GPU-hours no policy can beat: at every moment at most min(capacity, GPUs of all jobs that
+    would be running had every job been accepted) are in use."""
+    events = []
+    for arrival, size, length in stream:
+        events.append((arrival, size))
+        events.append((arrival + length, -size))
+    events.sort()
+    cap = hosts * GPUS
+    total, demand, last = 0.0, 0, events[0][0]
+    for t, delta in events:
+        total += min(cap, demand) * (t - last)
+        demand += delta
+        last = t
+    return total
+
+
+def bench(hosts: int = 64, jobs: int = 4000, seeds: tuple[int, ...] = (1, 2, 3), load: float = 0.95,
+          log=print) -> list[dict]:
+    out = []
+    for seed in seeds:
+        stream = make_stream(seed, jobs, hosts, load)
+        bound = upper_bound(stream, hosts)
+        for policy in ("gpufleet", "first-fit", "random"):
+            r = simulate(stream, hosts, policy, seed)
+            r.update(seed=seed, bound=bound, share=r["gpu_hours"] / bound)
+            log(f"  packing seed {seed} {policy:9}: {100 * r['share']:.2f}% of the bound's GPU-hours, "
+                f"{r['refused']} refused {r['refused_by_size']}, {r['cross_numa']} jobs across NUMA nodes")
+            out.append(r)
+    return out

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Run the gpufleet benchmark suite and write its results table into benchmarks/README.md.
+
+    sudo .venv/bin/python benchmarks/run.py            # everything (needs root for the lab)
+    .venv/bin/python benchmarks/run.py --quick         # small sizes, one repetition, no README update
+    .venv/bin/python benchmarks/run.py --only alloc,pack
+
+PostgreSQL for the allocator benchmark: GPUFLEET_BENCH_DATABASE_URL (a database of its own: its
+gpufleet tables are dropped and re-created), else the PostgreSQL row is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import bench_alloc, bench_lab, bench_pack  # noqa: E402
+from benchmarks.common import fmt, median  # noqa: E402
+
+README = Path(__file__).resolve().parent / "README.md"
+RESULTS = Path(__file__).resolve().parent / "results.json"  # the last full run's numbers, per section
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def check(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="N=4 only, one repetition, 1,000 hosts; README untouched")
+    ap.add_argument("--only", default="apply,ps,alloc,pack", help="comma-separated: apply,ps,alloc,pack")
+    ap.add_argument("--sizes", default=None, help="apply: fleet sizes (default 4,16,64)")
+    ap.add_argument("--reps", type=int, default=None, help="apply: repetitions (default 3)")
+    ap.add_argument("--ansible-max", type=int, default=16,
+                    help="apply: largest N plain Ansible runs at (default 16; 64 takes minutes per run)")
+    ap.add_argument("--no-readme", action="store_true")
+    ap.add_argument("--json", default=None, help="also write raw results here")
+    ap.add_argument("--keep", action="store_true",
+                    help="with --only: render the sections not run from benchmarks/results.json (an earlier full run)")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    sizes = [int(x) for x in (args.sizes or ("4" if args.quick else "4,16,64")).split(",")]
+    reps = args.reps or (1 if args.quick else 3)
+    t_start = time.time()
+    results: dict = {}
+    if "apply" in only:
+        print("== fleet apply")
+        results["apply"] = bench_lab.bench_apply(sizes, reps, args.ansible_max)
+    if "ps" in only:
+        print("== gpufleet ps")
+        results["ps"] = bench_lab.bench_ps(4 if args.quick else 16, 3 if args.quick else 5)
+    if "alloc" in only:
+        print("== allocator")
+        results["alloc"] = bench_alloc.bench(hosts=1000 if args.quick else 10_000,
+                                             per_client=50 if args.quick else 100,
+                                             pg_url=bench_alloc.pg_bench_url())
+    if "pack" in only:
+        print("== packing")
+        results["pack"] = bench_pack.bench(jobs=1000 if args.quick else 4000,
+                                           seeds=(1,) if args.quick else (1, 2, 3))
+    took = time.time() - t_start
+    if not args.quick:
+        saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        saved.update(json.loads(json.dumps(results, default=str)))
+        RESULTS.write_text(json.dumps(saved, indent=1))
+        if args.keep:
+            results = {**{k: v for k, v in saved.items() if k not in results}, **results}
+    results = json.loads(json.dumps(results, default=str))
+    if "apply" in results:
+        results["apply"] = {int(n): r for n, r in results["apply"].items()}
+    for r in results.get("pack", []):
+        r["refused_by_size"] = {int(k): v for k, v in r["refused_by_size"].items()}
+    text = render(results, args, took)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    if not args.quick and not args.no_readme and README.exists():
+        doc = README.read_text()
+        if BEGIN in doc and END in doc:
+            head, rest = doc.split(BEGIN, 1)
+            _, tail = rest.split(END, 1)
+            README.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+            print(f"results written into {README}")
+    return 0
+
+
+def render(results: dict, args, took: float) -> str:
+    cmd = "sudo .venv/bin/python benchmarks/run.py" + (" --quick" if args.quick else "")
+    out = [f"Run `{cmd}` on {time.strftime('%Y-%m-%d %H:%M')} UTC, {os.cpu_count()} CPUs, "
+           f"Python {platform.python_version()}, {took / 60:.1f} min in all.", ""]
+    targets = []
+    if "apply" in results:
+        res = results["apply"]
+        out += ["### Fleet apply (probe every node behind one login node)", "",
+                "Lab creation: " + ", ".join(f"N={n} {r['lab_s']:.1f}s" for n, r in res.items()), ""]
+        out += bench_lab.summarize_apply(res)
+        g = {n: median(r["cold"]["gpufleet"]["wall"]) for n, r in res.items()}
+        out += ["", "Growth with N (gpufleet cold, raw cold): " + ", ".join(
+            f"N={n}: {fmt(g[n])}s / {fmt(median(r['cold']['raw']['wall']))}s" for n, r in res.items()), ""]
+        if 16 in res:
+            r16 = res[16]["cold"]
+            ratio = median(r16["gpufleet"]["wall"]) / median(r16["raw"]["wall"])
+            dropped = sum(r16["gpufleet"]["drops"]) + sum(r16["gpufleet"]["failed"])
+            targets.append(("Cold apply of 16 nodes at most 2.5x the raw floor", f"{ratio:.2f}x", ratio <= 2.5))
+            targets.append(("Zero connections dropped at 16 nodes (gpufleet)",
+                            f"{dropped} (naive parallel ssh: {sum(r16['naive']['failed'])} failed hosts, "
+                            f"{sum(r16['naive']['drops'])} drops logged)", dropped == 0))
+            if "ansible" in r16:
+                for mode in ("cold", "warm"):
+                    a = median(res[16][mode]["ansible"]["wall"]) / median(res[16][mode]["gpufleet"]["wall"])
+                    targets.append((f"At least 3x faster than plain Ansible at 16 nodes ({mode})", f"{a:.2f}x", a >= 3))
+        if 16 in res and 64 in res:
+            growth = g[64] / g[16]
+            targets.append(("Apply of 64 nodes at most 2.5x the time of 16", f"{growth:.2f}x", growth <= 2.5))
+        if 64 in res:
+            mem = max(max(r["mem"]) for r in (res[64]["cold"]["gpufleet"], res[64]["warm"]["gpufleet"]))
+            targets.append(("Controller peak memory for 64 nodes under 500 MB", f"{mem:.0f} MiB", mem * 1.048576 < 500))
+    if "ps" in results:
+        p = results["ps"]
+        m = median(p["wall"])
+        out += ["### `gpufleet ps`, warm, one running job on each node", "",
+                "| nodes | runs started | median wall s | min | max | controller CPU s (median) |",
+                "|---|---|---|---|---|---|",
+                f"| {p['nodes']} | {p['started']} | {fmt(m)} | {fmt(min(p['wall']))} | {fmt(max(p['wall']))} | "
+                f"{fmt(median(p['cpu']))} |", ""]
+        targets.append((f"Warm `gpufleet ps` over {p['nodes']} nodes at most 1.5 s median", f"{m:.2f} s", m <= 1.5))
+    if "alloc" in results:
+        out += ["### Allocator (state.Store.allocate + allocator.place_gang, 8-GPU hosts, 1-GPU blocks)", "",
+                "| backend | hosts | clients | allocations | allocs/s | p50 ms | p99 ms "
+                "| first allocation of a fresh process, ms | lock timeouts |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in results["alloc"]:
+            out.append(f"| {r['backend']} | {r['hosts']} | {r['clients']} | {r['allocs']} | {fmt(r['per_s'], 1)} | "
+                       f"{fmt(r['p50_ms'], 1)} | {fmt(r['p99_ms'], 1)} | {fmt(r['first_ms'], 0)} | "
+                       f"{r.get('lock_errors', 0)} |")
+            if r["backend"] == "SQLite" and r["clients"] == 1:
+                targets.append((f"Allocator: at least 1,000 allocs/s on SQLite, one client ({r['hosts']} hosts)",
+                                f"{r['per_s']:.1f}/s", r["per_s"] >= 1000))
+            if r["clients"] == 1:
+                targets.append((f"Allocator p99 under 20 ms at {r['hosts']} hosts ({r['backend']})",
+                                f"{r['p99_ms']:.1f} ms", r["p99_ms"] < 20))
+        out.append("")
+    if "pack" in results:
+        out += ["### Packing (64 hosts x 8 GPUs, jobs of 1/2/4/8 GPUs, offered load 95%, refused when nothing fits)",
+                "",
+                "| seed | policy | GPU-hours / upper bound | refused jobs | refused 8-GPU jobs "
+                "| jobs across NUMA nodes |",
+                "|---|---|---|---|---|---|"]
+        by_seed: dict = {}
+        for r in results["pack"]:
+            by_seed.setdefault(r["seed"], {})[r["policy"]] = r
+            out.append(f"| {r['seed']} | {r['policy']} | {100 * r['share']:.2f}% | {r['refused']} | "
+                       f"{r['refused_by_size'][8]} | {r['cross_numa']} |")
+        out.append("")
+        share = min(s["gpufleet"]["share"] for s in by_seed.values())
+        fewer = all(s["gpufleet"]["refused"] < min(s["first-fit"]["refused"], s["random"]["refused"])
+                    for s in by_seed.values())
+        targets.append(("Packing: at least 98% of the upper bound's GPU-hours", f"{100 * share:.2f}% (worst seed)",
+                        share >= 0.98))
+        targets.append(("Packing: fewer refused jobs than first fit and random, every seed",
+                        "; ".join(f"seed {k}: {v['gpufleet']['refused']} vs {v['first-fit']['refused']} / "
+                                  f"{v['random']['refused']}" for k, v in by_seed.items()), fewer))
+    if targets:
+        out += ["### Targets", "", "| target | measured | |", "|---|---|---|"]
+        out += [f"| {t} | {m} | {check(ok)} |" for t, m, ok in targets]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
