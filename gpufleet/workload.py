@@ -1,16 +1,24 @@
 """Workloads on blocks: submit a run (allocate, start its container), refresh, stop, logs, attach.
 
 The container itself is started and stopped by playbooks/start.yml and stop.yml (role `workload`);
-this module decides what to start where, and keeps the accounting in the state store.
+this module decides what to start where, and keeps the accounting in the state store. What became
+of the containers (`ps`), their logs and `attach` are asked over the fleet's ssh_config and its
+open masters, without a playbook run: `ps` is run many times a day and a playbook round costs
+seconds (benchmarks/README.md). playbooks/status.yml asks the same for Ansible pipelines.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
 import os
 import shlex
 import subprocess
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -260,10 +268,12 @@ def target_aliases_of(cfg) -> list[str]:
 def fleet_config_env(store: Store, fleet: str) -> tuple[dict[str, str], dict[str, str]]:
     """The fleet's env for its workloads: (values, secrets); secret values come from this process's
     environment, as a run's do."""
-    from gpufleet.config import FleetConfig, split_env
+    from gpufleet.config import split_env
 
+    # the config as validated when the fleet was applied; not validated again (its identity files,
+    # say, may be gone since, which concerns the next apply of the fleet, not this run's env)
     cfg = store.fleet_config(fleet)
-    values, names = split_env(FleetConfig.model_validate(cfg).env if cfg else None)
+    values, names = split_env((cfg or {}).get("env"))
     missing = [n for n in names if n not in os.environ]
     if missing:
         raise UsageError(f"fleet {fleet}: env {', '.join(missing)} is secret (given without a value) but not set "
@@ -326,17 +336,17 @@ def refresh(store: Store, names: list[str] | None = None, sweep: bool = False,
             hosts = sorted(set(hosts) | {i.alias for i in (view.instances if view else []) if i.status == "ready"})
         if not hosts:
             continue
-        result = run_playbook("status", inventory, limit=hosts)
+        answers = list_containers(store, fleet, hosts)
         owned: set[tuple[str, str, str]] = set()
         for r in fleet_runs:
             states = []
             unknown = ""
             for alias in _aliases(r):
-                o = result.hosts.get(alias)
-                if o is None or o.status in ("failed", "unreachable"):
-                    unknown = f"cannot check {alias}: {o.message if o else 'no result'}"
+                a = answers.get(alias)
+                if a is None or a.containers is None:
+                    unknown = f"cannot check {alias}: {a.message if a else 'no result'}"
                     continue
-                found = next((c for c in _containers(o) if c.get("name") == r.container
+                found = next((c for c in a.containers if c.get("name") == r.container
                               and c.get("run_id") == r.run_id), None)
                 states.append((alias, found))
                 owned.add((alias, r.container, r.run_id))
@@ -344,21 +354,87 @@ def refresh(store: Store, names: list[str] | None = None, sweep: bool = False,
                 continue  # its gpufleet is still starting it
             _settle(store, r, states, unknown)
         if sweep:
-            _stop_orphans(store, fleet, result, owned, notes if notes is not None else [])
+            _stop_orphans(store, fleet, answers, owned, notes if notes is not None else [])
     return store.runs(include_finished=True, name=names[0]) if names and len(names) == 1 else store.runs()
 
 
-def _containers(o) -> list[dict]:
-    info = next((res for action, res in o.results.items() if action.endswith("gpufleet_container_info")), {})
-    return info.get("containers", [])
+@dataclass
+class HostContainers:
+    containers: list[dict] | None  # None: the host could not be asked (``message`` says why)
+    message: str = ""
 
 
-def _stop_orphans(store: Store, fleet: str, result, owned: set[tuple[str, str, str]], notes: list[str]) -> None:
+LIST_TIMEOUT = 60  # seconds for one host's answer (connect timeouts are 10 s a hop)
+# Only the fields gpufleet_inspect reads cross the wire, never Config.Env (a run's secrets stay on
+# its host). The same Go template works for podman and docker; one JSON object a line.
+INSPECT_FORMAT = ('{"Name":{{json .Name}},"Id":{{json .ID}},"State":{{json .State}},'
+                  '"Config":{"Labels":{{json .Config.Labels}},"Image":{{json .Config.Image}}}}')
+
+
+@functools.cache
+def _inspect_parser():
+    """container_from_inspect from the workload role's module_utils: the one copy of that parsing,
+    which the gpufleet_container modules run on the hosts."""
+    path = paths.content_root() / "roles" / "workload" / "module_utils" / "gpufleet_inspect.py"
+    spec = importlib.util.spec_from_file_location("gpufleet_inspect", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _list_script(runtime: list[str]) -> str:
+    rt = shlex.join(runtime)
+    label = shlex.quote("label=" + _inspect_parser().RUN_ID_LABEL)
+    return (f"ids=$({rt} ps --all --quiet --no-trunc --filter {label}) || exit 3; "
+            f"[ -z \"$ids\" ] || {rt} container inspect --format {shlex.quote(INSPECT_FORMAT)} $ids")
+
+
+def _ask_host(ssh_config: Path, alias: str, runtime: list[str]) -> HostContainers:
+    cmd = ["ssh", "-F", str(ssh_config), alias, "--", _list_script(runtime)]
+    for _ in range(3):
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=LIST_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return HostContainers(None, f"no answer within {LIST_TIMEOUT}s")
+        if p.returncode == 0:
+            parse = _inspect_parser().container_from_inspect
+            try:
+                found = [parse(json.loads(line)) for line in p.stdout.splitlines() if line.strip()]
+            except ValueError:
+                return HostContainers(None, f"cannot read what {runtime[-1]} container inspect printed")
+            return HostContainers(sorted((c for c in found if c["run_id"] is not None), key=lambda c: c["name"]))
+        if p.returncode != 255 and "no such" in p.stderr.lower():
+            continue  # a container went away between ps and inspect: ask again
+        break
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    reason = lines[-1].strip() if lines else f"exit code {p.returncode}"
+    if p.returncode == 3:
+        reason = f"{runtime[-1]} ps failed: {reason}"
+    return HostContainers(None, reason)
+
+
+def list_containers(store: Store, fleet: str, aliases: list[str]) -> dict[str, HostContainers]:
+    """Every gpufleet container on each of ``aliases`` (name, id, state, exit_code, run_id, ...,
+    as gpufleet_container_info returns them), all hosts asked at once."""
+    _, ssh_config = fleet_paths(fleet)
+    runtimes = _host_runtime_vars(store, fleet)
+
+    def ask(alias: str) -> HostContainers:
+        return _ask_host(ssh_config, alias, _runtime_cmd(runtimes.get(alias)))
+
+    if not aliases:
+        return {}
+    with ThreadPoolExecutor(min(len(aliases), 32)) as pool:
+        return dict(zip(aliases, pool.map(ask, aliases), strict=True))
+
+
+def _stop_orphans(store: Store, fleet: str, answers: dict[str, HostContainers], owned: set[tuple[str, str, str]],
+                  notes: list[str]) -> None:
     active_ids = {r.run_id for r in store.runs()}
-    for alias, o in result.hosts.items():
-        if o.status in ("failed", "unreachable"):
+    for alias, a in answers.items():
+        if a.containers is None:
             continue
-        for c in _containers(o):
+        for c in a.containers:
             if (alias, c.get("name"), c.get("run_id")) in owned or c.get("run_id") in active_ids:
                 continue
             if c.get("state") not in ("exited", "stopped", "dead", "created"):
@@ -432,9 +508,14 @@ def _ssh(run: RunView, remote: list[str] | None, tty: bool = False, extra: list[
     return cmd + ["--", shlex.join(remote)] if remote else cmd
 
 
-def _runtime_argv(store: Store, run: RunView, alias: str | None = None) -> list[str]:
-    rt = _host_runtime_vars(store, run.fleet).get(alias or run.alias, {"runtime": "podman", "become": True})
+def _runtime_cmd(rt: dict | None) -> list[str]:
+    """The container runtime as the probe found it on a host (podman through sudo if unknown)."""
+    rt = rt or {"runtime": "podman", "become": True}
     return (["sudo", "-n"] if rt["become"] else []) + [rt["runtime"]]
+
+
+def _runtime_argv(store: Store, run: RunView, alias: str | None = None) -> list[str]:
+    return _runtime_cmd(_host_runtime_vars(store, run.fleet).get(alias or run.alias))
 
 
 def get_run(store: Store, name: str) -> RunView:

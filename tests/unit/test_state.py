@@ -231,3 +231,16 @@ def test_processes_opening_a_new_database_at_once(tmp_path, attempt):
                               stderr=subprocess.PIPE, text=True) for _ in range(8)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [o[0].strip() for o in outs] == ["OK"] * 8, [o[1][-300:] for o in outs if o[1]]
+
+
+def test_a_fleets_env_is_read_from_state_even_when_its_key_files_are_gone(tmp_path, monkeypatch):
+    """A run reads its fleet's env from the config stored at apply time; files that config named
+    (identity files) may be gone since: that is for the fleet's next apply, not a traceback now."""
+    from gpufleet.workload import fleet_config_env
+
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    store.save_fleet("f", "f.yml", {"type": "fleet", "name": "f", "env": ["A=1", "TOKEN"],
+                                    "ssh_config": {"identity_file": str(tmp_path / "gone"), "hosts": ["h"]}})
+    monkeypatch.setenv("TOKEN", "s3cret")
+    assert fleet_config_env(store, "f") == ({"A": "1"}, {"TOKEN": "s3cret"})
+    assert "TOKEN" not in os.environ  # read once, then gone from this process's environment
