@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What the cap on forks buys: cold `gpufleet apply` of N nodes with probe.MAX_FORKS set to each
+"""What the cap on forks buys: cold `gpufleet apply` of N nodes with runner.MAX_FORKS set to each
 value, alternating. `sudo .venv/bin/python benchmarks/forks.py --nodes 64 --forks 64,32,16 --reps 2`"""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main() -> int:
         for _ in range(args.reps):
             for f in forks:
                 c.cold()
-                code = (f"import sys, gpufleet.probe as p; p.MAX_FORKS = {f}; from gpufleet.cli import main; "
+                code = (f"import sys, gpufleet.runner as p; p.MAX_FORKS = {f}; from gpufleet.cli import main; "
                         f"sys.exit(main(['apply', '-f', {str(c.fleet)!r}, '-y']))")
                 m = measure([sys.executable, "-c", code], env=c.env)
                 res[f].append(m)

@@ -214,8 +214,7 @@ def place(req: Request, hosts: HostIndex | list[HostSlots]) -> Placement:
     index = _as_index(hosts)
     # One host per group of the index stands for all hosts that would score the same. A score
     # starts with (penalty, free blocks left): cheap to compute. Candidates are visited in that order
-    # and the block choice (the costly part) is made only while it can still win; the same shape
-    # and free blocks in another fleet get the same choice, worked out once.
+    # and the block choice (the costly part) is made only while it can still win.
     candidates = []
     by_shape: dict = {}
     for host in index.leaders():
@@ -234,24 +233,19 @@ def place(req: Request, hosts: HostIndex | list[HostSlots]) -> Placement:
         positions, need, gpu_hosts_penalty = known
         if need is None:
             continue
-        blks = host.blocks
-        free = sum(b.free for b in blks)
+        free = host.free_count
         if free < need:
             continue
-        if positions is not None and sum(blks[i].free for i in positions) < need:
+        if positions is not None and sum(host.blocks[i].free for i in positions) < need:
             continue
         candidates.append(((gpu_hosts_penalty, free - need), len(candidates), host, positions, need))
     candidates.sort(key=lambda c: (c[0], c[1]))
     best = None
-    choices: dict = {}
     for head, _, host, positions, need in candidates:
         if best is not None and head > best[0][:2]:
             break
         usable = host.blocks if positions is None else [host.blocks[i] for i in positions]
-        pattern = (tuple((b.idx, b.numa_node, b.free) for b in usable), tuple(b.idx for b in host.blocks), need)
-        if pattern not in choices:
-            choices[pattern] = _choose_blocks(host, usable, need)
-        chosen = choices[pattern]
+        chosen = _choose_blocks(host, usable, need)
         if chosen is None:
             continue
         combo, score = chosen

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
 from collections.abc import Callable
@@ -13,9 +12,6 @@ from gpufleet.inventory import GeneratedFiles, PlannedTarget, SshEntry
 from gpufleet.runner import HostOutcome, run_playbook
 
 JUMP_TIMEOUT = 40  # seconds for one hop's master connection (ConnectTimeout is 10 per attempt)
-# Forks beyond what the controller's CPUs can drive buy no speed, only memory (an ansible-playbook
-# worker is ~15 MiB): on 2 CPUs, 64 nodes took 23.6 s with 64 forks (1.17 GB) and 24.1 s with 16 (377 MiB).
-MAX_FORKS = min(64, max(16, 8 * (os.cpu_count() or 1)))
 MAX_DIAGNOSES = 8  # failed hosts re-checked one by one for the login node's reason
 
 
@@ -73,8 +69,7 @@ def probe_fleet(files: GeneratedFiles, aliases: list[str],
         if on_update:
             on_update(o.host, o.status, o.message)
 
-    result = run_playbook("probe", files.inventory, limit=reachable,
-                          forks=min(max(len(reachable), 5), MAX_FORKS), on_update=update)
+    result = run_playbook("probe", files.inventory, limit=reachable, on_update=update)  # a fork per host
     if result.canceled:
         raise KeyboardInterrupt
     by_target = {t.alias: t for t in plan.targets}

@@ -388,20 +388,18 @@ class Store:
             ids = sorted({r.instance_id for r in c.execute(select(changes.c.instance_id)
                                                             .where(changes.c.seq > self._seen))})
             rows = []
-            for i in range(0, len(ids), 500):
+            for chunk in _chunks(ids):
                 rows += c.execute(select(instances.c.id, instances.c.fleet, instances.c.num, instances.c.alias,
                                          instances.c.updated_at)
-                                  .where(instances.c.status == READY, instances.c.id.in_(ids[i:i + 500]))).all()
+                                  .where(instances.c.status == READY, instances.c.id.in_(chunk))).all()
             for iid in ids:
                 self._index.remove(iid)
         cache = self._slot_cache
-        stale = [r.id for r in rows if r.id not in cache or cache[r.id][0] != r.updated_at]
-        for i in range(0, len(stale), 500):
-            self._load_static(c, stale[i:i + 500])
+        for chunk in _chunks([r.id for r in rows if r.id not in cache or cache[r.id][0] != r.updated_at]):
+            self._load_static(c, chunk)
         busy: dict[int, set[int]] = {}
         q = select(blocks.c.instance_id, blocks.c.idx).where(blocks.c.run.is_not(None))
-        chunks = [None] if ids is None else [ids[i:i + 500] for i in range(0, len(ids), 500)]
-        for chunk in chunks:
+        for chunk in [None] if ids is None else _chunks(ids):
             for b in c.execute(q if chunk is None else q.where(blocks.c.instance_id.in_(chunk))):
                 busy.setdefault(b.instance_id, set()).add(b.idx)
         for r in rows:
@@ -525,6 +523,12 @@ class Store:
     def busy_aliases(self, fleet: str) -> list[str]:
         with self._reads.connect() as c:
             return self._busy_aliases(c, fleet)
+
+
+def _chunks(ids: list[int], size: int = 500):
+    """``ids`` in slices short enough for an IN (...) list."""
+    for i in range(0, len(ids), size):
+        yield ids[i:i + size]
 
 
 def _sqlite_begin(conn) -> None:

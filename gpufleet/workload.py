@@ -327,7 +327,7 @@ def refresh(store: Store, names: list[str] | None = None, sweep: bool = False,
             by_fleet.setdefault(f.name, [])
     for fleet, fleet_runs in by_fleet.items():
         try:
-            inventory, _ = fleet_paths(fleet)
+            _, ssh_config = fleet_paths(fleet)
         except GpufleetError:
             continue
         hosts = sorted({a for r in fleet_runs for a in _aliases(r)})
@@ -336,7 +336,7 @@ def refresh(store: Store, names: list[str] | None = None, sweep: bool = False,
             hosts = sorted(set(hosts) | {i.alias for i in (view.instances if view else []) if i.status == "ready"})
         if not hosts:
             continue
-        answers = list_containers(store, fleet, hosts)
+        answers = list_containers(store, fleet, ssh_config, hosts)
         owned: set[tuple[str, str, str]] = set()
         for r in fleet_runs:
             states = []
@@ -413,10 +413,9 @@ def _ask_host(ssh_config: Path, alias: str, runtime: list[str]) -> HostContainer
     return HostContainers(None, reason)
 
 
-def list_containers(store: Store, fleet: str, aliases: list[str]) -> dict[str, HostContainers]:
+def list_containers(store: Store, fleet: str, ssh_config: Path, aliases: list[str]) -> dict[str, HostContainers]:
     """Every gpufleet container on each of ``aliases`` (name, id, state, exit_code, run_id, ...,
-    as gpufleet_container_info returns them), all hosts asked at once."""
-    _, ssh_config = fleet_paths(fleet)
+    as gpufleet_container_info returns them), all hosts asked at once over ``ssh_config``."""
     runtimes = _host_runtime_vars(store, fleet)
 
     def ask(alias: str) -> HostContainers:
