@@ -10,6 +10,7 @@ import json
 import os
 import re
 import socket
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -535,13 +536,34 @@ def _sqlite_begin(conn) -> None:
     conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("gpufleet_read") else "BEGIN IMMEDIATE")
 
 
+SQLITE_BUSY_MS = 10000
+
+
+def _sqlite_wal(cur) -> None:
+    """Switch the file to WAL. On a new file two processes may switch at once: SQLite answers the
+    loser "database is locked" at once, without waiting for the busy timeout (it holds a read
+    lock and wants to upgrade it, which it refuses to wait for), so the switch is retried here
+    until the busy timeout has passed."""
+    deadline = time.monotonic() + SQLITE_BUSY_MS / 1000
+    pause = 0.005
+    while True:
+        try:
+            mode = cur.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+        else:
+            if mode.lower() == "wal" or time.monotonic() > deadline:
+                return
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     dbapi_conn.isolation_level = None  # SQLAlchemy's "begin" hook issues BEGIN IMMEDIATE itself
     cur = dbapi_conn.cursor()
-    # the busy timeout first: switching a new file to WAL (or reading one another process is
-    # switching) takes a lock, and without the timeout "database is locked" comes back at once
-    cur.execute("PRAGMA busy_timeout=10000")
-    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+    _sqlite_wal(cur)
     cur.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit is not fsynced alone, the database stays consistent
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
