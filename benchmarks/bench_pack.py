@@ -1,12 +1,25 @@
 """Packing quality: a seeded stream of 1/2/4/8-GPU jobs with random lengths on simulated 8-GPU hosts.
 A job that fits nowhere when it arrives is refused (no queue). Policies: gpufleet's allocator
 (allocator.place, best fit), first fit (first host with room, lowest free GPUs) and random choice
-(dstack picks free GPUs in random order: a random host with room, random free GPUs on it)."""
+(dstack picks free GPUs in random order: a random host with room, random free GPUs on it).
+
+Two upper bounds that no policy can beat, and one reference that is not a bound:
+- fluid: at every moment min(capacity, GPUs of every job that would be running had all been accepted);
+- lp: the best GPU-hours of any choice of jobs to accept, knowing the whole stream in advance, with
+  jobs free to move between hosts and to be accepted in part (the linear relaxation, solved exactly
+  as a min-cost flow); it is at most the fluid bound;
+- repack: accept on arrival whenever the fleet has enough free GPUs in total, as if running jobs
+  could be moved to make room at no cost. What is left between a placing policy and this is the
+  cost of fragmentation; what is left between this and the bounds is the cost of deciding on
+  arrival without knowing the future.
+"""
 
 from __future__ import annotations
 
 import heapq
 import random
+
+import networkx as nx
 
 from gpufleet.allocator import BlockSlot, HostSlots, NoCapacity, Request, place
 from gpufleet.runconfig import GPUSpec
@@ -49,7 +62,16 @@ def simulate(stream, hosts: int, policy: str, seed: int = 0) -> dict:
             for g in taken:
                 free[h][g] = True
         choice = None
-        if policy == "gpufleet":
+        if policy == "repack":
+            if sum(map(sum, free)) >= size:  # move running jobs until one host has room: free here
+                taken = [(h, g) for h in range(hosts) for g in range(GPUS) if free[h][g]][:size]
+                for h, g in taken:
+                    free[h][g] = False
+                used += size * length
+                for h, g in taken:
+                    heapq.heappush(ends, (arrival + length, h, (g,)))
+                continue
+        elif policy == "gpufleet":
             slots = [HostSlots(h, "sim", h, f"node-{h}", gpus[h],
                                [BlockSlot(i, (i,), 8, 1024, i // 4, free[h][i]) for i in range(GPUS)], shape)
                      for h in range(hosts)]
@@ -98,16 +120,40 @@ def upper_bound(stream, hosts: int) -> float:
     return total
 
 
-def bench(hosts: int = 64, jobs: int = 4000, seeds: tuple[int, ...] = (1, 2, 3), load: float = 0.95,
+def lp_bound(stream, hosts: int) -> float:
+    """The most GPU-hours of any (fractional) choice of jobs to accept, knowing the stream in advance,
+    with GPUs pooled over the fleet: maximise sum(x_j * gpus_j * length_j) with 0 <= x_j <= 1 and at
+    every moment sum(x_j * gpus_j) over running jobs <= capacity. Solved as a min-cost flow: capacity
+    units of flow go along the time line; a unit that rides a job's arc from its start to its end
+    (at most gpus_j of them) earns the job's length. Lengths are scaled to integers (micro-units)."""
+    cap = hosts * GPUS
+    times = sorted({t for arrival, _, length in stream for t in (arrival, arrival + length)})
+    at = {t: i for i, t in enumerate(times)}
+    g = nx.MultiDiGraph()
+    g.add_nodes_from(range(len(times)))
+    g.nodes[0]["demand"], g.nodes[len(times) - 1]["demand"] = -cap, cap
+    g.add_edges_from((i, i + 1, {"capacity": cap, "weight": 0}) for i in range(len(times) - 1))
+    g.add_edges_from((at[arrival], at[arrival + length], {"capacity": size, "weight": -round(length * 1e6)})
+                     for arrival, size, length in stream)
+    cost, _ = nx.network_simplex(g)
+    return -cost / 1e6
+
+
+POLICIES = ("gpufleet", "first-fit", "random", "repack")
+
+
+def bench(hosts: int = 64, jobs: int = 4000, seeds: tuple[int, ...] = tuple(range(1, 11)), load: float = 0.95,
           log=print) -> list[dict]:
     out = []
     for seed in seeds:
         stream = make_stream(seed, jobs, hosts, load)
-        bound = upper_bound(stream, hosts)
-        for policy in ("gpufleet", "first-fit", "random"):
+        fluid, lp = upper_bound(stream, hosts), lp_bound(stream, hosts)
+        log(f"  packing seed {seed}: fluid bound {fluid:.0f} GPU-hours, LP bound {lp:.0f} ({100 * lp / fluid:.2f}%)")
+        for policy in POLICIES:
             r = simulate(stream, hosts, policy, seed)
-            r.update(seed=seed, bound=bound, share=r["gpu_hours"] / bound)
-            log(f"  packing seed {seed} {policy:9}: {100 * r['share']:.2f}% of the bound's GPU-hours, "
-                f"{r['refused']} refused {r['refused_by_size']}, {r['cross_numa']} jobs across NUMA nodes")
+            r.update(seed=seed, bound=fluid, lp_bound=lp, share=r["gpu_hours"] / fluid, lp_share=r["gpu_hours"] / lp)
+            log(f"  packing seed {seed} {policy:9}: {100 * r['lp_share']:.2f}% of the LP bound, "
+                f"{100 * r['share']:.2f}% of the fluid bound, {r['refused']} refused {r['refused_by_size']}, "
+                f"{r['cross_numa']} jobs across NUMA nodes")
             out.append(r)
     return out
