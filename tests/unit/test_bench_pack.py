@@ -32,8 +32,8 @@ def _best_subset(stream, hosts: int) -> float:
     best = 0.0
     for mask in range(1 << len(stream)):
         chosen = [j for i, j in enumerate(stream) if mask >> i & 1]
-        if all(sum(s for a, s, l in chosen if a <= t < a + l) <= cap for t, _, _ in chosen):
-            best = max(best, sum(s * l for _, s, l in chosen))
+        if all(sum(s for a, s, length in chosen if a <= t < a + length) <= cap for t, _, _ in chosen):
+            best = max(best, sum(s * length for _, s, length in chosen))
     return best
 
 
