@@ -448,7 +448,11 @@ class Store:
         raises when nothing fits; a list for multi-node runs, rank 0 first), mark them, and record
         the run as `starting`."""
         now = time.time()
-        self.slots_snapshot()  # most of the reading (all of it in a new process) before the write lock
+        if self._index is None:
+            # a new process reads every host: do that before taking the write lock, so others wait
+            # only for the short part. A store that has a view brings it up to date under the lock
+            # (index() below reads only what changed), which saves a read transaction per allocation.
+            self.slots_snapshot()
         with self.engine.begin() as c:
             self._serialize(c)
             old = c.execute(_RUN_STATUS, {"name": name}).first()
