@@ -115,6 +115,7 @@ changes = Table(
     sqlite_autoincrement=True,  # never reuse a seq
 )
 KEEP_CHANGES = 100_000
+PRUNE_EVERY = 1000  # the old rows are dropped by whichever writer's seqs cross a multiple of this
 ALLOCATION_LOCK = 7405324  # PostgreSQL advisory lock: one writer of blocks at a time
 
 # built once: an allocation is a handful of statements and building them each time was a third of its cost
@@ -342,8 +343,6 @@ class Store:
             elif status != READY and not self._busy_aliases(c, fleet, alias):
                 c.execute(delete(blocks).where(blocks.c.instance_id == iid))
             self._changed(c, [iid])
-            c.execute(delete(changes).where(changes.c.seq < select(func.max(changes.c.seq)).scalar_subquery()
-                                            - KEEP_CHANGES))
             return iid
 
     def remove_instance(self, fleet: str, alias: str) -> None:
@@ -367,8 +366,16 @@ class Store:
             c.execute(text(f"SELECT pg_advisory_xact_lock({ALLOCATION_LOCK})"))
 
     @staticmethod
-    def _changed(c, ids) -> None:
-        c.execute(insert(changes), [{"instance_id": i} for i in sorted(set(ids))])
+    def _changed(c, ids) -> int:
+        """Record that instances ``ids`` changed in this transaction; return the newest seq. Every
+        PRUNE_EVERY seqs the rows older than the newest KEEP_CHANGES go, whoever writes them (an
+        allocation, a release, a probe), so the table stays bounded however the fleet is used."""
+        seqs = list(c.execute(insert(changes).returning(changes.c.seq),
+                              [{"instance_id": i} for i in sorted(set(ids))]).scalars())
+        top = max(seqs)
+        if top // PRUNE_EVERY > (min(seqs) - 1) // PRUNE_EVERY:
+            c.execute(delete(changes).where(changes.c.seq < top - KEEP_CHANGES))
+        return top
 
     def index(self, c) -> HostIndex:
         """Ready instances and their blocks, as the allocator sees them, brought up to date.
@@ -470,8 +477,7 @@ class Store:
                 nodes.append({"rank": rank, "alias": host.alias, "instance_id": host.instance_id,
                               "instance_num": host.num, "blocks": list(p.blocks),
                               "gpus": [host.gpus[g] for g in p.gpus]})
-            seen = max(c.execute(insert(changes).returning(changes.c.seq),
-                                 [{"instance_id": p.host.instance_id} for p in placements]).scalars())
+            seen = self._changed(c, [p.host.instance_id for p in placements])
             first = placements[0].host
             if old:
                 c.execute(delete(runs).where(runs.c.name == name))
@@ -564,7 +570,7 @@ def _sqlite_wal(cur) -> None:
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    dbapi_conn.isolation_level = None  # SQLAlchemy's "begin" hook issues BEGIN IMMEDIATE itself
+    dbapi_conn.isolation_level = None  # the "begin" hook (_sqlite_begin) issues BEGIN itself
     cur = dbapi_conn.cursor()
     cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
     _sqlite_wal(cur)

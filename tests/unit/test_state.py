@@ -201,6 +201,7 @@ def test_a_store_behind_the_pruned_changes_reads_everything_again(db_url, monkey
     add_host(a, "f", "x", n=2)
     b.allocate("r0", "r0", "task", {}, "c0", _one_gpu)  # b's view is now current
     monkeypatch.setattr(state, "KEEP_CHANGES", 0)
+    monkeypatch.setattr(state, "PRUNE_EVERY", 1)
     a.finish_run("r0", "done", 0)
     a.allocate("r1", "r1", "task", {}, "c1", _one_gpu)
     a.allocate("r2", "r2", "task", {}, "c2", _one_gpu)
@@ -209,6 +210,31 @@ def test_a_store_behind_the_pruned_changes_reads_everything_again(db_url, monkey
         assert c.execute(text("SELECT count(*) FROM changes")).scalar() == 1
     [p] = b.allocate("r3", "r3", "task", {}, "c3", _one_gpu)
     assert p.host.alias == "z"  # x is full: b did not keep its stale view of x
+
+
+def test_allocations_alone_keep_the_changes_table_bounded(db_url, monkeypatch):
+    """A fleet applied once and then only used (allocations and releases, no re-probe) must not
+    grow `changes` without end: every writer prunes it, not only a probe."""
+    from gpufleet import state
+
+    monkeypatch.setattr(state, "KEEP_CHANGES", 5)
+    monkeypatch.setattr(state, "PRUNE_EVERY", 3)
+    a, b = Store(db_url), Store(db_url)
+    add_host(a, "f", "x", n=2)
+    for i in range(30):
+        store = (a, b)[i % 2]
+        store.allocate(f"r{i}", f"r{i}", "task", {}, f"c{i}", _one_gpu)
+        store.finish_run(f"r{i}", "done", 0)
+    with a.engine.connect() as c:
+        left = c.execute(text("SELECT count(*) FROM changes")).scalar()
+        top = c.execute(text("SELECT max(seq) FROM changes")).scalar()
+    assert top == 61  # the probe, then an allocation and a release each
+    assert left <= 5 + 3
+    [p1] = a.allocate("last", "last", "task", {}, "clast", _one_gpu)
+    [p2] = b.allocate("last2", "last2", "task", {}, "clast2", _one_gpu)
+    assert {p1.gpus, p2.gpus} == {(0,), (1,)}
+    with pytest.raises(NoCapacity):
+        a.allocate("none", "none", "task", {}, "cnone", _one_gpu)
 
 
 def _open_and_write(url: str, name: str, start: float, results) -> None:
