@@ -242,7 +242,6 @@ except ImportError:
 RUN_ID_LABEL = gpufleet_inspect.RUN_ID_LABEL
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
-STOP_TIMEOUT = 10
 RUNNING_STATES = ("running", "paused", "restarting", "stopping")
 VOLUME_OPTIONS = {"ro", "rw", "z", "Z", "shared", "slave", "private", "rshared", "rslave", "rprivate",
                   "nocopy", "U", "O", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "copy",
@@ -403,12 +402,12 @@ class Runtime:
         self.module = module
         self.binary = module.get_bin_path(module.params["runtime"], required=True)
 
-    def run(self, args):
+    def run(self, argv):
         # never expand $VARS or ~ in the arguments (run_command does by default): values are literal
-        return self.module.run_command([self.binary] + args, expand_user_and_vars=False)
+        return self.module.run_command(argv, expand_user_and_vars=False)
 
     def inspect(self, name):
-        rc, out, err = self.run(["container", "inspect", name])
+        rc, out, err = self.run(gpufleet_inspect.inspect_argv([self.binary], name))
         if rc != 0:
             if is_missing_error(err + out):
                 return missing_container(name)
@@ -426,12 +425,12 @@ class Runtime:
         return container_from_inspect(data)
 
     def stop(self, name):
-        rc, out, err = self.run(["stop", "-t", str(STOP_TIMEOUT), name])
+        rc, out, err = self.run(gpufleet_inspect.stop_argv([self.binary], name))
         if rc != 0 and self.inspect(name)["state"] in RUNNING_STATES:
             self.module.fail_json(msg=error_message(err or out), stderr=err, rc=rc)
 
     def remove(self, name):
-        rc, out, err = self.run(["rm", "-f", name])
+        rc, out, err = self.run(gpufleet_inspect.remove_argv([self.binary], name))
         if rc != 0 and self.inspect(name)["state"] != "missing":
             self.module.fail_json(msg=error_message(err or out), stderr=err, rc=rc)
 
@@ -517,7 +516,7 @@ def main():
                 # a failed start can leave the container created: remove it if it is this run's
                 left = runtime.inspect(name)
                 if left["state"] != "missing" and left["run_id"] == run_id:
-                    runtime.run(["rm", "-f", name])
+                    runtime.run(gpufleet_inspect.remove_argv([runtime.binary], name))
                     left = runtime.inspect(name)
                 module.fail_json(msg=error_message(err or out), stderr=err, rc=rc, container=left, **result)
             result["changed"] = True

@@ -91,49 +91,17 @@ containers:
 """
 
 # Ansible wants the imports after DOCUMENTATION, EXAMPLES and RETURN.
-import json  # noqa: E402
-
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
-# One copy of the inspect parsing, in the role's module_utils; from the gpufleet.fleet collection
-# the same file is plugins/module_utils/gpufleet_inspect.py (see gpufleet_container).
+# One copy of the runtime's command lines and of the inspect parsing, in the role's module_utils;
+# from the gpufleet.fleet collection the same file is plugins/module_utils/gpufleet_inspect.py (see gpufleet_container).
 try:
     from ansible.module_utils import gpufleet_inspect  # noqa: E402
 except ImportError:
     from ansible_collections.gpufleet.fleet.plugins.module_utils import gpufleet_inspect  # noqa: E402
 
-RUN_ID_LABEL = gpufleet_inspect.RUN_ID_LABEL
-
-PS_FORMAT = {"podman": "json", "docker": "{{json .}}"}  # podman: one JSON list; docker: one object a line
 # what each item of `containers` holds (RETURN)
 CONTAINER_KEYS = ("name", "id", "state", "exit_code", "run_id", "labels", "started_at", "finished_at")
-
-
-# --------------------------------------------------------------------------- inspect (module_utils/gpufleet_inspect.py)
-
-def container_from_inspect(data):
-    full = gpufleet_inspect.container_from_inspect(data)
-    return dict((key, full[key]) for key in CONTAINER_KEYS)
-
-
-def parse_ps(text):
-    """[(id, [names])] from `podman ps --format json` (a list) or docker's `--format '{{json .}}'` (lines)."""
-    text = text.strip()
-    if not text:
-        return []
-    if text.startswith("["):
-        items = json.loads(text)
-    else:
-        items = [json.loads(line) for line in text.splitlines() if line.strip()]
-    out = []
-    for item in items or []:
-        ident = item.get("Id") or item.get("ID")
-        names = item.get("Names") or []
-        if isinstance(names, str):  # docker: "a,b"
-            names = [n for n in names.split(",") if n]
-        if ident:
-            out.append((ident, [n.lstrip("/") for n in names]))
-    return out
 
 
 def main():
@@ -148,31 +116,14 @@ def main():
     wanted = set(module.params["names"] or [])
     binary = module.get_bin_path(runtime, required=True)
 
-    rc, out, err = module.run_command([binary, "ps", "--all", "--no-trunc", "--filter", "label=" + RUN_ID_LABEL,
-                                       "--format", PS_FORMAT[runtime]], expand_user_and_vars=False)
-    if rc != 0:
-        module.fail_json(msg=f"{runtime} ps failed: {(err or out).strip()}", rc=rc)
-    try:
-        listed = parse_ps(out)
-    except ValueError:
-        module.fail_json(msg=f"cannot read the output of {runtime} ps: {out[:500]}")
-    ids = [ident for ident, names in listed if not wanted or wanted & set(names)]
+    def execute(script):
+        # never expand $VARS or ~ (run_command does by default): the script is gpufleet_inspect's own
+        return module.run_command(["/bin/sh", "-c", script], expand_user_and_vars=False)
 
-    def inspect(idents):
-        rc, out, err = module.run_command([binary, "container", "inspect"] + idents, expand_user_and_vars=False)
-        if rc != 0:
-            return None
-        try:
-            return json.loads(out) or []
-        except ValueError:
-            module.fail_json(msg=f"cannot read the output of {runtime} container inspect: {out[:500]}")
-
-    found = inspect(ids) if ids else []
-    if found is None:  # one of them went away in between: ask one by one, skip the missing ones
-        found = []
-        for ident in ids:
-            found += inspect([ident]) or []
-    containers = [container_from_inspect(data) for data in found]
+    found, error = gpufleet_inspect.list_containers(execute, [binary])
+    if error is not None:
+        module.fail_json(msg=error)
+    containers = [dict((key, c[key]) for key in CONTAINER_KEYS) for c in found]
     containers = [c for c in containers if c["run_id"] is not None and (not wanted or c["name"] in wanted)]
     module.exit_json(changed=False, containers=sorted(containers, key=lambda c: c["name"]))
 

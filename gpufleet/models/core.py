@@ -1,0 +1,81 @@
+"""The base of every gpufleet model, the status enums, and ranges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict
+
+
+class CoreModel(BaseModel):
+    """Every gpufleet model: unknown fields are refused, never silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class InstanceStatus(StrEnum):
+    """A fleet host as the last probe left it."""
+
+    READY = "ready"
+    UNREACHABLE = "unreachable"
+    ERROR = "error"
+
+
+class RunStatus(StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+    @property
+    def active(self) -> bool:
+        return self in ACTIVE_RUN_STATUSES
+
+
+ACTIVE_RUN_STATUSES = (RunStatus.STARTING, RunStatus.RUNNING)
+
+
+class RunType(StrEnum):
+    TASK = "task"
+    SERVICE = "service"
+    DEV_ENVIRONMENT = "dev-environment"
+
+
+class ProbeStatus(StrEnum):
+    """How probing one host ended."""
+
+    OK = "ok"
+    UNREACHABLE = "unreachable"
+    FAILED = "failed"
+
+
+class HostStatus(StrEnum):
+    """One host's progress through a playbook run."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    OK = "ok"
+    FAILED = "failed"
+    UNREACHABLE = "unreachable"
+
+    @property
+    def bad(self) -> bool:
+        return self in (HostStatus.FAILED, HostStatus.UNREACHABLE)
+
+
+@dataclass(frozen=True)
+class Range:
+    """A count or size range as dstack writes it: `4`, `2..4`, `24GB..`."""
+
+    min: float | None = None
+    max: float | None = None
+
+    def __str__(self) -> str:
+        def f(v):
+            return "" if v is None else (str(int(v)) if float(v).is_integer() else str(v))
+        return f(self.min) if self.min == self.max else f"{f(self.min)}..{f(self.max)}"
+
+    def contains(self, value: float) -> bool:
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
