@@ -19,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 from benchmarks.common import fmt, median, percentile
 from gpufleet import blocks as blockslib
 from gpufleet.allocator import NoCapacity, Request, place_gang
-from gpufleet.runconfig import GPUSpec
+from gpufleet.models import GPU, GPUSpec
 from gpufleet.state import Store, blocks, fleets, instances
 
 SIZES = (1, 2, 4, 8)
@@ -45,7 +45,7 @@ def populate(url: str, hosts: int) -> None:
     Store(url)  # creates the schema through the real migrations
     engine = create_engine(url)
     now = time.time()
-    layout = blockslib.split(host_gpus(0), "auto", 64, 1 << 20)
+    layout = blockslib.split([GPU.model_validate(g) for g in host_gpus(0)], "auto", 64, 1 << 20)
     with engine.begin() as c:
         c.execute(insert(fleets).values(name=FLEET, source="bench", config=json.dumps({"placement": "cluster"}),
                                         created_at=now, updated_at=now))

@@ -22,7 +22,7 @@ import random
 import networkx as nx
 
 from gpufleet.allocator import BlockSlot, HostSlots, NoCapacity, Request, place
-from gpufleet.runconfig import GPUSpec
+from gpufleet.models import GPU, GPUSpec
 
 SIZES = (1, 2, 4, 8)
 GPUS = 8
@@ -41,9 +41,9 @@ def make_stream(seed: int, jobs: int, hosts: int, load: float = 0.95) -> list[tu
     return out
 
 
-def host_gpus(h: int) -> list[dict]:
-    return [{"index": i, "vendor": "nvidia", "name": "NVIDIA H100 80GB HBM3", "model": "H100", "memory_mib": 81559,
-             "uuid": f"GPU-{h}-{i}", "numa_node": i // 4} for i in range(GPUS)]
+def host_gpus(h: int) -> list[GPU]:
+    return [GPU(index=i, vendor="nvidia", name="NVIDIA H100 80GB HBM3", model="H100", memory_mib=81559,
+                uuid=f"GPU-{h}-{i}", numa_node=i // 4) for i in range(GPUS)]
 
 
 def simulate(stream, hosts: int, policy: str, seed: int = 0) -> dict:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import combinations
 
-from gpufleet.runconfig import GPUSpec, Range
+from gpufleet.models import GPU, GPUSpec, Range
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class HostSlots:
     fleet: str
     num: int
     alias: str
-    gpus: list[dict]
+    gpus: list[GPU]
     blocks: list[BlockSlot]
     # hosts with equal ``shape`` have the same GPU models and block layout (the state store sets it),
     # so which of their blocks suit a request is worked out once per shape; None: per host
@@ -133,18 +133,18 @@ class NoCapacity(Exception):
         return self.message
 
 
-def gpu_matches(gpu: dict, spec: GPUSpec | None) -> bool:
+def gpu_matches(gpu: GPU, spec: GPUSpec | None) -> bool:
     if spec is None:
         return True
-    if spec.vendor and gpu.get("vendor") != spec.vendor:
+    if spec.vendor and gpu.vendor != spec.vendor:
         return False
     if spec.name:
-        model = (gpu.get("model") or "").lower()
-        raw = (gpu.get("name") or "").lower()
+        model = (gpu.model or "").lower()
+        raw = (gpu.name or "").lower()
         if not any(n.lower() == model or n.lower() in raw.split() for n in spec.name):
             return False
-    if spec.memory and gpu.get("memory_mib") is not None:
-        gb = round(gpu["memory_mib"] / 1024)
+    if spec.memory and gpu.memory_mib is not None:
+        gb = round(gpu.memory_mib / 1024)
         if not spec.memory.contains(gb):
             return False
     return True

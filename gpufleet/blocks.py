@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gpufleet.models import GPU
+
 
 class BlocksError(ValueError):
     """The host cannot be split as asked; the message says why."""
@@ -24,8 +26,8 @@ def block_count(spec: int | str, gpu_count: int) -> int:
     return int(spec)
 
 
-def split(gpus: list[dict], spec: int | str, cpus: int, memory_mib: int) -> list[Block]:
-    """Split a host with ``gpus`` (probe dicts) into blocks.
+def split(gpus: list[GPU], spec: int | str, cpus: int, memory_mib: int) -> list[Block]:
+    """Split a host with ``gpus`` (its probed GPUs) into blocks.
 
     GPUs are grouped so that a block holds one model and, where a split exists that
     allows it, GPUs of one NUMA node. CPU and memory are divided evenly.
@@ -42,19 +44,18 @@ def split(gpus: list[dict], spec: int | str, cpus: int, memory_mib: int) -> list
     groups = _groups(order, gpus, per_block)
     blocks = []
     for b, members in enumerate(groups):
-        numas = {gpus[i].get("numa_node") for i in members}
+        numas = {gpus[i].numa_node for i in members}
         numa = numas.pop() if len(numas) == 1 else None
         blocks.append(Block(b, tuple(sorted(members)), max(cpus // n, 1) if cpus else 0, memory_mib // n, numa))
     return blocks
 
 
-def _grouping_key(gpu: dict) -> tuple:
-    numa = gpu.get("numa_node")
-    return (gpu.get("vendor") or "", gpu.get("model") or "", numa if numa is not None else 1 << 30,
-            gpu.get("index", 0))
+def _grouping_key(gpu: GPU) -> tuple:
+    numa = gpu.numa_node
+    return (gpu.vendor or "", gpu.model or "", numa if numa is not None else 1 << 30, gpu.index)
 
 
-def _groups(order: list[int], gpus: list[dict], size: int) -> list[tuple[int, ...]]:
+def _groups(order: list[int], gpus: list[GPU], size: int) -> list[tuple[int, ...]]:
     """Chunk GPUs into blocks of ``size``: whole chunks from each (model, NUMA) group first,
     then the leftovers of all groups, in order, so at most the leftovers straddle."""
     if size == 0:
@@ -73,13 +74,13 @@ def _groups(order: list[int], gpus: list[dict], size: int) -> list[tuple[int, ..
     return blocks
 
 
-def describe_resources(gpus: list[dict], cpus: int, memory_mib: int) -> str:
+def describe_resources(gpus: list[GPU], cpus: int, memory_mib: int) -> str:
     """`8xH100 (80GB)`, `4xH100 (80GB), 4xL40S (45GB)`, or `cpu=2 mem=23GB` for a host without GPUs."""
     if not gpus:
         return f"cpu={cpus} mem={round(memory_mib / 1024)}GB"
     counts: dict[tuple[str, int | None], int] = {}
     for g in gpus:
-        key = (g.get("model") or g.get("name") or "GPU", g.get("memory_mib"))
+        key = (g.model or g.name or "GPU", g.memory_mib)
         counts[key] = counts.get(key, 0) + 1
     parts = []
     for (model, mem), count in counts.items():

@@ -10,15 +10,15 @@ from pathlib import Path
 
 from rich.console import Console
 
-from gpufleet import __version__
+from gpufleet import __version__, present
 from gpufleet.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, GpufleetError, UsageError
 
 
 def _apply(args: argparse.Namespace, console: Console) -> int:
-    from gpufleet.runconfig import config_type
+    from gpufleet.runconfig import RUN_TYPES, config_type
 
-    if config_type(args.file) in ("task", "service", "dev-environment"):
-        from gpufleet.workload import submit
+    if config_type(args.file) in RUN_TYPES:
+        from gpufleet.runs import submit
 
         if args.dry_run:
             raise UsageError("--dry-run is for fleets; for runs, answer n at the prompt")
@@ -29,64 +29,56 @@ def _apply(args: argparse.Namespace, console: Console) -> int:
 
 
 def _ps(args: argparse.Namespace, console: Console) -> int:
-    import json
-
+    from gpufleet.runs import refresh
     from gpufleet.state import Store
-    from gpufleet.workload import ps_table, refresh
 
     store = Store()
     notes: list[str] = []
     refresh(store, sweep=True, notes=notes)
     for note in notes:
-        Console(stderr=True).print(f"[yellow]warning[/] {note}")
+        present.note(Console(stderr=True), "warning", note)
     views = store.runs(include_finished=args.all)
     if args.json:
-        print(json.dumps([{
-            "name": r.name, "type": r.type, "fleet": r.fleet, "instance": r.instance_num, "host": r.alias,
-            "status": r.status, "exit_code": r.exit_code, "message": r.message, "gpus": r.gpus,
-            "blocks": r.blocks, "nodes": r.nodes, "created_at": r.created_at, "updated_at": r.updated_at,
-        } for r in views], indent=2))
+        print(present.runs_json(views))
     elif not views:
         console.print("No runs." if args.all else "No active runs (gpufleet ps -a shows finished ones).")
     else:
-        console.print(ps_table(views))
+        console.print(present.ps_table(views))
     return EXIT_OK
 
 
 def _logs(args: argparse.Namespace, console: Console) -> int:
-    from gpufleet.workload import logs
+    from gpufleet.runs import logs
 
     return logs(args.name, follow=args.follow, node=args.node)
 
 
 def _stop(args: argparse.Namespace, console: Console) -> int:
-    from gpufleet.workload import stop
+    from gpufleet.runs import stop
 
-    if not args.yes and sys.stdin.isatty():
-        if console.input(f"Stop run {args.name}? [y/n]: ").strip().lower() not in ("y", "yes"):
-            return EXIT_OK
+    if not args.yes and not present.confirm(console, f"Stop run {args.name}?"):
+        return EXIT_OK
     view = stop(args.name)
     console.print(f"{view.name} stopped; its blocks are free.")
     return EXIT_OK
 
 
 def _attach(args: argparse.Namespace, console: Console) -> int:
-    from gpufleet.workload import attach
+    from gpufleet.runs import attach
 
     return attach(args.name, console)
 
 
 def _fleet_list(args: argparse.Namespace, console: Console) -> int:
     from gpufleet.state import Store
-    from gpufleet.view import fleets_json, print_fleets
 
     views = Store().fleets()
     if args.json:
-        print(fleets_json(views))
+        print(present.fleets_json(views))
     elif not views:
         console.print("No fleets. Create one with: gpufleet apply -f FLEET.yml")
     else:
-        print_fleets(console, views)
+        console.print(present.fleet_table(views))
     return EXIT_OK
 
 
@@ -96,11 +88,8 @@ def _fleet_delete(args: argparse.Namespace, console: Console) -> int:
     store = Store()
     if store.fleet(args.name) is None:
         raise GpufleetError(f"no fleet named {args.name!r} (see gpufleet fleet list)")
-    if not args.yes:
-        if not sys.stdin.isatty():
-            raise GpufleetError("not a terminal, so no one can confirm: pass -y to delete", )
-        if console.input(f"Delete fleet {args.name}? [y/n]: ").strip().lower() not in ("y", "yes"):
-            return EXIT_OK
+    if not args.yes and not present.confirm(console, f"Delete fleet {args.name}?"):
+        return EXIT_OK
     store.delete_fleet(args.name)
     console.print(f"Fleet {args.name} deleted.")
     return EXIT_OK
@@ -110,19 +99,16 @@ def _inventory(args: argparse.Namespace, console: Console) -> int:
     from gpufleet import paths
     from gpufleet.config import load_fleet
     from gpufleet.inventory import group_name, write_fleet_files
-    from gpufleet.state import Store
+    from gpufleet.state import applied_facts
 
     fleet = load_fleet(args.file)
     # once the fleet is applied, its hosts' container runtimes (gpufleet_runtime...) go in too, as
-    # `gpufleet apply` writes them; a fleet never applied here gets no state database made for it
-    probed: dict[str, dict] = {}
-    if os.environ.get("GPUFLEET_DATABASE_URL") or (paths.home() / "state.db").exists():
-        view = Store().fleet(fleet.name)
-        probed = {i.alias: i.probe for i in view.instances if i.probe} if view else {}
-    files = write_fleet_files(fleet, Path(args.out) if args.out else None, probed=probed)
-    hosts = [t.alias for t in files.plan.targets]
+    # `gpufleet apply` writes them
+    files = write_fleet_files(fleet, Path(args.out) if args.out else None, facts=applied_facts(fleet.name))
+    hosts = [t.alias for t in fleet.targets]
     inventory = files.inventory
-    console.print(
+    present.plain(
+        console,
         f"inventory:   {inventory}\nssh_config:  {files.ssh_config}\nknown_hosts: {files.known_hosts}\n"
         f"hosts:       {', '.join(hosts)} (group {group_name(fleet.name)})\n\n"
         "Plain Ansible needs nothing else: the inventory passes `-F ssh_config` to ssh (jump hosts, keys,\n"
@@ -132,8 +118,7 @@ def _inventory(args: argparse.Namespace, console: Console) -> int:
         f"  ansible-playbook -i {inventory} gpufleet.fleet.probe    # with the gpufleet.fleet collection\n"
         f"  ansible-playbook -i {inventory} {paths.content_root() / 'playbooks' / 'probe.yml'}\n"
         f"  ssh -F {files.ssh_config} {hosts[0]}\n\n"
-        "Collection, roles, inventory plugin and an example playbook: docs/ansible.md",
-        markup=False, highlight=False, soft_wrap=True)
+        "Collection, roles, inventory plugin and an example playbook: docs/ansible.md")
     return EXIT_OK
 
 
@@ -225,10 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args, console)
     except ConfigError as e:
         for problem in e.problems:
-            err.print(f"[red]error[/] {problem}", markup=True, highlight=False, soft_wrap=True)
+            present.error(err, str(problem))
         return e.exit_code
     except GpufleetError as e:
-        err.print(f"[red]error[/] {e}", highlight=False, soft_wrap=True)
+        present.error(err, str(e))
         return e.exit_code
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -1,5 +1,5 @@
-"""Cluster networking for multi-node runs: each node's address on the cluster network and the
-distributed-training environment (ranks, master address, MPI hostfile)."""
+"""Cluster networking for multi-node runs, and the environment gpufleet gives every run's
+container: ranks, master address, MPI hostfile, under GPUFLEET_ and dstack's DSTACK_ names."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import ipaddress
 import re
 
 from gpufleet.errors import GpufleetError
-from gpufleet.runner import HostOutcome, run_playbook, write_unsafe_vars
+from gpufleet.runner import HostOutcome, run_playbook
 
 MPI_HOSTFILE = "/tmp/gpufleet_mpi_hostfile"
 
@@ -24,18 +24,13 @@ def probe_addresses(inventory, aliases: list[str], hostnames: dict[str, str]) ->
     """Run playbooks/addresses.yml on the nodes; each routes to the next node's address."""
     peers = {a: hostnames[aliases[(i + 1) % len(aliases)]] for i, a in enumerate(aliases)
              if _is_ip(hostnames[aliases[(i + 1) % len(aliases)]])}
-    vars_file = write_unsafe_vars({"gpufleet_peers": peers})
-    try:
-        result = run_playbook("addresses", inventory, limit=aliases, vars_file=vars_file)
-    finally:
-        vars_file.unlink(missing_ok=True)
-    return result.hosts
+    return run_playbook("addresses", inventory, limit=aliases, unsafe_vars={"gpufleet_peers": peers}).hosts
 
 
 def choose_address(alias: str, outcome: HostOutcome | None, internal_ip: str | None, network: str | None) -> str:
     """The node's cluster address: internal_ip (must exist on the host), else its address inside
     ``network``, else the source address of the route to the other nodes. Raise with the reason."""
-    if outcome is None or outcome.status in ("failed", "unreachable"):
+    if outcome is None or outcome.status.bad:
         raise GpufleetError(f"{alias}: cannot read its addresses: {outcome.message if outcome else 'no result'}")
     facts = next((r.get("ansible_facts", {}) for a, r in outcome.results.items() if a.endswith("setup")), {})
     addresses = [a for a in facts.get("ansible_all_ipv4_addresses", []) if not a.startswith("127.")]
@@ -61,11 +56,22 @@ def choose_address(alias: str, outcome: HostOutcome | None, internal_ip: str | N
 
 
 def node_env(rank: int, ips: list[str], gpus_per_node: int) -> dict[str, str]:
-    env = {
-        "NODE_RANK": str(rank), "NODES_NUM": str(len(ips)), "MASTER_NODE_IP": ips[0],
-        "NODES_IPS": "\n".join(ips), "GPUS_PER_NODE": str(gpus_per_node),
-        "GPUS_NUM": str(gpus_per_node * len(ips)), "MPI_HOSTFILE": MPI_HOSTFILE,
-    }
+    """The environment of node ``rank`` of a run on ``ips`` (one address a node; a single-node run
+    passes no addresses), under both prefixes."""
+    env = {"NODE_RANK": str(rank), "NODES_NUM": str(max(len(ips), 1)), "GPUS_PER_NODE": str(gpus_per_node)}
+    if len(ips) > 1:
+        env.update({"MASTER_NODE_IP": ips[0], "NODES_IPS": "\n".join(ips), "GPUS_NUM": str(gpus_per_node * len(ips)),
+                    "MPI_HOSTFILE": MPI_HOSTFILE})
+    return _prefixed(env)
+
+
+def run_env(run_name: str, gpu_indices: list[int]) -> dict[str, str]:
+    """What every container of a run is told about the run and its GPUs on its node."""
+    return {**_prefixed({"RUN_NAME": run_name, "GPUS_NUM": str(len(gpu_indices))}),
+            "GPUFLEET_GPUS": ",".join(map(str, gpu_indices))}
+
+
+def _prefixed(env: dict[str, str]) -> dict[str, str]:
     return {f"{prefix}_{k}": v for prefix in ("GPUFLEET", "DSTACK") for k, v in env.items()}
 
 

@@ -7,17 +7,17 @@ node shares one multiplexed connection to it. The templates only format.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
 
 from gpufleet import paths
-from gpufleet.config import Fleet, Hop, Target
+from gpufleet.models import Fleet, Hop, HostFacts, Target
+from gpufleet.paths import FleetFiles
 
 CONNECT_TIMEOUT = 10
 CONTROL_PERSIST = "120s"
@@ -34,29 +34,20 @@ class SshEntry:
 
 
 @dataclass(frozen=True)
-class PlannedTarget:
-    alias: str
-    target: Target
-    jump_alias: str | None  # the last hop, i.e. the login node the target is reached from
-
-
-@dataclass(frozen=True)
 class ConnectionPlan:
     jumps: list[SshEntry]  # in dependency order: a hop comes after the hop it goes through
-    targets: list[PlannedTarget]
+    targets: list[Target]
+    jump_of: dict[str, str | None] = field(default_factory=dict)  # target alias -> its last hop's alias
 
     @property
     def entries(self) -> list[SshEntry]:
-        return self.jumps + [_target_entry(t) for t in self.targets]
+        return self.jumps + [SshEntry(t.alias, _ssh_path(t.hostname), t.port, t.user, _ssh_path(t.identity_file),
+                                      self.jump_of[t.alias]) for t in self.targets]
 
 
 @dataclass(frozen=True)
-class GeneratedFiles:
-    dir: Path
-    inventory: Path
-    ssh_config: Path
-    known_hosts: Path
-    plan: ConnectionPlan
+class GeneratedFiles(FleetFiles):
+    plan: ConnectionPlan = field(default_factory=lambda: ConnectionPlan([], []))
 
 
 def _ssh_path(value: str | None) -> str | None:
@@ -64,24 +55,11 @@ def _ssh_path(value: str | None) -> str | None:
     return value.replace("%", "%%") if value else value
 
 
-def _target_entry(t: PlannedTarget) -> SshEntry:
-    return SshEntry(t.alias, _ssh_path(t.target.hostname), t.target.port, t.target.user,
-                    _ssh_path(t.target.identity_file), t.jump_alias)
-
-
-def target_aliases(targets: tuple[Target, ...]) -> list[str]:
-    """Inventory names: the hostname, or hostname-port where a hostname appears with several ports."""
-    counts: dict[str, int] = {}
-    for t in targets:
-        counts[t.hostname] = counts.get(t.hostname, 0) + 1
-    return [t.hostname if counts[t.hostname] == 1 else f"{t.hostname}-{t.port}" for t in targets]
-
-
 def plan_connections(fleet: Fleet) -> ConnectionPlan:
     hop_alias: dict[tuple[Hop, ...], str] = {}
     jumps: list[SshEntry] = []
-    targets: list[PlannedTarget] = []
-    for alias, t in zip(target_aliases(fleet.targets), fleet.targets, strict=True):
+    jump_of: dict[str, str | None] = {}
+    for t in fleet.targets:
         previous: str | None = None
         for depth in range(len(t.jumps)):
             chain = t.jumps[: depth + 1]
@@ -91,22 +69,17 @@ def plan_connections(fleet: Fleet) -> ConnectionPlan:
                 jumps.append(SshEntry(hop_alias[chain], _ssh_path(hop.hostname), hop.port, hop.user,
                                       _ssh_path(hop.identity_file), previous))
             previous = hop_alias[chain]
-        targets.append(PlannedTarget(alias, t, previous))
-    return ConnectionPlan(jumps, targets)
+        jump_of[t.alias] = previous
+    return ConnectionPlan(jumps, list(fleet.targets), jump_of)
 
 
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(paths.content_root() / "inventory_templates")),
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
         undefined=jinja2.StrictUndefined, autoescape=False)
-
-
-def fleet_control_dir(fleet_name: str) -> Path:
-    """Each fleet multiplexes its own connections: a master opened with another fleet's key or
-    known_hosts is never reused for this one. Short (a hash) so socket paths fit in 108 bytes."""
-    digest = hashlib.sha1(fleet_name.encode()).hexdigest()[:8]
-    return paths.ensure_private_dir(paths.control_dir() / digest)
+    env.filters["quote"] = shlex.quote
+    return env
 
 
 def group_name(fleet_name: str) -> str:
@@ -114,28 +87,25 @@ def group_name(fleet_name: str) -> str:
 
 
 def write_fleet_files(fleet: Fleet, out_dir: Path | None = None,
-                      probed: dict[str, dict] | None = None) -> GeneratedFiles:
+                      facts: dict[str, HostFacts] | None = None) -> GeneratedFiles:
     """Render inventory.yml and ssh_config for ``fleet`` into its state folder (or ``out_dir``).
-    ``probed`` (alias -> probe facts) adds what the probe found that plays need, e.g. the runtime."""
-    out = paths.ensure_private_dir(out_dir) if out_dir else paths.fleet_dir(fleet.name)
-    plan = plan_connections(fleet)
-    inventory = out / "inventory.yml"
-    ssh_config = out / "ssh_config"
-    known_hosts = out / "known_hosts"
-    if not known_hosts.exists():
-        known_hosts.touch(mode=0o600)
+    ``facts`` (alias -> probe facts) adds what the probe found that plays need: the runtime."""
+    base = FleetFiles.of(fleet.name) if out_dir is None else FleetFiles(fleet.name, out_dir)
+    files = GeneratedFiles(base.name, base.dir, plan_connections(fleet))
+    files.create()
     env = _environment()
-    env.filters["quote"] = shlex.quote
-    common = dict(fleet=fleet, ssh_config_path=str(ssh_config), inventory_path=str(inventory),
-                  control_dir=str(fleet_control_dir(fleet.name)))
-    _write(ssh_config, env.get_template("ssh_config.j2").render(
-        entries=plan.entries, known_hosts=_ssh_path(str(known_hosts)),
-        ssh_control_dir=_ssh_path(common["control_dir"]), connect_timeout=CONNECT_TIMEOUT,
+    control_dir = str(files.control_dir)
+    common = dict(fleet=fleet, ssh_config_path=str(files.ssh_config), inventory_path=str(files.inventory))
+    _write(files.ssh_config, env.get_template("ssh_config.j2").render(
+        entries=files.plan.entries, known_hosts=_ssh_path(str(files.known_hosts)),
+        ssh_control_dir=_ssh_path(control_dir), connect_timeout=CONNECT_TIMEOUT,
         control_persist=CONTROL_PERSIST, **common))
-    runtimes = {alias: facts.get("runtime") or {} for alias, facts in (probed or {}).items()}
-    _write(inventory, env.get_template("inventory.yml.j2").render(
-        group=group_name(fleet.name), targets=plan.targets, runtimes=runtimes, **common))
-    return GeneratedFiles(out, inventory, ssh_config, known_hosts, plan)
+    # the runtime each play uses on a host, as the probe found it (the workload role's default otherwise)
+    runtimes = {alias: (f.runtime.name, f.runtime.become) for alias, f in (facts or {}).items() if f.runtime.name}
+    _write(files.inventory, env.get_template("inventory.yml.j2").render(
+        group=group_name(fleet.name), targets=files.plan.targets, jump_of=files.plan.jump_of, runtimes=runtimes,
+        control_dir=control_dir, **common))
+    return files
 
 
 def _write(path: Path, text: str) -> None:

@@ -1,4 +1,4 @@
-"""Where gpufleet keeps its files: the state directory and the shipped Ansible content."""
+"""Where gpufleet keeps its files: the state directory, each fleet's files, and the shipped Ansible content."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import hashlib
 import os
 import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+from gpufleet.errors import GpufleetError
 
 
 def home() -> Path:
@@ -32,10 +35,6 @@ def playbook(name: str) -> Path:
     return content_root() / "playbooks" / f"{name}.yml"
 
 
-def fleet_dir(name: str) -> Path:
-    return ensure_private_dir(ensure_private_dir(home() / "fleets") / name)
-
-
 def control_dir() -> Path:
     """Where ssh's multiplexing sockets go. A socket path must fit in 108 bytes: this folder, a
     9-character folder per fleet, %C's 40 characters and the 17 ssh adds while it creates the
@@ -49,3 +48,50 @@ def control_dir() -> Path:
         if st.st_uid != os.getuid() or not stat.S_ISDIR(st.st_mode):
             raise PermissionError(f"{path} is not a folder owned by this user; remove it")
     return ensure_private_dir(path)
+
+
+@dataclass(frozen=True)
+class FleetFiles:
+    """The one owner of a fleet's folder layout: the generated inventory, ssh_config and known_hosts,
+    and the folder of its multiplexed ssh connections."""
+
+    name: str
+    dir: Path
+
+    @classmethod
+    def of(cls, name: str) -> FleetFiles:
+        """The fleet's files in the state directory (nothing is created)."""
+        return cls(name, home() / "fleets" / name)
+
+    @property
+    def inventory(self) -> Path:
+        return self.dir / "inventory.yml"
+
+    @property
+    def ssh_config(self) -> Path:
+        return self.dir / "ssh_config"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.dir / "known_hosts"
+
+    @property
+    def control_dir(self) -> Path:
+        """Each fleet multiplexes its own connections: a master opened with another fleet's key or
+        known_hosts is never reused for this one. Short (a hash) so socket paths fit in 108 bytes."""
+        digest = hashlib.sha1(self.name.encode()).hexdigest()[:8]
+        return ensure_private_dir(control_dir() / digest)
+
+    def create(self) -> None:
+        """Make the folder (private) and an empty known_hosts."""
+        if self.dir.parent == home() / "fleets":
+            ensure_private_dir(self.dir.parent)
+        ensure_private_dir(self.dir)
+        if not self.known_hosts.exists():
+            self.known_hosts.touch(mode=0o600)
+
+    def require(self) -> FleetFiles:
+        """These files, or an error saying how to make them."""
+        if not self.inventory.exists():
+            raise GpufleetError(f"fleet {self.name} has no inventory: re-apply it (gpufleet apply -f FLEET.yml)")
+        return self

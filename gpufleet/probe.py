@@ -5,11 +5,14 @@ from __future__ import annotations
 import shlex
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from pydantic import ValidationError
 
 from gpufleet import ssherrors
-from gpufleet.inventory import GeneratedFiles, PlannedTarget, SshEntry
-from gpufleet.runner import HostOutcome, run_playbook
+from gpufleet.inventory import CONTROL_PERSIST, GeneratedFiles, SshEntry
+from gpufleet.models import HostFacts, HostStatus, ProbeStatus, Target
+from gpufleet.runner import HostOutcome, PlaybookResult, run_playbook
 
 JUMP_TIMEOUT = 40  # seconds for one hop's master connection (ConnectTimeout is 10 per attempt)
 MAX_DIAGNOSES = 8  # failed hosts re-checked one by one for the login node's reason
@@ -18,14 +21,14 @@ MAX_DIAGNOSES = 8  # failed hosts re-checked one by one for the login node's rea
 @dataclass
 class ProbeOutcome:
     alias: str
-    status: str  # ok | unreachable | failed
+    status: ProbeStatus
     reason: str = ""
-    facts: dict = field(default_factory=dict)
+    facts: HostFacts | None = None
 
 
 def open_jump(files: GeneratedFiles, entry: SshEntry) -> str | None:
     """Open (or reuse) the multiplexed master connection to one hop. Return the error, if any."""
-    cmd = ["ssh", "-F", str(files.ssh_config), "-o", "ControlPersist=120s", "-n", entry.alias, "true"]
+    cmd = ["ssh", "-F", str(files.ssh_config), "-o", f"ControlPersist={CONTROL_PERSIST}", "-n", entry.alias, "true"]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=JUMP_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -46,7 +49,7 @@ def probe_fleet(files: GeneratedFiles, aliases: list[str],
         if entry.proxy_jump in failed_jumps:
             failed_jumps[entry.alias] = failed_jumps[entry.proxy_jump]
             continue
-        if not any(t.jump_alias and _chain_has(by_alias, t.jump_alias, entry.alias)
+        if not any(plan.jump_of[t.alias] and _chain_has(by_alias, plan.jump_of[t.alias], entry.alias)
                    for t in plan.targets if t.alias in aliases):
             continue
         error = open_jump(files, entry)
@@ -56,10 +59,10 @@ def probe_fleet(files: GeneratedFiles, aliases: list[str],
     for t in plan.targets:
         if t.alias not in aliases:
             continue
-        if t.jump_alias in failed_jumps:
-            outcomes[t.alias] = ProbeOutcome(t.alias, "unreachable", failed_jumps[t.jump_alias])
+        if plan.jump_of[t.alias] in failed_jumps:
+            outcomes[t.alias] = ProbeOutcome(t.alias, ProbeStatus.UNREACHABLE, failed_jumps[plan.jump_of[t.alias]])
             if on_update:
-                on_update(t.alias, "unreachable", outcomes[t.alias].reason)
+                on_update(t.alias, ProbeStatus.UNREACHABLE, outcomes[t.alias].reason)
         else:
             reachable.append(t.alias)
     if not reachable:
@@ -72,32 +75,49 @@ def probe_fleet(files: GeneratedFiles, aliases: list[str],
     result = run_playbook("probe", files.inventory, limit=reachable, on_update=update)  # a fork per host
     if result.canceled:
         raise KeyboardInterrupt
-    by_target = {t.alias: t for t in plan.targets}
-    diagnosed = 0
-    for alias in reachable:
-        o = result.hosts.get(alias) or HostOutcome(alias, "failed", "no result from the probe")
-        facts = (o.results.get("gpufleet_probe") or {}).get("ansible_facts", {}).get("gpufleet_probe")
-        target = next(t.target for t in plan.targets if t.alias == alias)
-        if o.status == "unreachable":
-            message = o.message
-            if diagnosed < MAX_DIAGNOSES and ssherrors.hides_cause(message):
-                diagnosed += 1
-                message = diagnose(files, by_target[alias]) or message
-            outcomes[alias] = ProbeOutcome(alias, "unreachable",
-                                           ssherrors.explain(message, target.address, str(files.known_hosts)))
-        elif o.status == "failed" or facts is None:
-            outcomes[alias] = ProbeOutcome(alias, "failed", o.message or "the probe returned no facts")
-        else:
-            outcomes[alias] = ProbeOutcome(alias, "ok", "", facts)
+    targets = {t.alias: t for t in plan.targets}
+    outcomes.update(probe_outcomes(result, [targets[a] for a in reachable], str(files.known_hosts),
+                                   lambda t: diagnose(files, t)))
     return outcomes
 
 
-def diagnose(files: GeneratedFiles, target: PlannedTarget) -> str | None:
+def probe_outcomes(result: PlaybookResult, targets: list[Target], known_hosts: str,
+                   diagnose_one: Callable[[Target], str | None]) -> dict[str, ProbeOutcome]:
+    """What the probe playbook's result means for each of ``targets``: its facts, typed, or why
+    not. For an unreachable host whose message hides the cause (a multiplexed login node), up to
+    MAX_DIAGNOSES hosts are asked again one by one with ``diagnose_one``."""
+    outcomes: dict[str, ProbeOutcome] = {}
+    diagnosed = 0
+    for target in targets:
+        alias = target.alias
+        o = result.hosts.get(alias) or HostOutcome(alias, HostStatus.FAILED, "no result from the probe")
+        raw = (o.results.get("gpufleet_probe") or {}).get("ansible_facts", {}).get("gpufleet_probe")
+        if o.status == HostStatus.UNREACHABLE:
+            message = o.message
+            if diagnosed < MAX_DIAGNOSES and ssherrors.hides_cause(message):
+                diagnosed += 1
+                message = diagnose_one(target) or message
+            outcomes[alias] = ProbeOutcome(alias, ProbeStatus.UNREACHABLE,
+                                           ssherrors.explain(message, target.address, known_hosts))
+        elif o.status == HostStatus.FAILED or raw is None:
+            outcomes[alias] = ProbeOutcome(alias, ProbeStatus.FAILED, o.message or "the probe returned no facts")
+        else:
+            try:
+                outcomes[alias] = ProbeOutcome(alias, ProbeStatus.OK, "", HostFacts.model_validate(raw))
+            except ValidationError as e:
+                outcomes[alias] = ProbeOutcome(alias, ProbeStatus.FAILED,
+                                               f"the probe's facts are not what gpufleet reads: {e.errors()[0]['msg']} "
+                                               f"at {'.'.join(map(str, e.errors()[0]['loc']))}")
+    return outcomes
+
+
+def diagnose(files: GeneratedFiles, target: Target) -> str | None:
     """Reconnect once without multiplexing on the last hop, so the login node's own reason
     (connection refused, no route...) reaches us instead of the shared master's log."""
-    if not target.jump_alias:
+    jump = files.plan.jump_of.get(target.alias)
+    if not jump:
         return None
-    hop = ["ssh", "-F", str(files.ssh_config), "-o", "ControlPath=none", "-W", "%h:%p", target.jump_alias]
+    hop = ["ssh", "-F", str(files.ssh_config), "-o", "ControlPath=none", "-W", "%h:%p", jump]
     cmd = ["ssh", "-F", str(files.ssh_config), "-o", "ControlPath=none", "-o",
            "ProxyCommand=" + shlex.join(hop), "-n", target.alias, "true"]
     try:

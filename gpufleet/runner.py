@@ -25,6 +25,7 @@ import ansible_runner
 import yaml
 
 from gpufleet import paths
+from gpufleet.models import HostStatus
 
 ROTATE_ARTIFACTS = 20
 # Forks beyond what the controller's CPUs can drive buy no speed, only memory (an ansible-playbook
@@ -36,9 +37,12 @@ STALE_VARS_S = 3600  # a vars file is read when its playbook starts; one this ol
 @dataclass
 class HostOutcome:
     host: str
-    status: str = "pending"  # pending | running | ok | failed | unreachable | skipped
+    status: HostStatus = HostStatus.PENDING
     message: str = ""
     results: dict[str, dict] = field(default_factory=dict)  # task action -> module result
+
+    def __post_init__(self) -> None:
+        self.status = HostStatus(self.status)
 
 
 @dataclass
@@ -76,9 +80,12 @@ def ansible_env(forks: int | None = None) -> dict[str, str]:
 
 
 def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
-                 extravars: dict | None = None, vars_file: Path | None = None, forks: int | None = None,
+                 extravars: dict | None = None, unsafe_vars: dict | None = None, forks: int | None = None,
                  on_update: Callable[[HostOutcome], None] | None = None) -> PlaybookResult:
-    """Run ``playbooks/<name>.yml`` against ``inventory``; return each host's outcome."""
+    """Run ``playbooks/<name>.yml`` against ``inventory``; return each host's outcome.
+
+    ``unsafe_vars`` reach the play as extra vars through a private file, every string in them
+    tagged !unsafe (see write_unsafe_vars); the file is removed when the play is over."""
     hosts: dict[str, HostOutcome] = {h: HostOutcome(h) for h in (limit or [])}
     cancel = threading.Event()
 
@@ -90,16 +97,16 @@ def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
             return True
         outcome = hosts.setdefault(host, HostOutcome(host))
         res = data.get("res") or {}
-        if kind == "runner_on_start" and outcome.status == "pending":
-            outcome.status = "running"
+        if kind == "runner_on_start" and outcome.status == HostStatus.PENDING:
+            outcome.status = HostStatus.RUNNING
         elif kind == "runner_on_ok":
             outcome.results[data.get("task_action", "")] = res
-            if outcome.status in ("pending", "running"):
-                outcome.status = "running"
+            if outcome.status in (HostStatus.PENDING, HostStatus.RUNNING):
+                outcome.status = HostStatus.RUNNING
         elif kind == "runner_on_unreachable":
-            outcome.status, outcome.message = "unreachable", str(res.get("msg", "")).strip()
+            outcome.status, outcome.message = HostStatus.UNREACHABLE, str(res.get("msg", "")).strip()
         elif kind == "runner_on_failed" and not data.get("ignore_errors"):
-            outcome.status, outcome.message = "failed", _failure_message(res)
+            outcome.status, outcome.message = HostStatus.FAILED, _failure_message(res)
         elif kind == "runner_on_skipped":
             pass
         else:
@@ -116,6 +123,7 @@ def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
     previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() \
         else None
     private = paths.ensure_private_dir(paths.home() / "runner")
+    vars_file = write_unsafe_vars(unsafe_vars) if unsafe_vars is not None else None
     ident = f"{time.strftime('%Y%m%dT%H%M%S')}-{name}-{uuid.uuid4().hex[:8]}"
     try:
         r = ansible_runner.run(
@@ -128,12 +136,14 @@ def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
             fact_cache_type="memory",  # facts are read from the event stream; none are written to disk
             settings={"suppress_ansible_output": True})
     finally:
+        if vars_file is not None:
+            vars_file.unlink(missing_ok=True)
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     _scrub_command_artifact(Path(r.config.artifact_dir), ansible_env(forks))
     for outcome in hosts.values():
-        if outcome.status == "running":
-            outcome.status = "ok"
+        if outcome.status == HostStatus.RUNNING:
+            outcome.status = HostStatus.OK
             if on_update:
                 on_update(outcome)
     return PlaybookResult(r.status, r.rc or 0, hosts, r.config.artifact_dir, canceled=cancel.is_set())

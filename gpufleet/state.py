@@ -13,9 +13,9 @@ import socket
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import TypeAdapter
 from sqlalchemy import (
     Column,
     Float,
@@ -43,6 +43,16 @@ from gpufleet import migrations, paths
 from gpufleet.allocator import BlockSlot, HostIndex, HostSlots, Placement
 from gpufleet.blocks import Block
 from gpufleet.errors import GpufleetError
+from gpufleet.models import (
+    ACTIVE_RUN_STATUSES,
+    GPU,
+    FleetState,
+    HostFacts,
+    Instance,
+    InstanceStatus,
+    Run,
+    RunStatus,
+)
 
 metadata = MetaData()
 
@@ -126,83 +136,39 @@ _TAKE_BLOCKS = (update(blocks)
 _RUN_STATUS = select(runs.c.status).where(runs.c.name == bindparam("name"))
 _CHANGES_RANGE = select(func.min(changes.c.seq), func.max(changes.c.seq))
 
-READY, UNREACHABLE, ERROR = "ready", "unreachable", "error"
-ACTIVE = ("starting", "running")
+ACTIVE = tuple(str(s) for s in ACTIVE_RUN_STATUSES)
+_GPUS = TypeAdapter(list[GPU])
 
 
-@dataclass
-class InstanceView:
-    fleet: str
-    num: int
-    alias: str
-    hostname: str
-    port: int
-    status: str
-    reason: str
-    resources: str
-    probe: dict
-    created_at: float
-    updated_at: float
-    blocks_total: int = 0
-    blocks_busy: int = 0
-
-    @property
-    def status_text(self) -> str:
-        if self.status != READY:
-            return f"{self.status}: {self.reason}" if self.reason else self.status
-        if self.blocks_total <= 1:
-            return "busy" if self.blocks_busy else "idle"
-        return f"{self.blocks_busy}/{self.blocks_total} busy"
+def _instance(r, blocks_total: int = 0, blocks_busy: int = 0) -> Instance:
+    facts = json.loads(r.probe)
+    return Instance(fleet=r.fleet, num=r.num, alias=r.alias, hostname=r.hostname, port=r.port, status=r.status,
+                    reason=r.reason, resources=r.resources, facts=HostFacts.model_validate(facts) if facts else None,
+                    created_at=r.created_at, updated_at=r.updated_at, blocks_total=blocks_total,
+                    blocks_busy=blocks_busy)
 
 
-@dataclass
-class FleetView:
-    name: str
-    source: str
-    created_at: float
-    instances: list[InstanceView] = field(default_factory=list)
+def _run(r) -> Run:
+    return Run(name=r.name, run_id=r.run_id, type=r.type, fleet=r.fleet, instance_id=r.instance_id, alias=r.alias,
+               status=r.status, message=r.message, exit_code=r.exit_code, gpus=json.loads(r.gpus),
+               blocks=json.loads(r.blocks), spec=json.loads(r.spec), container=r.container,
+               nodes=json.loads(r.nodes), created_at=r.created_at, updated_at=r.updated_at, instance_num=r.num,
+               owner=r.owner)
 
 
-@dataclass
-class RunView:
-    name: str
-    run_id: str
-    type: str
-    fleet: str | None
-    instance_id: int | None
-    alias: str | None
-    status: str
-    message: str
-    exit_code: int | None
-    gpus: list[dict]
-    blocks: list[int]
-    spec: dict
-    container: str
-    nodes: list[dict]
-    created_at: float
-    updated_at: float
-    instance_num: int | None = None
-    owner: str = ""
+def existing_store() -> Store | None:
+    """The state store, if gpufleet has one here (a database URL is set, or the state file exists);
+    None rather than make one for a command that only reads."""
+    if os.environ.get("GPUFLEET_DATABASE_URL") or (paths.home() / "state.db").exists():
+        return Store()
+    return None
 
-    def start_in_progress(self, lease: float) -> bool:
-        """Whether the process that allocated this `starting` run may still be starting it:
-        alive on this machine, or (elsewhere) within the lease."""
-        if self.status != "starting":
-            return False
-        host, _, pid = self.owner.rpartition(":")
-        if host == socket.gethostname() and pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-                return True
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-        return time.time() - self.updated_at < lease
 
-    @property
-    def active(self) -> bool:
-        return self.status in ACTIVE
+def applied_facts(fleet: str) -> dict[str, HostFacts]:
+    """alias -> facts of a fleet as `gpufleet apply` recorded them here; {} when it never was."""
+    store = existing_store()
+    state = store.fleet(fleet) if store else None
+    return state.facts() if state else {}
 
 
 def database_url() -> str:
@@ -260,25 +226,23 @@ class Store:
                 c.execute(insert(fleets).values(name=name, source=source, config=json.dumps(config),
                                                 created_at=now, updated_at=now))
 
-    def fleet(self, name: str) -> FleetView | None:
+    def fleet(self, name: str) -> FleetState | None:
         views = self.fleets(name)
         return views[0] if views else None
 
-    def fleets(self, name: str | None = None) -> list[FleetView]:
+    def fleets(self, name: str | None = None) -> list[FleetState]:
         with self._reads.connect() as c:
             q = select(fleets).order_by(fleets.c.name)
             if name is not None:
                 q = q.where(fleets.c.name == name)
-            out = {r.name: FleetView(r.name, r.source, r.created_at) for r in c.execute(q)}
+            out = {r.name: FleetState(name=r.name, source=r.source, created_at=r.created_at) for r in c.execute(q)}
             q = select(instances).order_by(instances.c.fleet, instances.c.num)
             if name is not None:
                 q = q.where(instances.c.fleet == name)
             counts = self._block_counts(c)
             for r in c.execute(q):
                 total, busy = counts.get(r.id, (0, 0))
-                out[r.fleet].instances.append(InstanceView(
-                    r.fleet, r.num, r.alias, r.hostname, r.port, r.status, r.reason, r.resources,
-                    json.loads(r.probe), r.created_at, r.updated_at, total, busy))
+                out[r.fleet].instances.append(_instance(r, total, busy))
         return list(out.values())
 
     @staticmethod
@@ -312,8 +276,8 @@ class Store:
         return [r.alias for r in c.execute(q)]
 
     # instances --------------------------------------------------------------------------------
-    def record_instance(self, fleet: str, alias: str, hostname: str, port: int, status: str,
-                        reason: str = "", resources: str = "", probe: dict | None = None,
+    def record_instance(self, fleet: str, alias: str, hostname: str, port: int, status: InstanceStatus,
+                        reason: str = "", resources: str = "", facts: HostFacts | None = None,
                         block_layout: list[Block] | None = None) -> int:
         """Insert or update one instance after a probe. ``block_layout`` replaces the blocks when
         the instance is ready and none of its blocks is in use."""
@@ -321,9 +285,9 @@ class Store:
         with self.engine.begin() as c:
             self._serialize(c)
             row = c.execute(select(instances).where(instances.c.fleet == fleet, instances.c.alias == alias)).first()
-            values = dict(hostname=hostname, port=port, status=status, reason=reason, updated_at=now)
-            if probe is not None:
-                values.update(probe=json.dumps(probe), resources=resources)
+            values = dict(hostname=hostname, port=port, status=str(status), reason=reason, updated_at=now)
+            if facts is not None:
+                values.update(probe=facts.model_dump_json(), resources=resources)
             if row is None:
                 used = {r.num for r in c.execute(select(instances.c.num).where(instances.c.fleet == fleet))}
                 num = next(i for i in range(len(used) + 1) if i not in used)
@@ -340,7 +304,7 @@ class Store:
                     c.execute(insert(blocks), [dict(instance_id=iid, idx=b.index, gpus=json.dumps(list(b.gpus)),
                                                     cpus=b.cpus, memory_mib=b.memory_mib, numa_node=b.numa_node,
                                                     run=None) for b in block_layout])
-            elif status != READY and not self._busy_aliases(c, fleet, alias):
+            elif status != InstanceStatus.READY and not self._busy_aliases(c, fleet, alias):
                 c.execute(delete(blocks).where(blocks.c.instance_id == iid))
             self._changed(c, [iid])
             return iid
@@ -389,7 +353,8 @@ class Store:
             return self._index
         if self._index is None or (low is not None and low > self._seen + 1):
             rows = c.execute(select(instances.c.id, instances.c.fleet, instances.c.num, instances.c.alias,
-                                    instances.c.updated_at).where(instances.c.status == READY)).all()
+                                    instances.c.updated_at)
+                             .where(instances.c.status == str(InstanceStatus.READY))).all()
             ids = None
             self._index = HostIndex()
         else:
@@ -399,7 +364,8 @@ class Store:
             for chunk in _chunks(ids):
                 rows += c.execute(select(instances.c.id, instances.c.fleet, instances.c.num, instances.c.alias,
                                          instances.c.updated_at)
-                                  .where(instances.c.status == READY, instances.c.id.in_(chunk))).all()
+                                  .where(instances.c.status == str(InstanceStatus.READY),
+                                         instances.c.id.in_(chunk))).all()
             for iid in ids:
                 self._index.remove(iid)
         cache = self._slot_cache
@@ -432,9 +398,9 @@ class Store:
             layout[b.instance_id].append((b.idx, tuple(json.loads(b.gpus)), b.cpus, b.memory_mib, b.numa_node))
         for r in c.execute(select(instances.c.id, instances.c.updated_at, instances.c.probe)
                            .where(instances.c.id.in_(ids))):
-            gpus = json.loads(r.probe).get("gpus") or []
+            gpus = _GPUS.validate_python(json.loads(r.probe).get("gpus") or [])
             blist = layout[r.id]
-            shape = (tuple((g.get("vendor"), g.get("model"), g.get("name"), g.get("memory_mib")) for g in gpus),
+            shape = (tuple((g.vendor, g.model, g.name, g.memory_mib) for g in gpus),
                      tuple(blist))
             variants = [(idx, BlockSlot(idx, g, cp, mem, numa, True), BlockSlot(idx, g, cp, mem, numa, False))
                         for idx, g, cp, mem, numa in blist]
@@ -476,14 +442,14 @@ class Store:
                     raise GpufleetError(f"blocks {list(p.blocks)} of {host.alias} were taken meanwhile; try again")
                 nodes.append({"rank": rank, "alias": host.alias, "instance_id": host.instance_id,
                               "instance_num": host.num, "blocks": list(p.blocks),
-                              "gpus": [host.gpus[g] for g in p.gpus]})
+                              "gpus": [host.gpus[g].model_dump(mode="json") for g in p.gpus]})
             seen = self._changed(c, [p.host.instance_id for p in placements])
             first = placements[0].host
             if old:
                 c.execute(delete(runs).where(runs.c.name == name))
             c.execute(insert(runs), dict(
                 name=name, run_id=run_id, type=kind, fleet=first.fleet, instance_id=first.instance_id,
-                alias=first.alias, status="starting", message="", exit_code=None,
+                alias=first.alias, status=str(RunStatus.STARTING), message="", exit_code=None,
                 gpus=json.dumps(nodes[0]["gpus"]), blocks=json.dumps(nodes[0]["blocks"]),
                 spec=json.dumps(spec), container=container, nodes=json.dumps(nodes),
                 owner=f"{socket.gethostname()}:{os.getpid()}", created_at=now, updated_at=now))
@@ -495,39 +461,33 @@ class Store:
         self._seen = seen
         return placements
 
-    def finish_run(self, name: str, status: str, exit_code: int | None = None, message: str = "") -> None:
+    def finish_run(self, name: str, status: RunStatus, exit_code: int | None = None, message: str = "") -> None:
         """Record a run's end and free its blocks, in one transaction."""
         with self.engine.begin() as c:
             self._serialize(c)
             c.execute(update(runs).where(runs.c.name == name).values(
-                status=status, exit_code=exit_code, message=message, updated_at=time.time()))
+                status=str(status), exit_code=exit_code, message=message, updated_at=time.time()))
             held = [r.instance_id for r in c.execute(select(blocks.c.instance_id).distinct()
                                                      .where(blocks.c.run == name))]
             if held:
                 c.execute(update(blocks).where(blocks.c.run == name).values(run=None))
                 self._changed(c, held)
 
-    def set_run_status(self, name: str, status: str, message: str = "") -> None:
+    def set_run_status(self, name: str, status: RunStatus, message: str = "") -> None:
         with self.engine.begin() as c:
-            c.execute(update(runs).where(runs.c.name == name).values(status=status, message=message,
+            c.execute(update(runs).where(runs.c.name == name).values(status=str(status), message=message,
                                                                      updated_at=time.time()))
 
-    def runs(self, include_finished: bool = False, name: str | None = None) -> list[RunView]:
+    def runs(self, include_finished: bool = False, name: str | None = None) -> list[Run]:
         with self._reads.connect() as c:
             q = select(runs, instances.c.num).join(instances, instances.c.id == runs.c.instance_id, isouter=True)
             if name is not None:
                 q = q.where(runs.c.name == name)
             elif not include_finished:
                 q = q.where(runs.c.status.in_(ACTIVE))
-            out = []
-            for r in c.execute(q.order_by(runs.c.created_at)):
-                out.append(RunView(r.name, r.run_id, r.type, r.fleet, r.instance_id, r.alias, r.status, r.message,
-                                   r.exit_code, json.loads(r.gpus), json.loads(r.blocks), json.loads(r.spec),
-                                   r.container, json.loads(r.nodes), r.created_at, r.updated_at, r.num,
-                                   r.owner))
-            return out
+            return [_run(r) for r in c.execute(q.order_by(runs.c.created_at))]
 
-    def run(self, name: str) -> RunView | None:
+    def run(self, name: str) -> Run | None:
         found = self.runs(name=name)
         return found[0] if found else None
 

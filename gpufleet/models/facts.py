@@ -79,6 +79,9 @@ class HostFacts(CoreModel):
     runtime: Runtime = Field(default_factory=Runtime)
     problems: list[Problem] = Field(default_factory=list)
 
+    def runtime_argv(self) -> list[str]:
+        return (self.runtime if self.runtime.name else UNKNOWN_RUNTIME).argv()
+
     def cpuset(self, numa_nodes: set[int | None]) -> str | None:
         """The CPU list of ``numa_nodes`` (for --cpuset-cpus), or None when it is not known for each."""
         lists = self.cpu.numa_nodes

@@ -68,7 +68,6 @@ blocks: auto
 # then, e.g.: ansible-playbook -i fleet.yml gpufleet.fleet.probe --limit gpu_model_h100
 """
 
-import os  # noqa: E402
 import sys  # noqa: E402
 
 from ansible.errors import AnsibleParserError  # noqa: E402
@@ -76,7 +75,6 @@ from ansible.parsing.dataloader import DataLoader  # noqa: E402
 from ansible.plugins.inventory import BaseInventoryPlugin  # noqa: E402
 
 try:
-    from gpufleet import paths as gpufleet_paths
     from gpufleet.config import load_fleet
     from gpufleet.errors import GpufleetError
     from gpufleet.inventory import group_name, write_fleet_files
@@ -114,7 +112,7 @@ class InventoryModule(BaseInventoryPlugin):
         try:
             fleet = load_fleet(path)
             instances = self._applied_instances(fleet.name)
-            files = write_fleet_files(fleet, probed={i.alias: i.probe for i in instances if i.probe})
+            files = write_fleet_files(fleet, facts={i.alias: i.facts for i in instances if i.facts})
         except GpufleetError as e:  # a ConfigError reads file:line:column: field: reason, one a line
             raise AnsibleParserError(str(e)) from None
         generated = self.loader.load_from_file(str(files.inventory), cache="none")
@@ -131,21 +129,20 @@ class InventoryModule(BaseInventoryPlugin):
         for instance in instances:
             if instance.alias not in hosts:  # in the state, no longer in the file
                 continue
-            for gpu in (instance.probe or {}).get("gpus") or []:
+            for gpu in instance.facts.gpus if instance.facts else []:
                 for kind in ("vendor", "model"):
-                    if gpu.get(kind):
+                    if getattr(gpu, kind):
                         gpu_group = self.inventory.add_group(self._sanitize_group_name(
-                            f"gpu_{kind}_{gpu[kind]}".lower()))
+                            f"gpu_{kind}_{getattr(gpu, kind)}".lower()))
                         self.inventory.add_child(gpu_group, instance.alias)
 
     def _applied_instances(self, fleet_name):
         """The fleet's instances as `gpufleet apply` recorded them; [] when it was never applied here."""
-        from gpufleet.state import Store
+        from gpufleet.state import existing_store
 
-        if not os.environ.get("GPUFLEET_DATABASE_URL") and not (gpufleet_paths.home() / "state.db").exists():
-            return []
         try:
-            view = Store().fleet(fleet_name)
+            store = existing_store()
+            view = store.fleet(fleet_name) if store else None
         except GpufleetError as e:
             self.display.warning(f"{NAME}: gpufleet's state is not readable, so the inventory has no GPU "
                                  f"groups: {e}")

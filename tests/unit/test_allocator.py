@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from gpufleet.allocator import BlockSlot, HostSlots, NoCapacity, Request, place
-from gpufleet.runconfig import GPUSpec
+from gpufleet.models import GPU, GPUSpec
 
 
 def host(num: int, n: int = 8, per: int = 1, busy: set[int] = frozenset(), model: str = "H100",
          numa=lambda g: g // 4, vendor: str = "nvidia", mem: int = 81559) -> HostSlots:
-    gpus = [dict(index=g, vendor=vendor, model=model, name=f"NVIDIA {model}", memory_mib=mem, numa_node=numa(g))
+    gpus = [GPU(index=g, vendor=vendor, model=model, name=f"NVIDIA {model}", memory_mib=mem, numa_node=numa(g))
             for g in range(n)]
     blocks = []
     for b in range(max(n // per, 1) if n else 1):
@@ -74,7 +74,7 @@ def test_fleets_filter():
 
 
 def _shaped(h: HostSlots, fleet: str) -> HostSlots:
-    shape = (tuple((g["vendor"], g["model"], g["memory_mib"]) for g in h.gpus),
+    shape = (tuple((g.vendor, g.model, g.memory_mib) for g in h.gpus),
              tuple((b.idx, b.gpus, b.numa_node) for b in h.blocks))
     return HostSlots(h.instance_id, fleet, h.num, h.alias, h.gpus, h.blocks, shape)
 

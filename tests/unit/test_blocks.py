@@ -3,10 +3,11 @@ from __future__ import annotations
 import pytest
 
 from gpufleet.blocks import BlocksError, describe_resources, split
+from gpufleet.models import GPU
 
 
-def gpus(n: int, model: str = "H100", numa=lambda i: i // 4, mem: int = 81559) -> list[dict]:
-    return [dict(index=i, vendor="nvidia", model=model, memory_mib=mem, numa_node=numa(i)) for i in range(n)]
+def gpus(n: int, model: str = "H100", numa=lambda i: i // 4, mem: int = 81559) -> list[GPU]:
+    return [GPU(index=i, vendor="nvidia", model=model, memory_mib=mem, numa_node=numa(i)) for i in range(n)]
 
 
 def test_auto_is_one_block_per_gpu_and_one_for_cpu_hosts() -> None:
@@ -31,11 +32,9 @@ def test_blocks_do_not_straddle_numa_nodes() -> None:
 
 
 def test_mixed_models_are_kept_apart() -> None:
-    host = gpus(4, "H100") + [dict(g, index=g["index"], model="L40S") for g in gpus(4)]
-    for i, g in enumerate(host):
-        g["position"] = i
+    host = gpus(4, "H100") + [g.model_copy(update={"model": "L40S"}) for g in gpus(4)]
     layout = split(host, 2, 8, 800)
-    assert [{host[i]["model"] for i in b.gpus} for b in layout] == [{"H100"}, {"L40S"}]
+    assert [{host[i].model for i in b.gpus} for b in layout] == [{"H100"}, {"L40S"}]
     assert describe_resources(host, 8, 800) == "4xH100 (80GB), 4xL40S (80GB)"
 
 

@@ -27,8 +27,9 @@ import pytest
 from gpufleet import runner
 from gpufleet.config import load_fleet
 from gpufleet.inventory import write_fleet_files
+from gpufleet.launch import container_vars
+from gpufleet.models import GPU, HostFacts
 from gpufleet.runconfig import load_run
-from gpufleet.workload import container_vars
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -152,8 +153,8 @@ def run_vars(tmp_path: Path, monkeypatch):
     marker = tmp_path / "pwned"
     run = hostile_run(tmp_path, marker)
     fleet_env = {"FLEET_PIPE": f"{{{{ lookup('pipe','touch {marker}') }}}}"}
-    probe = {"runtime": {"name": "podman", "gpu_support": {"nvidia": "cdi"}}}
-    gpus = [{"vendor": "nvidia", "index": 0, "uuid": "GPU-0"}]
+    probe = HostFacts(runtime={"name": "podman", "gpu_support": {"nvidia": "cdi"}})
+    gpus = [GPU(vendor="nvidia", index=0, uuid="GPU-0")]
     variables = container_vars(run, "run-1", fleet_env, probe, gpus, 2, 1024, set())
     vars_file = runner.write_unsafe_vars(variables)
     assert vars_file.stat().st_mode & 0o077 == 0

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from gpufleet.errors import ConfigError
-from gpufleet.runconfig import GPUSpec, Range, load_run
+from gpufleet.models import GPUSpec, Range
+from gpufleet.runconfig import load_run
 
 
 @pytest.mark.parametrize("spec,count,names,vendor,memory", [

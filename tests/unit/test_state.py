@@ -16,7 +16,7 @@ from gpufleet import migrations
 from gpufleet.allocator import NoCapacity, Request, place
 from gpufleet.blocks import split
 from gpufleet.errors import GpufleetError
-from gpufleet.runconfig import GPUSpec
+from gpufleet.models import GPU, GPUSpec, HostFacts
 from gpufleet.state import Store, metadata
 
 PG_URL = os.environ.get("GPUFLEET_TEST_DATABASE_URL")
@@ -42,14 +42,14 @@ def db_url(request, tmp_path: Path) -> str:
     return PG_URL
 
 
-def gpus(n: int) -> list[dict]:
-    return [dict(index=i, vendor="nvidia", model="H100", memory_mib=81559, uuid=f"GPU-{i}", numa_node=i // 4)
+def gpus(n: int) -> list[GPU]:
+    return [GPU(index=i, vendor="nvidia", model="H100", memory_mib=81559, uuid=f"GPU-{i}", numa_node=i // 4)
             for i in range(n)]
 
 
 def add_host(store: Store, fleet: str, alias: str, n: int = 8) -> None:
     store.save_fleet(fleet, f"{fleet}.yml", {"type": "fleet", "placement": "cluster"})
-    probe = {"gpus": gpus(n), "cpu": {"count": 16}, "memory_mib": 64000}
+    probe = HostFacts(gpus=gpus(n), cpu={"count": 16}, memory_mib=64000)
     store.record_instance(fleet, alias, alias, 22, "ready", "", f"{n}xH100", probe, split(gpus(n), "auto", 16, 64000))
 
 
@@ -89,7 +89,7 @@ def test_allocate_finish_and_busy_rules(db_url):
 ALLOCATE = """
 import sys, time
 from gpufleet.allocator import NoCapacity, Request, place
-from gpufleet.runconfig import GPUSpec
+from gpufleet.models import GPUSpec
 from gpufleet.state import Store
 url, name, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
 store = Store(url)
@@ -139,7 +139,7 @@ def test_schema_versions(db_url):
     add = Store(db_url)
     add_host(add, "f", "a")
     add.allocate("r", "id", "task", {}, "c", lambda hosts: place(Request(gpu=GPUSpec.model_validate(1)), hosts))
-    assert add.run("r").nodes[0]["alias"] == "a"
+    assert add.run("r").nodes[0].alias == "a"
     # a newer database is refused, not guessed at
     with add.engine.begin() as c:
         c.execute(migrations.version_table.update().values(version=migrations.LATEST + 1))
@@ -182,7 +182,7 @@ def test_long_lived_stores_see_each_others_changes(db_url):
     for i in (0, 2, 3, 5):
         b.finish_run(f"r{i}", "done", 0)
     # x re-probed with 4 GPUs by a: b's next allocation knows the new layout
-    probe = {"gpus": gpus(4), "cpu": {"count": 16}, "memory_mib": 64000}
+    probe = HostFacts(gpus=gpus(4), cpu={"count": 16}, memory_mib=64000)
     a.record_instance("f", "x", "x", 22, "ready", "", "4xH100", probe, split(gpus(4), "auto", 16, 64000))
     [p] = b.allocate("big", "big", "task", {}, "cbig",
                      lambda hosts: place(Request(gpu=GPUSpec.model_validate(4)), hosts))
@@ -271,7 +271,7 @@ def test_processes_opening_a_new_database_at_once(tmp_path):
 def test_a_fleets_env_is_read_from_state_even_when_its_key_files_are_gone(tmp_path, monkeypatch):
     """A run reads its fleet's env from the config stored at apply time; files that config named
     (identity files) may be gone since: that is for the fleet's next apply, not a traceback now."""
-    from gpufleet.workload import fleet_config_env
+    from gpufleet.launch import fleet_config_env
 
     store = Store(f"sqlite:///{tmp_path / 'state.db'}")
     store.save_fleet("f", "f.yml", {"type": "fleet", "name": "f", "env": ["A=1", "TOKEN"],

@@ -1,0 +1,156 @@
+"""Launching: what the `workload` role needs to start a run's container on each of its nodes, and
+starting or stopping those containers with playbooks/start.yml and stop.yml.
+
+Which blocks a run gets is decided before (allocator, state); what became of its containers is
+asked afterwards (runs.refresh, over containers.list_containers).
+"""
+
+from __future__ import annotations
+
+from gpufleet import cluster
+from gpufleet.allocator import Placement
+from gpufleet.config import stored_fleet
+from gpufleet.errors import GpufleetError
+from gpufleet.models import GPU, DevEnvironmentConfig, Fleet, HostFacts, Run, RunRequest, split_env
+from gpufleet.paths import FleetFiles
+from gpufleet.runner import run_playbook
+from gpufleet.secrets import fleet_secrets
+from gpufleet.state import Store
+
+KEEP_ALIVE = "while :; do sleep 3600; done"
+
+
+class StartError(GpufleetError):
+    """A node's container could not be started; the message names the node and the cause."""
+
+
+def container_name(run_name: str) -> str:
+    return f"gpufleet-{run_name}"
+
+
+def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], facts: HostFacts, gpus: list[GPU],
+                   cpus: int, memory_mib: int, numa_nodes: set, node_env: dict[str, str] | None = None,
+                   prelude: str = "", secrets: dict[str, str] | None = None) -> dict:
+    """Everything the `workload` role needs to start the run's container, per GPU vendor."""
+    cfg = run.config
+    support = facts.runtime.gpu_support
+    devices: list[str] = []
+    docker_gpus = oci_runtime = None
+    extra_env: dict[str, str] = {}
+    nvidia = [g for g in gpus if g.vendor == "nvidia"]
+    if nvidia:
+        ids = [g.uuid or str(g.index) for g in nvidia]
+        if support.get("nvidia") == "cdi":
+            devices += [f"nvidia.com/gpu={i}" for i in ids]
+        else:
+            docker_gpus = "device=" + ",".join(ids)
+    amd = [g for g in gpus if g.vendor == "amd"]
+    if amd:
+        devices += ["/dev/kfd"] + [f"/dev/dri/renderD{128 + g.index}" for g in amd]
+    intel = [g for g in gpus if g.vendor == "intel"]
+    if intel:
+        oci_runtime = "habana"
+        extra_env["HABANA_VISIBLE_DEVICES"] = ",".join(str(g.index) for g in intel)
+    devices += [f"/dev/tenstorrent/{g.index}" for g in gpus if g.vendor == "tenstorrent"]
+    indices = [g.index for g in gpus]
+    # fleet env < run env < what gpufleet sets (the node's own settings last); at each layer a value
+    # or a secret replaces the one below
+    env: dict[str, str] = {}
+    secret_env: dict[str, str] = {}
+    for layer, secret in ((fleet_env, False), (secrets or {}, True), (cfg.env_dict, False), (run.secrets, True),
+                          (extra_env, False), (cluster.run_env(run.name, indices), False), (node_env or {}, False)):
+        for name, value in layer.items():
+            (secret_env if secret else env)[name] = value
+            (env if secret else secret_env).pop(name, None)
+    lines = [prelude] if prelude else []
+    lines += cfg.commands
+    if isinstance(cfg, DevEnvironmentConfig):
+        lines.append(KEEP_ALIVE)
+    script = "\n".join(lines)
+    command = ["/bin/sh", "-c", "set -e\n" + script] if script else []
+    gpu_list = ",".join(map(str, indices))
+    return {
+        "workload_name": container_name(run.name),
+        "workload_run_id": run_id,
+        "workload_image": cfg.image,
+        "workload_command": command,
+        "workload_env": env,
+        "workload_secret_env": secret_env,
+        "workload_labels": {"gpufleet.run": run.name, "gpufleet.type": cfg.type, "gpufleet.gpus": gpu_list},
+        "workload_devices": devices,
+        "workload_gpus": docker_gpus,
+        "workload_oci_runtime": oci_runtime,
+        "workload_cpuset_cpus": facts.cpuset(numa_nodes),
+        "workload_cpus": float(cpus) if cpus else None,
+        "workload_memory_mib": memory_mib or None,
+        "workload_network": "host",
+        "workload_volumes": list(cfg.volumes),
+        "workload_workdir": cfg.working_dir,
+    }
+
+
+def applied_fleet(store: Store, name: str) -> Fleet:
+    """The fleet as it was applied (its config is not validated against the disk again)."""
+    state = store.fleet(name)
+    config = store.fleet_config(name)
+    if state is None or config is None:
+        raise GpufleetError(f"no fleet named {name!r} (see gpufleet fleet list)")
+    return stored_fleet(name, state.source, config)
+
+
+def fleet_config_env(store: Store, fleet: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The fleet's env for its workloads: (values, secrets); secret values come from this process's
+    environment, as a run's do. Read from the config stored at apply time, not validated again."""
+    state = store.fleet(fleet)
+    values, names = split_env((store.fleet_config(fleet) or {}).get("env"))
+    return values, fleet_secrets(fleet, state.source if state else fleet, names)
+
+
+def start_nodes(store: Store, run: RunRequest, run_id: str, placements: list[Placement], started: list[str]) -> None:
+    """Start the run's container on each node, rank 0 first; ``started`` collects the hosts tried.
+    Raise StartError (or another GpufleetError: a missing secret, an unknown cluster address) on
+    the first node that fails."""
+    fleet_name = placements[0].host.fleet
+    values, secrets = fleet_config_env(store, fleet_name)
+    facts = store.fleet(fleet_name).facts()
+    gpus_per_node = len(placements[0].gpus)
+    ips = node_addresses(store, fleet_name, [p.host.alias for p in placements]) if len(placements) > 1 else []
+    prelude = cluster.hostfile_script(ips, gpus_per_node) if ips else ""
+    files = FleetFiles.of(fleet_name).require()
+    for rank, p in enumerate(placements):
+        host = p.host
+        numa = {b.numa_node for b in host.blocks if b.idx in p.blocks}
+        variables = container_vars(run, run_id, values, facts[host.alias], [host.gpus[g] for g in p.gpus],
+                                   p.cpus, p.memory_mib, numa, cluster.node_env(rank, ips, gpus_per_node), prelude,
+                                   secrets)
+        started.append(host.alias)
+        result = run_playbook("start", files.inventory, limit=[host.alias], unsafe_vars=variables)
+        if result.canceled:
+            raise KeyboardInterrupt
+        outcome = result.hosts.get(host.alias)
+        if outcome is None or outcome.status.bad:
+            prefix = f"node {rank} ({host.alias}): " if len(placements) > 1 else f"{host.alias}: "
+            raise StartError(prefix + (outcome.message if outcome else "no result from the start playbook"))
+
+
+def node_addresses(store: Store, fleet_name: str, aliases: list[str]) -> list[str]:
+    fleet = applied_fleet(store, fleet_name)
+    targets = {t.alias: t for t in fleet.targets}
+    outcomes = cluster.probe_addresses(FleetFiles.of(fleet_name).require().inventory, aliases,
+                                       {a: targets[a].hostname for a in aliases})
+    return [cluster.choose_address(a, outcomes.get(a), targets[a].internal_ip, fleet.network) for a in aliases]
+
+
+def stop_containers(run: Run | None, aliases: list[str], remove: bool = False) -> None:
+    """Stop (or remove) the run's containers on ``aliases``; raise with each host that failed."""
+    if run is None or not aliases:
+        return
+    variables = {"workload_name": run.container, "workload_run_id": run.run_id}
+    if remove:
+        variables["workload_state"] = "absent"
+    result = run_playbook("stop", FleetFiles.of(run.fleet).require().inventory, limit=aliases,
+                          unsafe_vars=variables)
+    outcomes = [(a, result.hosts.get(a)) for a in aliases]
+    bad = [f"{a}: {o.message if o else 'no result'}" for a, o in outcomes if o is None or o.status.bad]
+    if bad:
+        raise GpufleetError("; ".join(bad))

@@ -1,0 +1,39 @@
+"""gpufleet's domain, as typed models: one base (CoreModel, unknown fields refused), status enums,
+fleets and their resolved hosts, host facts, runs, and what the state store keeps.
+
+Data flows one way: YAML -> these models -> inventory and ssh_config -> runner -> facts ->
+allocator and state -> what the CLI shows."""
+
+from gpufleet.models.core import (
+    ACTIVE_RUN_STATUSES,
+    CoreModel,
+    HostStatus,
+    InstanceStatus,
+    ProbeStatus,
+    Range,
+    RunStatus,
+    RunType,
+)
+from gpufleet.models.env import Env, split_env
+from gpufleet.models.facts import CPU, GPU, UNKNOWN_RUNTIME, Container, Disk, HostFacts, Problem, Runtime
+from gpufleet.models.fleet import Fleet, FleetConfig, Hop, HostParams, ProxyJump, SSHParams, Target, target_aliases
+from gpufleet.models.run import (
+    RUN_CONFIG,
+    DevEnvironmentConfig,
+    GPUSpec,
+    ResourcesSpec,
+    RunConfig,
+    RunConfigType,
+    RunRequest,
+    ServiceConfig,
+    TaskConfig,
+)
+from gpufleet.models.state import FleetState, Instance, Run, RunNode
+
+__all__ = [
+    "ACTIVE_RUN_STATUSES", "CPU", "GPU", "RUN_CONFIG", "UNKNOWN_RUNTIME", "Container", "CoreModel",
+    "DevEnvironmentConfig", "Disk", "Env", "Fleet", "FleetConfig", "FleetState", "GPUSpec", "Hop", "HostFacts",
+    "HostParams", "HostStatus", "Instance", "InstanceStatus", "ProbeStatus", "Problem", "ProxyJump", "Range",
+    "ResourcesSpec", "Run", "RunConfig", "RunConfigType", "RunNode", "RunRequest", "RunStatus", "RunType",
+    "Runtime", "SSHParams", "ServiceConfig", "Target", "TaskConfig", "split_env", "target_aliases",
+]

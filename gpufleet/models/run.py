@@ -1,0 +1,276 @@
+"""Runs: `type: task`, `service` and `dev-environment` (dstack-compatible fields) and what they ask for.
+
+GPU requests accept dstack's forms: `4`, `2..4`, `H100:4`, `H100:80GB:4`, `A100,H100:2`,
+`amd:2`, `24GB..:1`, or a mapping {name, count, memory, vendor}.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+from gpufleet.models.core import CoreModel, Range, RunType
+from gpufleet.models.env import Env, split_env
+from gpufleet.models.fleet import NAME_RE
+
+VENDORS = {"nvidia": "nvidia", "amd": "amd", "intel": "intel", "gaudi": "intel", "habana": "intel",
+           "tenstorrent": "tenstorrent", "tt": "tenstorrent"}
+_IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(MB|GB|TB)?$", re.I)
+_MAX_GPUS = 1024
+
+
+def parse_count(value: Any, what: str = "count", limit: int = _MAX_GPUS) -> Range:
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a number or a range like 2..4, not {str(value).lower()}")
+    if isinstance(value, int):
+        lo = hi = value
+    elif isinstance(value, str) and re.fullmatch(r"\d*\.\.\d*", value.strip()) and value.strip() != "..":
+        a, b = value.strip().split("..")
+        lo, hi = (int(a) if a else None), (int(b) if b else None)
+    elif isinstance(value, str) and value.strip().isdigit():
+        lo = hi = int(value)
+    else:
+        raise ValueError(f"{what} {value!r} must be a number or a range like 2..4")
+    for v in (lo, hi):
+        if v is not None and (v < 0 or v > limit):
+            raise ValueError(f"{what} {value!r} is out of range (0..{limit})")
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"{what} range {value!r} is empty ({lo} > {hi})")
+    return Range(lo, hi)
+
+
+def parse_size_gb(text: str) -> float:
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a size like 80GB")
+    value, unit = float(m.group(1)), (m.group(2) or "GB").upper()
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is too large")
+    return value * {"MB": 1 / 1024, "GB": 1, "TB": 1024}[unit]
+
+
+def parse_size_range(value: Any, what: str = "memory") -> Range:
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a size like 80GB")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{what} {value!r} must be a size like 80GB (a number of GB >= 0)")
+        return Range(float(value), None)
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a size like 80GB or a range like 24GB..80GB")
+    if ".." in value:
+        a, b = value.split("..", 1)
+        r = Range(parse_size_gb(a) if a.strip() else None, parse_size_gb(b) if b.strip() else None)
+        if r.min is not None and r.max is not None and r.min > r.max:
+            raise ValueError(f"{what} range {value!r} is empty")
+        return r
+    return Range(parse_size_gb(value), None)  # "80GB" means at least 80GB
+
+
+def _is_size(token: str) -> bool:
+    return bool(re.fullmatch(r"[\d.]*\s*(MB|GB|TB)\s*(\.\.\s*([\d.]+\s*(MB|GB|TB))?)?|\.\.[\d.]+\s*(MB|GB|TB)",
+                             token.strip(), re.I))
+
+
+class GPUSpec(CoreModel):
+    """Which GPUs a run needs. `count` defaults to 1 when a model or vendor is named."""
+
+    name: list[str] | None = Field(None, description="Accepted models, e.g. [H100, A100].")
+    vendor: str | None = Field(None, description="nvidia, amd, intel (gaudi) or tenstorrent.")
+    count: Range = Field(Range(1, 1), description="Number of GPUs or a range, e.g. 2..4.")
+    memory: Range | None = Field(None, description="Memory per GPU, e.g. 80GB or 40GB..")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, v: Any) -> Any:
+        if isinstance(v, (int, bool)):
+            return {"count": parse_count(v)}
+        if isinstance(v, str):
+            return _parse_gpu_string(v)
+        if isinstance(v, dict):
+            v = dict(v)
+            if "count" in v and not isinstance(v["count"], Range):
+                v["count"] = parse_count(v["count"])
+            if "memory" in v and v["memory"] is not None and not isinstance(v["memory"], Range):
+                v["memory"] = parse_size_range(v["memory"])
+            if isinstance(v.get("name"), str):
+                v["name"] = [n.strip() for n in v["name"].split(",") if n.strip()]
+        return v
+
+    @field_validator("vendor")
+    @classmethod
+    def _vendor(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if v.lower() not in VENDORS:
+            raise ValueError(f"unknown GPU vendor {v!r} (nvidia, amd, intel, tenstorrent)")
+        return VENDORS[v.lower()]
+
+    def describe(self) -> str:
+        what = ",".join(self.name) if self.name else (self.vendor.upper() if self.vendor else "GPU")
+        mem = f" ({self.memory} GB)" if self.memory else ""
+        return f"{self.count} {what}{mem}"
+
+
+def _parse_gpu_string(text: str) -> dict:
+    out: dict[str, Any] = {}
+    for token in [t.strip() for t in text.split(":")]:
+        if not token:
+            raise ValueError(f"GPU spec {text!r} has an empty part")
+        if re.fullmatch(r"\d+|\d*\.\.\d*", token):
+            if "count" in out:
+                raise ValueError(f"GPU spec {text!r} gives the count twice")
+            out["count"] = parse_count(token)
+        elif _is_size(token):
+            if "memory" in out:
+                raise ValueError(f"GPU spec {text!r} gives the memory twice")
+            out["memory"] = parse_size_range(token)
+        elif token.lower() in VENDORS:
+            out["vendor"] = VENDORS[token.lower()]
+        elif re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.,-]*", token):
+            if "name" in out:
+                raise ValueError(f"GPU spec {text!r}: {token!r} is not a count, a size (80GB) or a vendor, "
+                                 f"and the model was already given ({','.join(out['name'])})")
+            out["name"] = [n for n in token.split(",") if n]
+        else:
+            raise ValueError(f"GPU spec {text!r}: cannot read {token!r} (e.g. H100:80GB:4, 2..4, amd:2)")
+    return out
+
+
+class ResourcesSpec(CoreModel):
+    gpu: GPUSpec | None = Field(None, description="GPUs: 4, 2..4, H100:4, H100:80GB:4, amd:2, {name, count}.")
+    cpu: Annotated[Range | None, BeforeValidator(lambda v: v if v is None or isinstance(v, Range)
+                                                 else parse_count(v, "cpu", 4096))] = Field(
+        None, description="CPU cores, e.g. 8 or 4..")
+    memory: Annotated[Range | None, BeforeValidator(lambda v: v if v is None or isinstance(v, Range)
+                                                    else parse_size_range(v))] = Field(
+        None, description="Memory, e.g. 64GB or 32GB..")
+    disk: Annotated[Range | None, BeforeValidator(lambda v: v if v is None or isinstance(v, Range)
+                                                  else parse_size_range(v, "disk"))] = Field(
+        None, description="Disk, e.g. 100GB..")
+    shm_size: str | None = Field(None, description="Shared memory size, e.g. 16GB.")
+
+
+def _port(v: Any) -> Any:
+    if isinstance(v, bool):
+        raise ValueError("a port must be a number")
+    if isinstance(v, str) and re.fullmatch(r"\d{1,5}(:\d{1,5})?", v):
+        numbers = [int(p) for p in v.split(":")]
+    elif isinstance(v, int):
+        numbers = [v]
+    else:
+        raise ValueError(f"{v!r} is not a port (8000) or a mapping (8080:8000)")
+    if not all(1 <= n <= 65535 for n in numbers):
+        raise ValueError(f"{v!r}: a port must be between 1 and 65535")
+    return v
+
+
+Port = Annotated[int | str, BeforeValidator(_port)]
+
+
+def _scalar_text(v: Any) -> Any:
+    """A command YAML read as a scalar (`true`, `3`) is still the command the user wrote."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (int, float)):
+        return str(v)
+    return v
+
+
+class _Run(CoreModel):
+    name: str | None = Field(None, description="Run name (default: the file name).")
+    image: str = Field(description="Container image, e.g. localhost/gpufleet-lab:latest.")
+    commands: list[Annotated[str, BeforeValidator(_scalar_text)]] = Field(
+        [], description="Shell commands, run in order in the container.")
+    env: Env = Field(
+        None, description="Environment: a mapping or KEY=VALUE list. A name without a value (`- HF_TOKEN`) "
+                          "is a secret: its value comes from the environment of `gpufleet apply` and is "
+                          "never stored, logged or shown.")
+    resources: ResourcesSpec = Field(ResourcesSpec(), description="What the run needs.")
+    ports: list[Port] = Field([], description="Ports to forward with `gpufleet attach` (8000 or 8080:8000).")
+    fleets: list[str] | None = Field(None, description="Only place the run on these fleets.")
+    volumes: list[str] = Field([], description="Host paths bound into the container: /host/path:/path[:ro].")
+    working_dir: str | None = Field(None, description="Working directory in the container.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not NAME_RE.match(v):
+            raise ValueError(f"{v!r} must be lowercase letters, digits and '-', starting with a letter")
+        return v
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str) -> str:
+        if not _IMAGE_RE.match(v) or len(v) > 255:
+            raise ValueError(f"{v!r} is not an image reference (no leading '-', spaces or shell characters)")
+        return v
+
+    @field_validator("volumes")
+    @classmethod
+    def _volumes(cls, v: list[str]) -> list[str]:
+        for item in v:
+            parts = item.split(":")
+            if len(parts) not in (2, 3) or not all(p.startswith("/") for p in parts[:2]) or \
+                    (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+                raise ValueError(f"{item!r} must be /host/path:/container/path or /host/path:/path:ro")
+            if "," in item:
+                raise ValueError(f"{item!r}: paths may not contain ','")
+        return v
+
+    @property
+    def env_dict(self) -> dict[str, str]:
+        """The variables given with a value (secrets, given without one, are not here)."""
+        return split_env(self.env)[0]
+
+
+
+class TaskConfig(_Run):
+    """A batch job: runs its commands and ends."""
+
+    type: Literal["task"]
+    nodes: int = Field(1, ge=1, le=1024, description="Number of hosts, one container on each "
+                                                     "(needs a `placement: cluster` fleet).")
+
+
+class ServiceConfig(_Run):
+    """A long-running server listening on `port`."""
+
+    type: Literal["service"]
+    port: Port = Field(description="The port the service listens on.")
+
+
+class DevEnvironmentConfig(_Run):
+    """A long-running container for interactive work (`gpufleet attach`)."""
+
+    type: Literal["dev-environment"]
+    ide: str | None = Field(None, description="Accepted for dstack compatibility; gpufleet opens a shell.")
+
+
+RunConfigType = TaskConfig | ServiceConfig | DevEnvironmentConfig
+RunConfig = Annotated[RunConfigType, Field(discriminator="type")]
+RUN_CONFIG = TypeAdapter(RunConfig)
+
+
+class RunRequest(CoreModel):
+    """A run configuration as submitted: its name, file, config, and its secrets' values."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    source: str
+    config: RunConfigType
+    # the values of the run's secret env names, from this process's environment: never stored
+    secrets: dict[str, str] = Field(default_factory=dict, repr=False, exclude=True)
+
+    @property
+    def type(self) -> RunType:
+        return RunType(self.config.type)
+
+    @property
+    def nodes(self) -> int:
+        return getattr(self.config, "nodes", 1)

@@ -1,0 +1,109 @@
+"""What the state store keeps and returns: instances (probed hosts), fleets, runs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+from pydantic import Field
+
+from gpufleet.models.core import CoreModel, InstanceStatus, RunStatus
+from gpufleet.models.facts import GPU, HostFacts
+
+
+class Instance(CoreModel):
+    """A fleet host as gpufleet last found it."""
+
+    fleet: str
+    num: int
+    alias: str
+    hostname: str
+    port: int
+    status: InstanceStatus
+    reason: str = ""
+    resources: str = ""
+    facts: HostFacts | None = None  # None until a probe of the host succeeded
+    created_at: float
+    updated_at: float
+    blocks_total: int = 0
+    blocks_busy: int = 0
+
+    @property
+    def status_text(self) -> str:
+        if self.status != InstanceStatus.READY:
+            return f"{self.status}: {self.reason}" if self.reason else str(self.status)
+        if self.blocks_total <= 1:
+            return "busy" if self.blocks_busy else "idle"
+        return f"{self.blocks_busy}/{self.blocks_total} busy"
+
+
+class FleetState(CoreModel):
+    name: str
+    source: str
+    created_at: float
+    instances: list[Instance] = Field(default_factory=list)
+
+    def facts(self) -> dict[str, HostFacts]:
+        """alias -> facts, for the hosts that were probed."""
+        return {i.alias: i.facts for i in self.instances if i.facts}
+
+
+class RunNode(CoreModel):
+    """Where one node (rank) of a run runs."""
+
+    rank: int
+    alias: str
+    instance_id: int
+    instance_num: int | None = None
+    blocks: list[int]
+    gpus: list[GPU]
+
+
+class Run(CoreModel):
+    """A submitted run, as the state store keeps it."""
+
+    name: str
+    run_id: str  # unique per submission; labels the container
+    type: str
+    fleet: str | None
+    instance_id: int | None
+    alias: str | None
+    status: RunStatus
+    message: str = ""
+    exit_code: int | None = None
+    gpus: list[GPU] = Field(default_factory=list)
+    blocks: list[int] = Field(default_factory=list)
+    spec: dict[str, Any]  # the run configuration as submitted (JSON)
+    container: str
+    nodes: list[RunNode] = Field(default_factory=list)
+    created_at: float
+    updated_at: float
+    instance_num: int | None = None
+    owner: str = ""  # host:pid of the gpufleet that allocated it
+
+    @property
+    def active(self) -> bool:
+        return self.status.active
+
+    @property
+    def aliases(self) -> list[str]:
+        """The hosts of its nodes, rank 0 first."""
+        return [n.alias for n in self.nodes] if self.nodes else ([self.alias] if self.alias else [])
+
+    def start_in_progress(self, lease: float) -> bool:
+        """Whether the process that allocated this `starting` run may still be starting it:
+        alive on this machine, or (elsewhere) within the lease."""
+        if self.status != RunStatus.STARTING:
+            return False
+        host, _, pid = self.owner.rpartition(":")
+        if host == socket.gethostname() and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                return True
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+        return time.time() - self.updated_at < lease

@@ -1,0 +1,173 @@
+"""What the CLI shows: tables for people, JSON for scripts, the y/n prompt, errors and warnings.
+
+Text that comes from users or hosts (names, reasons, messages) is never read as rich markup.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from gpufleet.errors import UsageError
+from gpufleet.models import FleetState, InstanceStatus, Run, Target
+
+STATUS_STYLE = {InstanceStatus.READY: "", InstanceStatus.UNREACHABLE: "yellow", InstanceStatus.ERROR: "red"}
+PROBE_STYLE = {"ok": "green", "unreachable": "yellow", "failed": "red", "running": "cyan"}
+
+
+def age(ts: float, now: float | None = None) -> str:
+    s = max(0, int((now or time.time()) - ts))
+    for unit, size in (("day", 86400), ("hour", 3600), ("min", 60)):
+        if s >= size:
+            n = s // size
+            return f"{n} {unit}{'s' if n > 1 else ''} ago"
+    return f"{s} sec{'s' if s != 1 else ''} ago"
+
+
+def table(*columns: str, fold: bool = False, **kw) -> Table:
+    t = Table(box=None, pad_edge=False, header_style="bold", **kw)
+    for col in columns:
+        t.add_column(col, overflow="fold" if fold else "ellipsis")
+    return t
+
+
+def styled(text: str, style: str) -> Text:
+    return Text(text, style=style)
+
+
+# --------------------------------------------------------------------------- prompts and messages
+
+def confirm(console: Console, question: str, flag: str = "-y") -> bool:
+    """Ask ``question [y/n]``; without a terminal nobody can answer, so ask for ``flag`` instead."""
+    if not sys.stdin.isatty():
+        raise UsageError(f"not a terminal, so no one can confirm: pass {flag} to {question_verb(question)}")
+    return console.input(Text(f"{question} [y/n]: ")).strip().lower() in ("y", "yes")
+
+
+def question_verb(question: str) -> str:
+    """`Apply this plan?` -> `apply`: what the flag stands in for, in the refusal."""
+    return question.split()[0].lower()
+
+
+def note(console: Console, kind: str, message: str, style: str = "yellow") -> None:
+    """`warning: ...`, `note: ...`: the kind styled, the message (from hosts or users) as plain text."""
+    console.print(Text.assemble((kind, style), " ", message), highlight=False, soft_wrap=True)
+
+
+def error(console: Console, message: str) -> None:
+    note(console, "error", message, "red")
+
+
+def dim(console: Console, message: str) -> None:
+    console.print(Text(message, style="dim"), highlight=False, soft_wrap=True)
+
+
+def plain(console: Console, message: str) -> None:
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+# --------------------------------------------------------------------------- fleets
+
+def fleet_table(views: list[FleetState]) -> Table:
+    t = table("FLEET", "INSTANCE", "HOST", "RESOURCES", "STATUS", "CREATED", fold=True)
+    for v in views:
+        if not v.instances:
+            t.add_row(v.name, "-", "", "", "no instances", age(v.created_at))
+        for i, inst in enumerate(v.instances):
+            t.add_row(v.name if i == 0 else "", str(inst.num), f"{inst.hostname}:{inst.port}", inst.resources or "-",
+                      styled(inst.status_text, STATUS_STYLE.get(inst.status, "")), age(inst.created_at))
+    return t
+
+
+def fleets_json(views: list[FleetState]) -> str:
+    out = []
+    for v in views:
+        out.append({
+            "name": v.name, "source": v.source, "created_at": v.created_at,
+            "instances": [{
+                "instance": i.num, "alias": i.alias, "hostname": i.hostname, "port": i.port,
+                "status": i.status, "reason": i.reason, "status_text": i.status_text,
+                "resources": i.resources, "blocks": {"total": i.blocks_total, "busy": i.blocks_busy},
+                "gpus": [g.model_dump(mode="json") for g in i.facts.gpus] if i.facts else [],
+                "cpus": i.facts.cpu.count if i.facts else None,
+                "memory_mib": i.facts.memory_mib if i.facts else None,
+                "runtime": i.facts.runtime.model_dump(mode="json") if i.facts else None,
+                "created_at": i.created_at, "updated_at": i.updated_at,
+            } for i in v.instances],
+        })
+    return json.dumps(out, indent=2)
+
+
+def fleet_plan_table(targets: list[Target], add: list[str], remove: list[str], busy: list[str]) -> Table:
+    t = table("HOST", "ADDRESS", "VIA", "BLOCKS", "ACTION")
+    for target in targets:
+        t.add_row(target.alias, target.address, target.via, str(target.blocks),
+                  "add" if target.alias in add else "re-probe")
+    for alias in remove:
+        t.add_row(alias, "", "", "", styled("remove (busy: refused)", "red") if alias in busy else "remove")
+    return t
+
+
+@contextmanager
+def probe_progress(console: Console, aliases: list[str]) -> Iterator[Callable[[str, str, str], None]]:
+    """A live table of each host's probe; yields ``update(alias, state, message)``."""
+    status = {a: "waiting" for a in aliases}
+
+    def render() -> Table:
+        t = Table(box=None, pad_edge=False, title="Probing", title_justify="left")
+        t.add_column("HOST")
+        t.add_column("PROBE")
+        for a, s in status.items():
+            t.add_row(a, styled(s, PROBE_STYLE.get(s.split(":")[0], "dim")))
+        return t
+
+    with Live(render(), console=console, transient=True, refresh_per_second=8) as live:
+        def update(alias: str, state: str, message: str) -> None:
+            status[alias] = "done" if state == "ok" else (state if not message else f"{state}: {message[:80]}")
+            live.update(render())
+
+        yield update
+
+
+# --------------------------------------------------------------------------- runs
+
+def run_plan_table(name: str, kind: str, rows: list[tuple[str, int, str, str, str, int, int]]) -> Table:
+    """rows: (fleet, instance num, alias, blocks, gpus, cpus, memory MiB), rank 0 first."""
+    t = table("RUN", "TYPE", "NODE", "FLEET", "INSTANCE", "BLOCKS", "GPUS", "CPUS", "MEMORY")
+    for rank, (fleet, num, alias, blocks, gpus, cpus, memory_mib) in enumerate(rows):
+        t.add_row(name if rank == 0 else "", kind if rank == 0 else "", str(rank), fleet, f"{num} ({alias})", blocks,
+                  gpus, str(cpus), f"{round(memory_mib / 1024)}GB")
+    return t
+
+
+def ps_table(views: list[Run]) -> Table:
+    t = table("NAME", "TYPE", "FLEET", "INSTANCE", "GPUS", "STATUS", "AGE", fold=True)
+    for r in views:
+        gpus = ", ".join(g.label for g in r.gpus) or "-"
+        instance = "-" if r.instance_num is None else str(r.instance_num)
+        if len(r.nodes) > 1:
+            gpus = " + ".join(str(len(n.gpus)) for n in r.nodes) + " GPUs"
+            instance = ",".join(str(n.instance_num) for n in r.nodes)
+        status = str(r.status) + (f" ({r.exit_code})" if r.exit_code not in (None, 0) else "")
+        if r.message and r.status in ("failed", "running", "starting"):  # why it failed; why it is unchecked
+            status += f": {r.message[:120]}"
+        t.add_row(r.name, r.type, r.fleet or "-", instance, gpus, Text(status), age(r.created_at, time.time()))
+    return t
+
+
+def runs_json(views: list[Run]) -> str:
+    return json.dumps([{
+        "name": r.name, "type": r.type, "fleet": r.fleet, "instance": r.instance_num, "host": r.alias,
+        "status": r.status, "exit_code": r.exit_code, "message": r.message,
+        "gpus": [g.model_dump(mode="json") for g in r.gpus], "blocks": r.blocks,
+        "nodes": [n.model_dump(mode="json") for n in r.nodes], "created_at": r.created_at, "updated_at": r.updated_at,
+    } for r in views], indent=2)
+
