@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import os
 import stat
 import tempfile
@@ -26,9 +27,16 @@ def ensure_private_dir(path: Path) -> Path:
 
 
 def content_root() -> Path:
-    """The folder holding playbooks/, roles/ and inventory_templates/."""
+    """The folder holding playbooks/, roles/ and inventory_templates/: $GPUFLEET_CONTENT_DIR, else the
+    copy an installed wheel carries in the package (gpufleet/_content, see setup.py), else the top level
+    of the checkout this package runs from (an editable install)."""
     env = os.environ.get("GPUFLEET_CONTENT_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent
+    if env:
+        return Path(env)
+    packaged = importlib.resources.files("gpufleet") / "_content"
+    if packaged.is_dir():  # a wheel is installed unpacked: a real folder that ansible-playbook can read
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent
 
 
 def playbook(name: str) -> Path:
