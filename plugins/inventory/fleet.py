@@ -1,3 +1,6 @@
+# Copyright (c) 2026 gpufleet contributors
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+# SPDX-License-Identifier: Apache-2.0
 """gpufleet.fleet.fleet: a gpufleet fleet file as an Ansible inventory source.
 
 Everything about fleets (the schema, its validation, the connection plan, the generated ssh_config
@@ -12,7 +15,7 @@ DOCUMENTATION = r"""
 name: fleet
 short_description: A gpufleet fleet file (dstack's SSH-fleet schema) as an inventory
 version_added: "1.0.0"
-author: gpufleet
+author: gpufleet (@gpufleet)
 description:
   - Reads a gpufleet fleet file with the gpufleet Python package (the same validation and error
     messages as C(gpufleet apply)), writes the fleet's C(ssh_config) and C(known_hosts) into

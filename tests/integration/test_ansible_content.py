@@ -179,11 +179,14 @@ def test_collection_holds_the_ansible_content_only(collection):
                  "playbooks/container_runtime.yml", "plugins/inventory/fleet.py", "meta/runtime.yml",
                  "plugins/modules/gpufleet_probe.py", "plugins/modules/gpufleet_container.py",
                  "plugins/modules/gpufleet_container_info.py", "plugins/module_utils/gpufleet_gpus.py",
-                 "plugins/module_utils/gpufleet_inspect.py", "roles/workload/module_utils/gpufleet_inspect.py"):
+                 "plugins/module_utils/gpufleet_inspect.py", "roles/workload/module_utils/gpufleet_inspect.py",
+                 "tests/sanity/ignore-2.19.txt"):
         assert name in names, name
-    for prefix in ("gpufleet/", "tests/", ".venv", "molecule/", "scripts/", "inventory_templates/", ".git/",
+    for prefix in ("gpufleet/", ".venv", "molecule/", "scripts/", "inventory_templates/", ".git/", "benchmarks/",
                    "pyproject.toml", "playbooks/roles"):
         assert not [n for n in names if n.startswith(prefix)], prefix
+    # of tests/, only ansible-test's sanity ignore file (tests/integration/test_sanity.py)
+    assert not [n for n in names if n.startswith("tests/") and not n.startswith("tests/sanity")], names
 
 
 def test_collection_docs(site, collection):

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -187,10 +188,11 @@ def job(name: str, run_id: str, script: str, **extra) -> dict:
 
 
 def test_module_docs():
-    p = subprocess.run(["ansible-doc", "-M", "roles/workload/library", "gpufleet_container"],
+    ansible_doc = str(Path(sys.executable).parent / "ansible-doc")  # the virtualenv's, not one from PATH
+    p = subprocess.run([ansible_doc, "-M", "roles/workload/library", "gpufleet_container"],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert p.returncode == 0 and "gpufleet_container" in p.stdout and "run_id" in p.stdout, p.stderr
-    p = subprocess.run(["ansible-doc", "-M", "roles/workload/library", "gpufleet_container_info"],
+    p = subprocess.run([ansible_doc, "-M", "roles/workload/library", "gpufleet_container_info"],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert p.returncode == 0 and "containers" in p.stdout, p.stderr
 

@@ -1,4 +1,3 @@
-#!/usr/bin/python
 """gpufleet_probe: what a host offers to a GPU fleet (GPUs, CPUs, memory, disk, container runtime).
 
 Runs on the target host: Python 3.8+, standard library and ansible.module_utils only.
@@ -18,7 +17,7 @@ description:
   - Never changes the host. Anything that stops the host from running GPU containers is reported
     in C(problems) with a reason and a fix, not as a module failure; a host without GPUs is valid.
 version_added: "0.1.0"
-author: gpufleet
+author: gpufleet (@gpufleet)
 options:
   runtimes:
     description:
@@ -203,7 +202,7 @@ def parse_runtime_info(name, text):
 
 def _client_version(run, path):
     """`podman version 4.3.1` / `Docker version 28.2.2, build e6534b4` -> "4.3.1" / "28.2.2"."""
-    rc, out, _ = run([path, "--version"])
+    rc, out = run([path, "--version"])[:2]
     words = out.replace(",", " ").split()
     if rc == 0 and "version" in words and words.index("version") + 1 < len(words):
         return words[words.index("version") + 1]
@@ -256,10 +255,10 @@ def detect_runtime(run, which, names, user, is_root):
                     info, [])
         failures.append((name, path, _cannot_run_problem(name, user, is_root, direct_err or out, sudo_err,
                                                          sudo_refused)))
-    name, path, _ = failures[0]
+    name, path = failures[0][:2]
     runtime = {"name": name, "version": _client_version(run, path), "usable": False, "via_sudo": False,
                "root": None}
-    return runtime, None, [p for _, _, p in failures]
+    return runtime, None, [failure[2] for failure in failures]
 
 
 def _cdi_has_nvidia(cdi_dirs):

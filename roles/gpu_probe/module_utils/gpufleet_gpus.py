@@ -304,7 +304,7 @@ def parse_hlsmi_query(text, fields=HLSMI_QUERY_FIELDS):
 
 def parse_ttsmi_snapshot(text):
     """`tt-smi -s`: one GPU per device_info entry (an n300 board is two: its L and R chips)."""
-    data, _ = _json_payload(text)
+    data = _json_payload(text)[0]
     gpus = []
     for position, device in enumerate(data.get("device_info") or []):
         board = device.get("board_info") or {}
@@ -353,7 +353,7 @@ def _collect_intel(outputs):
 
 
 def _collect_tenstorrent(outputs):
-    data, _ = _json_payload(outputs[0])
+    data = _json_payload(outputs[0])[0]
     driver = _clean((data.get("host_info") or {}).get("Driver"))
     if driver:  # "TT-KMD 1.34" -> "1.34"
         driver = driver.split()[-1]

@@ -1,4 +1,3 @@
-#!/usr/bin/python
 """gpufleet_container: start, stop, remove and inspect one workload container (podman or docker).
 
 Runs on the target host: Python 3.8+, standard library and ansible.module_utils only.
@@ -25,7 +24,7 @@ description:
     error), the module fails with the runtime's own error message, and no half-created container
     of that name remains.
 version_added: "0.1.0"
-author: gpufleet
+author: gpufleet (@gpufleet)
 options:
   state:
     description:

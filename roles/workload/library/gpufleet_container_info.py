@@ -1,4 +1,3 @@
-#!/usr/bin/python
 """gpufleet_container_info: list the gpufleet workload containers on a host (podman or docker).
 
 Runs on the target host: Python 3.8+, standard library and ansible.module_utils only. Read only.
@@ -14,7 +13,7 @@ description:
     each one's state and exit code with C(<runtime> container inspect).
   - Never changes the host.
 version_added: "0.1.0"
-author: gpufleet
+author: gpufleet (@gpufleet)
 options:
   runtime:
     description: The container runtime to ask (found on the PATH).
