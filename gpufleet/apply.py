@@ -11,7 +11,7 @@ from gpufleet import present
 from gpufleet.config import load_fleet
 from gpufleet.errors import EXIT_FAILED, EXIT_OK, GpufleetError
 from gpufleet.inventory import write_fleet_files
-from gpufleet.models import Fleet, InstanceStatus, ProbeStatus, Target
+from gpufleet.models import Fleet, HostStatus, InstanceStatus, Target
 from gpufleet.probe import ProbeOutcome, probe_fleet
 from gpufleet.state import Store
 
@@ -80,10 +80,10 @@ def apply_fleet(path: str, yes: bool = False, dry_run: bool = False, console: Co
 def record(store: Store, fleet: str, target: Target, outcome: ProbeOutcome) -> tuple[bool, list[str]]:
     """Store one host's probe outcome; return whether it is ready, and warnings."""
     alias, hostname, port = target.alias, target.hostname, target.port
-    if outcome.status == ProbeStatus.UNREACHABLE:
+    if outcome.status == HostStatus.UNREACHABLE:
         store.record_instance(fleet, alias, hostname, port, InstanceStatus.UNREACHABLE, outcome.reason)
         return False, []
-    if outcome.status != ProbeStatus.OK or outcome.facts is None:
+    if outcome.status != HostStatus.OK or outcome.facts is None:
         store.record_instance(fleet, alias, hostname, port, InstanceStatus.ERROR, outcome.reason)
         return False, []
     facts = outcome.facts

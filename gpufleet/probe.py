@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from gpufleet import ssherrors
 from gpufleet.inventory import CONTROL_PERSIST, GeneratedFiles, SshEntry
-from gpufleet.models import HostFacts, HostStatus, ProbeStatus, Target
+from gpufleet.models import HostFacts, HostStatus, Target
 from gpufleet.runner import HostOutcome, PlaybookResult, run_playbook
 
 JUMP_TIMEOUT = 40  # seconds for one hop's master connection (ConnectTimeout is 10 per attempt)
@@ -21,7 +21,7 @@ MAX_DIAGNOSES = 8  # failed hosts re-checked one by one for the login node's rea
 @dataclass
 class ProbeOutcome:
     alias: str
-    status: ProbeStatus
+    status: HostStatus
     reason: str = ""
     facts: HostFacts | None = None
 
@@ -60,9 +60,9 @@ def probe_fleet(files: GeneratedFiles, aliases: list[str],
         if t.alias not in aliases:
             continue
         if plan.jump_of[t.alias] in failed_jumps:
-            outcomes[t.alias] = ProbeOutcome(t.alias, ProbeStatus.UNREACHABLE, failed_jumps[plan.jump_of[t.alias]])
+            outcomes[t.alias] = ProbeOutcome(t.alias, HostStatus.UNREACHABLE, failed_jumps[plan.jump_of[t.alias]])
             if on_update:
-                on_update(t.alias, ProbeStatus.UNREACHABLE, outcomes[t.alias].reason)
+                on_update(t.alias, HostStatus.UNREACHABLE, outcomes[t.alias].reason)
         else:
             reachable.append(t.alias)
     if not reachable:
@@ -97,15 +97,15 @@ def probe_outcomes(result: PlaybookResult, targets: list[Target], known_hosts: s
             if diagnosed < MAX_DIAGNOSES and ssherrors.hides_cause(message):
                 diagnosed += 1
                 message = diagnose_one(target) or message
-            outcomes[alias] = ProbeOutcome(alias, ProbeStatus.UNREACHABLE,
+            outcomes[alias] = ProbeOutcome(alias, HostStatus.UNREACHABLE,
                                            ssherrors.explain(message, target.address, known_hosts))
         elif o.status == HostStatus.FAILED or raw is None:
-            outcomes[alias] = ProbeOutcome(alias, ProbeStatus.FAILED, o.message or "the probe returned no facts")
+            outcomes[alias] = ProbeOutcome(alias, HostStatus.FAILED, o.message or "the probe returned no facts")
         else:
             try:
-                outcomes[alias] = ProbeOutcome(alias, ProbeStatus.OK, "", HostFacts.model_validate(raw))
+                outcomes[alias] = ProbeOutcome(alias, HostStatus.OK, "", HostFacts.model_validate(raw))
             except ValidationError as e:
-                outcomes[alias] = ProbeOutcome(alias, ProbeStatus.FAILED,
+                outcomes[alias] = ProbeOutcome(alias, HostStatus.FAILED,
                                                f"the probe's facts are not what gpufleet reads: {e.errors()[0]['msg']} "
                                                f"at {'.'.join(map(str, e.errors()[0]['loc']))}")
     return outcomes

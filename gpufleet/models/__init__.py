@@ -9,7 +9,6 @@ from gpufleet.models.core import (
     CoreModel,
     HostStatus,
     InstanceStatus,
-    ProbeStatus,
     Range,
     RunStatus,
     RunType,
@@ -33,7 +32,7 @@ from gpufleet.models.state import FleetState, Instance, Run, RunNode
 __all__ = [
     "ACTIVE_RUN_STATUSES", "CPU", "GPU", "RUN_CONFIG", "UNKNOWN_RUNTIME", "Container", "CoreModel",
     "DevEnvironmentConfig", "Disk", "Env", "Fleet", "FleetConfig", "FleetState", "GPUSpec", "Hop", "HostFacts",
-    "HostParams", "HostStatus", "Instance", "InstanceStatus", "ProbeStatus", "Problem", "ProxyJump", "Range",
+    "HostParams", "HostStatus", "Instance", "InstanceStatus", "Problem", "ProxyJump", "Range",
     "ResourcesSpec", "Run", "RunConfig", "RunConfigType", "RunNode", "RunRequest", "RunStatus", "RunType",
     "Runtime", "SSHParams", "ServiceConfig", "Target", "TaskConfig", "split_env", "target_aliases",
 ]

@@ -43,16 +43,8 @@ class RunType(StrEnum):
     DEV_ENVIRONMENT = "dev-environment"
 
 
-class ProbeStatus(StrEnum):
-    """How probing one host ended."""
-
-    OK = "ok"
-    UNREACHABLE = "unreachable"
-    FAILED = "failed"
-
-
 class HostStatus(StrEnum):
-    """One host's progress through a playbook run."""
+    """One host's progress through a playbook run, and how it ended (for a probe too)."""
 
     PENDING = "pending"
     RUNNING = "running"

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from gpufleet.models.core import CoreModel
 from gpufleet.models.env import Env
@@ -17,6 +17,16 @@ from gpufleet.sshkeys import check_private_key
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.:%\[\]-]+$")
 _USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,40}$")
+
+
+def _name(v: str | None) -> str | None:
+    if v is not None and not NAME_RE.match(v):
+        raise ValueError(f"{v!r} must be lowercase letters, digits and '-', starting with a letter")
+    return v
+
+
+# a fleet's or a run's name
+Name = Annotated[str | None, AfterValidator(_name)]
 
 
 def _no_bool_int(v: Any) -> Any:
@@ -149,7 +159,7 @@ class FleetConfig(CoreModel):
     """A fleet of existing hosts reached over SSH (dstack's SSH fleet)."""
 
     type: Literal["fleet"] = Field(description="Always `fleet`.")
-    name: str | None = Field(None, description="Fleet name (default: the file name).")
+    name: Name = Field(None, description="Fleet name (default: the file name).")
     env: Env = Field(
         None, description="Environment for every workload on the fleet: a mapping or KEY=VALUE list. A name "
                           "without a value is a secret, read from the environment of `gpufleet apply`.")
@@ -158,13 +168,6 @@ class FleetConfig(CoreModel):
     blocks: Blocks = Field(1, description='Slices per host: "auto" (one per GPU) or N dividing the GPU count.')
     ssh_config: SSHParams = Field(description="How to reach the hosts.")
     plugin: str | None = Field(None, description="Set by Ansible's inventory plugin loader; ignored here.")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str | None) -> str | None:
-        if v is not None and not NAME_RE.match(v):
-            raise ValueError(f"{v!r} must be lowercase letters, digits and '-', starting with a letter")
-        return v
 
 
 class Hop(CoreModel):

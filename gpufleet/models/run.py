@@ -14,7 +14,7 @@ from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, field_vali
 
 from gpufleet.models.core import CoreModel, Range, RunType
 from gpufleet.models.env import Env, split_env
-from gpufleet.models.fleet import NAME_RE
+from gpufleet.models.fleet import Name
 
 VENDORS = {"nvidia": "nvidia", "amd": "amd", "intel": "intel", "gaudi": "intel", "habana": "intel",
            "tenstorrent": "tenstorrent", "tt": "tenstorrent"}
@@ -182,7 +182,7 @@ def _scalar_text(v: Any) -> Any:
 
 
 class _Run(CoreModel):
-    name: str | None = Field(None, description="Run name (default: the file name).")
+    name: Name = Field(None, description="Run name (default: the file name).")
     image: str = Field(description="Container image, e.g. localhost/gpufleet-lab:latest.")
     commands: list[Annotated[str, BeforeValidator(_scalar_text)]] = Field(
         [], description="Shell commands, run in order in the container.")
@@ -195,13 +195,6 @@ class _Run(CoreModel):
     fleets: list[str] | None = Field(None, description="Only place the run on these fleets.")
     volumes: list[str] = Field([], description="Host paths bound into the container: /host/path:/path[:ro].")
     working_dir: str | None = Field(None, description="Working directory in the container.")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str | None) -> str | None:
-        if v is not None and not NAME_RE.match(v):
-            raise ValueError(f"{v!r} must be lowercase letters, digits and '-', starting with a letter")
-        return v
 
     @field_validator("image")
     @classmethod

@@ -233,14 +233,19 @@ def _json_payload(text):
     raise ValueError("no JSON document in the output")
 
 
-def parse_nvidia_query(text, fields=NVIDIA_QUERY_FIELDS):
-    """`nvidia-smi --query-gpu=index,uuid,name,memory.total,pci.bus_id,driver_version --format=csv,...`."""
+def _parse_query(vendor, text, fields, bus_field):
+    """GPUs from a vendor tool's CSV query (nvidia-smi --query-gpu, hl-smi -Q): one record a GPU."""
     gpus = []
     for position, record in enumerate(_query_records(text, fields)):
         index = _int(record.get("index"))
-        gpus.append(_gpu("nvidia", position if index is None else index, record.get("name"),
-                         _mib(record.get("memory.total")), record.get("uuid"), record.get("pci.bus_id")))
+        gpus.append(_gpu(vendor, position if index is None else index, record.get("name"),
+                         _mib(record.get("memory.total")), record.get("uuid"), record.get(bus_field)))
     return gpus
+
+
+def parse_nvidia_query(text, fields=NVIDIA_QUERY_FIELDS):
+    """`nvidia-smi --query-gpu=index,uuid,name,memory.total,pci.bus_id,driver_version --format=csv,...`."""
+    return _parse_query("nvidia", text, fields, "pci.bus_id")
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -294,12 +299,7 @@ def parse_amd_static(text):
 
 def parse_hlsmi_query(text, fields=HLSMI_QUERY_FIELDS):
     """`hl-smi -Q index,name,bus_id,driver_version,uuid,memory.total -f csv,noheader`."""
-    gpus = []
-    for position, record in enumerate(_query_records(text, fields)):
-        index = _int(record.get("index"))
-        gpus.append(_gpu("intel", position if index is None else index, record.get("name"),
-                         _mib(record.get("memory.total")), record.get("uuid"), record.get("bus_id")))
-    return gpus
+    return _parse_query("intel", text, fields, "bus_id")
 
 
 def parse_ttsmi_snapshot(text):

@@ -1,0 +1,48 @@
+"""gpufleet fleet list|delete."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+from gpufleet import present
+from gpufleet.commands.common import add_name
+from gpufleet.errors import EXIT_OK, GpufleetError
+
+
+def register(sub) -> None:
+    f = sub.add_parser("fleet", help="list or delete fleets")
+    fs = f.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
+    fl = fs.add_parser("list", help="list fleets and their instances")
+    fl.add_argument("--json", action="store_true", help="machine-readable output")
+    fl.set_defaults(func=list_fleets)
+    fd = fs.add_parser("delete", help="delete a fleet (refused while it runs workloads)")
+    add_name(fd, confirm=True)
+    fd.set_defaults(func=delete)
+
+
+def list_fleets(args: argparse.Namespace, console: Console) -> int:
+    from gpufleet.state import Store
+
+    views = Store().fleets()
+    if args.json:
+        print(present.fleets_json(views))
+    elif not views:
+        console.print("No fleets. Create one with: gpufleet apply -f FLEET.yml")
+    else:
+        console.print(present.fleet_table(views))
+    return EXIT_OK
+
+
+def delete(args: argparse.Namespace, console: Console) -> int:
+    from gpufleet.state import Store
+
+    store = Store()
+    if store.fleet(args.name) is None:
+        raise GpufleetError(f"no fleet named {args.name!r} (see gpufleet fleet list)")
+    if not args.yes and not present.confirm(console, f"Delete fleet {args.name}?"):
+        return EXIT_OK
+    store.delete_fleet(args.name)
+    present.plain(console, f"Fleet {args.name} deleted.")
+    return EXIT_OK

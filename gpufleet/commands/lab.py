@@ -1,0 +1,46 @@
+"""gpufleet lab up|down: a local lab of simulated GPU hosts behind a login node."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+from gpufleet.errors import EXIT_OK
+
+
+def register(sub) -> None:
+    from gpufleet.lab.core import VENDORS
+
+    lab = sub.add_parser("lab", help="a local lab of simulated GPU hosts behind a login node")
+    ls = lab.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
+    lu = ls.add_parser("up", help="create the lab (needs root)")
+    lu.add_argument("--nodes", type=int, default=2)
+    lu.add_argument("--gpus", type=int, default=8)
+    lu.add_argument("--vendor", default="nvidia", choices=VENDORS)
+    lu.add_argument("--dir", help="where the lab's fleet.yml and keys go (default: $GPUFLEET_HOME/lab)")
+    lu.set_defaults(func=up)
+    ld = ls.add_parser("down", help="remove the lab and everything it made")
+    ld.add_argument("--dir")
+    ld.set_defaults(func=down)
+
+
+def _dir(args: argparse.Namespace) -> Path:
+    from gpufleet.lab import core
+
+    return Path(args.dir) if args.dir else core.default_dir()
+
+
+def up(args: argparse.Namespace, console: Console) -> int:
+    from gpufleet.lab import core
+
+    core.up(_dir(args), nodes=args.nodes, gpus=args.gpus, vendor=args.vendor, log=console.print)
+    return EXIT_OK
+
+
+def down(args: argparse.Namespace, console: Console) -> int:
+    from gpufleet.lab import core
+
+    core.down(_dir(args), log=console.print)
+    return EXIT_OK

@@ -1,0 +1,47 @@
+"""The shape of the code: data flows one way, so no module imports one that imports it back."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+
+PACKAGE = Path(__file__).resolve().parents[2] / "gpufleet"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> nx.DiGraph:
+    """gpufleet's modules and what each imports from gpufleet, at the top or inside a function."""
+    graph = nx.DiGraph()
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    for name, path in modules.items():
+        graph.add_node(name)
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gpufleet"):
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.startswith("gpufleet")]
+            for target in targets:
+                if target in modules and target != name:
+                    graph.add_edge(name, target)
+    return graph
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    cycles = list(nx.simple_cycles(import_graph()))
+    assert cycles == []
+
+
+def test_the_domain_and_scheduling_depend_on_nothing_above_them():
+    graph = import_graph()
+    below = {"gpufleet.models", "gpufleet.errors", "gpufleet.sshkeys"}
+    for module in [m for m in graph if m.startswith("gpufleet.models")] + ["gpufleet.allocator", "gpufleet.blocks"]:
+        deps = {d for d in nx.descendants(graph, module) if not d.startswith("gpufleet.models.")}
+        assert deps <= below, (module, deps - below)
+
