@@ -9,6 +9,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# the virtualenv's bin dir: Ansible's commands are run from here, never found through PATH (a new user's
+# PATH does not hold .venv/bin, and CI runs with a minimal one)
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    """The path of an Ansible command (ansible-playbook, ansible-doc, molecule...) next to this Python."""
+    path = BIN / name
+    assert path.exists(), f"{name} is not installed next to {sys.executable}: run scripts/setup.sh"
+    return str(path)
 
 
 @dataclass
