@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # the virtualenv's bin dir: Ansible's commands are run from here, never found through PATH (a new user's
 # PATH does not hold .venv/bin, and CI runs with a minimal one)
 BIN = Path(sys.executable).parent
+# real GPU tool outputs live in shared/ beside the checkout (CI has a read-only copy at the same place),
+# never copied into the repo
+GPU_TOOL_FIXTURES = ROOT.parent / "shared" / "fixtures" / "gpu-tools"
 
 
 def tool(name: str) -> str:
@@ -19,6 +22,14 @@ def tool(name: str) -> str:
     path = BIN / name
     assert path.exists(), f"{name} is not installed next to {sys.executable}: run scripts/setup.sh"
     return str(path)
+
+
+def gpu_tool_fixture(name: str) -> str:
+    """A recorded output of a real GPU tool, from ../shared/fixtures/gpu-tools."""
+    assert GPU_TOOL_FIXTURES.is_dir(), (
+        f"{GPU_TOOL_FIXTURES} is missing: the real GPU tool outputs are read from shared/fixtures/gpu-tools "
+        f"beside the checkout ({ROOT.parent})")
+    return (GPU_TOOL_FIXTURES / name).read_text(encoding="utf-8")
 
 
 @dataclass

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tool
+from conftest import gpu_tool_fixture, tool
 
 from gpufleet.lab.gputools import CATALOGUE, DRIVERS, TOOLS, TOPO_LEGEND, GpuSpec, write_standins
 
@@ -21,14 +21,13 @@ sys.path.insert(0, str(ROOT / "roles" / "gpu_probe" / "module_utils"))
 
 import gpufleet_gpus as g  # noqa: E402
 
-FIXTURES = ROOT / "tests" / "fixtures" / "gpu-tools"
 PARSERS = {"nvidia": g.parse_nvidia_query, "amd": g.parse_amd_static, "intel": g.parse_hlsmi_query,
            "tenstorrent": g.parse_ttsmi_snapshot}
 ALL_MODELS = [(vendor, model) for vendor, models in CATALOGUE.items() for model in models]
 
 
 def fixture(name: str) -> str:
-    return (FIXTURES / name).read_text(encoding="utf-8")
+    return gpu_tool_fixture(name)
 
 
 class Host:
