@@ -4,7 +4,7 @@ Each lab host gets its own bin dir, first on its PATH. ``write_standins`` puts P
 named like the vendors' tools there (nvidia-smi, amd-smi, hl-smi, tt-smi). They answer only the
 command lines the probe runs (plus ``nvidia-smi -L``) by printing data files written next to them,
 in the byte format the real tools use (taken from the recorded outputs in
-tests/fixtures/gpu-tools/: separators, units, ANSI header escapes, JSON indent). Any other
+../shared/fixtures/gpu-tools/ beside the checkout: separators, units, ANSI header escapes, JSON indent). Any other
 command line fails with an error, as the real tool would for arguments it does not know.
 
 ``write_standins`` returns the ground truth: the GPU dicts (keys as the probe's parsers return)
@@ -59,7 +59,7 @@ class Model:
     nvlink: str | None = None  # nvidia-smi topo -m between two GPUs of this model
 
 
-# Names and sizes as the real tools print them (see tests/fixtures/gpu-tools/).
+# Names and sizes as the real tools print them (see ../shared/fixtures/gpu-tools/).
 CATALOGUE: dict[str, dict[str, Model]] = {
     "nvidia": {"H100": Model("NVIDIA H100 80GB HBM3", 81559, "NV18"),
                "L40S": Model("NVIDIA L40S", 46068),

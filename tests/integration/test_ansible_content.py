@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import BIN, tool
 
 from gpufleet.config import load_fleet
 from gpufleet.inventory import GeneratedFiles, group_name, write_fleet_files
@@ -34,17 +35,10 @@ from gpufleet.lab import core
 pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 GPUS = 4
 SCENARIOS = ["gpu_probe", "container_runtime", "workload"]
 COLLECTION_VERSION = yaml.safe_load((ROOT / "galaxy.yml").read_text())["version"]
 RECAP_RE = re.compile(r"^(\S+)\s+:\s+(ok=.*)$", re.M)
-
-
-def tool(name: str) -> str:
-    path = BIN / name
-    assert path.exists(), f"{name} is not installed next to {sys.executable}: pip install -e '.[test]'"
-    return str(path)
 
 
 def base_env(tmp: Path) -> dict[str, str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tool
 
 from gpufleet.lab import core
 
@@ -59,7 +60,7 @@ def test_direct_ssh_fails_and_apply_through_login_node_works(lab, cli, tmp_path)
 
     # the generated inventory works with plain ansible-playbook (no gpufleet in between)
     inventory = cli.home / "fleets" / core.fleet_name(lab) / "inventory.yml"
-    run = subprocess.run(["ansible-playbook", "-i", str(inventory), "playbooks/probe.yml"],
+    run = subprocess.run([tool("ansible-playbook"), "-i", str(inventory), "playbooks/probe.yml"],
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "ok=" in run.stdout and "unreachable=0" in run.stdout and "failed=0" in run.stdout

@@ -7,13 +7,13 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import tool
 from yaml.nodes import ScalarNode
 from yaml.resolver import Resolver
 
@@ -127,7 +127,7 @@ def play(site: Site, playbook: str, variables: dict | None = None, *args: str) -
     """ansible-playbook -i INVENTORY playbooks/PLAYBOOK.yml --limit HOST -e @vars.yml (strings !unsafe)."""
     vars_file = site.tmp / f"vars-{uuid.uuid4().hex[:8]}.yml"
     vars_file.write_text(unsafe_yaml(variables or {}))
-    p = subprocess.run(["ansible-playbook", "-i", str(site.inventory), f"playbooks/{playbook}.yml",
+    p = subprocess.run([tool("ansible-playbook"), "-i", str(site.inventory), f"playbooks/{playbook}.yml",
                         "--limit", site.host, "-e", f"@{vars_file}", "-v", *args],
                        capture_output=True, text=True, cwd=ROOT, env=site.env, timeout=300)
     out = p.stdout + p.stderr
@@ -188,11 +188,10 @@ def job(name: str, run_id: str, script: str, **extra) -> dict:
 
 
 def test_module_docs():
-    ansible_doc = str(Path(sys.executable).parent / "ansible-doc")  # the virtualenv's, not one from PATH
-    p = subprocess.run([ansible_doc, "-M", "roles/workload/library", "gpufleet_container"],
+    p = subprocess.run([tool("ansible-doc"), "-M", "roles/workload/library", "gpufleet_container"],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert p.returncode == 0 and "gpufleet_container" in p.stdout and "run_id" in p.stdout, p.stderr
-    p = subprocess.run([ansible_doc, "-M", "roles/workload/library", "gpufleet_container_info"],
+    p = subprocess.run([tool("ansible-doc"), "-M", "roles/workload/library", "gpufleet_container_info"],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert p.returncode == 0 and "containers" in p.stdout, p.stderr
 

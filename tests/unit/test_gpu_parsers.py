@@ -9,17 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import gpu_tool_fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "roles" / "gpu_probe" / "module_utils"))
 
 import gpufleet_gpus as g  # noqa: E402
 
-FIXTURES = ROOT / "tests" / "fixtures" / "gpu-tools"
-
 
 def fixture(name: str) -> str:
-    return (FIXTURES / name).read_text(encoding="utf-8")
+    return gpu_tool_fixture(name)
 
 
 def field_list(query: str) -> list[str]:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import gpu_tool_fixture, tool
 
 from gpufleet.lab.gputools import CATALOGUE, DRIVERS, TOOLS, TOPO_LEGEND, GpuSpec, write_standins
 
@@ -20,14 +21,13 @@ sys.path.insert(0, str(ROOT / "roles" / "gpu_probe" / "module_utils"))
 
 import gpufleet_gpus as g  # noqa: E402
 
-FIXTURES = ROOT / "tests" / "fixtures" / "gpu-tools"
 PARSERS = {"nvidia": g.parse_nvidia_query, "amd": g.parse_amd_static, "intel": g.parse_hlsmi_query,
            "tenstorrent": g.parse_ttsmi_snapshot}
 ALL_MODELS = [(vendor, model) for vendor, models in CATALOGUE.items() for model in models]
 
 
 def fixture(name: str) -> str:
-    return (FIXTURES / name).read_text(encoding="utf-8")
+    return gpu_tool_fixture(name)
 
 
 class Host:
@@ -145,8 +145,8 @@ def test_unknown_model_is_refused(tmp_path):
 def test_standins_answer_exactly_the_probe_commands(tmp_path):
     host = Host(tmp_path, [GpuSpec(v, m, 2) for v, m in [("nvidia", "H100"), ("amd", "MI300X"),
                                                           ("intel", "Gaudi3"), ("tenstorrent", "n150")]])
-    for vendor, (tool, commands) in g.PROBE_COMMANDS.items():
-        assert TOOLS[vendor] == tool
+    for vendor, (name, commands) in g.PROBE_COMMANDS.items():
+        assert TOOLS[vendor] == name
         for argv in commands:
             rc, out, err = host.run(argv)
             assert rc == 0 and out and not err, argv
@@ -270,7 +270,6 @@ PLAYBOOK = """
 """
 
 
-@pytest.mark.skipif(shutil.which("ansible-playbook") is None, reason="ansible-playbook is not installed")
 def test_role_probes_standins_through_ansible(tmp_path):
     host = Host(tmp_path, [GpuSpec("nvidia", "H100", 4), GpuSpec("nvidia", "L40S", 4)])
     playbook = tmp_path / "probe.yml"
@@ -278,7 +277,7 @@ def test_role_probes_standins_through_ansible(tmp_path):
     facts_file = tmp_path / "facts.json"
     env = {**host.env, "ANSIBLE_ROLES_PATH": str(ROOT / "roles"), "ANSIBLE_HOST_KEY_CHECKING": "False",
            "ANSIBLE_LOCAL_TEMP": str(tmp_path / "tmp"), "ANSIBLE_NOCOLOR": "1"}
-    p = subprocess.run(["ansible-playbook", "-i", "localhost,", "-c", "local", str(playbook),
+    p = subprocess.run([tool("ansible-playbook"), "-i", "localhost,", "-c", "local", str(playbook),
                         "-e", f"ansible_python_interpreter={sys.executable}", "-e", f"facts_file={facts_file}"],
                        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tool
 
 from gpufleet import runner
 from gpufleet.config import load_fleet
@@ -170,7 +171,7 @@ def ansible_env(tmp_path: Path, extra_path: Path | None = None) -> dict[str, str
 
 
 def play(tmp_path: Path, playbook: Path, vars_file: Path, *extra: str, path: Path | None = None):
-    cmd = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "-c", "local",
+    cmd = [tool("ansible-playbook"), "-i", "localhost,", "-c", "local",
            "-e", f"@{vars_file}", "-e", f"ansible_python_interpreter={sys.executable}", *extra, str(playbook)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=ansible_env(tmp_path, path), cwd=ROOT,
                        timeout=300)

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import yaml
+from conftest import tool
 
 from gpufleet.config import load_fleet
 from gpufleet.inventory import write_fleet_files
@@ -75,6 +76,6 @@ def test_inventory_is_valid_for_ansible(tmp_path: Path, monkeypatch) -> None:
     assert list(group["hosts"]) == ["node-1", "node-2-22", "node-2-2222", "deep"]
     assert group["vars"]["ansible_ssh_host_key_checking"] is True
     assert group["vars"]["ansible_ssh_common_args"] == f"-F {files.ssh_config}"
-    out = subprocess.run(["ansible-inventory", "-i", str(files.inventory), "--graph"],
+    out = subprocess.run([tool("ansible-inventory"), "-i", str(files.inventory), "--graph"],
                          capture_output=True, text=True, check=True).stdout
     assert "@fleet_lambda:" in out and "node-2-2222" in out
