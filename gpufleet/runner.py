@@ -118,6 +118,11 @@ def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
     def on_sigint(signum, frame):  # first Ctrl-C: stop the run cleanly; runner kills its process group
         cancel.set()
 
+    def canceled() -> bool:
+        if cancel.is_set():
+            _kill_playbook_workers()
+        return cancel.is_set()
+
     if forks is None and limit:  # one fork per host (Ansible's default is 5): the hosts are asked at once
         forks = min(max(len(limit), 5), MAX_FORKS)
     previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() \
@@ -132,7 +137,7 @@ def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
             limit=",".join(limit) if limit else None, extravars=extravars or {},
             envvars=ansible_env(forks), quiet=True, event_handler=handle,
             cmdline=f"-e @{shlex.quote(str(vars_file))}" if vars_file else None,
-            cancel_callback=cancel.is_set, suppress_env_files=True,
+            cancel_callback=canceled, suppress_env_files=True,
             fact_cache_type="memory",  # facts are read from the event stream; none are written to disk
             settings={"suppress_ansible_output": True})
     finally:
@@ -147,6 +152,42 @@ def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
             if on_update:
                 on_update(outcome)
     return PlaybookResult(r.status, r.rc or 0, hosts, r.config.artifact_dir, canceled=cancel.is_set())
+
+
+def _kill_playbook_workers() -> None:
+    """Kill every process below this process's ansible-playbook. Its workers run in sessions of
+    their own (ansible calls os.setsid in each), out of reach of ansible-runner's kill of the
+    playbook's process group: left alone, they and their ssh go on until their task ends."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    todo = [pid for pid in children.get(os.getpid(), []) if _is_playbook(pid)]
+    below: list[int] = []
+    while todo:
+        pid = todo.pop()
+        kids = children.get(pid, [])
+        below += kids
+        todo += kids
+    for pid in below:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _is_playbook(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"ansible-playbook" in f.read()
+    except OSError:
+        return False
 
 
 def _scrub_command_artifact(artifact_dir: Path, ours: dict[str, str]) -> None:

@@ -166,20 +166,39 @@ def test_every_vendor_and_mixed_models_are_reported_as_they_are(lab_factory, cli
 
 
 def test_ctrl_c_stops_apply_cleanly(lab, cli, tmp_path):
+    """Ctrl-C while the probe runs (node 0's nvidia-smi is held at a marker, so the interrupt
+    cannot come too late): exit 130, no traceback, no ansible-playbook left behind."""
     import os
     import signal
     import sys
     import time
 
     path = fleet_yaml(lab, tmp_path, [0, 1, 2])
+    d = lab.host_dir(lab.nodes[0])
+    tool, real = d / "bin" / "nvidia-smi", d / "bin" / "nvidia-smi.real"
+    markers = d / "markers"
+    markers.mkdir(exist_ok=True)
+    markers.chmod(0o1777)  # the probe runs as the lab's login user
+    marker = markers / "ctrl-c-probe-reached"
+    tool.rename(real)
+    tool.write_text(f"#!/bin/sh\ntouch {marker}\nsleep 120\nexec {real} \"$@\"\n")
+    tool.chmod(0o755)
     env = {**os.environ, "GPUFLEET_HOME": str(cli.home)}
-    proc = subprocess.Popen([sys.executable, "-m", "gpufleet", "apply", "-f", str(path), "-y"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    time.sleep(2.0)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    if proc.returncode == 0:
-        pytest.skip("apply finished before the interrupt arrived")
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "gpufleet", "apply", "-f", str(path), "-y"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            deadline = time.monotonic() + 90
+            while not marker.exists():
+                assert time.monotonic() < deadline and proc.poll() is None, "the probe never reached node 0"
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    finally:
+        real.replace(tool)
+        marker.unlink(missing_ok=True)
     assert proc.returncode == 130, out + err
     assert "Traceback" not in err and "interrupted" in err
     leftovers = subprocess.run(["pgrep", "-f", f"ansible-playbook.*{cli.home}"], capture_output=True, text=True)
