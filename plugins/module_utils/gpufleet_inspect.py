@@ -2,9 +2,10 @@
 lines, and reading `podman|docker container inspect`.
 
 Runs on the target host inside those modules: standard library only, Python 3.8 syntax.
-The modules import it as ``ansible.module_utils.gpufleet_inspect`` when the role is used from a
-roles path, and as ``ansible_collections.gpufleet.fleet.plugins.module_utils.gpufleet_inspect``
-(a link to this file) when they run from the gpufleet.fleet collection.
+The modules import it as ``ansible_collections.gpufleet.fleet.plugins.module_utils.gpufleet_inspect``
+when they run from the gpufleet.fleet collection, and as ``ansible.module_utils.gpufleet_inspect``
+when the workload role is used from a roles path (its ``module_utils/gpufleet_inspect.py`` is a link
+to this file).
 """
 
 import json

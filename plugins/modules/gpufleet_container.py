@@ -230,9 +230,10 @@ import re  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
-# One copy of the inspect parsing, in the role's module_utils; from the gpufleet.fleet collection
-# the same file is plugins/module_utils/gpufleet_inspect.py. Both imports are optional to Ansible's
-# module packer (inside try), so each way of running packs only the copy it can find.
+# One copy of the inspect parsing, in the collection's plugins/module_utils/gpufleet_inspect.py; the
+# workload role's module_utils/gpufleet_inspect.py links to it (used from a roles path). Both imports
+# are optional to Ansible's module packer (inside try), so each way of running packs only the copy it
+# can find.
 try:
     from ansible.module_utils import gpufleet_inspect  # noqa: E402
 except ImportError:
@@ -249,7 +250,7 @@ VOLUME_OPTIONS = {"ro", "rw", "z", "Z", "shared", "slave", "private", "rshared",
 CONTAINER_KEYS = ("name", "id", "state", "exit_code", "started_at", "finished_at", "error", "run_id", "image")
 
 
-# --------------------------------------------------------------------------- inspect (module_utils/gpufleet_inspect.py)
+# ------------------------------------------------------------------- inspect (plugins/module_utils/gpufleet_inspect.py)
 
 def missing_container(name):
     return {"name": name, "id": None, "state": "missing", "exit_code": None, "started_at": None,

@@ -92,8 +92,8 @@ containers:
 # Ansible wants the imports after DOCUMENTATION, EXAMPLES and RETURN.
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
-# One copy of the runtime's command lines and of the inspect parsing, in the role's module_utils;
-# from the gpufleet.fleet collection the same file is plugins/module_utils/gpufleet_inspect.py (see gpufleet_container).
+# One copy of the runtime's command lines and of the inspect parsing, plugins/module_utils/gpufleet_inspect.py;
+# the workload role's module_utils/gpufleet_inspect.py links to it (see gpufleet_container).
 try:
     from ansible.module_utils import gpufleet_inspect  # noqa: E402
 except ImportError:

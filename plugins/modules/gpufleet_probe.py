@@ -118,9 +118,9 @@ import socket  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
-# The parsers live once, in the role's module_utils; from the gpufleet.fleet collection the same file
-# is plugins/module_utils/gpufleet_gpus.py. Both imports are optional to Ansible's module packer
-# (inside try), so each way of running packs the copy it can find.
+# The parsers live once, in the collection's plugins/module_utils/gpufleet_gpus.py; the gpu_probe role's
+# module_utils/gpufleet_gpus.py links to it (used from a roles path). Both imports are optional to
+# Ansible's module packer (inside try), so each way of running packs the copy it can find.
 try:
     from ansible.module_utils.gpufleet_gpus import probe_gpus, problem, shorten  # noqa: E402
 except ImportError:
