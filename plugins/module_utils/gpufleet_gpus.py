@@ -1,3 +1,6 @@
+# Copyright (c) 2026 gpufleet contributors
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+# SPDX-License-Identifier: Apache-2.0
 """GPU inventory from the vendors' own tools.
 
 Runs on the target host inside the ``gpufleet_probe`` module: standard library only, Python 3.8

@@ -1,3 +1,6 @@
+# Copyright (c) 2026 gpufleet contributors
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+# SPDX-License-Identifier: Apache-2.0
 """What gpufleet_container, gpufleet_container_info and gpufleet itself share: the runtime's command
 lines, and reading `podman|docker container inspect`.
 

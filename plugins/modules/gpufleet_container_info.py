@@ -1,3 +1,6 @@
+# Copyright (c) 2026 gpufleet contributors
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+# SPDX-License-Identifier: Apache-2.0
 """gpufleet_container_info: list the gpufleet workload containers on a host (podman or docker).
 
 Runs on the target host: Python 3.8+, standard library and ansible.module_utils only. Read only.

@@ -1,3 +1,6 @@
+# Copyright (c) 2026 gpufleet contributors
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+# SPDX-License-Identifier: Apache-2.0
 """gpufleet_probe: what a host offers to a GPU fleet (GPUs, CPUs, memory, disk, container runtime).
 
 Runs on the target host: Python 3.8+, standard library and ansible.module_utils only.
