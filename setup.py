@@ -34,7 +34,7 @@ class BuildPyWithContent(build_py):
         target = Path(self.build_lib) / "gpufleet" / "_content"
         shutil.rmtree(target, ignore_errors=True)
         for name in CONTENT:
-            # symlinks=False: plugins/modules and plugins/module_utils link into roles/; the wheel gets copies
+            # symlinks=False: the roles' library/ and module_utils/ link to plugins/; the wheel gets copies
             shutil.copytree(ROOT / name, target / name, symlinks=False, ignore=_ignore)
 
 

@@ -26,9 +26,10 @@ LIST_TIMEOUT = 60  # seconds for one host's answer (connect timeouts are 10 s a 
 
 @functools.cache
 def commands() -> ModuleType:
-    """The workload role's module_utils/gpufleet_inspect.py: the one builder of runtime command
-    lines and the one reader of `container inspect`, loaded from the shipped content."""
-    path = paths.content_root() / "roles" / "workload" / "module_utils" / "gpufleet_inspect.py"
+    """The collection's plugins/module_utils/gpufleet_inspect.py (the workload role's module_utils link to
+    it): the one builder of runtime command lines and the one reader of `container inspect`, loaded from
+    the shipped content."""
+    path = paths.content_root() / "plugins" / "module_utils" / "gpufleet_inspect.py"
     spec = importlib.util.spec_from_file_location("gpufleet_inspect", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

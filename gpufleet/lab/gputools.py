@@ -27,7 +27,7 @@ TOOLS = {"nvidia": "nvidia-smi", "amd": "amd-smi", "intel": "hl-smi", "tenstorre
 DRIVERS = {"nvidia": "565.57.01", "amd": "6.16.13", "intel": "1.22.1-97ec1a4", "tenstorrent": "1.34"}
 
 # The command lines the stand-ins answer (argv without the tool name). They are the probe's
-# PROBE_COMMANDS (roles/gpu_probe/module_utils/gpufleet_gpus.py); a test keeps the two in step.
+# PROBE_COMMANDS (plugins/module_utils/gpufleet_gpus.py); a test keeps the two in step.
 NVIDIA_QUERY = ("--query-gpu=index,uuid,name,memory.total,pci.bus_id,driver_version",
                 "--format=csv,noheader,nounits")
 NVIDIA_TOPO = ("topo", "-m")

@@ -1,1 +1,530 @@
-../../roles/workload/library/gpufleet_container.py
+# Copyright (c) 2026 gpufleet contributors
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+# SPDX-License-Identifier: Apache-2.0
+"""gpufleet_container: start, stop, remove and inspect one workload container (podman or docker).
+
+Runs on the target host: Python 3.8+, standard library and ansible.module_utils only.
+The runtime is always run with an argument list, never through a shell.
+"""
+
+DOCUMENTATION = r"""
+---
+module: gpufleet_container
+short_description: Start, stop or remove a gpufleet workload's container and report its state
+description:
+  - Runs one container of a gpufleet workload with podman or docker, stops it, or removes it, and
+    always reports the container's state as the runtime's C(inspect) gives it.
+  - The runtime is run with an argument list, never through a shell. Every value from the
+    configuration is passed inside the option that takes it (C(--env=NAME=VALUE),
+    C(--device=X)...), and the argument list ends the options with C(--) before the image, so no
+    value can become an option or shell code. The image and the container name are validated.
+  - The container carries the label C(gpufleet.run_id). With I(state=started), an existing
+    container of the same name and the same run id is left as it is, whatever its state (a task
+    that exited stays exited so that its exit code can be read); one with another run id is
+    removed and created anew. A container of that name without the label (not made by gpufleet)
+    is never replaced (the module fails).
+  - When the runtime fails to start the container (image missing, unknown device, OCI runtime
+    error), the module fails with the runtime's own error message, and no half-created container
+    of that name remains.
+version_added: "0.1.0"
+author: gpufleet (@gpufleet)
+options:
+  state:
+    description:
+      - C(started) creates and starts the container (see I(run_id) for an existing one).
+      - C(stopped) stops it if it runs (C(stop -t 10)); a missing container is not an error.
+      - C(absent) removes it if it exists (stopping it first, as C(stopped) does).
+      - With I(run_id) given, C(stopped) and C(absent) act only on a container that carries this
+        run id; a container of that name from another run is left alone (with a warning).
+    type: str
+    choices: [started, stopped, absent]
+    default: started
+  name:
+    description:
+      - The container's name. It must match C(^[a-zA-Z0-9][a-zA-Z0-9_.-]*$).
+    type: str
+    required: true
+  run_id:
+    description:
+      - Identifies the run; stored as the label C(gpufleet.run_id).
+      - Without it, I(state=started) uses C(cfg-) and a hash of the container's configuration
+        (runtime, image, command, env, labels, devices, gpus, oci_runtime, cpuset_cpus, cpus,
+        memory_mib, network, volumes, workdir), so that a changed configuration replaces the container.
+    type: str
+  runtime:
+    description: The container runtime to run (found on the PATH).
+    type: str
+    choices: [podman, docker]
+    default: podman
+  image:
+    description:
+      - The image to run. Required with I(state=started). No leading C(-), no white space.
+    type: str
+  command:
+    description:
+      - The container's argument vector (after the image), e.g. C(["/bin/sh", "-c", "set -e\necho hi"]).
+      - A list; a plain string is refused (it would be split on commas). Empty means the image's default command.
+    type: raw
+    default: []
+  env:
+    description:
+      - Environment variables, name to value. Values are passed literally (no expansion, no templating
+        on the host). Names must not be empty or contain C(=); numbers are turned into strings.
+    type: dict
+    default: {}
+  secret_env:
+    description:
+      - Environment variables whose values are secret, name to value. The values never appear in
+        the module's arguments or results as logged (the option is C(no_log)), nor on the runtime's
+        command line, which the host's process list shows. The runtime gets C(--env=NAME) and reads
+        the value from its own environment. A name in both O(env) and O(secret_env) is secret.
+      - Only the names count when O(run_id) is derived from the configuration, so changing a
+        secret's value alone does not recreate the container; give a new O(run_id) for that.
+    type: dict
+    default: {}
+  labels:
+    description:
+      - Extra container labels. Keys starting with C(gpufleet.run_id) are refused (the module sets it).
+    type: dict
+    default: {}
+  devices:
+    description:
+      - Devices for the container, each passed as C(--device=X); host device paths (C(/dev/kfd),
+        C(/dev/dri/renderD128), C(/dev/nvidia0:/dev/nvidia0)) or CDI names
+        (C(nvidia.com/gpu=GPU-8d5d...), C(nvidia.com/gpu=0)).
+    type: list
+    elements: str
+    default: []
+  gpus:
+    description:
+      - docker's C(--gpus) value, e.g. C(all) or C(device=GPU-a,GPU-b) (a C(device=) list with
+        commas is quoted for docker's CSV parser). podman before version 6 ignores C(--gpus); give
+        podman its GPUs as CDI names in I(devices).
+    type: str
+  oci_runtime:
+    description: The OCI runtime, passed as C(--runtime=X) (e.g. C(habana), C(nvidia)).
+    type: str
+  cpuset_cpus:
+    description: CPUs the container may use (C(--cpuset-cpus)), e.g. C(0-15,32-47).
+    type: str
+  cpus:
+    description: CPU quota in CPUs (C(--cpus)), e.g. C(8) or C(1.5).
+    type: float
+  memory_mib:
+    description: Memory limit in MiB (C(--memory=NNNm)).
+    type: int
+  network:
+    description: The network (C(--network)).
+    type: str
+    default: host
+  volumes:
+    description:
+      - Bind mounts or named volumes, each C(src:dst) or C(src:dst:OPTIONS) (e.g. C(ro), C(rw,z)),
+        passed as C(--volume=...). I(dst) must be an absolute path.
+    type: list
+    elements: str
+    default: []
+  workdir:
+    description: The working directory inside the container (C(--workdir)).
+    type: str
+notes:
+  - Supports check mode (it reports what would change and changes nothing) and diff mode.
+  - The runtime is run as the user the task runs as; use C(become) for rootful podman or docker.
+"""
+
+EXAMPLES = r"""
+- name: Run a job on two NVIDIA GPUs (CDI) with podman
+  gpufleet_container:
+    name: job-7f3a
+    run_id: 7f3a0c
+    image: docker.io/library/python:3.12-slim
+    command: ["/bin/sh", "-c", "set -e\nnvidia-smi -L\npython train.py"]
+    env:
+      HF_TOKEN: "{{ hf_token }}"
+    devices:
+      - nvidia.com/gpu=GPU-b42dd28e-ffdd-8720-1df0-98bd8cdc05b1
+      - nvidia.com/gpu=GPU-5c0a8f2e-1111-2222-3333-444455556666
+    cpuset_cpus: 0-15
+    memory_mib: 65536
+  become: true
+
+- name: An AMD job with docker
+  gpufleet_container:
+    runtime: docker
+    name: job-amd
+    run_id: r42
+    image: rocm/pytorch:latest
+    devices: [/dev/kfd, /dev/dri/renderD128]
+
+- name: Stop it (the container and its exit code remain)
+  gpufleet_container:
+    name: job-7f3a
+    run_id: 7f3a0c
+    state: stopped
+  register: job
+
+- name: Remove it
+  gpufleet_container:
+    name: job-7f3a
+    state: absent
+"""
+
+RETURN = r"""
+container:
+  description: The container as the runtime's C(inspect) reports it after the task (before it, in check mode).
+  returned: always
+  type: dict
+  contains:
+    name:
+      description: The container's name.
+      type: str
+      sample: job-7f3a
+    id:
+      description: The container's id; null when it is missing.
+      type: str
+      sample: 3f1c5e0d...
+    state:
+      description:
+        - C(running), C(exited), C(created) or C(missing); other runtime states (C(paused),
+          C(restarting), C(removing), C(dead)) as the runtime names them. podman's C(stopped) is
+          reported as C(exited), C(configured) and C(initialized) as C(created).
+      type: str
+      sample: running
+    exit_code:
+      description: The exit code once the container has exited (C(exited), C(dead)), else null.
+      type: int
+      sample: 3
+    started_at:
+      description: When it started (the runtime's timestamp), null if never.
+      type: str
+      sample: "2025-05-01T10:00:00.123456789Z"
+    finished_at:
+      description: When it exited, null if it has not.
+      type: str
+      sample: "2025-05-01T10:07:12.5Z"
+    error:
+      description: The runtime's error for the container (State.Error), null if none.
+      type: str
+      sample: null
+    run_id:
+      description: Its C(gpufleet.run_id) label, null if none.
+      type: str
+      sample: 7f3a0c
+    image:
+      description: The image it was created from, as given.
+      type: str
+      sample: localhost/gpufleet-lab:latest
+actions:
+  description: What was done (or would be done, in check mode), in order.
+  returned: always
+  type: list
+  elements: str
+  sample: [remove, create]
+stderr:
+  description: The runtime's full standard error, when it failed to start the container.
+  returned: failure
+  type: str
+"""
+
+# Ansible wants the imports after DOCUMENTATION, EXAMPLES and RETURN.
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+
+# One copy of the inspect parsing, in the collection's plugins/module_utils/gpufleet_inspect.py; the
+# workload role's module_utils/gpufleet_inspect.py links to it (used from a roles path). Both imports
+# are optional to Ansible's module packer (inside try), so each way of running packs only the copy it
+# can find.
+try:
+    from ansible.module_utils import gpufleet_inspect  # noqa: E402
+except ImportError:
+    from ansible_collections.gpufleet.fleet.plugins.module_utils import gpufleet_inspect  # noqa: E402
+
+RUN_ID_LABEL = gpufleet_inspect.RUN_ID_LABEL
+
+NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+RUNNING_STATES = ("running", "paused", "restarting", "stopping")
+VOLUME_OPTIONS = {"ro", "rw", "z", "Z", "shared", "slave", "private", "rshared", "rslave", "rprivate",
+                  "nocopy", "U", "O", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "copy",
+                  "bind", "rbind"}
+# what `container` holds (RETURN)
+CONTAINER_KEYS = ("name", "id", "state", "exit_code", "started_at", "finished_at", "error", "run_id", "image")
+
+
+# ------------------------------------------------------------------- inspect (plugins/module_utils/gpufleet_inspect.py)
+
+def missing_container(name):
+    return {"name": name, "id": None, "state": "missing", "exit_code": None, "started_at": None,
+            "finished_at": None, "error": None, "run_id": None, "image": None}
+
+
+def container_from_inspect(data):
+    full = gpufleet_inspect.container_from_inspect(data)
+    return dict((key, full[key]) for key in CONTAINER_KEYS)
+
+
+def is_missing_error(text):
+    text = text.lower()
+    return "no such container" in text or "no such object" in text or "no container with name" in text
+
+
+# --------------------------------------------------------------------------- arguments
+
+def _stringify(module, what, mapping):
+    """{str: str} from a dict option; numbers become strings, anything else is refused."""
+    out = {}
+    for key, value in (mapping or {}).items():
+        key = str(key)
+        if not key or "=" in key or "\0" in key:
+            module.fail_json(msg=f"{what}: invalid name {key!r} (empty, or contains '=')")
+        if isinstance(value, bool) or value is None or isinstance(value, (dict, list)):
+            shown = type(value).__name__ if what == "secret_env" else repr(value)
+            module.fail_json(msg=f"{what}: the value of {key} must be a string (got {shown}); quote it (with "
+                             "ansible-core 2.19, !unsafe on a quoted scalar drops the quotes: tag the whole mapping, "
+                             "!unsafe {...})")
+        value = str(value)
+        if "\0" in value:
+            module.fail_json(msg=f"{what}: the value of {key} contains a NUL character")
+        out[key] = value
+    return out
+
+
+def _docker_gpus(value):
+    """docker reads --gpus as CSV: `device=a,b` must be quoted to stay one field."""
+    if value.startswith("device=") and "," in value and '"' not in value:
+        return f'"{value}"'
+    return value
+
+
+def validate(module):
+    p = module.params
+    if not NAME_RE.match(p["name"]):
+        module.fail_json(msg=f"name: {p['name']!r} is not a valid container name (it must match {NAME_RE.pattern})")
+    if p["state"] != "started":
+        return None
+    image = p["image"]
+    if not image:
+        module.fail_json(msg="image is required with state=started")
+    if image.startswith("-") or re.search(r"\s", image) or "\0" in image:
+        module.fail_json(msg=f"image: {image!r} is not a valid image reference (no leading '-', no white space)")
+    command = p["command"]
+    if command is None:
+        command = []
+    if not isinstance(command, list):
+        module.fail_json(msg=f"command must be a list (the container's argument vector), not {type(command).__name__}")
+    for i, item in enumerate(command):
+        if not isinstance(item, str):
+            module.fail_json(msg=f"command: item {i} is {item!r} ({type(item).__name__}), not a string. (With "
+                             "ansible-core 2.19, a scalar tagged !unsafe loses its quotes: !unsafe \"true\" loads as a "
+                             "boolean. Tag the whole list instead: !unsafe [\"true\"].)")
+    if any("\0" in a for a in command):
+        module.fail_json(msg="command: an item contains a NUL character")
+    secret_env = _stringify(module, "secret_env", p["secret_env"])
+    env = {k: v for k, v in _stringify(module, "env", p["env"]).items() if k not in secret_env}
+    labels = _stringify(module, "labels", p["labels"])
+    if any(k.startswith(RUN_ID_LABEL) for k in labels):
+        module.fail_json(msg=f"labels: {RUN_ID_LABEL} is set by the module (use run_id)")
+    for device in p["devices"] or []:
+        if not device or "\0" in device:
+            module.fail_json(msg=f"devices: invalid device {device!r}")
+    for volume in p["volumes"] or []:
+        parts = volume.split(":")
+        if len(parts) not in (2, 3) or not parts[0] or not parts[1].startswith("/") or "\0" in volume or (
+                len(parts) == 3 and not set(parts[2].split(",")) <= VOLUME_OPTIONS):
+            module.fail_json(msg="volumes: {!r} is not src:dst or src:dst:OPTIONS (dst an absolute path; options "
+                             "among {})".format(volume, ", ".join(sorted(VOLUME_OPTIONS))))
+    for key in ("network", "oci_runtime", "cpuset_cpus", "gpus", "workdir"):
+        value = p[key]
+        if value is not None and ("\0" in value or (key != "workdir" and re.search(r"\s", value))):
+            module.fail_json(msg=f"{key}: invalid value {value!r}")
+    if p["cpus"] is not None and p["cpus"] <= 0:
+        module.fail_json(msg="cpus must be > 0")
+    if p["memory_mib"] is not None and p["memory_mib"] <= 0:
+        module.fail_json(msg="memory_mib must be > 0")
+    return {"image": image, "command": list(command), "env": env, "labels": labels, "secret_env": secret_env}
+
+
+def config_run_id(p, spec):
+    data = dict(spec)
+    data["secret_env"] = sorted(spec["secret_env"])  # names only: no digest of a secret leaves the host
+    for key in ("runtime", "devices", "gpus", "oci_runtime", "cpuset_cpus", "cpus", "memory_mib", "network",
+                "volumes", "workdir"):
+        data[key] = p[key]
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
+    return "cfg-" + digest[:16]
+
+
+def run_argv(binary, p, spec, run_id):
+    """`<runtime> run -d --name=NAME ... -- IMAGE [command...]`: every value inside its own option."""
+    argv = [binary, "run", "--detach", "--name=" + p["name"], f"--label={RUN_ID_LABEL}={run_id}"]
+    for key in sorted(spec["labels"]):
+        argv.append(f"--label={key}={spec['labels'][key]}")
+    for key in sorted(spec["env"]):
+        argv.append(f"--env={key}={spec['env'][key]}")
+    for key in sorted(spec["secret_env"]):
+        argv.append(f"--env={key}")  # the value comes from the runtime's environment (run_command's environ_update)
+    for device in p["devices"] or []:
+        argv.append("--device=" + device)
+    if p["gpus"]:
+        argv.append("--gpus=" + (_docker_gpus(p["gpus"]) if p["runtime"] == "docker" else p["gpus"]))
+    if p["oci_runtime"]:
+        argv.append("--runtime=" + p["oci_runtime"])
+    if p["cpuset_cpus"]:
+        argv.append("--cpuset-cpus=" + p["cpuset_cpus"])
+    if p["cpus"] is not None:
+        argv.append(f"--cpus={p['cpus']:g}")
+    if p["memory_mib"] is not None:
+        argv.append(f"--memory={p['memory_mib']}m")
+    if p["network"]:
+        argv.append("--network=" + p["network"])
+    for volume in p["volumes"] or []:
+        argv.append("--volume=" + volume)
+    if p["workdir"]:
+        argv.append("--workdir=" + p["workdir"])
+    return argv + ["--", spec["image"]] + spec["command"]
+
+
+def error_message(stderr):
+    """The runtime's own error: from its last `Error...` line on (podman prints pull retries before it)."""
+    lines = [line for line in stderr.strip().splitlines()
+             if not line.startswith("Run '") and "--help' for more information" not in line]
+    start = None
+    for i, line in enumerate(lines):
+        if line.startswith(("Error", "docker: Error", "error")):
+            start = i
+    text = "\n".join(lines[start:] if start is not None else lines).strip()
+    return text or stderr.strip()
+
+
+# --------------------------------------------------------------------------- module
+
+class Runtime:
+    def __init__(self, module):
+        self.module = module
+        self.binary = module.get_bin_path(module.params["runtime"], required=True)
+
+    def run(self, argv):
+        # never expand $VARS or ~ in the arguments (run_command does by default): values are literal
+        return self.module.run_command(argv, expand_user_and_vars=False)
+
+    def inspect(self, name):
+        rc, out, err = self.run(gpufleet_inspect.inspect_argv([self.binary], name))
+        if rc != 0:
+            if is_missing_error(err + out):
+                return missing_container(name)
+            runtime = self.module.params["runtime"]
+            self.module.fail_json(msg=f"{runtime} container inspect {name} failed: {(err or out).strip()}", rc=rc)
+        try:
+            data = json.loads(out)
+        except ValueError:
+            runtime = self.module.params["runtime"]
+            self.module.fail_json(msg=f"cannot read the output of {runtime} container inspect: {out[:500]}")
+        if isinstance(data, list):
+            data = data[0] if data else None
+        if not data:
+            return missing_container(name)
+        return container_from_inspect(data)
+
+    def stop(self, name):
+        rc, out, err = self.run(gpufleet_inspect.stop_argv([self.binary], name))
+        if rc != 0 and self.inspect(name)["state"] in RUNNING_STATES:
+            self.module.fail_json(msg=error_message(err or out), stderr=err, rc=rc)
+
+    def remove(self, name):
+        rc, out, err = self.run(gpufleet_inspect.remove_argv([self.binary], name))
+        if rc != 0 and self.inspect(name)["state"] != "missing":
+            self.module.fail_json(msg=error_message(err or out), stderr=err, rc=rc)
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            state=dict(type="str", choices=["started", "stopped", "absent"], default="started"),
+            name=dict(type="str", required=True),
+            run_id=dict(type="str"),
+            runtime=dict(type="str", choices=["podman", "docker"], default="podman"),
+            image=dict(type="str"),
+            command=dict(type="raw", default=[]),
+            env=dict(type="dict", default={}),
+            secret_env=dict(type="dict", default={}, no_log=True),
+            labels=dict(type="dict", default={}),
+            devices=dict(type="list", elements="str", default=[]),
+            gpus=dict(type="str"),
+            oci_runtime=dict(type="str"),
+            cpuset_cpus=dict(type="str"),
+            cpus=dict(type="float"),
+            memory_mib=dict(type="int"),
+            network=dict(type="str", default="host"),
+            volumes=dict(type="list", elements="str", default=[]),
+            workdir=dict(type="str"),
+        ),
+        required_if=[("state", "started", ("image",))],
+        supports_check_mode=True,
+    )
+    p = module.params
+    spec = validate(module)
+    runtime = Runtime(module)
+    name, state = p["name"], p["state"]
+    before = runtime.inspect(name)
+    actions = []
+    warnings = []
+    if p["gpus"] and p["runtime"] == "podman":
+        warnings.append("podman before version 6 ignores --gpus: give podman GPUs as CDI names in devices")
+
+    if state == "started":
+        run_id = p["run_id"] or config_run_id(p, spec)
+        if before["state"] != "missing" and before["run_id"] is None:
+            module.fail_json(msg=f"a container named {name} exists that gpufleet did not create (it has no "
+                             f"{RUN_ID_LABEL} label): remove it or choose another name", container=before)
+        if before["state"] != "missing" and before["run_id"] == run_id:
+            pass  # this run's container: leave it as it is (running or exited)
+        else:
+            if before["state"] != "missing":
+                actions += (["stop"] if before["state"] in RUNNING_STATES else []) + ["remove"]
+            actions.append("create")
+    else:
+        run_id = p["run_id"]
+        foreign = before["state"] != "missing" and run_id is not None and before["run_id"] != run_id
+        if foreign:
+            warnings.append(f"container {name} belongs to run {before['run_id']}, not {run_id}: left alone")
+        elif before["state"] in RUNNING_STATES:
+            actions.append("stop")
+        if state == "absent" and before["state"] != "missing" and not foreign:
+            actions.append("remove")
+
+    result = {"changed": bool(actions), "actions": actions}
+    if module._diff:
+        after_state = {"started": "running", "stopped": "exited", "absent": "missing"}[state] if actions \
+            else before["state"]
+        result["diff"] = {"before": {"state": before["state"], "run_id": before["run_id"]},
+                          "after": {"state": after_state,
+                                    "run_id": run_id if "create" in actions else before["run_id"]}}
+    for warning in warnings:
+        module.warn(warning)
+    if module.check_mode or not actions:
+        module.exit_json(container=before, **result)
+
+    for i, action in enumerate(actions):
+        if action == "stop":
+            runtime.stop(name)
+        elif action == "remove":
+            runtime.remove(name)
+        elif action == "create":
+            result["changed"] = i > 0  # until it succeeds, only what was done before counts
+            argv = run_argv(runtime.binary, p, spec, run_id)
+            rc, out, err = module.run_command(argv, expand_user_and_vars=False, environ_update=spec["secret_env"])
+            if rc != 0:
+                # a failed start can leave the container created: remove it if it is this run's
+                left = runtime.inspect(name)
+                if left["state"] != "missing" and left["run_id"] == run_id:
+                    runtime.run(gpufleet_inspect.remove_argv([runtime.binary], name))
+                    left = runtime.inspect(name)
+                module.fail_json(msg=error_message(err or out), stderr=err, rc=rc, container=left, **result)
+            result["changed"] = True
+    module.exit_json(container=runtime.inspect(name), **result)
+
+
+if __name__ == "__main__":
+    main()

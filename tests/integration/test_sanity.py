@@ -7,7 +7,7 @@ script (a stand-in the script writes, see its docstring) start empty every time,
 the machine makes it pass. It needs the package index (ansible-test installs each test's
 requirements, pylint among them): about 2.5 minutes on 2 cores.
 
-The collection's one sanity ignore must be one that ansible-lint's `sanity` rule allows.
+The collection's sanity ignores must be ones that ansible-lint's `sanity` rule allows.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The gpu_probe role's parsers (module_utils/gpufleet_gpus.py) on real recorded tool outputs, and
+"""The gpu_probe role's parsers (plugins/module_utils/gpufleet_gpus.py) on real recorded tool outputs, and
 the gpufleet_probe module's runtime / host checks."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from conftest import gpu_tool_fixture
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "roles" / "gpu_probe" / "module_utils"))
+sys.path.insert(0, str(ROOT / "plugins" / "module_utils"))
 
 import gpufleet_gpus as g  # noqa: E402
 
@@ -389,7 +389,7 @@ def test_probe_amd_permission_banner_is_reported_with_the_gpus():
 def module():
     pytest.importorskip("ansible")
     sys.modules.setdefault("ansible.module_utils.gpufleet_gpus", g)
-    path = ROOT / "roles" / "gpu_probe" / "library" / "gpufleet_probe.py"
+    path = ROOT / "plugins" / "modules" / "gpufleet_probe.py"
     spec = importlib.util.spec_from_file_location("gpufleet_probe_module", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

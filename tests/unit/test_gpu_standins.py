@@ -17,7 +17,7 @@ from conftest import gpu_tool_fixture, tool
 from gpufleet.lab.gputools import CATALOGUE, DRIVERS, TOOLS, TOPO_LEGEND, GpuSpec, write_standins
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "roles" / "gpu_probe" / "module_utils"))
+sys.path.insert(0, str(ROOT / "plugins" / "module_utils"))
 
 import gpufleet_gpus as g  # noqa: E402
 

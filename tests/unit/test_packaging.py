@@ -75,9 +75,11 @@ def test_sdist_carries_the_content_and_its_wheel_has_it_in_the_package(tmp_path)
         names = set(whl.namelist())
         metadata = whl.read(f"gpufleet-{GALAXY_VERSION}.dist-info/METADATA").decode()
         inspect = whl.read("gpufleet/_content/plugins/module_utils/gpufleet_inspect.py")
+        role_inspect = whl.read("gpufleet/_content/roles/workload/module_utils/gpufleet_inspect.py")
     for name in CONTENT:
         assert f"gpufleet/_content/{name}" in names, name
-    assert inspect == (ROOT / "roles/workload/module_utils/gpufleet_inspect.py").read_bytes()
+    # the roles' links to plugins/ became copies of the same file
+    assert inspect == role_inspect == (ROOT / "plugins/module_utils/gpufleet_inspect.py").read_bytes()
     assert not any(n.startswith("gpufleet/_content/playbooks/roles") or n.endswith(".pyc") for n in names)
     assert not any(n.split("/")[0] in ("playbooks", "roles", "plugins", "inventory_templates") for n in names)
     assert f"Version: {GALAXY_VERSION}\n" in metadata and "License-Expression: Apache-2.0\n" in metadata
