@@ -11,7 +11,7 @@ from gpufleet import cluster
 from gpufleet.allocator import Placement
 from gpufleet.config import stored_fleet
 from gpufleet.errors import GpufleetError
-from gpufleet.models import GPU, DevEnvironmentConfig, Fleet, HostFacts, Run, RunRequest, split_env
+from gpufleet.models import GPU, DevEnvironmentConfig, Fleet, HostFacts, RunRequest, split_env
 from gpufleet.paths import FleetFiles
 from gpufleet.runner import run_playbook
 from gpufleet.secrets import fleet_secrets
@@ -141,15 +141,15 @@ def node_addresses(store: Store, fleet_name: str, aliases: list[str]) -> list[st
     return [cluster.choose_address(a, outcomes.get(a), targets[a].internal_ip, fleet.network) for a in aliases]
 
 
-def stop_containers(run: Run | None, aliases: list[str], remove: bool = False) -> None:
-    """Stop (or remove) the run's containers on ``aliases``; raise with each host that failed."""
-    if run is None or not aliases:
+def stop_containers(fleet: str, container: str, run_id: str, aliases: list[str], remove: bool = False) -> None:
+    """Stop (or remove) the container ``container`` of run ``run_id`` on ``aliases`` of ``fleet``;
+    raise with each host that failed."""
+    if not aliases:
         return
-    variables = {"workload_name": run.container, "workload_run_id": run.run_id}
+    variables = {"workload_name": container, "workload_run_id": run_id}
     if remove:
         variables["workload_state"] = "absent"
-    result = run_playbook("stop", FleetFiles.of(run.fleet).require().inventory, limit=aliases,
-                          unsafe_vars=variables)
+    result = run_playbook("stop", FleetFiles.of(fleet).require().inventory, limit=aliases, unsafe_vars=variables)
     outcomes = [(a, result.hosts.get(a)) for a in aliases]
     bad = [f"{a}: {o.message if o else 'no result'}" for a, o in outcomes if o is None or o.status.bad]
     if bad:

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gpufleet.errors import UsageError
-from gpufleet.models import FleetState, InstanceStatus, Run, Target
+from gpufleet.models import FleetState, InstanceStatus, Run, RunStatus, Target
 
 STATUS_STYLE = {InstanceStatus.READY: "", InstanceStatus.UNREACHABLE: "yellow", InstanceStatus.ERROR: "red"}
 PROBE_STYLE = {"ok": "green", "unreachable": "yellow", "failed": "red", "running": "cyan"}
@@ -157,7 +157,7 @@ def ps_table(views: list[Run]) -> Table:
             gpus = " + ".join(str(len(n.gpus)) for n in r.nodes) + " GPUs"
             instance = ",".join(str(n.instance_num) for n in r.nodes)
         status = str(r.status) + (f" ({r.exit_code})" if r.exit_code not in (None, 0) else "")
-        if r.message and r.status in ("failed", "running", "starting"):  # why it failed; why it is unchecked
+        if r.message and (r.active or r.status == RunStatus.FAILED):  # why it failed; why it is unchecked
             status += f": {r.message[:120]}"
         t.add_row(r.name, r.type, r.fleet or "-", instance, gpus, Text(status), age(r.created_at, time.time()))
     return t

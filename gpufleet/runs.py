@@ -94,8 +94,10 @@ def submit(path: str, yes: bool = False, detach: bool = False, console: Console 
 
 def _release(store: Store, name: str, started: list[str], why: str) -> None:
     """A start that failed: remove what was started (best effort), mark the run failed, free its blocks."""
+    run = store.run(name)
     try:
-        stop_containers(store.run(name), started, remove=True)
+        if run is not None:
+            stop_containers(run.fleet, run.container, run.run_id, started, remove=True)
     except GpufleetError:
         pass  # the sweep of `gpufleet ps` stops what is left
     store.finish_run(name, RunStatus.FAILED, None, why)
@@ -154,7 +156,7 @@ def settle(run: Run, states: list[tuple[str, Container | None]], unknown: str) -
 def _record(store: Store, run: Run, s: Settlement) -> None:
     if s.stop:
         try:
-            stop_containers(run, s.stop)
+            stop_containers(run.fleet, run.container, run.run_id, s.stop)
         except GpufleetError:
             pass  # the run ends all the same; the next sweep stops what is left
     if s.status is None:
@@ -222,10 +224,8 @@ def _stop_orphans(store: Store, fleet: str, answers: dict[str, HostContainers], 
             if (alias, c.name, c.run_id) in owned or c.run_id in active_ids:
                 continue
             if c.state not in ("exited", "stopped", "dead", "created"):
-                orphan = Run(name=c.name, run_id=c.run_id, type="", fleet=fleet, instance_id=None, alias=alias,
-                             status=RunStatus.RUNNING, spec={}, container=c.name, created_at=0, updated_at=0)
                 try:
-                    stop_containers(orphan, [alias])
+                    stop_containers(fleet, c.name, c.run_id, [alias])
                     failure = ""
                 except GpufleetError as e:
                     failure = f" (stop failed: {e})"
@@ -270,7 +270,7 @@ def stop(name: str) -> Run:
     store = Store()
     run = _active_run(store, name)
     try:
-        stop_containers(run, run.aliases)
+        stop_containers(run.fleet, run.container, run.run_id, run.aliases)
     except GpufleetError as e:
         raise GpufleetError(f"could not stop {name}: {e}") from None
     store.finish_run(name, RunStatus.STOPPED, None, "stopped by the user")

@@ -554,9 +554,9 @@ def fleet_name(lab: Lab) -> str:
 def _forget_host_keys(lab: Lab) -> None:
     """The next lab on these addresses has new host keys: drop this lab's keys from its fleet's
     known_hosts, so that re-applying the lab fleet is not refused as a changed key."""
-    from gpufleet import paths
+    from gpufleet.paths import FleetFiles
 
-    known_hosts = paths.home() / "fleets" / fleet_name(lab) / "known_hosts"
+    known_hosts = FleetFiles.of(fleet_name(lab)).known_hosts
     if known_hosts.exists():
         for host in lab.hosts:
             _run(["ssh-keygen", "-R", host.address, "-f", str(known_hosts)], check=False)

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import Field
 
-from gpufleet.models.core import CoreModel, InstanceStatus, RunStatus
+from gpufleet.models.core import CoreModel, InstanceStatus, RunStatus, RunType
 from gpufleet.models.facts import GPU, HostFacts
 
 
@@ -66,7 +66,7 @@ class Run(CoreModel):
 
     name: str
     run_id: str  # unique per submission; labels the container
-    type: str
+    type: RunType
     fleet: str | None
     instance_id: int | None
     alias: str | None
