@@ -11,7 +11,6 @@ from gpufleet.models.core import (
     InstanceStatus,
     Range,
     RunStatus,
-    RunType,
 )
 from gpufleet.models.env import Env, split_env
 from gpufleet.models.facts import CPU, GPU, UNKNOWN_RUNTIME, Container, Disk, HostFacts, Problem, Runtime
@@ -24,6 +23,7 @@ from gpufleet.models.run import (
     RunConfig,
     RunConfigType,
     RunRequest,
+    RunType,
     ServiceConfig,
     TaskConfig,
 )

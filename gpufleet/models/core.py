@@ -37,12 +37,6 @@ class RunStatus(StrEnum):
 ACTIVE_RUN_STATUSES = (RunStatus.STARTING, RunStatus.RUNNING)
 
 
-class RunType(StrEnum):
-    TASK = "task"
-    SERVICE = "service"
-    DEV_ENVIRONMENT = "dev-environment"
-
-
 class HostStatus(StrEnum):
     """One host's progress through a playbook run, and how it ended (for a probe too)."""
 

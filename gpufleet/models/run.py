@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import math
 import re
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-from gpufleet.models.core import CoreModel, Range, RunType
+from gpufleet.models.core import CoreModel, Range
 from gpufleet.models.env import Env, split_env
 from gpufleet.models.fleet import Name
+
+
+class RunType(StrEnum):
+    """dstack's run configuration types (`type:`)."""
+
+    TASK = "task"
+    SERVICE = "service"
+    DEV_ENVIRONMENT = "dev-environment"
+
 
 VENDORS = {"nvidia": "nvidia", "amd": "amd", "intel": "intel", "gaudi": "intel", "habana": "intel",
            "tenstorrent": "tenstorrent", "tt": "tenstorrent"}

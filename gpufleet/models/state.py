@@ -9,8 +9,9 @@ from typing import Any
 
 from pydantic import Field
 
-from gpufleet.models.core import CoreModel, InstanceStatus, RunStatus, RunType
+from gpufleet.models.core import CoreModel, InstanceStatus, RunStatus
 from gpufleet.models.facts import GPU, HostFacts
+from gpufleet.models.run import RunType
 
 
 class Instance(CoreModel):
