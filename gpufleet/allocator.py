@@ -77,6 +77,23 @@ class HostIndex:
         if not members:
             del self._groups[key]
 
+    def copy(self) -> HostIndex:
+        """An index of the same hosts that can be changed without changing this one (hosts are
+        shared, never changed in place: a change is a ``put`` of a new HostSlots)."""
+        other = HostIndex.__new__(HostIndex)
+        other._hosts = dict(self._hosts)
+        other._key = dict(self._key)
+        other._groups = {key: list(members) for key, members in self._groups.items()}
+        return other
+
+    def get(self, instance_id: int) -> HostSlots | None:
+        return self._hosts.get(instance_id)
+
+    def groups(self) -> Iterator[tuple[HostSlots, int]]:
+        """Each group's lowest-numbered host and how many hosts the group has."""
+        for members in self._groups.values():
+            yield self._hosts[members[0][1]], len(members)
+
     def leaders(self) -> Iterator[HostSlots]:
         """The lowest-numbered host of each group."""
         for members in self._groups.values():

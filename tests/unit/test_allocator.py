@@ -123,3 +123,14 @@ def test_index_follows_put_and_remove():
     index.remove(0)
     index.remove(1)
     assert len(index) == 2 and place(req(1), index).host.num == 2
+
+
+def test_index_copy_is_independent_and_groups_count_members():
+    from gpufleet.allocator import HostIndex
+    a, b = _shaped(host(0), "f"), _shaped(host(1), "f")
+    index = HostIndex([a, b])
+    assert [(h.num, n) for h, n in index.groups()] == [(0, 2)]
+    other = index.copy()
+    other.put(_shaped(host(1, busy={0}), "f"))
+    assert sorted(n for _, n in other.groups()) == [1, 1] and [(h.num, n) for h, n in index.groups()] == [(0, 2)]
+    assert index.get(1) is b and other.get(1) is not b and index.get(7) is None
