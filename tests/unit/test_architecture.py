@@ -44,4 +44,7 @@ def test_the_domain_and_scheduling_depend_on_nothing_above_them():
     for module in [m for m in graph if m.startswith("gpufleet.models")] + ["gpufleet.allocator", "gpufleet.blocks"]:
         deps = {d for d in nx.descendants(graph, module) if not d.startswith("gpufleet.models.")}
         assert deps <= below, (module, deps - below)
+    # the scheduler decides on the domain and the allocator's placement, nothing else
+    deps = {d for d in nx.descendants(graph, "gpufleet.scheduler") if not d.startswith("gpufleet.models.")}
+    assert deps <= below | {"gpufleet.allocator"}, deps - below
 
