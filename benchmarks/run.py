@@ -4,6 +4,7 @@
     sudo .venv/bin/python benchmarks/run.py            # everything (needs root for the lab)
     .venv/bin/python benchmarks/run.py --quick         # small sizes, one repetition, no README update
     .venv/bin/python benchmarks/run.py --only alloc,pack
+    .venv/bin/python benchmarks/run.py --only sched --keep   # the trace-driven scheduler benchmark alone
 
 PostgreSQL for the allocator benchmark: GPUFLEET_BENCH_DATABASE_URL (a database of its own: its
 gpufleet tables are dropped and re-created), else the PostgreSQL row is skipped.
@@ -21,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_alloc, bench_lab, bench_pack  # noqa: E402
+from benchmarks import bench_alloc, bench_lab, bench_pack, bench_sched  # noqa: E402
 from benchmarks.common import fmt, median  # noqa: E402
 
 README = Path(__file__).resolve().parent / "README.md"
@@ -36,7 +37,7 @@ def check(ok: bool) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="N=4 only, one repetition, 1,000 hosts; README untouched")
-    ap.add_argument("--only", default="apply,ps,alloc,pack", help="comma-separated: apply,ps,alloc,pack")
+    ap.add_argument("--only", default="apply,ps,alloc,pack,sched", help="comma-separated: apply,ps,alloc,pack,sched")
     ap.add_argument("--sizes", default=None, help="apply: fleet sizes (default 4,16,64)")
     ap.add_argument("--reps", type=int, default=None, help="apply: repetitions (default 3)")
     ap.add_argument("--ansible-max", type=int, default=16,
@@ -66,6 +67,9 @@ def main() -> int:
         print("== packing")
         results["pack"] = bench_pack.bench(jobs=1000 if args.quick else 4000,
                                            seeds=(1,) if args.quick else tuple(range(1, 11)))
+    if "sched" in only:
+        print("== scheduling (job traces)")
+        results["sched"] = bench_sched.bench(limit=5000 if args.quick else None)
     took = time.time() - t_start
     if not args.quick:
         saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
@@ -150,6 +154,8 @@ def render(results: dict, args, took: float) -> str:
         out.append("")
     if "pack" in results:
         out += bench_pack_table(results["pack"], targets)
+    if "sched" in results:
+        out += bench_sched_table(results["sched"], targets)
     if targets:
         out += ["### Targets", "", "| target | measured | |", "|---|---|---|"]
         out += [f"| {t} | {m} | {check(ok)} |" for t, m, ok in targets]
@@ -191,6 +197,52 @@ def bench_pack_table(rows: list[dict], targets: list) -> list[str]:
                     all(total["gpufleet"] < total[p] for p in others)))
     targets.append(("Packing: fewer refused jobs than first fit and random, on every seed",
                     f"{every} of {n} seeds", every == n))
+    return out
+
+
+def _dur(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def bench_sched_table(rows: list[dict], targets: list) -> list[str]:
+    out = ["### Scheduling on real job traces (one `decide` per event; FIFO and EASY know true durations, "
+           "gpufleet only max_duration limits)", "",
+           "| trace | fleet | jobs | policy | utilization | wait mean | p50 | p95 | max | bounded slowdown (mean) "
+           "| never started | refused | broken reservations | simulated in |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    by_trace: dict = {}
+    for r in rows:
+        by_trace.setdefault(r["trace"], {})[r["policy"]] = r
+        broken = r["broken_reservations"] if r["policy"] == "gpufleet" else "-"
+        out.append(f"| {r['trace']} | {r['hosts']} x 8 GPUs | {r['jobs']} | {r['policy']} | "
+                   f"{100 * r['utilization']:.2f}% | {_dur(r['wait_mean'])} | {_dur(r['wait_p50'])} | "
+                   f"{_dur(r['wait_p95'])} | {_dur(r['wait_max'])} | {r['bsld_mean']:.2f} | {r['never_started']} | "
+                   f"{r['refused']} | {broken} | {r['seconds']:.1f} s |")
+    out.append("")
+    for trace, p in by_trace.items():
+        g, e = p.get("gpufleet"), p.get("easy")
+        if not g or not e:
+            continue
+        targets.append((f"Scheduling, {trace}: gpufleet's mean wait no worse than EASY's",
+                        f"{g['wait_mean']:.0f} s vs {e['wait_mean']:.0f} s", g["wait_mean"] <= e["wait_mean"]))
+        targets.append((f"Scheduling, {trace}: gpufleet's utilization no lower than EASY's",
+                        f"{100 * g['utilization']:.3f}% vs {100 * e['utilization']:.3f}%",
+                        g["utilization"] >= e["utilization"] - 1e-12))
+    gs = [r for r in rows if r["policy"] == "gpufleet"]
+    if gs:
+        starved = sum(r["never_started"] + r["broken_reservations"] for r in gs)
+        targets.append(("Scheduling: no job starved (gpufleet: every job started, none after the time first "
+                        "reserved for it)", f"{starved}", starved == 0))
+        rate = min(r["jobs"] / r["seconds"] for r in gs)
+        each = ", ".join(f"{r['trace']} {r['jobs']} jobs in {r['seconds']:.1f} s" for r in gs)
+        targets.append(("Scheduling: 100,000 jobs simulated in under 60 s (gpufleet, slowest trace's rate)",
+                        f"{100_000 / rate:.1f} s per 100,000 jobs ({each})", 100_000 / rate < 60))
     return out
 
 

@@ -307,11 +307,20 @@ def place_gang(req: Request, hosts: HostIndex | list[HostSlots], nodes: int,
                            f"the task needs {nodes}")
             continue
         options = []
+        by_shape: dict = {}  # as in place(): which blocks suit the request is worked out once per shape
         for h in members:
-            usable = list(h.blocks) if whole else _usable_blocks(h, req)
-            need = len(usable) if whole else _blocks_needed(h, req, usable)
-            if need is None:
+            known = by_shape.get(h.shape) if h.shape is not None else None
+            if known is None:
+                usable = list(h.blocks) if whole else _usable_blocks(h, req)
+                need = len(usable) if whole else _blocks_needed(h, req, usable)
+                ids = {id(b) for b in usable}
+                known = ([i for i, b in enumerate(h.blocks) if id(b) in ids], need)
+                if h.shape is not None:
+                    by_shape[h.shape] = known
+            positions, need = known
+            if need is None or sum(h.blocks[i].free for i in positions) < need:
                 continue
+            usable = [h.blocks[i] for i in positions]
             chosen = _choose_blocks(h, usable, need)
             if chosen is None:
                 continue

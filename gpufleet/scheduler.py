@@ -46,6 +46,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from heapq import heapify, heappop
+from operator import attrgetter
 
 from gpufleet.allocator import (
     BlockSlot,
@@ -84,6 +85,10 @@ class Waiting:
             raise ValueError(f"run {self.run_id}: nodes must be at least 1")
         if self.max_duration is not None and not self.max_duration > 0:
             raise ValueError(f"run {self.run_id}: max_duration must be positive (None: no limit)")
+        # runs with the same request object and nodes place alike within a decision (and, with the
+        # same max_duration, take the same backfill path): what fails for one fails for the others
+        object.__setattr__(self, "_fit", (id(self.request), self.nodes))
+        object.__setattr__(self, "_path", (id(self.request), self.nodes, self.max_duration))
 
 
 @dataclass(frozen=True)
@@ -135,13 +140,28 @@ def order_key(now: float, aging_s: float | None = AGING_S) -> Callable[[Waiting]
     return lambda r: (-r.priority, r.submitted_at, r.run_id)
 
 
+_BY_SUBMISSION = attrgetter("submitted_at", "run_id")
+_PRIORITY = attrgetter("priority")
+_FIT = attrgetter("_fit")
+_PATH = attrgetter("_path")
+
+
+def ordered(waiting: Sequence[Waiting], now: float, aging_s: float | None = AGING_S) -> list[Waiting]:
+    """``waiting`` in the queue's order (``order_key``). With one priority, aging changes nothing:
+    submission order it is."""
+    by_submission = sorted(waiting, key=_BY_SUBMISSION)
+    if len(set(map(_PRIORITY, by_submission))) <= 1:
+        return by_submission
+    return sorted(by_submission, key=order_key(now, aging_s))
+
+
 def decide(waiting: Sequence[Waiting], hosts: HostIndex | Sequence[HostSlots], running: Sequence[Running],
            now: float, *, cluster_fleets: Collection[str] = (), aging_s: float | None = AGING_S) -> Decision:
     """Which of ``waiting`` start now and where, the reservation kept, and the runs refused.
 
     Nothing given is changed (a HostIndex is copied before anything is tried on it)."""
     base = hosts if isinstance(hosts, HostIndex) else HostIndex(list(hosts))
-    return _Decider(base, frozenset(cluster_fleets), now).run(sorted(waiting, key=order_key(now, aging_s)), running)
+    return _Decider(base, frozenset(cluster_fleets), now).run(ordered(waiting, now, aging_s), running)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,10 +183,6 @@ def _with(host: HostSlots, idxs: Collection[int], free: bool) -> HostSlots:
     blocks = [BlockSlot(b.idx, b.gpus, b.cpus, b.memory_mib, b.numa_node, free) if b.idx in idxs and b.free != free
               else b for b in host.blocks]
     return HostSlots(host.instance_id, host.fleet, host.num, host.alias, host.gpus, blocks, host.shape)
-
-
-def _key(run: Waiting) -> tuple[int, int]:
-    return id(run.request), run.nodes
 
 
 class _View:
@@ -250,70 +266,111 @@ class _Decider:
         self.view = _View(base.copy())
         self.starts: list[Start] = []
         self.refused: list[Refusal] = []
-        self.never: dict[tuple[int, int], str | None] = {}
+        self.never_fits: dict[tuple[int, int], str] = {}  # _fit -> why
+        self.fit_ever: set = set()  # _fit of runs that fit on the idle fleet
+        self._fleet_sig: frozenset | None = None
         self._idle_reps: HostIndex | None = None
         self._idle_all: list[HostSlots] | None = None
 
     def run(self, queue: list[Waiting], running: Sequence[Running]) -> Decision:
-        ends: list[tuple[float | None, tuple[BlockRef, ...]]] = [(r.ends_at, r.blocks) for r in running]
+        started: list[tuple[float | None, tuple[BlockRef, ...]]] = []  # (end, blocks) of runs started here
+        no_fit: set = set()  # runs (by _fit) that fit nowhere now: capacity only shrinks during a decision
         res: _Reserved | None = None
-        no_fit: set = set()  # keys that fit nowhere now (capacity only shrinks during a decision)
+        pos = 0
+        while pos < len(queue) and res is None:
+            run = queue[pos]
+            pos += 1
+            p = None if run._fit in no_fit else self.view.place(run, self.clusters)
+            if p is not None:
+                self._start(run, p, False, None, started)
+                continue
+            no_fit.add(run._fit)
+            res = self._reserve(run, running, started)
+        if res is not None:
+            self._backfill(queue[pos:], res, no_fit)
+        if self.never_fits:  # every queued run that never fits is refused, not only the first seen
+            done = {r.run_id for r in self.refused}
+            self.refused += [Refusal(r.run_id, self.never_fits[r._fit]) for r in queue
+                             if r._fit in self.never_fits and r.run_id not in done]
+        reservations = () if res is None else (Reservation(res.run.run_id, res.at, _refs(res.placements)),)
+        return Decision(tuple(self.starts), reservations, tuple(self.refused))
+
+    def _backfill(self, rest: list[Waiting], res: _Reserved, no_fit: set) -> None:
+        """Start what cannot delay the reservation. Runs that take the same path with the same request
+        fail alike, so the scan stops once every kind of run left has failed."""
+        kinds = list(map(_PATH, rest))
+        n = len(kinds)
+        first = dict(zip(reversed(kinds), range(n - 1, -1, -1), strict=True))  # kind -> its first position
+        last = dict(zip(kinds, range(n), strict=True))  # kind -> its last position
+        firsts = sorted(first.values())
+        dead: set = set()
+        seen: set = set()
+        live = 0  # kinds seen that have not failed and have runs left
         no_masked: set = set()
-        no_move: set = set()
-        for run in queue:
-            key = _key(run)
-            if res is None:
-                p = None if key in no_fit else self.view.place(run, self.clusters)
-                if p is not None:
-                    self._start(run, p, False, ends)
-                    continue
-                no_fit.add(key)
-                if self._refuse_if_never(run):
-                    continue
-                res = self._reserve(run, ends)
+        i = nxt = 0
+        while i < n:
+            if live <= 0:  # every kind seen so far failed or has nothing left: go to the next kind not seen yet
+                while nxt < len(firsts) and kinds[firsts[nxt]] in seen:
+                    nxt += 1
+                if nxt == len(firsts):
+                    break
+                i = max(i, firsts[nxt])
+            run, kind = rest[i], kinds[i]
+            i += 1
+            if kind in dead:
                 continue
-            # behind the reservation: backfill only what cannot delay it
-            if key in no_fit:
-                self._refuse_if_never(run)
-                continue
+            if kind not in seen:
+                seen.add(kind)
+                live += 1
+            if last[kind] == i - 1:
+                live -= 1  # its last run: whatever happens to it, nothing of its kind is left after
+            fit = run._fit
             end = self.now + run.max_duration if run.max_duration is not None else None
-            if end is not None and (res.at is None or end <= res.at):
-                p = self.view.place(run, self.clusters)
+            if end is not None and (res.at is None or end <= res.at):  # ends in time: anywhere
+                p = None if fit in no_fit else self.view.place(run, self.clusters)
                 if p is not None:
-                    self._start(run, p, True, ends, res)
+                    self._start(run, p, True, res)
                 else:
-                    no_fit.add(key)
-                    self._refuse_if_never(run)
+                    no_fit.add(fit)
+                    dead.add(kind)
+                    live -= last[kind] >= i
+                    self._check_never(run)
                 continue
-            if key not in no_masked:
+            if fit not in no_masked:  # runs past it: on blocks the reservation does not need
                 if res.masked is None:
                     res.masked = self._masked(res)
                 p = res.masked.place(run, self.clusters)
                 if p is not None:
-                    self._start(run, p, True, ends, res, past=True)
+                    self._start(run, p, True, res, past=True)
                     continue
-                no_masked.add(key)
-            if res.at is None or key in no_move:
+                no_masked.add(fit)
+            if res.at is None:
+                dead.add(kind)
+                live -= last[kind] >= i
+                self._check_never(run)
                 continue
-            p = self.view.place(run, self.clusters)
+            p = None if fit in no_fit else self.view.place(run, self.clusters)
             if p is None:
-                no_fit.add(key)
-                self._refuse_if_never(run)
+                no_fit.add(fit)
+                dead.add(kind)
+                live -= last[kind] >= i
+                self._check_never(run)
                 continue
-            moved = self._head_still_fits(res, p)
+            moved = self._head_still_fits(res, p)  # or on them, if the head still fits elsewhere then
             if moved is None:
-                no_move.add(key)
+                dead.add(kind)
+                live -= last[kind] >= i
                 continue
             res.placements, res.masked = moved, None
             no_masked.clear()
-            self._start(run, p, True, ends, res, past=True, proj_done=True)
-        reservations = () if res is None else (Reservation(res.run.run_id, res.at, _refs(res.placements)),)
-        return Decision(tuple(self.starts), reservations, tuple(self.refused))
+            dead = set()  # the reservation moved: what failed against it may not now
+            live = sum(1 for k in seen if last[k] >= i)
+            self._start(run, p, True, res, past=True, proj_done=True)
 
     # -- starting, reserving ---------------------------------------------------------------------------------
 
-    def _start(self, run: Waiting, placements: tuple[Placement, ...], backfill: bool, ends: list,
-               res: _Reserved | None = None, past: bool = False, proj_done: bool = False) -> None:
+    def _start(self, run: Waiting, placements: tuple[Placement, ...], backfill: bool, res: _Reserved | None,
+               started: list | None = None, past: bool = False, proj_done: bool = False) -> None:
         self.view.occupy(placements)
         end = self.now + run.max_duration if run.max_duration is not None else None
         if res is not None:
@@ -321,15 +378,19 @@ class _Decider:
                 res.masked.occupy(placements)
             if past and res.proj is not None and not proj_done:
                 res.proj.occupy(placements)
-        else:
-            ends.append((end, _refs(placements)))
+        elif started is not None:
+            started.append((end, _refs(placements)))
         self.starts.append(Start(run, placements, backfill, end))
 
-    def _reserve(self, head: Waiting, ends: list) -> _Reserved:
-        """The earliest time ``head`` fits as running runs end at their expected ends, and where."""
+    def _reserve(self, head: Waiting, running: Sequence[Running], started: list) -> _Reserved | None:
+        """The earliest time ``head`` fits as running runs end at their expected ends, and where;
+        None if it never fits (then it is refused)."""
         g, n = head.request.gpu_min, head.nodes
         index = self.view.index
-        heap = [(max(end, self.now), i) for i, (end, _) in enumerate(ends) if end is not None]
+        ends = [(r.ends_at, r.blocks) for r in running if r.ends_at is not None]
+        ends += [e for e in started if e[0] is not None]
+        now = self.now
+        heap = [(end if end > now else now, i) for i, (end, _) in enumerate(ends)]
         heapify(heap)
         pending: dict[int, set[int]] = {}
         free: dict[int, int] = {}
@@ -361,6 +422,8 @@ class _Decider:
             p = proj.place(head, self.clusters)
             if p is not None:
                 return _Reserved(head, t, p, proj)
+        if self._check_never(head):
+            return None
         p = (place(head.request, self._idle(1)),) if n == 1 else \
             tuple(place_gang(head.request, self._idle(n), n, self.clusters))
         return _Reserved(head, None, p, None)
@@ -390,24 +453,80 @@ class _Decider:
         if nodes == 1:
             if self._idle_reps is None:
                 seen: dict = {}
-                for host in self.base.hosts():
-                    key = (host.fleet, host.shape if host.shape is not None else ("host", host.instance_id))
-                    if key not in seen:
-                        seen[key] = _with(host, [b.idx for b in host.blocks], True)
-                self._idle_reps = HostIndex(list(seen.values()))
+                for leader, _count in self.base.groups():
+                    key = (leader.fleet, leader.shape if leader.shape is not None else ("host", leader.instance_id))
+                    if key not in seen or leader.num < seen[key].num:
+                        seen[key] = leader
+                self._idle_reps = HostIndex([_with(h, [b.idx for b in h.blocks], True) for h in seen.values()])
             return self._idle_reps
         if self._idle_all is None:
             self._idle_all = [_with(h, [b.idx for b in h.blocks], True) for h in self.base.hosts()]
         return self._idle_all
 
-    def _refuse_if_never(self, run: Waiting) -> bool:
-        key = _key(run)
-        if key not in self.never:
-            self.never[key] = _never_fits(run, self._idle(run.nodes), self.clusters)
-        why = self.never[key]
-        if why is not None:
-            self.refused.append(Refusal(run.run_id, why))
-        return why is not None
+    def _idle_for_check(self, nodes: int) -> HostIndex | list[HostSlots]:
+        """Enough of the idle fleet to tell whether a run can ever fit: a gang of n nodes uses at most
+        n hosts of each (fleet, shape), and identical idle hosts place alike, so n of each will do."""
+        if nodes == 1:
+            return self._idle(1)
+        counts: dict = {}
+        leaders: dict = {}
+        for leader, count in self.base.groups():
+            key = (leader.fleet, leader.shape if leader.shape is not None else ("host", leader.instance_id))
+            counts[key] = counts.get(key, 0) + count
+            leaders.setdefault(key, leader)
+        out: list[HostSlots] = []
+        for key, leader in leaders.items():
+            idle = _with(leader, [b.idx for b in leader.blocks], True)
+            for _ in range(min(counts[key], nodes)):  # stand-ins: distinct numbers, never returned as a placement
+                out.append(HostSlots(-1 - len(out), idle.fleet, -1 - len(out), idle.alias, idle.gpus, idle.blocks,
+                                     idle.shape))
+        return out
+
+    def _check_never(self, run: Waiting) -> bool:
+        """Whether ``run`` can never fit (then it is refused, with every queued run like it)."""
+        fit = run._fit
+        if fit in self.never_fits:
+            return True
+        if fit in self.fit_ever:
+            return False
+        if self._fleet_sig is None:
+            self._fleet_sig = _fleet_signature(self.base)
+        key = (self._fleet_sig, self.clusters, _request_signature(run.request), run.nodes)
+        never = _NEVER_CACHE.get(key)
+        why = None
+        if never is None or never:
+            why = _never_fits(run, self._idle_for_check(run.nodes), self.clusters)
+            if len(_NEVER_CACHE) > 10_000:
+                _NEVER_CACHE.clear()
+            _NEVER_CACHE[key] = why is not None
+        if why is None:
+            self.fit_ever.add(fit)
+            return False
+        self.never_fits[fit] = why
+        return True
+
+
+# Whether a request fits on an idle fleet depends only on the fleet's make-up (fleets, host shapes,
+# how many of each, which are placement: cluster) and the request: remembered across decisions.
+_NEVER_CACHE: dict[tuple, bool] = {}
+
+
+def _fleet_signature(index: HostIndex) -> frozenset:
+    counts: dict = {}
+    for leader, count in index.groups():
+        shape = leader.shape if leader.shape is not None else (
+            "host", leader.instance_id,
+            tuple((b.idx, b.gpus, b.cpus, b.memory_mib, b.numa_node) for b in leader.blocks),
+            tuple((g.vendor, g.model, g.name, g.memory_mib) for g in leader.gpus))
+        key = (leader.fleet, shape)
+        counts[key] = counts.get(key, 0) + count
+    return frozenset(counts.items())
+
+
+def _request_signature(req: Request) -> tuple:
+    g = req.gpu
+    gpu = None if g is None else (tuple(g.name) if g.name else None, g.vendor, g.count, g.memory)
+    return gpu, req.cpu, req.memory_gb, req.fleets
 
 
 def never_fits(run: Waiting, hosts: HostIndex | Sequence[HostSlots],
