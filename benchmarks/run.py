@@ -100,6 +100,11 @@ def render(results: dict, args, took: float) -> str:
     cmd = "sudo .venv/bin/python benchmarks/run.py" + (" --quick" if args.quick else "")
     out = [f"Run `{cmd}` on {time.strftime('%Y-%m-%d %H:%M')} UTC, {os.cpu_count()} CPUs, "
            f"Python {platform.python_version()}, {took / 60:.1f} min in all.", ""]
+    if args.keep:
+        out[0] = (f"Sections {args.only} run with `{cmd} --only {args.only} --keep` on "
+                  f"{time.strftime('%Y-%m-%d %H:%M')} UTC, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+                  f"{took / 60:.1f} min; the other sections are an earlier full run's, from benchmarks/results.json "
+                  f"(see below).")
     targets = []
     if "apply" in results:
         res = results["apply"]

@@ -43,10 +43,11 @@ cover: a head whose blocks are held by runs without a limit waits until those ru
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from heapq import heapify, heappop
-from operator import attrgetter
+from heapq import merge
+from operator import attrgetter, itemgetter
 
 from gpufleet.allocator import (
     BlockSlot,
@@ -88,7 +89,8 @@ class Waiting:
         # runs with the same request object and nodes place alike within a decision (and, with the
         # same max_duration, take the same backfill path): what fails for one fails for the others
         object.__setattr__(self, "_fit", (id(self.request), self.nodes))
-        object.__setattr__(self, "_path", (id(self.request), self.nodes, self.max_duration))
+        object.__setattr__(self, "_path", hash((id(self.request), self.nodes, self.max_duration)))
+        object.__setattr__(self, "_submission", (self.submitted_at, self.run_id))
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,9 @@ class Running:
     run_id: str
     blocks: tuple[BlockRef, ...]
     ends_at: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_end", math.inf if self.ends_at is None else self.ends_at)
 
 
 @dataclass(frozen=True)
@@ -140,10 +145,12 @@ def order_key(now: float, aging_s: float | None = AGING_S) -> Callable[[Waiting]
     return lambda r: (-r.priority, r.submitted_at, r.run_id)
 
 
-_BY_SUBMISSION = attrgetter("submitted_at", "run_id")
+_BY_SUBMISSION = attrgetter("_submission")
 _PRIORITY = attrgetter("priority")
 _FIT = attrgetter("_fit")
 _PATH = attrgetter("_path")
+_END = attrgetter("_end")
+_FIRST = itemgetter(0)
 
 
 def ordered(waiting: Sequence[Waiting], now: float, aging_s: float | None = AGING_S) -> list[Waiting]:
@@ -169,7 +176,7 @@ def decide(waiting: Sequence[Waiting], hosts: HostIndex | Sequence[HostSlots], r
 
 
 def _free_gpus(host: HostSlots) -> int:
-    return sum(len(b.gpus) for b in host.blocks if b.free)
+    return sum([len(b.gpus) for b in host.blocks if b.free])
 
 
 def _block(host: HostSlots, idx: int) -> BlockSlot | None:
@@ -196,6 +203,11 @@ class _View:
         for leader, count in index.groups():
             k = _free_gpus(leader)
             self.hist[k] = self.hist.get(k, 0) + count
+
+    def copy(self) -> _View:
+        other = _View.__new__(_View)
+        other.index, other.hist = self.index.copy(), dict(self.hist)
+        return other
 
     def hosts_with(self, gpus: int) -> int:
         return sum(c for k, c in self.hist.items() if k >= gpus)
@@ -387,18 +399,18 @@ class _Decider:
         None if it never fits (then it is refused)."""
         g, n = head.request.gpu_min, head.nodes
         index = self.view.index
-        ends = [(r.ends_at, r.blocks) for r in running if r.ends_at is not None]
-        ends += [e for e in started if e[0] is not None]
         now = self.now
-        heap = [(end if end > now else now, i) for i, (end, _) in enumerate(ends)]
-        heapify(heap)
+        # expected ends in order, soonest first (runs without a limit last: never reached)
+        ends = merge(((r._end, r.blocks) for r in sorted(running, key=_END)),
+                     sorted(((e, b) for e, b in started if e is not None), key=_FIRST), key=_FIRST)
         pending: dict[int, set[int]] = {}
         free: dict[int, int] = {}
         enough = self.view.hosts_with(g) if g else 0
-        while heap:
-            t = heap[0][0]
-            while heap and heap[0][0] == t:
-                for iid, b in ends[heappop(heap)[1]][1]:
+        batch = next(ends, None)
+        while batch is not None and batch[0] != math.inf:
+            t = batch[0] if batch[0] > now else now
+            while batch is not None and (batch[0] if batch[0] > now else now) == t:
+                for iid, b in batch[1]:
                     host = index.get(iid)
                     block = None if host is None else _block(host, b)
                     if block is None or block.free:
@@ -414,11 +426,13 @@ class _Decider:
                     free[iid] = before + len(block.gpus)
                     if g and before < g <= free[iid]:
                         enough += 1
+                batch = next(ends, None)
             if g and enough < n:
                 continue
-            proj = _View(index.copy())
+            proj = self.view.copy()
             for iid, released in pending.items():
-                proj.set(iid, released, True)
+                if free[iid] >= g:  # a host left with fewer than the head's GPUs free cannot take it: as is
+                    proj.set(iid, released, True)
             p = proj.place(head, self.clusters)
             if p is not None:
                 return _Reserved(head, t, p, proj)
@@ -429,7 +443,7 @@ class _Decider:
         return _Reserved(head, None, p, None)
 
     def _masked(self, res: _Reserved) -> _View:
-        masked = _View(self.view.index.copy())
+        masked = self.view.copy()
         for iid, idxs in res.blocks.items():
             masked.set(iid, idxs, False)
         return masked
