@@ -62,6 +62,7 @@ from gpufleet.allocator import (
 )
 
 AGING_S = 3600.0  # one point of priority per hour waited
+BACKFILL_DEPTH = 1000  # runs behind the head that backfill considers per decision (Slurm: bf_max_job_test)
 PRIORITY_DEFAULT = 50
 
 BlockRef = tuple[int, int]  # (instance_id, block idx)
@@ -91,6 +92,8 @@ class Waiting:
         object.__setattr__(self, "_fit", (id(self.request), self.nodes))
         object.__setattr__(self, "_path", hash((id(self.request), self.nodes, self.max_duration)))
         object.__setattr__(self, "_submission", (self.submitted_at, self.run_id))
+        object.__setattr__(self, "_shortest", (-self.priority, math.inf if self.max_duration is None
+                                               else self.max_duration))
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,7 @@ _PRIORITY = attrgetter("priority")
 _FIT = attrgetter("_fit")
 _PATH = attrgetter("_path")
 _END = attrgetter("_end")
+_SHORTEST = attrgetter("_shortest")
 _FIRST = itemgetter(0)
 
 
@@ -163,12 +167,18 @@ def ordered(waiting: Sequence[Waiting], now: float, aging_s: float | None = AGIN
 
 
 def decide(waiting: Sequence[Waiting], hosts: HostIndex | Sequence[HostSlots], running: Sequence[Running],
-           now: float, *, cluster_fleets: Collection[str] = (), aging_s: float | None = AGING_S) -> Decision:
+           now: float, *, cluster_fleets: Collection[str] = (), aging_s: float | None = AGING_S,
+           in_order: bool = False, depth: int | None = BACKFILL_DEPTH) -> Decision:
     """Which of ``waiting`` start now and where, the reservation kept, and the runs refused.
 
-    Nothing given is changed (a HostIndex is copied before anything is tried on it)."""
+    ``in_order``: the caller vouches that ``waiting`` is already in the queue's order (as
+    ``ordered`` returns it; a queue kept in that order, or read with ORDER BY), so it is not sorted
+    again: a decision then costs nothing per queued run beyond the ``depth`` runs behind the head
+    that backfill looks at (None: all). Nothing given is changed (a HostIndex is copied before
+    anything is tried on it)."""
     base = hosts if isinstance(hosts, HostIndex) else HostIndex(list(hosts))
-    return _Decider(base, frozenset(cluster_fleets), now).run(ordered(waiting, now, aging_s), running)
+    queue = waiting if in_order else ordered(waiting, now, aging_s)
+    return _Decider(base, frozenset(cluster_fleets), now).run(queue, running, depth)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -284,7 +294,7 @@ class _Decider:
         self._idle_reps: HostIndex | None = None
         self._idle_all: list[HostSlots] | None = None
 
-    def run(self, queue: list[Waiting], running: Sequence[Running]) -> Decision:
+    def run(self, queue: Sequence[Waiting], running: Sequence[Running], depth: int | None) -> Decision:
         started: list[tuple[float | None, tuple[BlockRef, ...]]] = []  # (end, blocks) of runs started here
         no_fit: set = set()  # runs (by _fit) that fit nowhere now: capacity only shrinks during a decision
         res: _Reserved | None = None
@@ -299,7 +309,9 @@ class _Decider:
             no_fit.add(run._fit)
             res = self._reserve(run, running, started)
         if res is not None:
-            self._backfill(queue[pos:], res, no_fit)
+            rest = queue[pos:] if depth is None else queue[pos:pos + depth]
+            # backfill candidates: priority, then shortest max_duration, then queue order (sorted is stable)
+            self._backfill(sorted(rest, key=_SHORTEST), res, no_fit)
         if self.never_fits:  # every queued run that never fits is refused, not only the first seen
             done = {r.run_id for r in self.refused}
             self.refused += [Refusal(r.run_id, self.never_fits[r._fit]) for r in queue
