@@ -20,6 +20,10 @@ Rules
   by its own `max_duration`, no later than the reserved time; or the blocks it takes are not the
   reserved ones; or, if they are, the head still fits at the reserved time with it running (the
   reservation then moves to those other blocks). A run that fits only by delaying the head waits.
+  Backfill candidates are tried by priority, then shortest `max_duration` (none: last), then queue
+  order, at most `depth` runs behind the head per decision (BACKFILL_DEPTH, as Slurm's
+  bf_max_job_test), so a decision's cost does not grow with a queue of thousands. Shortest first
+  lowers mean wait; it cannot starve anyone, since every run reaches the head in queue order.
 - A run without `max_duration` cannot be assumed to end. Its blocks are never counted as freed when
   the reservation is worked out, and it never counts as ending in time. If the head needs blocks
   that only such runs (or blocks not held by any run given) free, its start cannot be predicted:
@@ -29,7 +33,11 @@ Rules
 - A multi-node run (gang) is placed whole by `place_gang` or not at all; it waits, and reserves,
   as one.
 - A run that does not fit even on the idle fleet (more GPUs of a model than any ready host, more
-  nodes than a `placement: cluster` fleet has, ...) is refused at once with why, never queued.
+  nodes than a `placement: cluster` fleet has, ...) is refused with why, never queued: by the first
+  decision that looks at it (the head, and the runs within `depth` behind it); `never_fits` gives
+  the same answer for a run being submitted. Whether a request fits the idle fleet is remembered
+  across decisions, keyed by the fleet's make-up and the request's fields (a cache, not state: the
+  answer is the same either way).
 
 Starvation. With `max_duration` enforced (a run is stopped at its limit), a reservation never moves
 later from one decision to the next: runs expected to end by then still do, and every run started
@@ -62,7 +70,7 @@ from gpufleet.allocator import (
 )
 
 AGING_S = 3600.0  # one point of priority per hour waited
-BACKFILL_DEPTH = 1000  # runs behind the head that backfill considers per decision (Slurm: bf_max_job_test)
+BACKFILL_DEPTH = 500  # runs behind the head that backfill considers per decision (Slurm's bf_max_job_test default)
 PRIORITY_DEFAULT = 50
 
 BlockRef = tuple[int, int]  # (instance_id, block idx)

@@ -227,3 +227,21 @@ def test_aging_bounds_the_wait_behind_higher_priority_runs():
 def test_same_priority_order_is_not_changed_by_aging():
     d = decide([run("b", 8, t=3600 * 5 + 1), run("a", 8, t=0)], [host(0)], [], now=3600 * 10)
     assert started(d) == ["a"]
+
+
+def test_backfill_tries_the_shortest_limit_first():
+    # host 0 is the head's at 100; host 1 has 2 GPUs free for good: the short run gets them
+    hosts = [host(0, busy=set(range(8))), host(1, busy=set(range(6)))]
+    running = [holding("r0", 0, range(8), ends_at=100), holding("r1", 1, range(6), ends_at=5000)]
+    queue = [run("head", 8, t=0), run("long", 2, t=1, limit=10_000), run("short", 2, t=2, limit=50)]
+    d = decide(queue, hosts, running, now=10)
+    assert started(d) == ["short"]
+
+
+def test_backfill_looks_only_depth_runs_behind_the_head():
+    hosts = [host(0, busy=set(range(6)))]
+    running = [holding("r0", 0, range(6), ends_at=100)]
+    queue = [run("head", 8, t=0)] + [run(f"big{i}", 4, t=1 + i, limit=10) for i in range(3)] + \
+        [run("small", 1, t=9, limit=10)]
+    assert started(decide(queue, hosts, running, now=10)) == ["small"]
+    assert started(decide(queue, hosts, running, now=10, depth=3)) == []
