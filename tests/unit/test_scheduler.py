@@ -245,3 +245,9 @@ def test_backfill_looks_only_depth_runs_behind_the_head():
         [run("small", 1, t=9, limit=10)]
     assert started(decide(queue, hosts, running, now=10)) == ["small"]
     assert started(decide(queue, hosts, running, now=10, depth=3)) == []
+
+
+def test_a_queue_the_caller_keeps_in_order_is_taken_as_given():
+    queue = [run("second", 8, t=5), run("first", 8, t=1)]
+    assert started(decide(queue, [host(0)], [], now=10)) == ["first"]
+    assert started(decide(queue, [host(0)], [], now=10, in_order=True)) == ["second"]
