@@ -105,9 +105,10 @@ def probe_outcomes(result: PlaybookResult, targets: list[Target], known_hosts: s
             try:
                 outcomes[alias] = ProbeOutcome(alias, HostStatus.OK, "", HostFacts.model_validate(raw))
             except ValidationError as e:
+                first = e.errors()[0]
                 outcomes[alias] = ProbeOutcome(alias, HostStatus.FAILED,
-                                               f"the probe's facts are not what gpufleet reads: {e.errors()[0]['msg']} "
-                                               f"at {'.'.join(map(str, e.errors()[0]['loc']))}")
+                                               f"the probe's facts are not what gpufleet reads: {first['msg']} "
+                                               f"at {'.'.join(map(str, first['loc']))}")
     return outcomes
 
 

@@ -19,7 +19,16 @@ from gpufleet.allocator import NoCapacity, Placement, Request, place_gang
 from gpufleet.containers import HostContainers, commands, list_containers, ssh_argv
 from gpufleet.errors import EXIT_FAILED, EXIT_OK, GpufleetError, UsageError
 from gpufleet.launch import container_name, start_nodes, stop_containers
-from gpufleet.models import UNKNOWN_RUNTIME, Container, Run, RunConfigType, RunStatus, TaskConfig
+from gpufleet.models import (
+    UNKNOWN_RUNTIME,
+    Container,
+    FleetState,
+    InstanceStatus,
+    Run,
+    RunConfigType,
+    RunStatus,
+    TaskConfig,
+)
 from gpufleet.paths import FleetFiles
 from gpufleet.runconfig import load_run
 from gpufleet.state import Store
@@ -186,15 +195,13 @@ def refresh(store: Store, names: list[str] | None = None, sweep: bool = False,
         files = FleetFiles.of(fleet)
         if not files.inventory.exists():
             continue
-        state = store.fleet(fleet)
-        instances = {i.alias: i for i in (state.instances if state else [])}
+        state = store.fleet(fleet) or FleetState(name=fleet, source="", created_at=0)
         hosts = {a for r in fleet_runs for a in r.aliases}
         if sweep:
-            hosts |= {a for a, i in instances.items() if i.status == "ready"}
+            hosts |= {i.alias for i in state.instances if i.status == InstanceStatus.READY}
         if not hosts:
             continue
-        runtimes = {a: (instances[a].facts.runtime_argv() if a in instances and instances[a].facts
-                        else UNKNOWN_RUNTIME.argv()) for a in sorted(hosts)}
+        runtimes = {a: state.runtime_argv(a) for a in sorted(hosts)}
         answers = list_containers(files, runtimes)
         owned: set[tuple[str, str, str]] = set()
         for r in fleet_runs:
@@ -223,7 +230,7 @@ def _stop_orphans(store: Store, fleet: str, answers: dict[str, HostContainers], 
         for c in a.containers or []:
             if (alias, c.name, c.run_id) in owned or c.run_id in active_ids:
                 continue
-            if c.state not in ("exited", "stopped", "dead", "created"):
+            if not c.ended and c.state != "created":
                 try:
                     stop_containers(fleet, c.name, c.run_id, [alias])
                     failure = ""
@@ -250,8 +257,7 @@ def _active_run(store: Store, name: str) -> Run:
 
 def _runtime(store: Store, run: Run, alias: str) -> list[str]:
     state = store.fleet(run.fleet)
-    facts = (state.facts() if state else {}).get(alias)
-    return facts.runtime_argv() if facts else UNKNOWN_RUNTIME.argv()
+    return state.runtime_argv(alias) if state else UNKNOWN_RUNTIME.argv()
 
 
 def logs(name: str, follow: bool = False, node: int = 0) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import Field
 
 from gpufleet.models.core import CoreModel, InstanceStatus, RunStatus
-from gpufleet.models.facts import GPU, HostFacts
+from gpufleet.models.facts import GPU, UNKNOWN_RUNTIME, HostFacts
 from gpufleet.models.run import RunType
 
 
@@ -49,6 +49,12 @@ class FleetState(CoreModel):
     def facts(self) -> dict[str, HostFacts]:
         """alias -> facts, for the hosts that were probed."""
         return {i.alias: i.facts for i in self.instances if i.facts}
+
+    def runtime_argv(self, alias: str) -> list[str]:
+        """The container runtime's command on ``alias``, as its probe found it (the workload role's
+        default, podman through sudo, for a host never probed)."""
+        facts = self.facts().get(alias)
+        return facts.runtime_argv() if facts else UNKNOWN_RUNTIME.argv()
 
 
 class RunNode(CoreModel):
