@@ -35,12 +35,23 @@ def _add_changes(c: Connection, metadata: MetaData) -> None:
     metadata.tables["changes"].create(c)
 
 
+def _add_queue(c: Connection, metadata: MetaData) -> None:
+    for column in ("priority INTEGER NOT NULL DEFAULT 50", "max_duration FLOAT", "retry TEXT NOT NULL DEFAULT '{}'",
+                   "started_at FLOAT"):
+        c.execute(text(f"ALTER TABLE runs ADD COLUMN {column}"))
+    c.execute(text("CREATE INDEX ix_runs_status ON runs (status)"))
+    for name in ("events", "secrets", "reservations", "server_leases"):
+        metadata.tables[name].create(c)
+
+
 # (version, description, step): step brings a database at version-1 to version.
 # Version 1 is the first released schema (fleets, instances, blocks, runs without `nodes`).
 STEPS: list[tuple[int, str, Callable[[Connection, MetaData], None]]] = [
     (2, "runs.nodes: per-node placement of multi-node runs", _add_runs_nodes),
     (3, "runs.owner: the process starting a run, for reconciliation after a crash", _add_runs_owner),
     (4, "changes: which instances each transaction touched, so allocators re-read only those", _add_changes),
+    (5, "the server's queue: runs.priority/max_duration/retry/started_at, events, secrets, reservations, "
+        "server_leases", _add_queue),
 ]
 LATEST = STEPS[-1][0] if STEPS else 1
 

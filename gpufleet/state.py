@@ -20,6 +20,7 @@ from sqlalchemy import (
     Column,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -46,6 +47,8 @@ from gpufleet.errors import GpufleetError
 from gpufleet.models import (
     ACTIVE_RUN_STATUSES,
     GPU,
+    LIVE_RUN_STATUSES,
+    Event,
     FleetState,
     HostFacts,
     Instance,
@@ -111,8 +114,59 @@ runs = Table(
     Column("container", String(128), nullable=False),
     Column("nodes", Text, nullable=False, default="[]"),  # per node: rank, alias, instance_id, blocks, gpus
     Column("owner", String(300), nullable=False, default=""),  # host:pid of the process starting it
-    Column("created_at", Float, nullable=False),
+    Column("created_at", Float, nullable=False),  # submission time: the queue's order after priority
     Column("updated_at", Float, nullable=False),
+    Column("priority", Integer, nullable=False, default=50),
+    Column("max_duration", Float, nullable=True),  # seconds; NULL: no limit
+    Column("retry", Text, nullable=False, default="{}"),  # the normalized retry policy (JSON)
+    Column("started_at", Float, nullable=True),  # when its blocks were taken
+    Index("ix_runs_status", "status"),
+)
+
+# Every transition: a run submitted, queued, started, ended; a host unreachable or back. Not tied to
+# the runs table (a run's row is replaced when its name is used again; its history stays).
+events = Table(
+    "events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ts", Float, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("run", String(64), nullable=True),
+    Column("fleet", String(64), nullable=True),
+    Column("host", String(300), nullable=True),
+    Column("message", Text, nullable=False),
+    Index("ix_events_run", "run", "id"),
+    sqlite_autoincrement=True,  # an id is never reused: `events -f` reads "after id N"
+)
+
+# Secrets (env names without a value) of a waiting run, or of a fleet, sealed with the server's key
+# (gpufleet.server.vault); a run's row goes when it starts or ends.
+secrets = Table(
+    "secrets", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run", String(64), ForeignKey("runs.name", ondelete="CASCADE"), nullable=True, unique=True),
+    Column("fleet", String(64), ForeignKey("fleets.name", ondelete="CASCADE"), nullable=True, unique=True),
+    Column("sealed", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+# The scheduler's reservation for the head of the queue (what `ps` shows as its expected start).
+reservations = Table(
+    "reservations", metadata,
+    Column("run", String(64), ForeignKey("runs.name", ondelete="CASCADE"), primary_key=True),
+    Column("at", Float, nullable=True),  # NULL: not predictable (waits on runs without a limit)
+    Column("blocks", Text, nullable=False),  # JSON [[instance_id, block idx], ...]
+    Column("updated_at", Float, nullable=False),
+)
+
+# Which server replica runs the loops (the lock itself is PostgreSQL's advisory lock, or a file lock
+# beside a SQLite file); this row says who holds it, for `gpufleet server status`.
+server_leases = Table(
+    "server_leases", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(300), nullable=False),
+    Column("url", String(300), nullable=False),
+    Column("acquired_at", Float, nullable=False),
+    Column("renewed_at", Float, nullable=False),
 )
 
 # One row per transaction and instance whose blocks or status changed (allocation, release,
@@ -137,6 +191,9 @@ _RUN_STATUS = select(runs.c.status).where(runs.c.name == bindparam("name"))
 _CHANGES_RANGE = select(func.min(changes.c.seq), func.max(changes.c.seq))
 
 ACTIVE = tuple(str(s) for s in ACTIVE_RUN_STATUSES)
+LIVE = tuple(str(s) for s in LIVE_RUN_STATUSES)
+PENDING = str(RunStatus.PENDING)
+KEEP_EVENTS = 100_000  # events beyond this many are pruned, oldest first
 _GPUS = TypeAdapter(list[GPU])
 
 
@@ -153,7 +210,16 @@ def _run(r) -> Run:
                status=r.status, message=r.message, exit_code=r.exit_code, gpus=json.loads(r.gpus),
                blocks=json.loads(r.blocks), spec=json.loads(r.spec), container=r.container,
                nodes=json.loads(r.nodes), created_at=r.created_at, updated_at=r.updated_at, instance_num=r.num,
-               owner=r.owner)
+               owner=r.owner, priority=r.priority, max_duration=r.max_duration, started_at=r.started_at)
+
+
+def _event(r) -> Event:
+    return Event(id=r.id, ts=r.ts, kind=r.kind, run=r.run, fleet=r.fleet, host=r.host, message=r.message)
+
+
+def _where(placements: list[Placement]) -> str:
+    return ", ".join(f"{p.host.fleet} instance {p.host.num} ({p.host.alias}) blocks "
+                     f"{','.join(map(str, p.blocks))}" for p in placements)
 
 
 def existing_store() -> Store | None:
@@ -417,7 +483,7 @@ class Store:
 
     def allocate(self, name: str, run_id: str, kind: str, spec: dict, container: str,
                  choose: Callable[[HostIndex], Placement | list[Placement]]) -> list[Placement]:
-        """In one transaction: refuse a duplicate active run, choose blocks with ``choose`` (which
+        """In one transaction: refuse a duplicate live run, choose blocks with ``choose`` (which
         raises when nothing fits; a list for multi-node runs, rank 0 first), mark them, and record
         the run as `starting`."""
         now = time.time()
@@ -429,54 +495,228 @@ class Store:
         with self.engine.begin() as c:
             self._serialize(c)
             old = c.execute(_RUN_STATUS, {"name": name}).first()
-            if old and old.status in ACTIVE:
+            if old and old.status in LIVE:
                 raise GpufleetError(f"a run named {name} is already {old.status}: stop it first "
                                     f"(gpufleet stop {name}) or choose another name")
             chosen = choose(self.index(c))
             placements = chosen if isinstance(chosen, list) else [chosen]
-            nodes = []
-            for rank, p in enumerate(placements):
-                host = p.host
-                done = c.execute(_TAKE_BLOCKS, {"iid": host.instance_id, "idxs": list(p.blocks), "run_name": name})
-                if done.rowcount != len(p.blocks):  # cannot happen under the lock; never give a GPU twice
-                    raise GpufleetError(f"blocks {list(p.blocks)} of {host.alias} were taken meanwhile; try again")
-                nodes.append({"rank": rank, "alias": host.alias, "instance_id": host.instance_id,
-                              "instance_num": host.num, "blocks": list(p.blocks),
-                              "gpus": [host.gpus[g].model_dump(mode="json") for g in p.gpus]})
-            seen = self._changed(c, [p.host.instance_id for p in placements])
-            first = placements[0].host
             if old:
                 c.execute(delete(runs).where(runs.c.name == name))
             c.execute(insert(runs), dict(
-                name=name, run_id=run_id, type=kind, fleet=first.fleet, instance_id=first.instance_id,
-                alias=first.alias, status=str(RunStatus.STARTING), message="", exit_code=None,
-                gpus=json.dumps(nodes[0]["gpus"]), blocks=json.dumps(nodes[0]["blocks"]),
-                spec=json.dumps(spec), container=container, nodes=json.dumps(nodes),
-                owner=f"{socket.gethostname()}:{os.getpid()}", created_at=now, updated_at=now))
-        # Committed. Nothing else wrote between this transaction's index() and its commit (it held
+                name=name, run_id=run_id, type=kind, status=str(RunStatus.STARTING), message="", spec=json.dumps(spec),
+                container=container, created_at=now, updated_at=now))
+            seen = self._take(c, name, placements, now)
+        self._taken(placements, seen)
+        return placements
+
+    def _take(self, c, name: str, placements: list[Placement], now: float) -> int:
+        """Mark ``placements``' blocks as held by run ``name`` and record where it runs (`starting`)."""
+        nodes = []
+        for rank, p in enumerate(placements):
+            host = p.host
+            done = c.execute(_TAKE_BLOCKS, {"iid": host.instance_id, "idxs": list(p.blocks), "run_name": name})
+            if done.rowcount != len(p.blocks):  # cannot happen under the lock; never give a GPU twice
+                raise GpufleetError(f"blocks {list(p.blocks)} of {host.alias} were taken meanwhile; try again")
+            nodes.append({"rank": rank, "alias": host.alias, "instance_id": host.instance_id,
+                          "instance_num": host.num, "blocks": list(p.blocks),
+                          "gpus": [host.gpus[g].model_dump(mode="json") for g in p.gpus]})
+        seen = self._changed(c, [p.host.instance_id for p in placements])
+        first = placements[0].host
+        c.execute(update(runs).where(runs.c.name == name).values(
+            fleet=first.fleet, instance_id=first.instance_id, alias=first.alias, status=str(RunStatus.STARTING),
+            message="", exit_code=None, gpus=json.dumps(nodes[0]["gpus"]), blocks=json.dumps(nodes[0]["blocks"]),
+            nodes=json.dumps(nodes), owner=f"{socket.gethostname()}:{os.getpid()}", started_at=now, updated_at=now))
+        c.execute(delete(reservations).where(reservations.c.run == name))
+        self._event(c, "starting", f"starting on {_where(placements)}", run=name, fleet=first.fleet, ts=now)
+        return seen
+
+    def _taken(self, placements: list[Placement], seen: int) -> None:
+        # Committed. Nothing else wrote between the transaction's index() and its commit (it held
         # the write lock), so the view is brought up to date here instead of re-read next time.
         for p in placements:
             taken = {b.idx for b in p.host.blocks if not b.free} | set(p.blocks)
             self._index_put(p.host.instance_id, p.host.fleet, p.host.num, p.host.alias, taken)
         self._seen = seen
-        return placements
 
-    def finish_run(self, name: str, status: RunStatus, exit_code: int | None = None, message: str = "") -> None:
-        """Record a run's end and free its blocks, in one transaction."""
+    # the queue --------------------------------------------------------------------------------
+    def enqueue(self, name: str, run_id: str, kind: str, spec: dict, container: str, *, priority: int,
+                max_duration: float | None, retry: dict, sealed: str | None, reason: str) -> None:
+        """Record a run that waits for blocks (`pending`), with its secrets sealed, and say why it waits."""
+        now = time.time()
+        with self.engine.begin() as c:
+            old = c.execute(_RUN_STATUS, {"name": name}).first()
+            if old and old.status in LIVE:
+                raise GpufleetError(f"a run named {name} is already {old.status}: stop it first "
+                                    f"(gpufleet stop {name}) or choose another name")
+            if old:
+                c.execute(delete(runs).where(runs.c.name == name))
+            c.execute(insert(runs), dict(
+                name=name, run_id=run_id, type=kind, status=PENDING, message=reason, spec=json.dumps(spec),
+                container=container, created_at=now, updated_at=now, priority=priority, max_duration=max_duration,
+                retry=json.dumps(retry)))
+            if sealed is not None:
+                c.execute(insert(secrets).values(run=name, sealed=sealed, created_at=now))
+            self._event(c, "submitted", f"submitted ({kind}, priority {priority})", run=name, ts=now)
+            if reason:
+                self._event(c, "queued", reason, run=name, ts=now)
+
+    def start_pending(self, name: str, placements: list[Placement]) -> bool:
+        """Take ``placements``' blocks for the waiting run ``name`` (as the scheduler decided) and
+        mark it `starting`, in one transaction; False if it is no longer waiting (cancelled, or
+        started by another server)."""
+        now = time.time()
+        with self.engine.begin() as c:
+            self._serialize(c)
+            row = c.execute(_RUN_STATUS, {"name": name}).first()
+            if row is None or row.status != PENDING:
+                return False
+            self.index(c)  # up to date under the lock, so _taken below can patch it
+            seen = self._take(c, name, placements, now)
+        self._taken(placements, seen)
+        return True
+
+    def requeue(self, name: str, why: str) -> None:
+        """A run whose start was cut short (its server died before any container ran): back to
+        waiting, its blocks freed, its place in the queue kept."""
         with self.engine.begin() as c:
             self._serialize(c)
             c.execute(update(runs).where(runs.c.name == name).values(
+                status=PENDING, fleet=None, instance_id=None, alias=None, gpus="[]", blocks="[]", nodes="[]",
+                owner="", started_at=None, message=why, updated_at=time.time()))
+            self._free(c, name)
+            self._event(c, "queued", why, run=name)
+
+    def pending(self) -> list[Run]:
+        """The waiting runs, oldest first."""
+        with self._reads.connect() as c:
+            q = (select(runs, instances.c.num).join(instances, instances.c.id == runs.c.instance_id, isouter=True)
+                 .where(runs.c.status == PENDING).order_by(runs.c.created_at, runs.c.name))
+            return [_run(r) for r in c.execute(q)]
+
+    def retry_policy(self, name: str) -> dict:
+        with self._reads.connect() as c:
+            row = c.execute(select(runs.c.retry).where(runs.c.name == name)).first()
+            return json.loads(row.retry) if row else {}
+
+    def set_waiting(self, reasons: dict[str, str]) -> None:
+        """Why each waiting run waits (its message), written only where it changed."""
+        if not reasons:
+            return
+        with self.engine.begin() as c:
+            current = {r.name: r.message for r in c.execute(select(runs.c.name, runs.c.message)
+                                                            .where(runs.c.status == PENDING))}
+            for name, reason in reasons.items():
+                if name in current and current[name] != reason:
+                    c.execute(update(runs).where(runs.c.name == name, runs.c.status == PENDING)
+                              .values(message=reason))
+
+    def save_reservations(self, items: list[tuple[str, float | None, list]]) -> None:
+        """Replace the scheduler's reservations: (run, earliest start or None, [(instance_id, block)])."""
+        now = time.time()
+        with self.engine.begin() as c:
+            c.execute(delete(reservations))
+            live = {r.name for r in c.execute(select(runs.c.name).where(runs.c.status == PENDING))}
+            rows = [dict(run=n, at=at, blocks=json.dumps([list(b) for b in blk]), updated_at=now)
+                    for n, at, blk in items if n in live]
+            if rows:
+                c.execute(insert(reservations), rows)
+
+    def reservations(self) -> dict[str, float | None]:
+        with self._reads.connect() as c:
+            return {r.run: r.at for r in c.execute(select(reservations.c.run, reservations.c.at))}
+
+    # secrets (sealed by the server; this module never sees a value) ---------------------------
+    def sealed(self, run: str | None = None, fleet: str | None = None) -> str | None:
+        with self._reads.connect() as c:
+            q = select(secrets.c.sealed).where(secrets.c.run == run if run is not None else secrets.c.fleet == fleet)
+            row = c.execute(q).first()
+            return row.sealed if row else None
+
+    def seal_fleet(self, fleet: str, sealed: str | None) -> None:
+        with self.engine.begin() as c:
+            c.execute(delete(secrets).where(secrets.c.fleet == fleet))
+            if sealed is not None:
+                c.execute(insert(secrets).values(fleet=fleet, sealed=sealed, created_at=time.time()))
+
+    def drop_secrets(self, run: str) -> None:
+        with self.engine.begin() as c:
+            c.execute(delete(secrets).where(secrets.c.run == run))
+
+    # events -----------------------------------------------------------------------------------
+    @staticmethod
+    def _event(c, kind: str, message: str, run: str | None = None, fleet: str | None = None,
+               host: str | None = None, ts: float | None = None) -> None:
+        eid = c.execute(insert(events).returning(events.c.id).values(
+            ts=ts or time.time(), kind=kind, run=run, fleet=fleet, host=host, message=message)).scalar_one()
+        if eid % PRUNE_EVERY == 0:
+            c.execute(delete(events).where(events.c.id <= eid - KEEP_EVENTS))
+
+    def add_event(self, kind: str, message: str, run: str | None = None, fleet: str | None = None,
+                  host: str | None = None) -> None:
+        with self.engine.begin() as c:
+            self._event(c, kind, message, run, fleet, host)
+
+    def events(self, run: str | None = None, after: int = 0, limit: int = 1000) -> list[Event]:
+        """Events after id ``after``, oldest first (at most ``limit``)."""
+        with self._reads.connect() as c:
+            q = select(events).where(events.c.id > after)
+            if run is not None:
+                q = q.where(events.c.run == run)
+            return [_event(r) for r in c.execute(q.order_by(events.c.id).limit(limit))]
+
+    # server leadership (who holds it; the lock itself is the server's) -----------------------
+    def record_leader(self, holder: str, url: str, acquired_at: float) -> None:
+        now = time.time()
+        with self.engine.begin() as c:
+            c.execute(delete(server_leases).where(server_leases.c.name == "leader"))
+            c.execute(insert(server_leases).values(name="leader", holder=holder, url=url, acquired_at=acquired_at,
+                                                   renewed_at=now))
+
+    def leader(self) -> dict | None:
+        with self._reads.connect() as c:
+            row = c.execute(select(server_leases).where(server_leases.c.name == "leader")).first()
+            return dict(row._mapping) if row else None
+
+    def finish_run(self, name: str, status: RunStatus, exit_code: int | None = None, message: str = "") -> bool:
+        """Record a run's end (an event says how), free its blocks and forget its secrets, in one
+        transaction; False (nothing done) if it had already ended."""
+        with self.engine.begin() as c:
+            self._serialize(c)
+            row = c.execute(select(runs.c.status, runs.c.fleet).where(runs.c.name == name)).first()
+            if row is None or row.status not in LIVE:
+                return False
+            c.execute(update(runs).where(runs.c.name == name).values(
                 status=str(status), exit_code=exit_code, message=message, updated_at=time.time()))
-            held = [r.instance_id for r in c.execute(select(blocks.c.instance_id).distinct()
-                                                     .where(blocks.c.run == name))]
-            if held:
-                c.execute(update(blocks).where(blocks.c.run == name).values(run=None))
-                self._changed(c, held)
+            self._free(c, name)
+            c.execute(delete(reservations).where(reservations.c.run == name))
+            c.execute(delete(secrets).where(secrets.c.run == name))
+            text_ = message or (f"exit code {exit_code}" if exit_code is not None else str(status))
+            if status == RunStatus.DONE:
+                text_ = "finished: exit code 0" if not message else f"finished: {message}"
+            self._event(c, str(status), text_, run=name, fleet=row.fleet)
+            return True
+
+    def _free(self, c, name: str) -> None:
+        held = [r.instance_id for r in c.execute(select(blocks.c.instance_id).distinct()
+                                                 .where(blocks.c.run == name))]
+        if held:
+            c.execute(update(blocks).where(blocks.c.run == name).values(run=None))
+            self._changed(c, held)
 
     def set_run_status(self, name: str, status: RunStatus, message: str = "") -> None:
+        """A live run's new status (or note); an event when the status changes."""
         with self.engine.begin() as c:
+            row = c.execute(select(runs.c.status, runs.c.fleet, runs.c.nodes).where(runs.c.name == name)).first()
+            if row is None or row.status not in LIVE:
+                return
             c.execute(update(runs).where(runs.c.name == name).values(status=str(status), message=message,
                                                                      updated_at=time.time()))
+            if row.status != str(status):
+                where = ", ".join(n["alias"] for n in json.loads(row.nodes))
+                text_ = f"running on {where}" if status == RunStatus.RUNNING and where else (message or str(status))
+                self._event(c, str(status), text_, run=name, fleet=row.fleet)
+                if status == RunStatus.RUNNING:  # started: its secrets are on the host now, not kept here
+                    c.execute(delete(secrets).where(secrets.c.run == name))
 
     def runs(self, include_finished: bool = False, name: str | None = None) -> list[Run]:
         with self._reads.connect() as c:
@@ -484,7 +724,7 @@ class Store:
             if name is not None:
                 q = q.where(runs.c.name == name)
             elif not include_finished:
-                q = q.where(runs.c.status.in_(ACTIVE))
+                q = q.where(runs.c.status.in_(LIVE))
             return [_run(r) for r in c.execute(q.order_by(runs.c.created_at))]
 
     def run(self, name: str) -> Run | None:

@@ -6,6 +6,7 @@ allocator and state -> what the CLI shows."""
 
 from gpufleet.models.core import (
     ACTIVE_RUN_STATUSES,
+    LIVE_RUN_STATUSES,
     CoreModel,
     HostStatus,
     InstanceStatus,
@@ -27,12 +28,12 @@ from gpufleet.models.run import (
     ServiceConfig,
     TaskConfig,
 )
-from gpufleet.models.state import FleetState, Instance, Run, RunNode
+from gpufleet.models.state import Event, FleetState, Instance, Run, RunNode
 
 __all__ = [
     "ACTIVE_RUN_STATUSES", "CPU", "GPU", "RUN_CONFIG", "UNKNOWN_RUNTIME", "Container", "CoreModel",
-    "DevEnvironmentConfig", "Disk", "Env", "Fleet", "FleetConfig", "FleetState", "GPUSpec", "Hop", "HostFacts",
-    "HostParams", "HostStatus", "Instance", "InstanceStatus", "Problem", "ProxyJump", "Range",
+    "DevEnvironmentConfig", "Disk", "Env", "Event", "Fleet", "FleetConfig", "FleetState", "GPUSpec", "Hop", "HostFacts",
+    "HostParams", "HostStatus", "Instance", "InstanceStatus", "LIVE_RUN_STATUSES", "Problem", "ProxyJump", "Range",
     "ResourcesSpec", "Run", "RunConfig", "RunConfigType", "RunNode", "RunRequest", "RunStatus", "RunType",
     "Runtime", "SSHParams", "ServiceConfig", "Target", "TaskConfig", "split_env", "target_aliases",
 ]

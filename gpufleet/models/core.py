@@ -23,6 +23,10 @@ class InstanceStatus(StrEnum):
 
 
 class RunStatus(StrEnum):
+    """A run's life: pending (queued, holds nothing) -> starting -> running (holding blocks) ->
+    done | failed | stopped."""
+
+    PENDING = "pending"
     STARTING = "starting"
     RUNNING = "running"
     DONE = "done"
@@ -31,10 +35,17 @@ class RunStatus(StrEnum):
 
     @property
     def active(self) -> bool:
+        """Holding blocks (its containers are starting or running)."""
         return self in ACTIVE_RUN_STATUSES
+
+    @property
+    def live(self) -> bool:
+        """Not over: waiting in the queue, or active."""
+        return self in LIVE_RUN_STATUSES
 
 
 ACTIVE_RUN_STATUSES = (RunStatus.STARTING, RunStatus.RUNNING)
+LIVE_RUN_STATUSES = (RunStatus.PENDING, *ACTIVE_RUN_STATUSES)
 
 
 class HostStatus(StrEnum):

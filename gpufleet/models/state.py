@@ -57,6 +57,19 @@ class FleetState(CoreModel):
         return facts.runtime_argv() if facts else UNKNOWN_RUNTIME.argv()
 
 
+class Event(CoreModel):
+    """One transition, as `gpufleet events` shows it: a run submitted, queued, started, ended;
+    a host unreachable or back."""
+
+    id: int
+    ts: float
+    kind: str
+    message: str
+    run: str | None = None
+    fleet: str | None = None
+    host: str | None = None
+
+
 class RunNode(CoreModel):
     """Where one node (rank) of a run runs."""
 
@@ -89,10 +102,18 @@ class Run(CoreModel):
     updated_at: float
     instance_num: int | None = None
     owner: str = ""  # host:pid of the gpufleet that allocated it
+    priority: int = 50
+    max_duration: float | None = None  # seconds; None: no limit
+    started_at: float | None = None  # when its blocks were taken (None while pending)
+    position: int | None = None  # pending runs: 1-based place in the queue's order (set by the server)
 
     @property
     def active(self) -> bool:
         return self.status.active
+
+    @property
+    def live(self) -> bool:
+        return self.status.live
 
     @property
     def aliases(self) -> list[str]:

@@ -135,6 +135,11 @@ def test_schema_versions(db_url):
         c.execute(text("ALTER TABLE runs DROP COLUMN nodes"))
         c.execute(text("ALTER TABLE runs DROP COLUMN owner"))
         c.execute(text("DROP TABLE changes"))
+        for table in ("events", "secrets", "reservations", "server_leases"):
+            c.execute(text(f"DROP TABLE {table}"))
+        c.execute(text("DROP INDEX ix_runs_status"))
+        for column in ("priority", "max_duration", "retry", "started_at"):
+            c.execute(text(f"ALTER TABLE runs DROP COLUMN {column}"))
         c.execute(migrations.version_table.update().values(version=1))
     add = Store(db_url)
     add_host(add, "f", "a")
