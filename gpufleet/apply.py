@@ -1,33 +1,29 @@
-"""`gpufleet apply -f fleet.yml`: plan, confirm, probe, slice into blocks, record, show."""
+"""Applying a fleet, server side: plan (which hosts are added, probed again, removed), probe, slice
+into blocks, record. `gpufleet apply -f fleet.yml` shows the plan, asks, and follows the progress."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from rich.console import Console
-
 from gpufleet import blocks as blockslib
-from gpufleet import present
-from gpufleet.config import load_fleet
-from gpufleet.errors import EXIT_FAILED, EXIT_OK, GpufleetError
-from gpufleet.inventory import write_fleet_files
-from gpufleet.models import Fleet, HostStatus, InstanceStatus, Target
+from gpufleet.errors import GpufleetError
+from gpufleet.inventory import GeneratedFiles, write_fleet_files
+from gpufleet.models import Fleet, FleetState, HostStatus, InstanceStatus, Target
 from gpufleet.probe import ProbeOutcome, probe_fleet
 from gpufleet.state import Store
 
 
 @dataclass
 class FleetPlan:
+    """Which hosts applying a fleet adds, probes again and removes (and which of those run workloads)."""
+
     fleet: Fleet
     add: list[str]
     reprobe: list[str]
     remove: list[str]
     busy_removals: list[str]
-
-    def render(self, console: Console) -> None:
-        console.print(present.styled("Fleet", "bold") + f" {self.fleet.name} ({self.fleet.source})")
-        touched = [self.fleet.target(a) for a in self.add + self.reprobe]
-        console.print(present.fleet_plan_table(touched, self.add, self.remove, self.busy_removals))
 
 
 def make_plan(fleet: Fleet, store: Store) -> FleetPlan:
@@ -40,28 +36,32 @@ def make_plan(fleet: Fleet, store: Store) -> FleetPlan:
                      removed, [a for a in removed if a in busy])
 
 
-def apply_fleet(path: str, yes: bool = False, dry_run: bool = False, console: Console | None = None) -> int:
-    console = console or Console()
-    fleet = load_fleet(path)
-    store = Store()
+@dataclass
+class Applied:
+    """What applying a fleet left: its state, warnings, whether every host is ready, its files."""
+
+    view: FleetState
+    warnings: list[str]
+    ok: bool
+    files: GeneratedFiles
+
+
+def apply_fleet(store: Store, fleet: Fleet, secrets: dict[str, str], seal: Callable[[dict[str, str]], str],
+                on_update: Callable[[str, str, str], None] | None = None,
+                cancel: threading.Event | None = None) -> Applied:
+    """Write the fleet's files, record it (its secrets sealed), drop removed hosts, probe the others
+    and record what each has. Server side: the CLI shows the plan and the progress."""
     plan = make_plan(fleet, store)
-    plan.render(console)
     if plan.busy_removals:
         raise GpufleetError(f"cannot remove {', '.join(plan.busy_removals)} from fleet {fleet.name}: "
                             "workloads run there; stop them first")
-    if dry_run:
-        present.dim(console, "--dry-run: nothing was changed")
-        return EXIT_OK
-    if not yes and not present.confirm(console, "Apply this plan?"):
-        console.print("Nothing was changed.")
-        return EXIT_OK
     files = write_fleet_files(fleet)
     store.save_fleet(fleet.name, fleet.source, fleet.config.model_dump(mode="json"))
+    store.seal_fleet(fleet.name, seal(secrets) if secrets else None)
     for alias in plan.remove:
         store.remove_instance(fleet.name, alias)
     aliases = plan.add + plan.reprobe
-    with present.probe_progress(console, aliases) as update:
-        outcomes = probe_fleet(files, aliases, on_update=update)
+    outcomes = probe_fleet(files, aliases, on_update=on_update, cancel=cancel)
     all_ready = True
     warnings: list[str] = []
     for alias in aliases:
@@ -70,11 +70,7 @@ def apply_fleet(path: str, yes: bool = False, dry_run: bool = False, console: Co
         warnings += [f"{alias}: {n}" for n in notes]
     view = store.fleet(fleet.name)
     write_fleet_files(fleet, facts=view.facts())
-    console.print(present.fleet_table([view]))
-    for w in warnings:
-        present.note(console, "warning", w)
-    present.dim(console, f"inventory: {files.inventory}\nssh_config: {files.ssh_config}")
-    return EXIT_OK if all_ready else EXIT_FAILED
+    return Applied(view, warnings, all_ready, files)
 
 
 def record(store: Store, fleet: str, target: Target, outcome: ProbeOutcome) -> tuple[bool, list[str]]:

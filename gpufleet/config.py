@@ -25,8 +25,14 @@ _CLOUD_ONLY = {"nodes", "resources", "backends", "regions", "availability_zones"
 
 
 def load_fleet(path: str | Path) -> Fleet:
-    path = Path(path)
-    src = load_yaml(read_config_text(path), str(path))
+    return parse_fleet(read_config_text(Path(path)), str(Path(path)))
+
+
+def parse_fleet(text: str, source: str) -> Fleet:
+    """A fleet configuration's text, from file ``source`` (for messages, and the folder that
+    relative identity files are read from)."""
+    path = Path(source)
+    src = load_yaml(text, source)
     if not isinstance(src.data, dict):
         raise ConfigError([src.problem((), "a fleet configuration must be a mapping (type: fleet, ssh_config: ...)")])
     kind = src.data.get("type", "fleet")

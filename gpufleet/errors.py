@@ -20,6 +20,10 @@ class UsageError(GpufleetError):
     exit_code = EXIT_USAGE
 
 
+class NotFound(GpufleetError):
+    """No run, fleet or event of that name (HTTP 404)."""
+
+
 @dataclass
 class ConfigProblem:
     file: str

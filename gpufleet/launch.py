@@ -14,7 +14,6 @@ from gpufleet.errors import GpufleetError
 from gpufleet.models import GPU, DevEnvironmentConfig, Fleet, HostFacts, RunRequest, split_env
 from gpufleet.paths import FleetFiles
 from gpufleet.runner import run_playbook
-from gpufleet.secrets import fleet_secrets
 from gpufleet.state import Store
 
 KEEP_ALIVE = "while :; do sleep 3600; done"
@@ -98,20 +97,25 @@ def applied_fleet(store: Store, name: str) -> Fleet:
     return stored_fleet(name, state.source, config)
 
 
-def fleet_config_env(store: Store, fleet: str) -> tuple[dict[str, str], dict[str, str]]:
-    """The fleet's env for its workloads: (values, secrets); secret values come from this process's
-    environment, as a run's do. Read from the config stored at apply time, not validated again."""
-    state = store.fleet(fleet)
+def fleet_config_env(store: Store, fleet: str, given: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The fleet's env for its workloads: (values, secrets); the secrets' values are ``given`` (taken
+    from the environment of `gpufleet apply` of the fleet, kept sealed by the server). Read from the
+    config stored at apply time, not validated again."""
     values, names = split_env((store.fleet_config(fleet) or {}).get("env"))
-    return values, fleet_secrets(fleet, state.source if state else fleet, names)
+    missing = [n for n in names if n not in given]
+    if missing:
+        raise GpufleetError(f"fleet {fleet}: secret {', '.join(missing)} has no value: export it and apply the "
+                            "fleet again (gpufleet apply -f FLEET.yml)")
+    return values, {n: given[n] for n in names}
 
 
-def start_nodes(store: Store, run: RunRequest, run_id: str, placements: list[Placement], started: list[str]) -> None:
+def start_nodes(store: Store, run: RunRequest, run_id: str, placements: list[Placement], started: list[str],
+                fleet_secrets: dict[str, str]) -> None:
     """Start the run's container on each node, rank 0 first; ``started`` collects the hosts tried.
     Raise StartError (or another GpufleetError: a missing secret, an unknown cluster address) on
     the first node that fails."""
     fleet_name = placements[0].host.fleet
-    values, secrets = fleet_config_env(store, fleet_name)
+    values, secrets = fleet_config_env(store, fleet_name, fleet_secrets)
     facts = store.fleet(fleet_name).facts()
     gpus_per_node = len(placements[0].gpus)
     ips = node_addresses(store, fleet_name, [p.host.alias for p in placements]) if len(placements) > 1 else []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,8 +40,10 @@ def open_jump(files: GeneratedFiles, entry: SshEntry) -> str | None:
 
 
 def probe_fleet(files: GeneratedFiles, aliases: list[str],
-                on_update: Callable[[str, str, str], None] | None = None) -> dict[str, ProbeOutcome]:
-    """Probe ``aliases`` of the fleet in ``files``. ``on_update(alias, status, message)`` reports progress."""
+                on_update: Callable[[str, str, str], None] | None = None,
+                cancel: threading.Event | None = None) -> dict[str, ProbeOutcome]:
+    """Probe ``aliases`` of the fleet in ``files``. ``on_update(alias, status, message)`` reports
+    progress; setting ``cancel`` stops the probe (KeyboardInterrupt)."""
     plan = files.plan
     outcomes: dict[str, ProbeOutcome] = {}
     failed_jumps: dict[str, str] = {}
@@ -72,7 +75,7 @@ def probe_fleet(files: GeneratedFiles, aliases: list[str],
         if on_update:
             on_update(o.host, o.status, o.message)
 
-    result = run_playbook("probe", files.inventory, limit=reachable, on_update=update)  # a fork per host
+    result = run_playbook("probe", files.inventory, limit=reachable, on_update=update, cancel=cancel)  # a fork per host
     if result.canceled:
         raise KeyboardInterrupt
     targets = {t.alias: t for t in plan.targets}

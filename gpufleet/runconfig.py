@@ -18,17 +18,24 @@ RUN_TYPES = tuple(t.value for t in RunType)
 
 
 def load_run(path: str | Path) -> RunRequest:
-    path = Path(path)
-    src = load_yaml(read_config_text(path), str(path))
+    """A run file, its secrets' values taken from this process's environment."""
+    return parse_run(read_config_text(Path(path)), str(path))
+
+
+def parse_run(text: str, source: str, secrets: dict[str, str] | None = None) -> RunRequest:
+    """A run configuration's text (from file ``source``, for messages); its secrets' values are
+    ``secrets`` (what a client sent), else taken from this process's environment."""
+    path = Path(source)
+    src = load_yaml(text, source)
     if not isinstance(src.data, dict):
         raise ConfigError([src.problem((), "a run configuration must be a mapping (type: task, ...)")])
     if src.data.get("type") not in RUN_TYPES:
         raise ConfigError([src.problem(("type",), f"type must be task, service or dev-environment "
                                                   f"(got {src.data.get('type')!r})")])
     cfg = validate(RUN_CONFIG, src)
-    secrets = run_secrets(src, cfg)
-    return RunRequest(name=cfg.name or name_from_file(path, "run", limit=41), source=str(path), config=cfg,
-                      secrets=secrets)
+    values = run_secrets(src, cfg, secrets)
+    return RunRequest(name=cfg.name or name_from_file(path, "run", limit=41), source=source, config=cfg,
+                      secrets=values)
 
 
 def config_type(path: str | Path) -> str | None:

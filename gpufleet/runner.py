@@ -28,6 +28,7 @@ from gpufleet import paths
 from gpufleet.models import HostStatus
 
 ROTATE_ARTIFACTS = 20
+RUN_IDENT = "GPUFLEET_PLAY"  # in each ansible-playbook's environment: which play it is, to cancel only that one
 # Forks beyond what the controller's CPUs can drive buy no speed, only memory (an ansible-playbook
 # worker is ~15 MiB): on 2 CPUs, 64 nodes took 23.6 s with 64 forks (1.17 GB) and 24.1 s with 16 (377 MiB).
 MAX_FORKS = min(64, max(16, 8 * (os.cpu_count() or 1)))
@@ -81,13 +82,16 @@ def ansible_env(forks: int | None = None) -> dict[str, str]:
 
 def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
                  extravars: dict | None = None, unsafe_vars: dict | None = None, forks: int | None = None,
-                 on_update: Callable[[HostOutcome], None] | None = None) -> PlaybookResult:
+                 on_update: Callable[[HostOutcome], None] | None = None,
+                 cancel: threading.Event | None = None) -> PlaybookResult:
     """Run ``playbooks/<name>.yml`` against ``inventory``; return each host's outcome.
 
     ``unsafe_vars`` reach the play as extra vars through a private file, every string in them
-    tagged !unsafe (see write_unsafe_vars); the file is removed when the play is over."""
+    tagged !unsafe (see write_unsafe_vars); the file is removed when the play is over. Setting
+    ``cancel`` (or Ctrl-C, in the main thread) stops this play and its workers, no other."""
     hosts: dict[str, HostOutcome] = {h: HostOutcome(h) for h in (limit or [])}
-    cancel = threading.Event()
+    cancel = cancel or threading.Event()
+    ident = f"{time.strftime('%Y%m%dT%H%M%S')}-{name}-{uuid.uuid4().hex[:8]}"
 
     def handle(event: dict) -> bool:
         data = event.get("event_data") or {}
@@ -120,7 +124,7 @@ def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
 
     def canceled() -> bool:
         if cancel.is_set():
-            _kill_playbook_workers()
+            _kill_playbook_workers(ident)
         return cancel.is_set()
 
     if forks is None and limit:  # one fork per host (Ansible's default is 5): the hosts are asked at once
@@ -129,13 +133,12 @@ def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
         else None
     private = paths.ensure_private_dir(paths.home() / "runner")
     vars_file = write_unsafe_vars(unsafe_vars) if unsafe_vars is not None else None
-    ident = f"{time.strftime('%Y%m%dT%H%M%S')}-{name}-{uuid.uuid4().hex[:8]}"
     try:
         r = ansible_runner.run(
             private_data_dir=str(private), ident=ident, rotate_artifacts=ROTATE_ARTIFACTS,
             playbook=str(paths.playbook(name)), inventory=str(inventory),
             limit=",".join(limit) if limit else None, extravars=extravars or {},
-            envvars=ansible_env(forks), quiet=True, event_handler=handle,
+            envvars={**ansible_env(forks), RUN_IDENT: ident}, quiet=True, event_handler=handle,
             cmdline=f"-e @{shlex.quote(str(vars_file))}" if vars_file else None,
             cancel_callback=canceled, suppress_env_files=True,
             fact_cache_type="memory",  # facts are read from the event stream; none are written to disk
@@ -145,7 +148,7 @@ def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
             vars_file.unlink(missing_ok=True)
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    _scrub_command_artifact(Path(r.config.artifact_dir), ansible_env(forks))
+    _scrub_command_artifact(Path(r.config.artifact_dir), {**ansible_env(forks), RUN_IDENT: ident})
     for outcome in hosts.values():
         if outcome.status == HostStatus.RUNNING:
             outcome.status = HostStatus.OK
@@ -154,10 +157,11 @@ def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
     return PlaybookResult(r.status, r.rc or 0, hosts, r.config.artifact_dir, canceled=cancel.is_set())
 
 
-def _kill_playbook_workers() -> None:
-    """Kill every process below this process's ansible-playbook. Its workers run in sessions of
-    their own (ansible calls os.setsid in each), out of reach of ansible-runner's kill of the
-    playbook's process group: left alone, they and their ssh go on until their task ends."""
+def _kill_playbook_workers(ident: str) -> None:
+    """Kill every process below this process's ansible-playbook of run ``ident`` (the server runs
+    several at once). Its workers run in sessions of their own (ansible calls os.setsid in each),
+    out of reach of ansible-runner's kill of the playbook's process group: left alone, they and
+    their ssh go on until their task ends."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -168,7 +172,7 @@ def _kill_playbook_workers() -> None:
         except (OSError, ValueError, IndexError):
             continue
         children.setdefault(ppid, []).append(int(entry))
-    todo = [pid for pid in children.get(os.getpid(), []) if _is_playbook(pid)]
+    todo = [pid for pid in children.get(os.getpid(), []) if _is_playbook(pid, ident)]
     below: list[int] = []
     while todo:
         pid = todo.pop()
@@ -182,10 +186,13 @@ def _kill_playbook_workers() -> None:
             pass
 
 
-def _is_playbook(pid: int) -> bool:
+def _is_playbook(pid: int, ident: str) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"ansible-playbook" in f.read()
+            if b"ansible-playbook" not in f.read():
+                return False
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f"{RUN_IDENT}={ident}".encode() in f.read().split(b"\0")
     except OSError:
         return False
 

@@ -1,125 +1,31 @@
-"""The life of a run: submit (allocate blocks, launch its containers), settle what became of its
-containers (refresh), stop it, and sweep containers no run owns; its logs and attaching to it.
+"""What became of a run's containers: settle it from what its hosts say (refresh), sweep the
+containers no run owns; the ssh commands of its logs and of attaching to it. Server side.
 
-Launching lives in gpufleet.launch, asking the hosts in gpufleet.containers, the accounting in
-gpufleet.state; this module decides the transitions.
+Queueing, starting and stopping live in gpufleet.queue, launching in gpufleet.launch, asking the
+hosts in gpufleet.containers, the accounting in gpufleet.state; this module decides the transitions
+of runs whose containers exist.
 """
 
 from __future__ import annotations
 
-import subprocess
-import time
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rich.console import Console
-
-from gpufleet import failpoints, present
-from gpufleet.allocator import NoCapacity, Placement, Request, place_gang
 from gpufleet.containers import HostContainers, commands, list_containers, ssh_argv
-from gpufleet.errors import EXIT_FAILED, EXIT_OK, GpufleetError, UsageError
-from gpufleet.launch import container_name, start_nodes, stop_containers
+from gpufleet.errors import GpufleetError, NotFound, UsageError
+from gpufleet.launch import stop_containers
 from gpufleet.models import (
     UNKNOWN_RUNTIME,
     Container,
     FleetState,
     InstanceStatus,
     Run,
-    RunConfigType,
     RunStatus,
-    TaskConfig,
 )
 from gpufleet.paths import FleetFiles
-from gpufleet.runconfig import load_run
 from gpufleet.state import Store
 
 START_LEASE = 300.0  # seconds a `starting` run of another machine's gpufleet is given to start
-
-
-def request_of(cfg: RunConfigType) -> Request:
-    r = cfg.resources
-    return Request(gpu=r.gpu, cpu=r.cpu, memory_gb=r.memory, fleets=tuple(cfg.fleets) if cfg.fleets else None)
-
-
-def cluster_fleets(store: Store) -> set[str]:
-    return {f.name for f in store.fleets() if (store.fleet_config(f.name) or {}).get("placement") == "cluster"}
-
-
-def _plan_rows(placements: list[Placement]) -> list[tuple]:
-    return [(p.host.fleet, p.host.num, p.host.alias, ",".join(map(str, p.blocks)),
-             ", ".join(p.host.gpus[g].label for g in p.gpus) or "-", p.cpus, p.memory_mib) for p in placements]
-
-
-def submit(path: str, yes: bool = False, detach: bool = False, console: Console | None = None) -> int:
-    console = console or Console()
-    run = load_run(path)
-    store = Store()
-    request = request_of(run.config)
-    clusters = cluster_fleets(store)
-
-    def choose(hosts):
-        return place_gang(request, hosts, run.nodes, clusters)
-
-    try:
-        planned = choose(store.slots_snapshot())  # for the plan shown; the real choice is made under the lock
-    except NoCapacity as e:
-        raise GpufleetError(str(e)) from None
-    console.print(present.run_plan_table(run.name, run.config.type, _plan_rows(planned)))
-    for p in planned:
-        if p.note:
-            present.note(console, "note", f"{run.name} {p.note}")
-    if not yes and not present.confirm(console, "Submit the run?"):
-        console.print("Nothing was changed.")
-        return EXIT_OK
-    run_id = uuid.uuid4().hex[:12]
-    try:
-        placements = store.allocate(run.name, run_id, run.config.type, run.config.model_dump(mode="json"),
-                                    container_name(run.name), choose)
-    except NoCapacity as e:
-        raise GpufleetError(str(e)) from None
-    failpoints.reach("after-allocate")
-    started: list[str] = []
-    try:
-        start_nodes(store, run, run_id, placements, started)
-    except GpufleetError as e:
-        _release(store, run.name, started, str(e))
-        present.note(console, "failed", f"{run.name}: {e}", "red")
-        return EXIT_FAILED
-    except BaseException:
-        _release(store, run.name, started, "interrupted while starting")
-        raise
-    failpoints.reach("after-start")
-    store.set_run_status(run.name, RunStatus.RUNNING)
-    where = ", ".join(f"instance {p.host.num} ({p.host.alias})" for p in placements)
-    present.plain(console, f"{run.name} is running on {placements[0].host.fleet} {where}")
-    if detach or not isinstance(run.config, TaskConfig):
-        return EXIT_OK
-    logs(run.name, follow=True)
-    view = _wait_finished(store, run.name)
-    present.plain(console, f"{run.name}: {view.status}" + (f" (exit code {view.exit_code})"
-                                                            if view.exit_code is not None else ""))
-    return EXIT_OK if view.status == RunStatus.DONE else EXIT_FAILED
-
-
-def _release(store: Store, name: str, started: list[str], why: str) -> None:
-    """A start that failed: remove what was started (best effort), mark the run failed, free its blocks."""
-    run = store.run(name)
-    try:
-        if run is not None:
-            stop_containers(run.fleet, run.container, run.run_id, started, remove=True)
-    except GpufleetError:
-        pass  # the sweep of `gpufleet ps` stops what is left
-    store.finish_run(name, RunStatus.FAILED, None, why)
-
-
-def _wait_finished(store: Store, name: str, timeout: float = 60) -> Run:
-    """After the followed logs end: refresh until every node's container has exited (bounded)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        view = refresh(store, names=[name])[0]
-        if not view.active or time.monotonic() > deadline:
-            return view
-        time.sleep(1)
 
 
 # --------------------------------------------------------------------------- settling
@@ -177,12 +83,14 @@ def _record(store: Store, run: Run, s: Settlement) -> None:
 
 
 def refresh(store: Store, names: list[str] | None = None, sweep: bool = False,
-            notes: list[str] | None = None) -> list[Run]:
+            notes: list[str] | None = None,
+            on_answer: Callable[[str, str, str | None], None] | None = None) -> list[Run]:
     """Ask the hosts what became of the runs' containers, in one round per fleet, and record it.
 
     A run left `starting` by a gpufleet that died is released once its start can no longer be
     going on. With ``sweep``, every ready host is asked, and gpufleet containers that no run owns
-    (left by a crash, or by a lost state) are stopped and reported in ``notes``."""
+    (left by a crash, or by a lost state) are stopped and reported in ``notes``. ``on_answer(fleet,
+    alias, why)`` hears of each host asked: why it could not be asked, None when it answered."""
     active = [r for r in store.runs() if names is None or r.name in names]
     by_fleet: dict[str, list[Run]] = {}
     for r in active:
@@ -203,6 +111,9 @@ def refresh(store: Store, names: list[str] | None = None, sweep: bool = False,
             continue
         runtimes = {a: state.runtime_argv(a) for a in sorted(hosts)}
         answers = list_containers(files, runtimes)
+        if on_answer:
+            for alias, a in answers.items():
+                on_answer(fleet, alias, None if a.containers is not None else (a.message or "no answer"))
         owned: set[tuple[str, str, str]] = set()
         for r in fleet_runs:
             states: list[tuple[str, Container | None]] = []
@@ -217,7 +128,15 @@ def refresh(store: Store, names: list[str] | None = None, sweep: bool = False,
             if r.status == RunStatus.STARTING and any(c is None for _, c in states) and \
                     r.start_in_progress(START_LEASE):
                 continue  # its gpufleet is still starting it
-            _record(store, r, settle(r, states, unknown))
+            s = settle(r, states, unknown)
+            if r.status == RunStatus.STARTING and s.status == RunStatus.FAILED and \
+                    not any(c is not None and c.ended for _, c in states):
+                # its server died while starting it, before any container ran to an end: it waits
+                # again (its secrets are kept until it runs), on blocks the scheduler chooses anew
+                _record(store, r, Settlement(None, stop=s.stop))
+                store.requeue(r.name, "its start was interrupted (the server stopped); waiting again")
+                continue
+            _record(store, r, s)
         if sweep:
             _stop_orphans(store, fleet, answers, owned, notes if notes is not None else [])
     return store.runs(include_finished=True, name=names[0]) if names and len(names) == 1 else store.runs()
@@ -244,14 +163,14 @@ def _stop_orphans(store: Store, fleet: str, answers: dict[str, HostContainers], 
 def get_run(store: Store, name: str) -> Run:
     run = store.run(name)
     if run is None:
-        raise GpufleetError(f"no run named {name!r} (see gpufleet ps -a)")
+        raise NotFound(f"no run named {name!r} (see gpufleet ps -a)")
     return run
 
 
 def _active_run(store: Store, name: str) -> Run:
     run = get_run(store, name)
     if not run.active:
-        raise GpufleetError(f"run {name} is not running ({run.status})")
+        raise GpufleetError(f"run {name} is not running ({run.status}" + (f": {run.message})" if run.live else ")"))
     return run
 
 
@@ -260,31 +179,22 @@ def _runtime(store: Store, run: Run, alias: str) -> list[str]:
     return state.runtime_argv(alias) if state else UNKNOWN_RUNTIME.argv()
 
 
-def logs(name: str, follow: bool = False, node: int = 0) -> int:
-    store = Store()
+def logs_argv(store: Store, name: str, follow: bool = False, node: int = 0) -> list[str]:
+    """The ssh command that prints (``follow``: and follows) the output of node ``node`` of run ``name``."""
     run = get_run(store, name)
     aliases = run.aliases
     if not aliases:
-        raise GpufleetError(f"run {name} never started: {run.message}")
+        raise GpufleetError(f"run {name} has not started: {run.message}" if run.live
+                            else f"run {name} never started: {run.message}")
     if not 0 <= node < len(aliases):
         raise UsageError(f"run {name} has {len(aliases)} node(s): --node must be 0..{len(aliases) - 1}")
     remote = commands().logs_argv(_runtime(store, run, aliases[node]), run.container, follow)
-    return subprocess.run(ssh_argv(FleetFiles.of(run.fleet).require(), aliases[node], remote)).returncode
+    return ssh_argv(FleetFiles.of(run.fleet).require(), aliases[node], remote)
 
 
-def stop(name: str) -> Run:
-    store = Store()
-    run = _active_run(store, name)
-    try:
-        stop_containers(run.fleet, run.container, run.run_id, run.aliases)
-    except GpufleetError as e:
-        raise GpufleetError(f"could not stop {name}: {e}") from None
-    store.finish_run(name, RunStatus.STOPPED, None, "stopped by the user")
-    return store.run(name)
-
-
-def attach(name: str, console: Console) -> int:
-    store = Store()
+def attach_plan(store: Store, name: str) -> dict:
+    """How to attach to run ``name`` from this machine: the fleet's ssh_config, the host, the ports
+    to forward (local, remote) and, for a dev environment, the shell command to run in its container."""
     run = _active_run(store, name)
     files = FleetFiles.of(run.fleet).require()
     spec = run.spec
@@ -294,17 +204,8 @@ def attach(name: str, console: Console) -> int:
     forwards = []
     for p in dict.fromkeys(ports):
         local, _, remote = p.partition(":")
-        forwards += ["-L", f"127.0.0.1:{local}:127.0.0.1:{remote or local}"]
-        present.plain(console, f"forwarding localhost:{local} -> {run.alias}:{remote or local} "
-                               "(through the jump chain)")
+        forwards.append([int(local), int(remote or local)])
+    shell = None
     if spec.get("type") == "dev-environment":
-        remote = commands().exec_argv(_runtime(store, run, run.alias), run.container, ["/bin/sh"])
-        return subprocess.run(ssh_argv(files, run.alias, remote, tty=True, extra=forwards)).returncode
-    if not forwards:
-        raise GpufleetError(f"run {name} has no ports to forward")
-    console.print("press Ctrl-C to stop forwarding")
-    try:
-        return subprocess.run(ssh_argv(files, run.alias, None,
-                                       extra=["-N", "-o", "ExitOnForwardFailure=yes", *forwards])).returncode
-    except KeyboardInterrupt:
-        return EXIT_OK
+        shell = commands().exec_argv(_runtime(store, run, run.alias), run.container, ["/bin/sh"])
+    return {"ssh_config": str(files.ssh_config), "alias": run.alias, "forwards": forwards, "shell": shell}

@@ -22,18 +22,24 @@ def _hint(name: str) -> str:
             f"export {name}=... before gpufleet apply")
 
 
-def take(names: Iterable[str], missing: Callable[[str], ConfigProblem]) -> dict[str, str]:
-    """The value of each name from this process's environment, which then forgets it. Raise a
-    ConfigError with ``missing(name)`` for each name that is not set."""
+def take(names: Iterable[str], missing: Callable[[str], ConfigProblem],
+         given: dict[str, str] | None = None) -> dict[str, str]:
+    """The value of each name from ``given`` (what a client sent to the server), else from this
+    process's environment, which then forgets it. Raise a ConfigError with ``missing(name)`` for
+    each name that has no value."""
     names = list(names)
-    problems = [missing(n) for n in names if n not in os.environ]
+    source = os.environ if given is None else given
+    problems = [missing(n) for n in names if n not in source]
     if problems:
         raise ConfigError(problems)
+    if given is not None:
+        return {n: given[n] for n in names}
     return {n: os.environ.pop(n) for n in names}
 
 
-def run_secrets(src: YamlSource, cfg: RunConfigType) -> dict[str, str]:
-    """A run file's secrets; a missing one points at its place in the file."""
+def run_secrets(src: YamlSource, cfg: RunConfigType, given: dict[str, str] | None = None) -> dict[str, str]:
+    """A run file's secrets (from ``given``, else the environment); a missing one points at its
+    place in the file."""
     _, names = split_env(cfg.env)
 
     def missing(name: str) -> ConfigProblem:
@@ -41,9 +47,10 @@ def run_secrets(src: YamlSource, cfg: RunConfigType) -> dict[str, str]:
         loc = ("env", name) if by_key else ("env", next(i for i, item in enumerate(cfg.env) if item == name))
         return src.problem(loc, _hint(name), prefer_key=by_key)
 
-    return take(names, missing)
+    return take(names, missing, given)
 
 
 def fleet_secrets(fleet: str, source: str, names: list[str]) -> dict[str, str]:
-    """A fleet's secrets (``names``, from its file ``source``), for a run starting on it."""
+    """A fleet's secrets (``names``, from its file ``source``), taken by `gpufleet apply` of the
+    fleet; the server keeps them sealed for the runs that start on it."""
     return take(names, lambda name: ConfigProblem(source, None, None, f"env.{name}", f"fleet {fleet}: " + _hint(name)))

@@ -12,6 +12,7 @@ import re
 import socket
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -577,11 +578,13 @@ class Store:
 
     def requeue(self, name: str, why: str) -> None:
         """A run whose start was cut short (its server died before any container ran): back to
-        waiting, its blocks freed, its place in the queue kept."""
+        waiting, its blocks freed, its place in the queue kept; a new run id, so that a container
+        left from the first try is replaced, not adopted."""
         with self.engine.begin() as c:
             self._serialize(c)
             c.execute(update(runs).where(runs.c.name == name).values(
-                status=PENDING, fleet=None, instance_id=None, alias=None, gpus="[]", blocks="[]", nodes="[]",
+                run_id=uuid.uuid4().hex[:12], status=PENDING, fleet=None, instance_id=None, alias=None, gpus="[]",
+                blocks="[]", nodes="[]",
                 owner="", started_at=None, message=why, updated_at=time.time()))
             self._free(c, name)
             self._event(c, "queued", why, run=name)
@@ -643,9 +646,11 @@ class Store:
             c.execute(delete(secrets).where(secrets.c.run == run))
 
     # events -----------------------------------------------------------------------------------
-    @staticmethod
-    def _event(c, kind: str, message: str, run: str | None = None, fleet: str | None = None,
+    def _event(self, c, kind: str, message: str, run: str | None = None, fleet: str | None = None,
                host: str | None = None, ts: float | None = None) -> None:
+        # under the writers' lock (PostgreSQL; SQLite's write lock is per transaction anyway), so
+        # events commit in id order and a reader following "after id N" never skips one
+        self._serialize(c)
         eid = c.execute(insert(events).returning(events.c.id).values(
             ts=ts or time.time(), kind=kind, run=run, fleet=fleet, host=host, message=message)).scalar_one()
         if eid % PRUNE_EVERY == 0:

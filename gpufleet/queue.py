@@ -1,0 +1,287 @@
+"""The queue, server side: a run is submitted to wait for blocks, the scheduling pass starts waiting
+runs where the pure scheduler (gpufleet.scheduler.decide) puts them, limits stop runs past their
+`max_duration` and give up on runs past their retry window, and a waiting run can be cancelled.
+
+The server's API and its loops call these; nothing here talks HTTP. Starting containers is
+gpufleet.launch's; what became of them, gpufleet.runs.refresh's.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gpufleet import failpoints
+from gpufleet.allocator import HostIndex, NoCapacity, Placement, Request, place_gang
+from gpufleet.errors import GpufleetError, NotFound
+from gpufleet.launch import container_name, start_nodes, stop_containers
+from gpufleet.models import RUN_CONFIG, Run, RunConfigType, RunRequest, RunStatus
+from gpufleet.scheduler import PRIORITY_DEFAULT, Decision, Running, Waiting, decide, never_fits, ordered
+from gpufleet.state import Store
+
+Seal = Callable[[dict[str, str]], str]
+Unseal = Callable[[str], dict[str, str]]
+
+
+def request_of(cfg: RunConfigType) -> Request:
+    r = cfg.resources
+    return Request(gpu=r.gpu, cpu=r.cpu, memory_gb=r.memory, fleets=tuple(cfg.fleets) if cfg.fleets else None)
+
+
+def cluster_fleets(store: Store) -> set[str]:
+    return {f.name for f in store.fleets() if (store.fleet_config(f.name) or {}).get("placement") == "cluster"}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the queue does with a run: its priority, limit, grace on stop, and whether it waits for
+    capacity (and how long)."""
+
+    priority: int = PRIORITY_DEFAULT
+    max_duration: float | None = None
+    stop_duration: float | None = None
+    queue: bool = True
+    retry_duration: float | None = None
+    on_events: tuple[str, ...] = ("no-capacity",)
+
+    def as_json(self) -> dict:
+        return {"priority": self.priority, "max_duration": self.max_duration, "stop_duration": self.stop_duration,
+                "queue": self.queue, "duration": self.retry_duration, "on_events": list(self.on_events)}
+
+    @classmethod
+    def of(cls, cfg: RunConfigType) -> Policy:
+        retry = cfg.retry_policy
+        return cls(priority=cfg.priority, max_duration=cfg.max_duration, stop_duration=cfg.stop_duration,
+                   queue=retry.queue, retry_duration=retry.duration, on_events=tuple(sorted(retry.on_events)))
+
+
+def waiting_of(run: Run | RunRequest, submitted_at: float = 0.0) -> Waiting:
+    cfg = run.config if isinstance(run, RunRequest) else RUN_CONFIG.validate_python(run.spec)
+    policy = Policy.of(cfg)
+    return Waiting(run_id=run.name, request=request_of(cfg), submitted_at=submitted_at,
+                   nodes=getattr(cfg, "nodes", 1), priority=policy.priority, max_duration=policy.max_duration)
+
+
+# --------------------------------------------------------------------------- why a run waits
+
+def wait_reason(run: Waiting, hosts: HostIndex, limit: int = 6) -> str:
+    """`waiting for 4 H100: node-0 2/8 free, node-1 0/8 free`: what it asks for, and the free GPUs
+    (of the kind it asks for) on each host it could use."""
+    req = run.request
+    considered = [h for h in hosts.hosts() if not req.fleets or h.fleet in req.fleets]
+    parts = []
+    for h in considered[:limit]:
+        fit = [i for i, g in enumerate(h.gpus) if req.gpu is None or _matches(g, req)]
+        free = {g for b in h.blocks if b.free for g in b.gpus}
+        parts.append(f"{h.alias} {len([i for i in fit if i in free])}/{len(fit)} free")
+    if len(considered) > limit:
+        parts.append(f"and {len(considered) - limit} more hosts")
+    what = req.describe() + (f" on each of {run.nodes} hosts" if run.nodes > 1 else "")
+    return f"waiting for {what}: " + (", ".join(parts) if parts else "no ready host")
+
+
+def _matches(gpu, req: Request) -> bool:
+    from gpufleet.allocator import gpu_matches
+
+    return gpu_matches(gpu, req.gpu)
+
+
+# --------------------------------------------------------------------------- submit
+
+@dataclass
+class Plan:
+    """Where a run would go now (rank 0 first), or why it would wait, or why it never can."""
+
+    placements: list[Placement] = field(default_factory=list)
+    waits: str = ""
+    never: str = ""
+
+
+def plan(store: Store, req: RunRequest) -> Plan:
+    hosts = store.slots_snapshot()
+    clusters = cluster_fleets(store)
+    waiting = waiting_of(req)
+    never = never_fits(waiting, hosts, clusters)
+    if never:
+        return Plan(never=f"{req.name} {never}")
+    try:
+        return Plan(placements=place_gang(waiting.request, hosts, req.nodes, clusters))
+    except NoCapacity as e:
+        return Plan(waits=f"{e}")
+
+
+def submit(store: Store, req: RunRequest, seal: Seal, no_queue: bool = False) -> Run:
+    """Queue ``req`` (the scheduling pass starts it as soon as it may). Refused at once when it can
+    never fit, or when it does not fit now and must not wait (`retry: false`, --no-queue)."""
+    policy = Policy.of(req.config)
+    hosts = store.slots_snapshot()
+    waiting = waiting_of(req)
+    never = never_fits(waiting, hosts, cluster_fleets(store))
+    if never:
+        raise GpufleetError(f"{req.name} {never}; not queued")
+    if no_queue or not policy.queue:
+        try:
+            place_gang(waiting.request, hosts, req.nodes, cluster_fleets(store))
+        except NoCapacity as e:
+            why = "--no-queue" if no_queue else "retry: false"
+            raise GpufleetError(f"{e} (not queued: {why})") from None
+    spec = req.config.model_dump(mode="json")
+    store.enqueue(req.name, uuid.uuid4().hex[:12], req.config.type, spec, container_name(req.name),
+                  priority=policy.priority, max_duration=policy.max_duration, retry=policy.as_json(),
+                  sealed=seal(req.secrets) if req.secrets else None, reason=wait_reason(waiting, hosts))
+    return store.run(req.name)
+
+
+def cancel(store: Store, name: str, why: str = "cancelled by the user while waiting") -> bool:
+    return store.finish_run(name, RunStatus.STOPPED, None, why)
+
+
+# --------------------------------------------------------------------------- the scheduling pass
+
+@dataclass
+class Pass:
+    """What one scheduling pass did: runs handed to the launcher, refused, and still waiting."""
+
+    started: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    waiting: int = 0
+
+
+def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: float | None = None) -> Pass:
+    """Decide which waiting runs start now (scheduler.decide over the store's blocks and running
+    runs), take their blocks, and hand each to ``launch`` (which starts its containers, usually on
+    a worker thread). Refused runs end `failed` with why; the others get their reason and the
+    head its reservation."""
+    now = time.time() if now is None else now
+    pending = store.pending()
+    out = Pass()
+    if not pending:
+        store.save_reservations([])
+        return out
+    waits = {r.name: waiting_of(r, r.created_at) for r in pending}
+    by_name = {r.name: r for r in pending}
+    hosts = store.slots_snapshot()
+    running = [Running(run_id=r.name, blocks=tuple((n.instance_id, b) for n in r.nodes for b in n.blocks),
+                       ends_at=(r.started_at + r.max_duration) if r.started_at and r.max_duration else None)
+               for r in store.runs() if r.active]
+    decision: Decision = decide(list(waits.values()), hosts, running, now, cluster_fleets=cluster_fleets(store))
+    for refusal in decision.refused:
+        if store.finish_run(refusal.run_id, RunStatus.FAILED, None, f"refused: {refusal.reason}"):
+            out.refused.append(refusal.run_id)
+    for start in decision.starts:
+        placements = list(start.placements)
+        if store.start_pending(start.run.run_id, placements):
+            failpoints.reach("after-allocate")
+            launch(store.run(start.run.run_id), placements)
+            out.started.append(start.run.run_id)
+    store.save_reservations([(r.run_id, r.at, list(r.blocks)) for r in decision.reservations])
+    gone = set(out.started) | set(out.refused)
+    left = [w for w in waits.values() if w.run_id not in gone]
+    if left:
+        after = store.slots_snapshot()
+        reserved = {r.run_id: r.at for r in decision.reservations}
+        reasons = {}
+        for w in left:
+            reason = wait_reason(w, after)
+            if w.run_id in reserved:
+                at = reserved[w.run_id]
+                reason += ("; next to start, when runs without a max_duration end" if at is None
+                           else f"; next to start, expected by {time.strftime('%H:%M:%S', time.localtime(at))}")
+            reasons[w.run_id] = reason
+        store.set_waiting(reasons)
+    out.waiting = len(left)
+    del by_name
+    return out
+
+
+def positions(runs: list[Run], now: float | None = None) -> dict[str, int]:
+    """Each waiting run's 1-based place in the queue's order."""
+    now = time.time() if now is None else now
+    waits = [waiting_of(r, r.created_at) for r in runs if r.status == RunStatus.PENDING]
+    return {w.run_id: i + 1 for i, w in enumerate(ordered(waits, now))}
+
+
+def launch(store: Store, run: Run, placements: list[Placement], unseal: Unseal,
+           fleet_secrets: Callable[[str], dict[str, str]]) -> None:
+    """Start the containers of a run the scheduler placed (its blocks are taken, it is `starting`):
+    running when every node started, else failed with the node and the cause (its blocks freed)."""
+    cfg = RUN_CONFIG.validate_python(run.spec)
+    sealed = store.sealed(run=run.name)
+    req = RunRequest(name=run.name, source=f"run {run.name}", config=cfg, secrets=unseal(sealed) if sealed else {})
+    started: list[str] = []
+    try:
+        start_nodes(store, req, run.run_id, placements, started, fleet_secrets(placements[0].host.fleet))
+    except GpufleetError as e:
+        _release(store, run, started, str(e))
+        return
+    except BaseException:
+        _release(store, run, started, "interrupted while starting")
+        raise
+    failpoints.reach("after-start")
+    store.set_run_status(run.name, RunStatus.RUNNING)
+
+
+def _release(store: Store, run: Run, started: list[str], why: str) -> None:
+    """A start that failed: remove what was started (best effort), mark the run failed, free its blocks."""
+    try:
+        if started:
+            stop_containers(run.fleet, run.container, run.run_id, started, remove=True)
+    except GpufleetError:
+        pass  # the reconcile loop's sweep stops what is left
+    store.finish_run(run.name, RunStatus.FAILED, None, why)
+
+
+# --------------------------------------------------------------------------- limits
+
+def enforce_limits(store: Store, now: float | None = None) -> list[str]:
+    """Stop runs past their max_duration; fail waiting runs past their retry duration. Returns
+    the names of the runs ended."""
+    now = time.time() if now is None else now
+    ended = []
+    for r in store.runs():
+        policy = store.retry_policy(r.name)
+        if r.status == RunStatus.PENDING:
+            duration = policy.get("duration")
+            if duration and now - r.created_at > duration:
+                if store.finish_run(r.name, RunStatus.FAILED, None,
+                                    f"no capacity within its retry duration ({_span(duration)})"):
+                    ended.append(r.name)
+        elif r.active and r.max_duration and r.started_at and now - r.started_at > r.max_duration:
+            try:
+                stop_containers(r.fleet, r.container, r.run_id, r.aliases, timeout=policy.get("stop_duration"))
+            except GpufleetError as e:
+                store.set_run_status(r.name, r.status, f"could not stop it at its max_duration: {e}")
+                continue
+            if store.finish_run(r.name, RunStatus.STOPPED, None,
+                                f"stopped by its max_duration ({_span(r.max_duration)})"):
+                ended.append(r.name)
+    return ended
+
+
+def stop(store: Store, name: str, by: str = "the user") -> Run:
+    """Stop a run: a waiting one is cancelled, an active one's containers stopped and its blocks freed."""
+    run = store.run(name)
+    if run is None:
+        raise NotFound(f"no run named {name!r} (see gpufleet ps -a)")
+    if run.status == RunStatus.PENDING:
+        if cancel(store, name, f"cancelled by {by} while waiting"):
+            return store.run(name)
+        run = store.run(name)
+    if not run.active:
+        raise GpufleetError(f"run {name} is not running ({run.status})")
+    policy = store.retry_policy(name)
+    try:
+        stop_containers(run.fleet, run.container, run.run_id, run.aliases, timeout=policy.get("stop_duration"))
+    except GpufleetError as e:
+        raise GpufleetError(f"could not stop {name}: {e}") from None
+    store.finish_run(name, RunStatus.STOPPED, None, f"stopped by {by}")
+    return store.run(name)
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"

@@ -1,0 +1,272 @@
+"""The HTTP API of `gpufleet server` (FastAPI): runs, fleets, events and the server itself.
+
+Every route that reads or changes state needs the server's token (`Authorization: Bearer ...`);
+/api/health, /docs and /openapi.json do not (they show no state). Errors are JSON
+``{"detail": message, "exit_code": N}`` with the status that says what is wrong (401 no or bad
+token, 404 no such run or fleet, 409 refused as things are, 422 bad config, with ``problems``:
+file, line, column, field, message), so the CLI prints the message and exits as it always did.
+User text is never read as markup: the CLI prints it as plain text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import queue as queuelib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from gpufleet import __version__, queue, runs
+from gpufleet.apply import apply_fleet, make_plan
+from gpufleet.config import parse_fleet
+from gpufleet.errors import ConfigError, GpufleetError, NotFound, UsageError
+from gpufleet.runconfig import parse_run
+from gpufleet.state import Store
+
+
+@dataclass
+class Context:
+    """What the routes share: the store, the token, the sealing of secrets, the loops."""
+
+    store: Store
+    token: str
+    seal: Callable[[dict[str, str]], str]
+    kick: Callable[[], None]
+    info: Callable[[], dict]
+    shutdown: Callable[[], None]
+    touched: list[float] = field(default_factory=lambda: [time.monotonic()])
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ConfigText(Body):
+    source: str = Field(description="The file's path where the client read it (for messages and relative paths).")
+    text: str = Field(description="The file's text.")
+
+
+class Submission(ConfigText):
+    secrets: dict[str, str] = Field(default_factory=dict, description="Values of the env names given without one.")
+    no_queue: bool = Field(False, description="Refuse at once if it does not fit now, instead of waiting.")
+
+
+def create_app(ctx: Context) -> FastAPI:
+    app = FastAPI(title="gpufleet", version=__version__,
+                  description="The gpufleet control plane: fleets of GPU hosts sliced into blocks, a queue of runs.")
+
+    async def authorized(request: Request) -> None:
+        from gpufleet.server.tokens import matches
+
+        header = request.headers.get("authorization", "")
+        presented = header[7:] if header.lower().startswith("bearer ") else None
+        if not matches(ctx.token, presented):
+            raise _Unauthorized("no token" if presented is None else "bad token")
+        ctx.touched[0] = time.monotonic()
+
+    @app.exception_handler(GpufleetError)
+    async def _error(request: Request, e: GpufleetError) -> JSONResponse:
+        return JSONResponse(_error_body(e), status_code=_status(e))
+
+    @app.get("/api/health", tags=["server"])
+    def health() -> dict:
+        return {"ok": True, "version": __version__}
+
+    api = APIRouter(prefix="/api", dependencies=[Depends(authorized)])
+
+    # ------------------------------------------------------------------ server
+    @api.get("/server", tags=["server"])
+    def server_info() -> dict:
+        return ctx.info()
+
+    @api.post("/server/stop", tags=["server"])
+    def server_stop() -> dict:
+        ctx.shutdown()
+        return {"stopping": True}
+
+    # ------------------------------------------------------------------ runs
+    @api.get("/runs", tags=["runs"])
+    def list_runs(all: bool = False) -> list[dict]:
+        views = ctx.store.runs(include_finished=all)
+        return [_run_json(r) for r in _with_positions(views)]
+
+    @api.get("/runs/{name}", tags=["runs"])
+    def get_run(name: str) -> dict:
+        run = runs.get_run(ctx.store, name)
+        return _run_json(_with_positions([run], ctx.store)[0])
+
+    @api.post("/runs/plan", tags=["runs"])
+    def plan_run(body: ConfigText) -> dict:
+        req = parse_run(body.text, body.source, secrets={})
+        return _plan_json(req, queue.plan(ctx.store, req))
+
+    @api.post("/runs", tags=["runs"], status_code=201)
+    def submit_run(body: Submission) -> dict:
+        req = parse_run(body.text, body.source, secrets=body.secrets)
+        run = queue.submit(ctx.store, req, ctx.seal, no_queue=body.no_queue)
+        ctx.kick()
+        return _run_json(_with_positions([run], ctx.store)[0])
+
+    @api.post("/runs/{name}/stop", tags=["runs"])
+    def stop_run(name: str) -> dict:
+        run = queue.stop(ctx.store, name)
+        ctx.kick()
+        return _run_json(run)
+
+    @api.get("/runs/{name}/attach", tags=["runs"])
+    def attach_run(name: str) -> dict:
+        return runs.attach_plan(ctx.store, name)
+
+    @api.get("/runs/{name}/logs", tags=["runs"])
+    async def run_logs(name: str, request: Request, follow: bool = False, node: int = 0) -> StreamingResponse:
+        argv = await asyncio.to_thread(runs.logs_argv, ctx.store, name, follow, node)
+
+        async def stream():
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                        stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.STDOUT)
+            try:
+                while True:
+                    chunk = await proc.stdout.read(65536)
+                    if not chunk:
+                        break
+                    yield chunk
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+
+        return StreamingResponse(stream(), media_type="text/plain")
+
+    # ------------------------------------------------------------------ fleets
+    @api.get("/fleets", tags=["fleets"])
+    def list_fleets() -> list[dict]:
+        return [f.model_dump(mode="json") for f in ctx.store.fleets()]
+
+    @api.get("/fleets/{name}", tags=["fleets"])
+    def get_fleet(name: str) -> dict:
+        view = ctx.store.fleet(name)
+        if view is None:
+            raise NotFound(f"no fleet named {name!r} (see gpufleet fleet list)")
+        return view.model_dump(mode="json")
+
+    @api.post("/fleets/plan", tags=["fleets"])
+    def plan_fleet(body: ConfigText) -> dict:
+        fleet = parse_fleet(body.text, body.source)
+        plan = make_plan(fleet, ctx.store)
+        return {"name": fleet.name, "add": plan.add, "reprobe": plan.reprobe, "remove": plan.remove,
+                "busy_removals": plan.busy_removals}
+
+    @api.post("/fleets", tags=["fleets"])
+    async def apply(body: Submission, request: Request) -> StreamingResponse:
+        """Apply a fleet: a stream of JSON lines, `{"progress": {alias, state, message}}` per host
+        step, then `{"result": {...}}` or `{"error": {...}}`. A client that goes away cancels the probe."""
+        fleet = await asyncio.to_thread(parse_fleet, body.text, body.source)
+        lines: queuelib.Queue = queuelib.Queue()
+        cancel = threading.Event()
+
+        def work() -> None:
+            try:
+                done = apply_fleet(ctx.store, fleet, body.secrets, ctx.seal, cancel=cancel,
+                                   on_update=lambda a, s, m: lines.put({"progress": {"alias": a, "state": str(s),
+                                                                                     "message": m}}))
+                lines.put({"result": {"fleet": done.view.model_dump(mode="json"), "warnings": done.warnings,
+                                      "ok": done.ok, "inventory": str(done.files.inventory),
+                                      "ssh_config": str(done.files.ssh_config)}})
+            except KeyboardInterrupt:
+                lines.put({"error": {"detail": "interrupted", "exit_code": 130}})
+            except GpufleetError as e:
+                lines.put({"error": _error_body(e)})
+            except Exception as e:  # shown to the client; the server goes on
+                lines.put({"error": {"detail": f"internal error: {type(e).__name__}: {e}", "exit_code": 1}})
+            finally:
+                ctx.kick()
+                lines.put(None)
+
+        threading.Thread(target=work, name=f"gpufleet-apply-{fleet.name}", daemon=True).start()
+
+        async def stream():
+            try:
+                while True:
+                    try:
+                        item = await asyncio.to_thread(lines.get, True, 0.5)
+                    except queuelib.Empty:
+                        if await request.is_disconnected():
+                            return
+                        continue
+                    if item is None:
+                        return
+                    yield json.dumps(item) + "\n"
+            finally:
+                cancel.set()  # harmless once the work is over; stops the probe if the client left
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+    @api.delete("/fleets/{name}", tags=["fleets"])
+    def delete_fleet(name: str) -> dict:
+        if ctx.store.fleet(name) is None:
+            raise NotFound(f"no fleet named {name!r} (see gpufleet fleet list)")
+        ctx.store.delete_fleet(name)
+        return {"deleted": name}
+
+    # ------------------------------------------------------------------ events
+    @api.get("/events", tags=["events"])
+    def list_events(run: str | None = None, after: int = 0, limit: int = 1000) -> list[dict]:
+        return [e.model_dump(mode="json") for e in ctx.store.events(run=run, after=after, limit=min(limit, 10000))]
+
+    app.include_router(api)
+    return app
+
+
+class _Unauthorized(GpufleetError):
+    pass
+
+
+def _status(e: GpufleetError) -> int:
+    if isinstance(e, _Unauthorized):
+        return 401
+    if isinstance(e, NotFound):
+        return 404
+    if isinstance(e, ConfigError):
+        return 422
+    if isinstance(e, UsageError):
+        return 400
+    return 409
+
+
+def _error_body(e: GpufleetError) -> dict:
+    if isinstance(e, _Unauthorized):
+        return {"detail": f"{e}: this server needs its token (Authorization: Bearer ...); the CLI reads it from "
+                          "the server's state directory, or from GPUFLEET_TOKEN", "exit_code": 1}
+    body = {"detail": str(e), "exit_code": e.exit_code}
+    if isinstance(e, ConfigError):
+        body["problems"] = [dataclasses.asdict(p) for p in e.problems]
+    return body
+
+
+def _with_positions(views, store: Store | None = None):
+    pending = [r for r in views if r.status == "pending"]
+    if not pending:
+        return views
+    everyone = store.pending() if store is not None else pending
+    order = queue.positions(everyone)
+    return [r.model_copy(update={"position": order.get(r.name)}) if r.status == "pending" else r for r in views]
+
+
+def _run_json(run) -> dict:
+    return run.model_dump(mode="json")
+
+
+def _plan_json(req, plan: queue.Plan) -> dict:
+    return {"name": req.name, "type": req.config.type, "waits": plan.waits, "never": plan.never,
+            "placements": [{"fleet": p.host.fleet, "num": p.host.num, "alias": p.host.alias,
+                            "blocks": list(p.blocks), "gpus": [p.host.gpus[g].label for g in p.gpus],
+                            "cpus": p.cpus, "memory_mib": p.memory_mib, "note": p.note}
+                           for p in plan.placements]}

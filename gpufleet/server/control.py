@@ -1,0 +1,223 @@
+"""The server's background work: who leads, and the loops the leader runs.
+
+Several replicas may serve one PostgreSQL database; exactly one runs the loops at a time. The lock is
+PostgreSQL's own (a session advisory lock held on a connection kept open: it goes when the leader's
+connection does, so a killed leader is replaced as soon as another replica tries again). On SQLite
+(one machine) it is a file lock beside the database file, released by the kernel when the process
+dies. No home-made consensus.
+
+The loops (leader only):
+- schedule: start waiting runs where gpufleet.scheduler.decide puts them; kicked at once by a
+  submission or a run's end, else every `schedule_interval`;
+- reconcile: ask the hosts what became of the containers (runs.refresh with the sweep), every
+  `reconcile_interval`; note hosts that stop answering and come back;
+- limits: max_duration and retry windows (queue.enforce_limits), every `limits_interval`.
+Containers are started on a pool of worker threads, so a slow start holds up nothing else.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+from gpufleet import queue, runs
+from gpufleet.allocator import Placement
+from gpufleet.errors import GpufleetError
+from gpufleet.models import Run, RunStatus
+from gpufleet.state import Store
+
+log = logging.getLogger("gpufleet.server")
+
+LEADER_LOCK = 7405325  # PostgreSQL advisory lock key of the loops' leader
+
+
+class Leadership:
+    """Try to become, and stay, the one replica that runs the loops."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._conn = None
+        self._file = None
+        self.since: float | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.since is not None
+
+    def try_acquire(self) -> bool:
+        if self.held:
+            return self._still_held()
+        try:
+            if self.store.engine.dialect.name == "postgresql":
+                engine = create_engine(self.store.url, poolclass=None, future=True)
+                conn = engine.connect()
+                got = conn.execute(text(f"SELECT pg_try_advisory_lock({LEADER_LOCK})")).scalar()
+                conn.commit()
+                if not got:
+                    conn.close()
+                    engine.dispose()
+                    return False
+                self._conn = (engine, conn)
+            else:
+                path = Path(self.store.url.removeprefix("sqlite:///") + ".leader")
+                f = open(path, "a+")  # noqa: SIM115 - held open while leading
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    f.close()
+                    return False
+                self._file = f
+        except Exception as e:  # the database is away: not the leader, try again later
+            log.warning("cannot take the leader lock: %s", e)
+            return False
+        self.since = time.time()
+        return True
+
+    def _still_held(self) -> bool:
+        if self._conn is None:
+            return True
+        try:
+            self._conn[1].execute(text("SELECT 1")).scalar()
+            self._conn[1].commit()
+            return True
+        except Exception as e:
+            log.warning("lost the leader's database connection: %s", e)
+            self.release()
+            return False
+
+    def release(self) -> None:
+        if self._conn is not None:
+            engine, conn = self._conn
+            try:
+                conn.execute(text(f"SELECT pg_advisory_unlock({LEADER_LOCK})"))
+                conn.close()
+            except Exception:
+                pass
+            engine.dispose()
+            self._conn = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.since = None
+
+
+class Controller:
+    """The leader's loops, on threads of their own, until ``stop()``."""
+
+    def __init__(self, store: Store, settings, unseal, fleet_secrets, url: str):
+        self.store = store
+        self.settings = settings
+        self.unseal = unseal
+        self.fleet_secrets = fleet_secrets
+        self.url = url
+        self.leadership = Leadership(store)
+        self._stop = threading.Event()
+        self._kick = threading.Event()
+        self._workers = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="gpufleet-start")
+        self._threads: list[threading.Thread] = []
+        self._unreachable: dict[tuple[str, str], str] = {}
+        self.last_activity = time.monotonic()
+        self.holder = f"{socket.gethostname()}:{os.getpid()}"
+
+    # --------------------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        for name, target in (("leader", self._lead), ("schedule", self._schedule_loop),
+                             ("reconcile", self._reconcile_loop), ("limits", self._limits_loop)):
+            t = threading.Thread(target=target, name=f"gpufleet-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._kick.set()
+        for t in self._threads:
+            t.join(timeout=10)
+        self._workers.shutdown(wait=False, cancel_futures=True)
+        self.leadership.release()
+
+    def kick(self) -> None:
+        """Something changed (a submission, a run's end): schedule now rather than at the next tick."""
+        self.last_activity = time.monotonic()
+        self._kick.set()
+
+    @property
+    def leading(self) -> bool:
+        return self.leadership.held
+
+    # --------------------------------------------------------------------------- loops
+    def _lead(self) -> None:
+        while not self._stop.is_set():
+            was = self.leading
+            if self.leadership.try_acquire():
+                if not was:
+                    log.info("leading the loops (%s)", self.holder)
+                    self._safely(lambda: self.store.record_leader(self.holder, self.url, self.leadership.since))
+                    self._kick.set()
+            self._stop.wait(self.settings.leader_retry)
+
+    def _schedule_loop(self) -> None:
+        while not self._stop.is_set():
+            self._kick.wait(self.settings.schedule_interval)
+            self._kick.clear()
+            if self._stop.is_set() or not self.leading:
+                continue
+            self._safely(lambda: queue.schedule(self.store, self._launch))
+
+    def _reconcile_loop(self) -> None:
+        while not self._stop.wait(self.settings.reconcile_interval):
+            if self.leading:
+                self._safely(self.reconcile)
+
+    def _limits_loop(self) -> None:
+        while not self._stop.wait(self.settings.limits_interval):
+            if self.leading:
+                self._safely(lambda: queue.enforce_limits(self.store) and self.kick())
+
+    def reconcile(self) -> None:
+        """One pass: settle the runs from their containers, stop containers no run owns, and note
+        hosts that stop answering or come back; kick the scheduler when blocks were freed."""
+        before = {r.name for r in self.store.runs() if r.active}
+        notes: list[str] = []
+        answers: dict[tuple[str, str], str | None] = {}
+        runs.refresh(self.store, sweep=True, notes=notes, on_answer=lambda f, a, why: answers.__setitem__((f, a), why))
+        for note in notes:
+            self.store.add_event("orphan", note)
+        for (fleet, alias), why in answers.items():
+            key = (fleet, alias)
+            if why and key not in self._unreachable:
+                self._unreachable[key] = why
+                self.store.add_event("host-unreachable", why, fleet=fleet, host=alias)
+            elif not why and key in self._unreachable:
+                del self._unreachable[key]
+                self.store.add_event("host-back", "answers again", fleet=fleet, host=alias)
+        after = {r.name for r in self.store.runs() if r.active}
+        if before - after or self.store.pending():
+            self.kick()
+
+    def _launch(self, run: Run, placements: list[Placement]) -> None:
+        def work() -> None:
+            try:
+                queue.launch(self.store, run, placements, self.unseal, self.fleet_secrets)
+            except Exception as e:  # never lose a worker to one run: it is failed with the cause
+                log.exception("starting %s", run.name)
+                why = f"start failed: {e}"
+                self._safely(lambda: self.store.finish_run(run.name, RunStatus.FAILED, None, why))
+            self.kick()
+
+        self._workers.submit(work)
+
+    def _safely(self, fn) -> None:
+        try:
+            fn()
+        except GpufleetError as e:
+            log.warning("%s", e)
+        except Exception:
+            log.exception("loop pass failed; the next one tries again")
