@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
-from gpufleet.errors import ConfigError
+from gpufleet.errors import ConfigError, GpufleetError
+from gpufleet.server import tokens
 from gpufleet.server.settings import ServerSettings, load_settings
+from gpufleet.server.tokens import TOKEN_FILE, ensure_token, matches, read_token, server_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,3 +113,113 @@ def test_settings_bad_flag_or_env_is_named(tmp_path: Path, monkeypatch) -> None:
     assert config_errors(overrides={"reconcile_interval": 0}, env={}) == [
         "command line: reconcile_interval: Input should be greater than 0"]
     assert load_settings(overrides={"port": 0}, env={}).port == 0  # a local server picks a free port
+
+
+# -- the API token ---------------------------------------------------------------------------------
+
+
+def test_server_dir_is_private(tmp_path: Path, monkeypatch) -> None:
+    assert server_dir(tmp_path / "home") == tmp_path / "home" / "server"
+    assert mode(tmp_path / "home" / "server") == 0o700
+    monkeypatch.setenv("GPUFLEET_HOME", str(tmp_path / "env-home"))
+    assert server_dir() == tmp_path / "env-home" / "server"
+    assert mode(tmp_path / "env-home" / "server") == 0o700
+
+
+def test_token_made_once_private_and_read_back(tmp_path: Path) -> None:
+    d = server_dir(tmp_path)
+    assert read_token(d) is None
+    token = ensure_token(d)
+    assert len(token) >= 43 and token.isascii() and not any(c.isspace() for c in token)
+    assert mode(d / TOKEN_FILE) == 0o600
+    assert ensure_token(d) == token == read_token(d)
+    assert sorted(p.name for p in d.iterdir()) == [TOKEN_FILE]  # no temporary file left
+    assert ensure_token(server_dir(tmp_path / "other")) != token
+
+
+def test_token_open_to_others_is_refused(tmp_path: Path) -> None:
+    d = server_dir(tmp_path)
+    ensure_token(d)
+    os.chmod(d / TOKEN_FILE, 0o640)
+    for call in (read_token, ensure_token):
+        with pytest.raises(GpufleetError) as e:
+            call(d)
+        assert str(d / TOKEN_FILE) in str(e.value) and f"chmod 600 {d / TOKEN_FILE}" in str(e.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"two words\n", b"\xff\xfe", b"x" * 5000])
+def test_token_file_without_a_token_is_refused(tmp_path: Path, content: bytes) -> None:
+    d = server_dir(tmp_path)
+    (d / TOKEN_FILE).write_bytes(content)
+    os.chmod(d / TOKEN_FILE, 0o600)
+    with pytest.raises(GpufleetError, match="does not hold one API token: remove it and restart the server"):
+        read_token(d)
+
+
+def test_token_file_may_not_be_a_symlink(tmp_path: Path) -> None:
+    d = server_dir(tmp_path)
+    target = tmp_path / "elsewhere"
+    target.write_text("abc\n")
+    os.chmod(target, 0o600)
+    (d / TOKEN_FILE).symlink_to(target)
+    with pytest.raises(GpufleetError, match="cannot read the API token file"):
+        read_token(d)
+
+
+def test_token_loser_of_a_race_reads_the_winners(tmp_path: Path, monkeypatch) -> None:
+    # the other process writes its token between this one's look and its link: the link fails, and
+    # this one returns the other's token, not its own
+    d = server_dir(tmp_path)
+    real = tokens.read_private
+    looks = []
+
+    def read_private(path, what, remake=tokens.REMAKE):
+        looks.append(path)
+        if len(looks) == 1:
+            (d / TOKEN_FILE).write_text("the-winners-token\n")
+            os.chmod(d / TOKEN_FILE, 0o600)
+            return None
+        return real(path, what, remake)
+
+    monkeypatch.setattr(tokens, "read_private", read_private)
+    assert ensure_token(d) == "the-winners-token"
+    assert sorted(p.name for p in d.iterdir()) == [TOKEN_FILE]
+
+
+def test_token_matches() -> None:
+    assert matches("abc", "abc")
+    assert not matches("abc", "abd")
+    assert not matches("abc", None)
+    assert not matches("abc", "")
+    assert not matches("", "")  # a server without a token lets nobody in
+    assert not matches("abc", "ab\u00e9")  # text that is not ASCII is an answer, not a TypeError
+
+
+def race(code: str, *args: str, n: int = 8) -> list[str]:
+    """What ``n`` Python processes running ``code`` at the same moment print (the worktree's gpufleet)."""
+    start = time.time() + 1.5  # every process imported and waiting before anyone starts
+    prelude = f"import sys, time\nwhile time.time() < {start}: pass\n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(code), *args], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        outs.append(out.strip())
+    return outs
+
+
+def test_token_two_processes_racing_get_one_token(tmp_path: Path) -> None:
+    d = server_dir(tmp_path)
+    for _ in range(2):
+        (d / TOKEN_FILE).unlink(missing_ok=True)
+        outs = race("""
+            from pathlib import Path
+            from gpufleet.server.tokens import ensure_token
+            print(ensure_token(Path(sys.argv[1])))
+        """, str(d))
+        assert len(set(outs)) == 1, outs
+        assert (d / TOKEN_FILE).read_text() == outs[0] + "\n"
+        assert mode(d / TOKEN_FILE) == 0o600
+        assert sorted(p.name for p in d.iterdir()) == [TOKEN_FILE]
