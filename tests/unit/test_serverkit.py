@@ -17,6 +17,7 @@ from gpufleet.errors import ConfigError, GpufleetError
 from gpufleet.server import tokens
 from gpufleet.server.settings import ServerSettings, load_settings
 from gpufleet.server.tokens import TOKEN_FILE, ensure_token, matches, read_token, server_dir
+from gpufleet.server.vault import KEY_FILE, Vault, VaultError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -223,3 +224,76 @@ def test_token_two_processes_racing_get_one_token(tmp_path: Path) -> None:
         assert (d / TOKEN_FILE).read_text() == outs[0] + "\n"
         assert mode(d / TOKEN_FILE) == 0o600
         assert sorted(p.name for p in d.iterdir()) == [TOKEN_FILE]
+
+
+# -- the vault -------------------------------------------------------------------------------------
+
+SECRETS = {"HF_TOKEN": "hf_s3cr3t-value", "PASSWORD": "p\u00e4ss w\"o'rd\n$x", "EMPTY": ""}
+
+
+def test_vault_seals_and_opens(tmp_path: Path) -> None:
+    key_file = server_dir(tmp_path) / KEY_FILE
+    vault = Vault(key_file)
+    assert mode(key_file) == 0o600
+    sealed = vault.seal(SECRETS)
+    assert isinstance(sealed, str) and sealed.isascii()
+    assert not any(v in sealed for v in SECRETS.values() if v) and "HF_TOKEN" not in sealed
+    assert vault.open(sealed) == SECRETS
+    assert vault.open(vault.seal({})) == {}
+    assert Vault(key_file).open(sealed) == SECRETS  # the key is kept: a restarted server opens it
+    assert sorted(p.name for p in key_file.parent.iterdir()) == [KEY_FILE]
+
+
+def test_vault_refuses_values_that_are_not_text(tmp_path: Path) -> None:
+    with pytest.raises(TypeError):
+        Vault(tmp_path / KEY_FILE).seal({"A": 1})  # type: ignore[dict-item]
+
+
+def test_vault_other_key_error_says_submit_again_and_shows_no_secret(tmp_path: Path) -> None:
+    sealed = Vault(server_dir(tmp_path / "a") / KEY_FILE).seal(SECRETS)
+    other = Vault(server_dir(tmp_path / "b") / KEY_FILE)
+    for bad in (sealed, "not a token", sealed[:-4] + "AAAA", ""):
+        with pytest.raises(VaultError) as e:
+            other.open(bad)
+        error = e.value
+        assert isinstance(error, GpufleetError)
+        message = str(error)
+        assert "secret key" in message and "changed" in message and "submit the run again" in message
+        assert str(other.key_file) in message
+        shown = message + repr(error) + repr(error.args) + repr(error.__cause__) + repr(error.__context__)
+        assert error.__cause__ is None and error.__context__ is None
+        for value in list(SECRETS.values()) + list(SECRETS):
+            if value:
+                assert value not in shown
+
+
+def test_vault_repr_shows_no_key(tmp_path: Path) -> None:
+    vault = Vault(tmp_path / KEY_FILE)
+    key = (tmp_path / KEY_FILE).read_text().strip()
+    assert key not in repr(vault) and key not in str(vars(vault))
+    assert repr(vault) == f"Vault({str(tmp_path / KEY_FILE)!r})"
+
+
+def test_vault_key_open_to_others_or_broken_is_refused(tmp_path: Path) -> None:
+    key_file = tmp_path / KEY_FILE
+    Vault(key_file)
+    os.chmod(key_file, 0o604)
+    with pytest.raises(GpufleetError, match=f"secret key file {key_file} is open to other users .* chmod 600"):
+        Vault(key_file)
+    key_file.write_text("not-a-fernet-key\n")
+    os.chmod(key_file, 0o600)
+    with pytest.raises(GpufleetError, match="does not hold a Fernet key: remove it .* submitted again"):
+        Vault(key_file)
+
+
+def test_vault_processes_racing_share_one_key(tmp_path: Path) -> None:
+    key_file = server_dir(tmp_path) / KEY_FILE
+    outs = race("""
+        from pathlib import Path
+        from gpufleet.server.vault import Vault
+        print(Vault(Path(sys.argv[1])).seal({"who": "me"}))
+    """, str(key_file))
+    assert mode(key_file) == 0o600
+    vault = Vault(key_file)
+    assert [vault.open(sealed) for sealed in outs] == [{"who": "me"}] * len(outs)
+    assert sorted(p.name for p in key_file.parent.iterdir()) == [KEY_FILE]
