@@ -3,7 +3,11 @@ files made once, even by processes racing), sealed secrets, and the systemd unit
 
 from __future__ import annotations
 
+import configparser
 import os
+import pwd
+import shlex
+import shutil
 import stat
 import subprocess
 import sys
@@ -13,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.errors import ConfigError, GpufleetError
+from gpufleet.errors import ConfigError, GpufleetError, UsageError
 from gpufleet.server import tokens
 from gpufleet.server.settings import ServerSettings, load_settings
+from gpufleet.server.systemd import unit
 from gpufleet.server.tokens import TOKEN_FILE, ensure_token, matches, read_token, server_dir
 from gpufleet.server.vault import KEY_FILE, Vault, VaultError
 
@@ -297,3 +302,85 @@ def test_vault_processes_racing_share_one_key(tmp_path: Path) -> None:
     vault = Vault(key_file)
     assert [vault.open(sealed) for sealed in outs] == [{"who": "me"}] * len(outs)
     assert sorted(p.name for p in key_file.parent.iterdir()) == [KEY_FILE]
+
+
+# -- the systemd unit ------------------------------------------------------------------------------
+
+
+def parse_unit(text: str) -> configparser.ConfigParser:
+    """The unit read the way systemd reads its sections and keys (one value per key here)."""
+    parser = configparser.ConfigParser(interpolation=None, strict=True, delimiters=("=",), comment_prefixes=("#", ";"))
+    parser.optionxform = str  # keys are case-sensitive
+    parser.read_string(text)
+    return parser
+
+
+def systemd_words(value: str) -> list[str]:
+    """A quoted value split into words as systemd unquotes it (specifiers and $ expansion undone)."""
+    return [w.replace("%%", "%") for w in shlex.split(value.replace("$$", "$"), posix=True)]
+
+
+def test_unit_fields(tmp_path: Path) -> None:
+    text = unit("/opt/gpufleet/bin/gpufleet", Path("/var/lib/gpufleet"), "gpufleet", Path("/etc/gpufleet/server.yml"))
+    u = parse_unit(text)
+    assert list(u.sections()) == ["Unit", "Service", "Install"]
+    assert "network-online.target" in u["Unit"]["After"].split() and "postgresql.service" in u["Unit"]["After"]
+    assert "postgresql" not in u["Unit"].get("Wants", "") and "Requires" not in u["Unit"]
+    s = u["Service"]
+    assert systemd_words(s["ExecStart"]) == ["/opt/gpufleet/bin/gpufleet", "server", "--config",
+                                             "/etc/gpufleet/server.yml"]
+    assert systemd_words(s["Environment"]) == ["GPUFLEET_HOME=/var/lib/gpufleet"]
+    assert (s["User"], s["Restart"], s["RestartSec"], s["KillSignal"]) == ("gpufleet", "on-failure", "2", "SIGTERM")
+    assert int(s["TimeoutStopSec"]) > 0
+    assert (s["NoNewPrivileges"], s["PrivateTmp"], s["ProtectSystem"], s["UMask"]) == ("yes", "yes", "full", "0077")
+    assert u["Install"]["WantedBy"] == "multi-user.target"
+    plain = parse_unit(unit("/usr/bin/gpufleet", Path("/srv/g"), "root", None))
+    assert systemd_words(plain["Service"]["ExecStart"]) == ["/usr/bin/gpufleet", "server"]
+
+
+def test_unit_quotes_paths(tmp_path: Path) -> None:
+    home = Path("/srv/gpu fleet/%h $HOME \"q\" back\\slash")
+    config = Path("/etc/my gpufleet/$x%i.yml")
+    s = parse_unit(unit("/opt/my venv/bin/gpufleet", home, "gpufleet", config))["Service"]
+    assert systemd_words(s["ExecStart"]) == ["/opt/my venv/bin/gpufleet", "server", "--config", str(config)]
+    # Environment= has specifiers but no $ expansion
+    assert [w.replace("%%", "%") for w in shlex.split(s["Environment"])] == [f"GPUFLEET_HOME={home}"]
+
+
+def test_unit_relative_paths_become_absolute(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    s = parse_unit(unit("/usr/bin/gpufleet", Path("state"), "gpufleet", Path("server.yml")))["Service"]
+    assert systemd_words(s["Environment"]) == [f"GPUFLEET_HOME={tmp_path / 'state'}"]
+    assert systemd_words(s["ExecStart"])[-1] == str(tmp_path / "server.yml")
+
+
+@pytest.mark.parametrize("exe, home, user, match", [
+    ("gpufleet", Path("/h"), "u", "absolute path"),
+    ("/usr/bin/gpufleet", Path("/h"), "u s", "not a user name"),
+    ("/usr/bin/gpufleet", Path("/h"), "%u", "not a user name"),
+    ("/usr/bin/gpufleet", Path("/h\nExecStartPre=/bin/evil"), "u", "control character"),
+])
+def test_unit_refuses_what_systemd_would_misread(exe: str, home: Path, user: str, match: str) -> None:
+    with pytest.raises(UsageError, match=match):
+        unit(exe, home, user, None)
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    """systemd's own check where it is installed (Debian: the systemd package); where it is not, the
+    structural checks of test_unit_fields and test_unit_quotes_paths are what there is."""
+    analyze = shutil.which("systemd-analyze")
+    folder = tmp_path / "a dir with %h and $x"
+    folder.mkdir()
+    exe = folder / "gpufleet"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    user = pwd.getpwuid(os.getuid()).pw_name
+    path = tmp_path / "gpufleet-server.service"
+    path.write_text(unit(str(exe), folder / "home", user, folder / "server.yml"))
+    parse_unit(path.read_text())
+    if analyze is None:
+        return
+    result = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    # it only warns about a key it does not know or a value it cannot read: those count here too
+    assert path.name not in result.stderr + result.stdout, result.stderr
