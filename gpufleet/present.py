@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gpufleet.errors import UsageError
-from gpufleet.models import FleetState, InstanceStatus, Run, RunStatus, Target
+from gpufleet.models import Event, FleetState, InstanceStatus, Run, RunStatus, Target
 
 STATUS_STYLE = {InstanceStatus.READY: "", InstanceStatus.UNREACHABLE: "yellow", InstanceStatus.ERROR: "red"}
 PROBE_STYLE = {"ok": "green", "unreachable": "yellow", "failed": "red", "running": "cyan"}
@@ -157,8 +157,10 @@ def ps_table(views: list[Run]) -> Table:
             gpus = " + ".join(str(len(n.gpus)) for n in r.nodes) + " GPUs"
             instance = ",".join(str(n.instance_num) for n in r.nodes)
         status = str(r.status) + (f" ({r.exit_code})" if r.exit_code not in (None, 0) else "")
-        if r.message and (r.active or r.status == RunStatus.FAILED):  # why it failed; why it is unchecked
-            status += f": {r.message[:120]}"
+        if r.status == RunStatus.PENDING and r.position:
+            status += f" #{r.position}"
+        if r.message and (r.live or r.status == RunStatus.FAILED):  # why it waits, failed, is unchecked
+            status += f": {r.message[:160]}"
         t.add_row(r.name, r.type, r.fleet or "-", instance, gpus, Text(status), age(r.created_at, time.time()))
     return t
 
@@ -169,5 +171,26 @@ def runs_json(views: list[Run]) -> str:
         "status": r.status, "exit_code": r.exit_code, "message": r.message,
         "gpus": [g.model_dump(mode="json") for g in r.gpus], "blocks": r.blocks,
         "nodes": [n.model_dump(mode="json") for n in r.nodes], "created_at": r.created_at, "updated_at": r.updated_at,
+        "priority": r.priority, "max_duration": r.max_duration, "started_at": r.started_at, "position": r.position,
     } for r in views], indent=2)
+
+
+def run_plan_rows(plan: dict) -> list[tuple]:
+    """The server's plan of a run (POST /api/runs/plan) as run_plan_table's rows."""
+    return [(p["fleet"], p["num"], p["alias"], ",".join(map(str, p["blocks"])), ", ".join(p["gpus"]) or "-",
+             p["cpus"], p["memory_mib"]) for p in plan["placements"]]
+
+
+def events_table(events: list[Event]) -> Table:
+    t = table("TIME", "KIND", "RUN", "HOST", "MESSAGE", fold=True)
+    for e in events:
+        t.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.ts)), e.kind, e.run or "-",
+                  e.host or "-", Text(e.message))
+    return t
+
+
+def event_line(e: Event) -> Text:
+    """One event as `events -f` prints it as it comes."""
+    where = " ".join(x for x in (e.run, e.host) if x)
+    return Text(f"{time.strftime('%H:%M:%S', time.localtime(e.ts))} {e.kind:<16} {where}: {e.message}")
 

@@ -193,19 +193,24 @@ def logs_argv(store: Store, name: str, follow: bool = False, node: int = 0) -> l
 
 
 def attach_plan(store: Store, name: str) -> dict:
-    """How to attach to run ``name`` from this machine: the fleet's ssh_config, the host, the ports
-    to forward (local, remote) and, for a dev environment, the shell command to run in its container."""
+    """How to attach to run ``name`` on the machine holding the fleet's files: the ports forwarded
+    ([local, remote]) and the ssh command (through the jump chain): a shell in the container of a
+    dev environment, else the forwarding alone."""
     run = _active_run(store, name)
     files = FleetFiles.of(run.fleet).require()
     spec = run.spec
     ports = [str(p) for p in spec.get("ports") or []]
     if spec.get("type") == "service":
         ports.insert(0, str(spec["port"]))
-    forwards = []
+    forwards, extra = [], []
     for p in dict.fromkeys(ports):
         local, _, remote = p.partition(":")
         forwards.append([int(local), int(remote or local)])
-    shell = None
+        extra += ["-L", f"127.0.0.1:{local}:127.0.0.1:{remote or local}"]
     if spec.get("type") == "dev-environment":
         shell = commands().exec_argv(_runtime(store, run, run.alias), run.container, ["/bin/sh"])
-    return {"ssh_config": str(files.ssh_config), "alias": run.alias, "forwards": forwards, "shell": shell}
+        argv = ssh_argv(files, run.alias, shell, tty=True, extra=extra)
+    else:
+        argv = ssh_argv(files, run.alias, None, extra=["-N", "-o", "ExitOnForwardFailure=yes", *extra])
+    return {"ssh_config": str(files.ssh_config), "alias": run.alias, "forwards": forwards,
+            "shell": spec.get("type") == "dev-environment", "argv": argv}

@@ -4,9 +4,9 @@ so `gpufleet --help` and a bad argument stay fast."""
 
 from __future__ import annotations
 
-from gpufleet.commands import apply, attach, fleet, inventory, lab, logs, ps, stop
+from gpufleet.commands import apply, attach, events, fleet, inventory, lab, logs, ps, server, stop
 
-COMMANDS = (apply, ps, logs, stop, attach, fleet, inventory, lab)
+COMMANDS = (apply, ps, logs, stop, attach, events, fleet, inventory, server, lab)
 
 
 def register_all(sub) -> None:

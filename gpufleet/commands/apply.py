@@ -1,19 +1,28 @@
-"""gpufleet apply: apply a fleet, or submit a task, service or dev-environment."""
+"""gpufleet apply: apply a fleet, or submit a task, service or dev-environment (through the server).
+
+The file is read and checked here first (errors with file, line and field, before anything is
+sent); its secrets' values are taken from this environment and sent to the server, which keeps
+those of a waiting run sealed until it starts."""
 
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
 
 from rich.console import Console
 
-from gpufleet.errors import UsageError
+from gpufleet import present
+from gpufleet.errors import EXIT_FAILED, EXIT_OK, UsageError
 
 
 def register(sub) -> None:
     a = sub.add_parser("apply", help="apply a fleet, or submit a task, service or dev-environment")
     a.add_argument("-f", "--file", required=True, help="a fleet (dstack SSH-fleet schema) or run configuration")
     a.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    a.add_argument("-d", "--detach", action="store_true", help="runs: do not follow the logs")
+    a.add_argument("-d", "--detach", action="store_true", help="runs: return once submitted; do not wait or follow")
+    a.add_argument("--no-queue", action="store_true",
+                   help="runs: refuse at once when it does not fit now, instead of waiting (as retry: false)")
     a.add_argument("--dry-run", action="store_true", help="fleets: validate and show the plan; change nothing")
     a.set_defaults(func=run)
 
@@ -22,11 +31,154 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from gpufleet.runconfig import RUN_TYPES, config_type
 
     if config_type(args.file) in RUN_TYPES:
-        from gpufleet.runs import submit
-
         if args.dry_run:
             raise UsageError("--dry-run is for fleets; for runs, answer n at the prompt")
-        return submit(args.file, yes=args.yes, detach=args.detach, console=console)
-    from gpufleet.apply import apply_fleet
+        return submit(args, console)
+    if args.no_queue:
+        raise UsageError("--no-queue is for runs")
+    return apply_fleet(args, console)
 
-    return apply_fleet(args.file, yes=args.yes, dry_run=args.dry_run, console=console)
+
+# --------------------------------------------------------------------------- runs
+
+def submit(args: argparse.Namespace, console: Console) -> int:
+    from gpufleet.client import connect
+    from gpufleet.models import Run, RunStatus
+    from gpufleet.runconfig import load_run
+    from gpufleet.yamlsource import read_config_text
+
+    path = Path(args.file)
+    req = load_run(path)  # checked here, with positions; takes its secrets from this environment
+    text = read_config_text(path)
+    client = connect()
+    source = str(path)
+    plan = client.post("/api/runs/plan", {"source": source, "text": text})
+    if plan["never"]:
+        from gpufleet.errors import GpufleetError
+
+        raise GpufleetError(plan["never"] + "; not queued")
+    if plan["placements"]:
+        console.print(present.run_plan_table(req.name, req.config.type, present.run_plan_rows(plan)))
+        for p in plan["placements"]:
+            if p["note"]:
+                present.note(console, "note", f"{req.name} {p['note']}")
+    else:
+        present.plain(console, f"{req.name} ({req.config.type}) does not fit now: {plan['waits']}")
+        if not args.no_queue:
+            present.plain(console, "It will wait in the queue and start when blocks are free.")
+    if not args.yes and not present.confirm(console, "Submit the run?"):
+        console.print("Nothing was changed.")
+        return EXIT_OK
+    view = Run.model_validate(client.post("/api/runs", {"source": source, "text": text, "secrets": req.secrets,
+                                                        "no_queue": args.no_queue}))
+    if args.detach:
+        if view.status == RunStatus.PENDING:
+            present.plain(console, f"{view.name} is queued (#{view.position}): {view.message}")
+        else:
+            present.plain(console, f"{view.name} is {view.status}")
+        return EXIT_OK
+    view = _wait_started(client, view, console)
+    if not view.active:
+        return _ended(view, console)
+    where = ", ".join(f"instance {n.instance_num} ({n.alias})" for n in view.nodes) or view.alias
+    present.plain(console, f"{view.name} is running on {view.fleet} {where}")
+    if view.type != "task":
+        return EXIT_OK
+    _follow_logs(client, view.name)
+    view = _wait_ended(client, view.name)
+    return _ended(view, console)
+
+
+def _wait_started(client, view, console: Console):
+    """Poll until the run holds its blocks and runs (or ended), saying why it waits when that changes."""
+    from gpufleet.models import Run, RunStatus
+
+    said = ""
+    while view.status in (RunStatus.PENDING, RunStatus.STARTING):
+        if view.status == RunStatus.PENDING and view.message != said:
+            present.plain(console, f"{view.name} waits (#{view.position}): {view.message}")
+            said = view.message
+        time.sleep(0.5)
+        view = Run.model_validate(client.get(f"/api/runs/{view.name}"))
+    return view
+
+
+def _follow_logs(client, name: str) -> None:
+    import sys
+
+    out = sys.stdout.buffer
+    for chunk in client.chunks(f"/api/runs/{name}/logs", follow=True):
+        out.write(chunk)
+        out.flush()
+
+
+def _wait_ended(client, name: str, timeout: float = 60):
+    """After the followed logs end: wait (bounded) for the server to see every node's container exit."""
+    from gpufleet.models import Run
+
+    deadline = time.monotonic() + timeout
+    while True:
+        view = Run.model_validate(client.get(f"/api/runs/{name}"))
+        if not view.live or time.monotonic() > deadline:
+            return view
+        time.sleep(0.5)
+
+
+def _ended(view, console: Console) -> int:
+    from gpufleet.models import RunStatus
+
+    text = f"{view.name}: {view.status}"
+    if view.exit_code is not None:
+        text += f" (exit code {view.exit_code})"
+    elif view.message and view.status != RunStatus.DONE:
+        text += f": {view.message}"
+    present.plain(console, text)
+    return EXIT_OK if view.status == RunStatus.DONE else EXIT_FAILED
+
+
+# --------------------------------------------------------------------------- fleets
+
+def apply_fleet(args: argparse.Namespace, console: Console) -> int:
+    from gpufleet.client import connect
+    from gpufleet.config import load_fleet
+    from gpufleet.errors import GpufleetError
+    from gpufleet.models import FleetState, split_env
+    from gpufleet.secrets import fleet_secrets
+    from gpufleet.yamlsource import read_config_text
+
+    path = Path(args.file)
+    fleet = load_fleet(path)  # checked here, with positions, before anything is sent
+    source = str(path.resolve())
+    text = read_config_text(path)
+    client = connect()
+    plan = client.post("/api/fleets/plan", {"source": source, "text": text})
+    console.print(present.styled("Fleet", "bold") + f" {fleet.name} ({fleet.source})")
+    touched = [fleet.target(a) for a in plan["add"] + plan["reprobe"]]
+    console.print(present.fleet_plan_table(touched, plan["add"], plan["remove"], plan["busy_removals"]))
+    if plan["busy_removals"]:
+        raise GpufleetError(f"cannot remove {', '.join(plan['busy_removals'])} from fleet {fleet.name}: "
+                            "workloads run there; stop them first")
+    if args.dry_run:
+        present.dim(console, "--dry-run: nothing was changed")
+        return EXIT_OK
+    if not args.yes and not present.confirm(console, "Apply this plan?"):
+        console.print("Nothing was changed.")
+        return EXIT_OK
+    _, names = split_env(fleet.config.env)
+    secrets = fleet_secrets(fleet.name, fleet.source, names)
+    result = None
+    with present.probe_progress(console, plan["add"] + plan["reprobe"]) as update:
+        for item in client.lines("POST", "/api/fleets", {"source": source, "text": text, "secrets": secrets}):
+            if "progress" in item:
+                p = item["progress"]
+                update(p["alias"], p["state"], p["message"])
+            elif "result" in item:
+                result = item["result"]
+    if result is None:
+        raise GpufleetError("the server ended the apply without a result; see gpufleet events")
+    view = FleetState.model_validate(result["fleet"])
+    console.print(present.fleet_table([view]))
+    for w in result["warnings"]:
+        present.note(console, "warning", w)
+    present.dim(console, f"inventory: {result['inventory']}\nssh_config: {result['ssh_config']}")
+    return EXIT_OK if result["ok"] else EXIT_FAILED

@@ -8,7 +8,7 @@ from rich.console import Console
 
 from gpufleet import present
 from gpufleet.commands.common import add_name
-from gpufleet.errors import EXIT_OK, GpufleetError
+from gpufleet.errors import EXIT_OK
 
 
 def register(sub) -> None:
@@ -23,9 +23,10 @@ def register(sub) -> None:
 
 
 def list_fleets(args: argparse.Namespace, console: Console) -> int:
-    from gpufleet.state import Store
+    from gpufleet.client import connect
+    from gpufleet.models import FleetState
 
-    views = Store().fleets()
+    views = [FleetState.model_validate(f) for f in connect().get("/api/fleets")]
     if args.json:
         print(present.fleets_json(views))
     elif not views:
@@ -36,13 +37,12 @@ def list_fleets(args: argparse.Namespace, console: Console) -> int:
 
 
 def delete(args: argparse.Namespace, console: Console) -> int:
-    from gpufleet.state import Store
+    from gpufleet.client import connect
 
-    store = Store()
-    if store.fleet(args.name) is None:
-        raise GpufleetError(f"no fleet named {args.name!r} (see gpufleet fleet list)")
+    client = connect()
+    client.get(f"/api/fleets/{args.name}")  # a fleet that does not exist is said before asking
     if not args.yes and not present.confirm(console, f"Delete fleet {args.name}?"):
         return EXIT_OK
-    store.delete_fleet(args.name)
+    client.delete(f"/api/fleets/{args.name}")
     present.plain(console, f"Fleet {args.name} deleted.")
     return EXIT_OK

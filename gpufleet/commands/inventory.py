@@ -20,14 +20,20 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     from gpufleet import paths
+    from gpufleet.client import connect
     from gpufleet.config import load_fleet
+    from gpufleet.errors import NotFound
     from gpufleet.inventory import group_name, write_fleet_files
-    from gpufleet.state import applied_facts
+    from gpufleet.models import FleetState
 
     fleet = load_fleet(args.file)
     # once the fleet is applied, its hosts' container runtimes (gpufleet_runtime...) go in too, as
     # `gpufleet apply` writes them
-    files = write_fleet_files(fleet, Path(args.out) if args.out else None, facts=applied_facts(fleet.name))
+    try:
+        facts = FleetState.model_validate(connect().get(f"/api/fleets/{fleet.name}")).facts()
+    except NotFound:
+        facts = {}
+    files = write_fleet_files(fleet, Path(args.out) if args.out else None, facts=facts)
     hosts = [t.alias for t in fleet.targets]
     inventory = files.inventory
     present.plain(

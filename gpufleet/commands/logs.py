@@ -1,12 +1,14 @@
-"""gpufleet logs: show a run's output."""
+"""gpufleet logs: show a run's output (streamed by the server from the run's host)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from rich.console import Console
 
 from gpufleet.commands.common import add_name
+from gpufleet.errors import EXIT_OK
 
 
 def register(sub) -> None:
@@ -18,6 +20,10 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from gpufleet.runs import logs
+    from gpufleet.client import connect
 
-    return logs(args.name, follow=args.follow, node=args.node)
+    out = sys.stdout.buffer
+    for chunk in connect().chunks(f"/api/runs/{args.name}/logs", follow=args.follow, node=args.node):
+        out.write(chunk)
+        out.flush()
+    return EXIT_OK

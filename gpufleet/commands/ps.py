@@ -1,4 +1,4 @@
-"""gpufleet ps: list runs, their status refreshed from the hosts."""
+"""gpufleet ps: list runs as the server knows them (it asks the hosts in the background)."""
 
 from __future__ import annotations
 
@@ -11,22 +11,18 @@ from gpufleet.errors import EXIT_OK
 
 
 def register(sub) -> None:
-    ps = sub.add_parser("ps", help="list runs (status refreshed from the hosts)")
+    ps = sub.add_parser("ps", help="list runs: waiting (with why and their place in the queue), running, and "
+                                   "with -a finished")
     ps.add_argument("-a", "--all", action="store_true", help="include finished runs")
     ps.add_argument("--json", action="store_true")
     ps.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from gpufleet.runs import refresh
-    from gpufleet.state import Store
+    from gpufleet.client import connect
+    from gpufleet.models import Run
 
-    store = Store()
-    notes: list[str] = []
-    refresh(store, sweep=True, notes=notes)
-    for note in notes:
-        present.note(Console(stderr=True), "warning", note)
-    views = store.runs(include_finished=args.all)
+    views = [Run.model_validate(r) for r in connect().get("/api/runs", all=args.all)]
     if args.json:
         print(present.runs_json(views))
     elif not views:

@@ -111,3 +111,11 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+LOCAL_FILE = "local.json"
+
+
+def local_file(home: Path | None = None) -> Path:
+    """Where this state directory's local server says where it listens ({"url", "pid", "version"})."""
+    return server_dir(home) / LOCAL_FILE

@@ -1,0 +1,120 @@
+"""Running `gpufleet server`: the API on uvicorn and the loops beside it, in one process.
+
+A *local* server (started by the CLI when no GPUFLEET_SERVER is set) listens on a free loopback
+port, writes where it listens to `<state dir>/server/local.json`, and exits by itself once nothing
+has run, waited or asked for `idle_exit` seconds. A server started by hand (or by systemd) listens
+where its settings say and never exits on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+from gpufleet import __version__, paths
+from gpufleet.errors import GpufleetError
+from gpufleet.server import tokens
+from gpufleet.server.settings import ServerSettings
+from gpufleet.server.vault import KEY_FILE, Vault
+from gpufleet.state import Store
+
+log = logging.getLogger("gpufleet.server")
+local_file = tokens.local_file
+
+
+def serve(settings: ServerSettings, local: bool = False) -> int:
+    import uvicorn
+
+    from gpufleet.server.api import Context, create_app
+    from gpufleet.server.control import Controller
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sdir = tokens.server_dir()
+    token = tokens.ensure_token(sdir)
+    vault = Vault(sdir / KEY_FILE)
+    store = Store(settings.database_url) if settings.database_url else Store()
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, 0 if local else settings.port))
+    except OSError as e:
+        raise GpufleetError(f"cannot listen on {settings.host}:{settings.port}: {e.strerror}") from None
+    sock.listen(512)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    started = time.time()
+
+    def fleet_secrets(fleet: str) -> dict[str, str]:
+        sealed = store.sealed(fleet=fleet)
+        return vault.open(sealed) if sealed else {}
+
+    controller = Controller(store, settings, vault.open, fleet_secrets, url)
+    servers: list = []
+
+    def shutdown() -> None:
+        for s in servers:
+            s.should_exit = True
+
+    def info() -> dict:
+        return {"url": url, "pid": os.getpid(), "version": __version__, "database": store.safe_url,
+                "local": local, "started_at": started, "leading": controller.leading, "leader": store.leader(),
+                "home": str(paths.home())}
+
+    ctx = Context(store=store, token=token, seal=vault.seal, kick=controller.kick, info=info, shutdown=shutdown)
+    server = uvicorn.Server(uvicorn.Config(create_app(ctx), log_level="warning", access_log=False, lifespan="off",
+                                           timeout_graceful_shutdown=5))
+    servers.append(server)
+    controller.start()
+    if local:
+        _write_local(url)
+        threading.Thread(target=_idle_watch, args=(store, controller, ctx, settings.idle_exit, shutdown),
+                         daemon=True, name="gpufleet-idle").start()
+    log.info("gpufleet server %s listening on %s (database %s)", __version__, url, store.safe_url)
+    signal.signal(signal.SIGTERM, lambda *_: shutdown())
+    try:
+        server.run(sockets=[sock])
+    finally:
+        controller.stop()
+        if local:
+            _remove_local(url)
+    return 0
+
+
+def _write_local(url: str) -> None:
+    path = local_file()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), "version": __version__}))
+    os.replace(tmp, path)
+
+
+def _remove_local(url: str) -> None:
+    path = local_file()
+    try:
+        if json.loads(path.read_text()).get("url") == url:
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def _idle_watch(store: Store, controller, ctx, idle_exit: float, shutdown) -> None:
+    """Exit once no run is waiting or active and nobody asked anything for ``idle_exit`` seconds."""
+    if not idle_exit:
+        return
+    while True:
+        time.sleep(min(idle_exit / 4, 5.0))
+        try:
+            busy = bool(store.runs())
+        except Exception:
+            busy = True
+        last = max(ctx.touched[0], controller.last_activity)
+        if busy:
+            ctx.touched[0] = time.monotonic()
+        elif time.monotonic() - last > idle_exit:
+            log.info("idle for %ss with nothing running or waiting: exiting", idle_exit)
+            shutdown()
+            return
