@@ -123,16 +123,18 @@ def submit(store: Store, req: RunRequest, seal: Seal, no_queue: bool = False) ->
     never = never_fits(waiting, hosts, cluster_fleets(store))
     if never:
         raise GpufleetError(f"{req.name} {never}; not queued")
-    if no_queue or not policy.queue:
-        try:
-            place_gang(waiting.request, hosts, req.nodes, cluster_fleets(store))
-        except NoCapacity as e:
+    try:
+        place_gang(waiting.request, hosts, req.nodes, cluster_fleets(store))
+        reason = ""  # it fits now: the scheduling pass this submission kicks starts it
+    except NoCapacity as e:
+        if no_queue or not policy.queue:
             why = "--no-queue" if no_queue else "retry: false"
             raise GpufleetError(f"{e} (not queued: {why})") from None
+        reason = wait_reason(waiting, hosts)
     spec = req.config.model_dump(mode="json")
     store.enqueue(req.name, uuid.uuid4().hex[:12], req.config.type, spec, container_name(req.name),
                   priority=policy.priority, max_duration=policy.max_duration, retry=policy.as_json(),
-                  sealed=seal(req.secrets) if req.secrets else None, reason=wait_reason(waiting, hosts))
+                  sealed=seal(req.secrets) if req.secrets else None, reason=reason)
     return store.run(req.name)
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ BIN = Path(sys.executable).parent
 GPU_TOOL_FIXTURES = ROOT.parent / "shared" / "fixtures" / "gpu-tools"
 # scripts/test.sh sets this: the README promises every test runs, so a skip is a failure there
 NO_SKIP_ENV = "GPUFLEET_TEST_NO_SKIP"
+# Every CLI a test runs starts (or reuses) the local server of its GPUFLEET_HOME; in tests such a
+# server exits a minute after it has nothing to do, and the session's end stops any left.
+os.environ.setdefault("GPUFLEET_SERVER_IDLE_EXIT", "60")
 
 
 def tool(name: str) -> str:
@@ -56,6 +60,38 @@ def pytest_make_collect_report(collector):
     _fail_skip((yield).get_result())
 
 
+def local_servers() -> list[tuple[int, str]]:
+    """(pid, GPUFLEET_HOME) of every local gpufleet server running on this machine."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            if b"server" not in cmdline or b"--local" not in cmdline or b"gpufleet" not in cmdline:
+                continue
+            env = dict(item.split(b"=", 1) for item in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+                       if b"=" in item)
+        except OSError:
+            continue
+        found.append((int(entry), env.get(b"GPUFLEET_HOME", b"").decode()))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_local_servers(tmp_path_factory):
+    """At the end of the session, stop the local servers that tests started (their homes are under
+    pytest's temporary folder)."""
+    yield
+    base = str(tmp_path_factory.getbasetemp())
+    for pid, home in local_servers():
+        if home.startswith(base):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+
+
 @dataclass
 class Cli:
     home: Path
@@ -66,8 +102,13 @@ class Cli:
         p = subprocess.run([sys.executable, "-m", "gpufleet", *args], capture_output=True, text=True,
                            env=env, timeout=timeout, cwd=ROOT)
         if check is not None:
-            assert p.returncode == check, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+            assert p.returncode == check, (f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+                                           f"\nserver log (tail):\n{self.server_log()}")
         return p
+
+    def server_log(self, lines: int = 30) -> str:
+        log = self.home / "server" / "server.log"
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(none)"
 
 
 def lab_available() -> str | None:

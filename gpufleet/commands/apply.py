@@ -71,18 +71,16 @@ def submit(args: argparse.Namespace, console: Console) -> int:
         return EXIT_OK
     view = Run.model_validate(client.post("/api/runs", {"source": source, "text": text, "secrets": req.secrets,
                                                         "no_queue": args.no_queue}))
-    if args.detach:
-        if view.status == RunStatus.PENDING:
-            present.plain(console, f"{view.name} is queued (#{view.position}): {view.message}")
-        else:
-            present.plain(console, f"{view.name} is {view.status}")
+    if args.detach and view.status == RunStatus.PENDING and view.message:
+        present.plain(console, f"{view.name} is queued (#{view.position}): {view.message}")
         return EXIT_OK
+    # attached, or detached from a run that fits now: wait until it runs (or ends), as a start always did
     view = _wait_started(client, view, console)
     if not view.active:
         return _ended(view, console)
     where = ", ".join(f"instance {n.instance_num} ({n.alias})" for n in view.nodes) or view.alias
     present.plain(console, f"{view.name} is running on {view.fleet} {where}")
-    if view.type != "task":
+    if args.detach or view.type != "task":
         return EXIT_OK
     _follow_logs(client, view.name)
     view = _wait_ended(client, view.name)
@@ -95,7 +93,7 @@ def _wait_started(client, view, console: Console):
 
     said = ""
     while view.status in (RunStatus.PENDING, RunStatus.STARTING):
-        if view.status == RunStatus.PENDING and view.message != said:
+        if view.status == RunStatus.PENDING and view.message and view.message != said:
             present.plain(console, f"{view.name} waits (#{view.position}): {view.message}")
             said = view.message
         time.sleep(0.5)

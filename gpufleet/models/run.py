@@ -33,7 +33,17 @@ _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(MB|GB|TB)?$", re.I)
 _MAX_GPUS = 1024
 
 
+def _dumped(value: Any) -> Range | None:
+    """A Range as model_dump(mode="json") writes it ({"min": .., "max": ..}): a stored run's config
+    read back (the server keeps it that way), not something a user writes."""
+    if isinstance(value, dict) and value and set(value) <= {"min", "max"}:
+        return Range(value.get("min"), value.get("max"))
+    return None
+
+
 def parse_count(value: Any, what: str = "count", limit: int = _MAX_GPUS) -> Range:
+    if (dumped := _dumped(value)) is not None:
+        return Range(*(None if v is None else int(v) for v in (dumped.min, dumped.max)))
     if isinstance(value, bool):
         raise ValueError(f"{what} must be a number or a range like 2..4, not {str(value).lower()}")
     if isinstance(value, int):
@@ -64,6 +74,8 @@ def parse_size_gb(text: str) -> float:
 
 
 def parse_size_range(value: Any, what: str = "memory") -> Range:
+    if (dumped := _dumped(value)) is not None:
+        return dumped
     if isinstance(value, bool):
         raise ValueError(f"{what} must be a size like 80GB")
     if isinstance(value, (int, float)):

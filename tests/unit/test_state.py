@@ -281,6 +281,7 @@ def test_a_fleets_env_is_read_from_state_even_when_its_key_files_are_gone(tmp_pa
     store = Store(f"sqlite:///{tmp_path / 'state.db'}")
     store.save_fleet("f", "f.yml", {"type": "fleet", "name": "f", "env": ["A=1", "TOKEN"],
                                     "ssh_config": {"identity_file": str(tmp_path / "gone"), "hosts": ["h"]}})
-    monkeypatch.setenv("TOKEN", "s3cret")
-    assert fleet_config_env(store, "f") == ({"A": "1"}, {"TOKEN": "s3cret"})
-    assert "TOKEN" not in os.environ  # read once, then gone from this process's environment
+    # the secret's value is what `gpufleet apply` of the fleet sent (the server keeps it sealed)
+    assert fleet_config_env(store, "f", {"TOKEN": "s3cret", "OTHER": "x"}) == ({"A": "1"}, {"TOKEN": "s3cret"})
+    with pytest.raises(GpufleetError, match="fleet f: secret TOKEN has no value: export it and apply the fleet"):
+        fleet_config_env(store, "f", {})
