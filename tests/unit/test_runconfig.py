@@ -1,12 +1,17 @@
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT
 
+from gpufleet import launch
+from gpufleet.containers import commands
 from gpufleet.errors import ConfigError
 from gpufleet.models import (
     RETRY_DURATION_DEFAULT,
@@ -21,7 +26,9 @@ from gpufleet.models import (
     TaskConfig,
     parse_duration,
 )
+from gpufleet.models.core import HostStatus
 from gpufleet.runconfig import load_run
+from gpufleet.runner import HostOutcome, PlaybookResult
 from gpufleet.scheduler import PRIORITY_DEFAULT
 
 
@@ -222,3 +229,84 @@ def test_real_dstack_service_with_retry_loads():
                                                                   duration=3600)
     assert run.config.retry_policy == RetryPolicy(queue=True, on_events=ALL_EVENTS, duration=3600.0)
 
+
+# ------------------------------------------------------------------ stop timeout: launch -> role -> module -> argv
+
+def test_stop_argv_with_a_timeout():
+    cmd = commands()
+    assert cmd.stop_argv(["sudo", "-n", "podman"], "gpufleet-x", 300) == \
+        ["sudo", "-n", "podman", "stop", "-t", "300", "gpufleet-x"]
+    assert cmd.stop_argv(["docker"], "gpufleet-x") == ["docker", "stop", "-t", "10", "gpufleet-x"]
+
+
+def _container_module(monkeypatch):
+    """plugins/modules/gpufleet_container.py, with its module_utils import served by the shipped copy."""
+    monkeypatch.setitem(sys.modules, "ansible.module_utils.gpufleet_inspect", commands())
+    spec = importlib.util.spec_from_file_location("gpufleet_container_under_test",
+                                                  ROOT / "plugins" / "modules" / "gpufleet_container.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("params,want", [({"stop_timeout": 300}, "300"), ({"stop_timeout": 0}, "0"),
+                                         ({"stop_timeout": 10}, "10")])
+def test_container_module_stops_with_its_stop_timeout(monkeypatch, params, want):
+    mod = _container_module(monkeypatch)
+    ran = []
+
+    class FakeAnsibleModule:
+        def __init__(self):
+            self.params = {"runtime": "podman", **params}
+
+        def run_command(self, argv, expand_user_and_vars=True):
+            ran.append(argv)
+            return 0, "", ""
+
+    runtime = object.__new__(mod.Runtime)
+    runtime.module, runtime.binary = FakeAnsibleModule(), "/usr/bin/podman"
+    runtime.stop("gpufleet-x")
+    assert ran == [["/usr/bin/podman", "stop", "-t", want, "gpufleet-x"]]
+
+
+def test_stop_timeout_documented_alike_in_module_and_role(monkeypatch):
+    mod = _container_module(monkeypatch)
+    option = yaml.safe_load(mod.DOCUMENTATION)["options"]["stop_timeout"]
+    assert (option["type"], option["default"]) == ("int", commands().STOP_TIMEOUT)
+    role = ROOT / "roles" / "workload"
+    spec = yaml.safe_load((role / "meta" / "argument_specs.yml").read_text())["argument_specs"]["main"]["options"]
+    assert spec["workload_stop_timeout"]["type"] == "int"
+    assert spec["workload_stop_timeout"]["default"] == commands().STOP_TIMEOUT
+    assert yaml.safe_load((role / "defaults" / "main.yml").read_text())["workload_stop_timeout"] == 10
+    tasks = yaml.safe_load((role / "tasks" / "main.yml").read_text())
+    stop = next(t for t in tasks if "stop" in (t.get("tags") or []) or t["name"].startswith("Stop"))
+    assert stop["gpufleet_container"]["stop_timeout"] == "{{ workload_stop_timeout }}"
+
+
+@pytest.mark.parametrize("timeout,expected", [(None, None), (300.0, 300), (0, 0), (2.5, 3)])
+def test_stop_containers_passes_the_timeout_to_the_stop_playbook(monkeypatch, timeout, expected):
+    calls = []
+
+    def fake_run_playbook(name, inventory, *, limit=None, unsafe_vars=None, **_):
+        calls.append((name, limit, unsafe_vars))
+        return PlaybookResult("successful", 0, {a: HostOutcome(a, HostStatus.OK) for a in limit}, "")
+
+    class Files:
+        inventory = Path("/nonexistent/inventory.ini")
+
+        def require(self):
+            return self
+
+    monkeypatch.setattr(launch, "run_playbook", fake_run_playbook)
+    monkeypatch.setattr(launch.FleetFiles, "of", classmethod(lambda cls, fleet: Files()))
+    launch.stop_containers("lab", "gpufleet-x", "r1", ["n1", "n2"], timeout=timeout)
+    (name, limit, variables), = calls
+    assert (name, limit) == ("stop", ["n1", "n2"])
+    assert variables.get("workload_stop_timeout") == expected
+    assert ("workload_stop_timeout" in variables) == (timeout is not None)
+
+
+@pytest.mark.parametrize("timeout", [-1, math.inf, math.nan])
+def test_stop_containers_refuses_a_timeout_it_cannot_give(timeout):
+    with pytest.raises(ValueError, match="stop timeout"):
+        launch.stop_containers("lab", "gpufleet-x", "r1", ["n1"], timeout=timeout)
