@@ -7,6 +7,8 @@ asked afterwards (runs.refresh, over containers.list_containers).
 
 from __future__ import annotations
 
+import math
+
 from gpufleet import cluster
 from gpufleet.allocator import Placement
 from gpufleet.config import stored_fleet
@@ -145,14 +147,23 @@ def node_addresses(store: Store, fleet_name: str, aliases: list[str]) -> list[st
     return [cluster.choose_address(a, outcomes.get(a), targets[a].internal_ip, fleet.network) for a in aliases]
 
 
-def stop_containers(fleet: str, container: str, run_id: str, aliases: list[str], remove: bool = False) -> None:
+def stop_containers(fleet: str, container: str, run_id: str, aliases: list[str], remove: bool = False,
+                    timeout: float | None = None) -> None:
     """Stop (or remove) the container ``container`` of run ``run_id`` on ``aliases`` of ``fleet``;
-    raise with each host that failed."""
+    raise with each host that failed.
+
+    ``timeout``: seconds the container has after SIGTERM before the runtime kills it (`stop -t N`,
+    rounded up to whole seconds); None: the workload role's default (10). A finite number >= 0: a run's
+    `stop_duration: off` (math.inf) is for the caller to bound."""
+    if timeout is not None and not (math.isfinite(timeout) and timeout >= 0):
+        raise ValueError(f"stop timeout must be a finite number of seconds >= 0, not {timeout!r}")
     if not aliases:
         return
     variables = {"workload_name": container, "workload_run_id": run_id}
     if remove:
         variables["workload_state"] = "absent"
+    if timeout is not None:
+        variables["workload_stop_timeout"] = math.ceil(timeout)
     result = run_playbook("stop", FleetFiles.of(fleet).require().inventory, limit=aliases, unsafe_vars=variables)
     outcomes = [(a, result.hosts.get(a)) for a in aliases]
     bad = [f"{a}: {o.message if o else 'no result'}" for a, o in outcomes if o is None or o.status.bad]

@@ -17,11 +17,12 @@ from gpufleet import failpoints
 from gpufleet.allocator import HostIndex, NoCapacity, Placement, Request, place_gang
 from gpufleet.errors import GpufleetError, NotFound
 from gpufleet.launch import container_name, start_nodes, stop_containers
-from gpufleet.models import RUN_CONFIG, Run, RunConfigType, RunRequest, RunStatus
+from gpufleet.models import RUN_CONFIG, STOP_DURATION_DEFAULT, Run, RunConfigType, RunRequest, RunStatus
 from gpufleet.scheduler import PRIORITY_DEFAULT, Decision, Running, Waiting, decide, never_fits, ordered
 from gpufleet.state import Store
 
 Seal = Callable[[dict[str, str]], str]
+STOP_CAP = 86400.0  # `stop_duration: off` (wait for ever) waits a day: a stop must end some day
 Unseal = Callable[[str], dict[str, str]]
 
 
@@ -41,7 +42,7 @@ class Policy:
 
     priority: int = PRIORITY_DEFAULT
     max_duration: float | None = None
-    stop_duration: float | None = None
+    stop_duration: float = STOP_DURATION_DEFAULT  # seconds of grace when it is stopped
     queue: bool = True
     retry_duration: float | None = None
     on_events: tuple[str, ...] = ("no-capacity",)
@@ -52,10 +53,8 @@ class Policy:
 
     @classmethod
     def of(cls, cfg: RunConfigType) -> Policy:
-        retry = getattr(cfg, "retry_policy", None)  # TEMP until the run fields land
-        if retry is None:
-            return cls()
-        return cls(priority=cfg.priority, max_duration=cfg.max_duration, stop_duration=cfg.stop_duration,
+        retry = cfg.retry_policy
+        return cls(priority=cfg.priority, max_duration=cfg.max_duration, stop_duration=min(cfg.stop_timeout, STOP_CAP),
                    queue=retry.queue, retry_duration=retry.duration, on_events=tuple(sorted(retry.on_events)))
 
 

@@ -17,23 +17,32 @@ from gpufleet.models.env import Env, split_env
 from gpufleet.models.facts import CPU, GPU, UNKNOWN_RUNTIME, Container, Disk, HostFacts, Problem, Runtime
 from gpufleet.models.fleet import Fleet, FleetConfig, Hop, HostParams, ProxyJump, SSHParams, Target, target_aliases
 from gpufleet.models.run import (
+    RETRY_DURATION_DEFAULT,
     RUN_CONFIG,
+    RUN_PRIORITY_DEFAULT,
+    STOP_DURATION_DEFAULT,
     DevEnvironmentConfig,
     GPUSpec,
     ResourcesSpec,
+    RetryEvent,
+    RetryPolicy,
+    RetrySpec,
     RunConfig,
     RunConfigType,
     RunRequest,
     RunType,
     ServiceConfig,
     TaskConfig,
+    parse_duration,
 )
 from gpufleet.models.state import Event, FleetState, Instance, Run, RunNode
 
 __all__ = [
-    "ACTIVE_RUN_STATUSES", "CPU", "GPU", "RUN_CONFIG", "UNKNOWN_RUNTIME", "Container", "CoreModel",
-    "DevEnvironmentConfig", "Disk", "Env", "Event", "Fleet", "FleetConfig", "FleetState", "GPUSpec", "Hop", "HostFacts",
-    "HostParams", "HostStatus", "Instance", "InstanceStatus", "LIVE_RUN_STATUSES", "Problem", "ProxyJump", "Range",
-    "ResourcesSpec", "Run", "RunConfig", "RunConfigType", "RunNode", "RunRequest", "RunStatus", "RunType",
-    "Runtime", "SSHParams", "ServiceConfig", "Target", "TaskConfig", "split_env", "target_aliases",
+    "ACTIVE_RUN_STATUSES", "CPU", "GPU", "LIVE_RUN_STATUSES", "RETRY_DURATION_DEFAULT", "RUN_CONFIG",
+    "RUN_PRIORITY_DEFAULT", "STOP_DURATION_DEFAULT", "UNKNOWN_RUNTIME", "Container", "CoreModel",
+    "DevEnvironmentConfig", "Disk", "Env", "Event", "Fleet", "FleetConfig", "FleetState", "GPUSpec", "Hop",
+    "HostFacts", "HostParams", "HostStatus", "Instance", "InstanceStatus", "Problem", "ProxyJump", "Range",
+    "ResourcesSpec", "RetryEvent", "RetryPolicy", "RetrySpec", "Run", "RunConfig", "RunConfigType", "RunNode",
+    "RunRequest", "RunStatus", "RunType", "Runtime", "SSHParams", "ServiceConfig", "Target", "TaskConfig",
+    "parse_duration", "split_env", "target_aliases",
 ]

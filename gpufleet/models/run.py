@@ -2,16 +2,33 @@
 
 GPU requests accept dstack's forms: `4`, `2..4`, `H100:4`, `H100:80GB:4`, `A100,H100:2`,
 `amd:2`, `24GB..:1`, or a mapping {name, count, memory, vendor}.
+
+Queueing fields, with dstack's meaning unless a field's description says otherwise: `priority`,
+`max_duration`, `stop_duration` (durations in dstack's forms: `90`, `90s`, `30m`, `2h`, `1d`, `1w`,
+`off`; stored as seconds) and `retry` (`true`, `false` or {on_events, duration}; read through
+`retry_policy`).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    Tag,
+    TypeAdapter,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from gpufleet.models.core import CoreModel, Range
 from gpufleet.models.env import Env, split_env
@@ -31,6 +48,14 @@ VENDORS = {"nvidia": "nvidia", "amd": "amd", "intel": "intel", "gaudi": "intel",
 _IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(MB|GB|TB)?$", re.I)
 _MAX_GPUS = 1024
+
+RUN_PRIORITY_MIN, RUN_PRIORITY_MAX = 0, 100
+RUN_PRIORITY_DEFAULT = 50  # the scheduler's PRIORITY_DEFAULT; dstack's default is 0
+STOP_DURATION_DEFAULT = 300.0  # dstack's DEFAULT_STOP_DURATION (5m)
+RETRY_DURATION_DEFAULT = 3600.0  # dstack's DEFAULT_RETRY_DURATION (1h), for `retry: true` or no `duration`
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 24 * 3600, "w": 7 * 24 * 3600}
+_DURATION_RE = re.compile(r"(\d+) *([smhdw])")
+_DURATION_FORMS = "seconds (90) or a number and one unit s, m, h, d or w (90s, 30m, 2h, 1d, 1w)"
 
 
 def _dumped(value: Any) -> Range | None:
@@ -203,6 +228,123 @@ def _scalar_text(v: Any) -> Any:
     return v
 
 
+def parse_duration(value: Any, what: str = "") -> float:
+    """Seconds from dstack's duration forms: a number of seconds (`90`, also as a string) or one number
+    and one unit, `s`, `m`, `h`, `d` or `w` (`90s`, `30m`, `2h`, `1d`, `1w`; a space may come between).
+    As dstack's parser: no combined forms (`1h30m`), no fractions in strings (`1.5h`), lower-case units."""
+    what = f"{what} " if what else ""
+    if isinstance(value, bool):
+        raise ValueError(f"{what}must be a duration: {_DURATION_FORMS}, not {str(value).lower()}")
+    if isinstance(value, (int, float)):
+        number, unit = value, "s"
+    elif isinstance(value, str) and re.fullmatch(r"[+-]?\d{1,20}", value.strip()):
+        number, unit = int(value), "s"
+    elif isinstance(value, str) and (m := _DURATION_RE.fullmatch(value.strip())) and len(m.group(1)) <= 20:
+        number, unit = int(m.group(1)), m.group(2)
+    else:
+        raise ValueError(f"{what}{str(value)[:40]!r} is not a duration: {_DURATION_FORMS}")
+    try:
+        seconds = float(number) * _DURATION_UNITS[unit]
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds):
+        raise ValueError(f"{what}must be a finite number of seconds")
+    return seconds
+
+
+def _max_duration(value: Any) -> float | None:
+    if value is None or value is True or value is False or value == "off":
+        return None  # true: dstack's default (off for every run type); false (YAML's `off`) or "off": no limit
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"must be more than 0 seconds (got {value!r}; `off` for no limit)")
+    return seconds
+
+
+def _stop_duration(value: Any) -> float | None:
+    if value is None or value is True:
+        return None  # the default grace (STOP_DURATION_DEFAULT)
+    if value is False or value == "off":
+        return math.inf  # wait for the run to stop by itself, however long it takes
+    seconds = parse_duration(value)
+    if seconds < 0:
+        raise ValueError(f"must be 0 seconds or more (got {value!r}; `off` to wait forever)")
+    return seconds
+
+
+def _retry_duration(value: Any) -> float | None:
+    if value is None:
+        return None
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"must be more than 0 seconds (got {value!r})")
+    return seconds
+
+
+def _priority(value: Any) -> Any:
+    if value is None:
+        return RUN_PRIORITY_DEFAULT  # dstack accepts `priority: null` for its default
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number from {RUN_PRIORITY_MIN} to {RUN_PRIORITY_MAX}, "
+                         f"not {str(value).lower()}")
+    if isinstance(value, int) and not RUN_PRIORITY_MIN <= value <= RUN_PRIORITY_MAX:
+        raise ValueError(f"must be a number from {RUN_PRIORITY_MIN} to {RUN_PRIORITY_MAX} (got {value})")
+    return value
+
+
+class RetryEvent(StrEnum):
+    """dstack's retry events."""
+
+    NO_CAPACITY = "no-capacity"
+    INTERRUPTION = "interruption"
+    ERROR = "error"
+
+
+class RetrySpec(CoreModel):
+    """`retry:` as a mapping (dstack's ProfileRetry)."""
+
+    on_events: list[RetryEvent] | None = Field(
+        None, description="Events to retry on: no-capacity, interruption, error. Omitted: all three (as dstack).")
+    duration: Annotated[float | None, BeforeValidator(_retry_duration)] = Field(
+        None, description="How long to retry, in seconds (dstack's forms: 3600, 30m, 1h, 1d, 1w); for "
+                          "no-capacity counted from submission. Omitted: 1h (dstack's default).")
+
+    @field_validator("on_events")
+    @classmethod
+    def _events(cls, v: list[RetryEvent] | None) -> list[RetryEvent] | None:
+        if v is not None and not v:
+            raise ValueError("cannot be empty (omit it to retry on every event)")
+        return v
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """What `retry:` means for gpufleet (see `_Run.retry`).
+
+    queue: wait for capacity when there is none now (False: refused at once).
+    on_events: the events retried on (no-capacity, interruption, error).
+    duration: seconds to keep retrying (for no-capacity: from submission); None: no bound."""
+
+    queue: bool
+    on_events: frozenset[RetryEvent]
+    duration: float | None
+
+
+def _retry_member(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (dict, RetrySpec)):
+        return "dict"  # "dict" and "bool" are dropped from error locations by the config loader
+    return None
+
+
+Retry = Annotated[
+    Annotated[RetrySpec, Tag("dict")] | Annotated[StrictBool, Tag("bool")],
+    Discriminator(_retry_member, custom_error_type="retry_type",
+                  custom_error_message="must be true, false or a mapping {on_events, duration}"),
+]
+
+
 class _Run(CoreModel):
     name: Name = Field(None, description="Run name (default: the file name).")
     image: str = Field(description="Container image, e.g. localhost/gpufleet-lab:latest.")
@@ -217,6 +359,31 @@ class _Run(CoreModel):
     fleets: list[str] | None = Field(None, description="Only place the run on these fleets.")
     volumes: list[str] = Field([], description="Host paths bound into the container: /host/path:/path[:ro].")
     working_dir: str | None = Field(None, description="Working directory in the container.")
+    priority: Annotated[int, BeforeValidator(_priority)] = Field(
+        RUN_PRIORITY_DEFAULT, ge=RUN_PRIORITY_MIN, le=RUN_PRIORITY_MAX,
+        description=f"Priority from {RUN_PRIORITY_MIN} to {RUN_PRIORITY_MAX}; higher runs are started first. "
+                    f"Default {RUN_PRIORITY_DEFAULT}, the middle (dstack's default is 0).")
+    max_duration: Annotated[float | None, BeforeValidator(_max_duration)] = Field(
+        None, description="The longest the run may run, in seconds, then it is stopped: a number of seconds or "
+                          "dstack's forms (90s, 30m, 2h, 1d, 1w); `off` or omitted: no limit (stored as null). "
+                          "Must be more than 0.")
+    stop_duration: Annotated[float | None, BeforeValidator(_stop_duration)] = Field(
+        None, description="Grace period when the run is stopped, in seconds: how long its processes have "
+                          "after SIGTERM before they are killed (dstack's forms: 0, 90s, 5m, 1h). Omitted "
+                          "(null): dstack's default, 5m (see `stop_timeout`). `off`: wait however long it "
+                          "takes, stored as infinity (written `off` in JSON).")
+    retry: Retry | None = Field(
+        None, description="dstack's retry policy: `true` (retry on no-capacity, interruption and error for "
+                          "1h), `false`, or {on_events: [no-capacity, interruption, error], duration: 1h} "
+                          "(omitted on_events: all three; omitted duration: 1h). A run waits for capacity "
+                          "when `retry` lists no-capacity (or is true) for that duration, and is refused at "
+                          "once when it is `false` or leaves no-capacity out. Unlike dstack (whose default "
+                          "is `false`), a run without `retry` waits for capacity with no time bound. "
+                          "See `retry_policy`.")
+
+    @field_serializer("stop_duration", when_used="json")
+    def _stop_duration_json(self, v: float | None) -> float | str | None:
+        return "off" if v == math.inf else v
 
     @field_validator("image")
     @classmethod
@@ -241,6 +408,26 @@ class _Run(CoreModel):
     def env_dict(self) -> dict[str, str]:
         """The variables given with a value (secrets, given without one, are not here)."""
         return split_env(self.env)[0]
+
+    @property
+    def stop_timeout(self) -> float:
+        """Seconds of grace when the run is stopped: `stop_duration`, or STOP_DURATION_DEFAULT (5m, dstack's
+        default) when not set; math.inf for `off` (wait however long it takes)."""
+        return STOP_DURATION_DEFAULT if self.stop_duration is None else self.stop_duration
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """`retry` as gpufleet applies it: no `retry` queues for capacity with no time bound (dstack
+        would not retry); `true` and a mapping mean what dstack makes of them (every event when
+        on_events is omitted, 1h when duration is); `false` never waits."""
+        if self.retry is None:
+            return RetryPolicy(queue=True, on_events=frozenset({RetryEvent.NO_CAPACITY}), duration=None)
+        if self.retry is False:
+            return RetryPolicy(queue=False, on_events=frozenset(), duration=None)
+        spec = RetrySpec() if self.retry is True else self.retry
+        events = frozenset(spec.on_events or RetryEvent)
+        return RetryPolicy(queue=RetryEvent.NO_CAPACITY in events, on_events=events,
+                           duration=RETRY_DURATION_DEFAULT if spec.duration is None else spec.duration)
 
 
 

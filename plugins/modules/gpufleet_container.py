@@ -32,7 +32,7 @@ options:
   state:
     description:
       - C(started) creates and starts the container (see I(run_id) for an existing one).
-      - C(stopped) stops it if it runs (C(stop -t 10)); a missing container is not an error.
+      - C(stopped) stops it if it runs (C(stop -t) I(stop_timeout)); a missing container is not an error.
       - C(absent) removes it if it exists (stopping it first, as C(stopped) does).
       - With I(run_id) given, C(stopped) and C(absent) act only on a container that carries this
         run id; a container of that name from another run is left alone (with a warning).
@@ -127,6 +127,13 @@ options:
   workdir:
     description: The working directory inside the container (C(--workdir)).
     type: str
+  stop_timeout:
+    description:
+      - Seconds the runtime waits, after the stop signal (SIGTERM unless the image sets another), for
+        the container to exit before it kills it (C(stop -t N)). Applies to every stop the module does.
+      - C(0) kills it at once. Must not be negative.
+    type: int
+    default: 10
 notes:
   - Supports check mode (it reports what would change and changes nothing) and diff mode.
   - The runtime is run as the user the task runs as; use C(become) for rootful podman or docker.
@@ -302,6 +309,8 @@ def validate(module):
     p = module.params
     if not NAME_RE.match(p["name"]):
         module.fail_json(msg=f"name: {p['name']!r} is not a valid container name (it must match {NAME_RE.pattern})")
+    if p["stop_timeout"] < 0:
+        module.fail_json(msg=f"stop_timeout must be 0 or more seconds (got {p['stop_timeout']})")
     if p["state"] != "started":
         return None
     image = p["image"]
@@ -428,7 +437,7 @@ class Runtime:
         return container_from_inspect(data)
 
     def stop(self, name):
-        rc, out, err = self.run(gpufleet_inspect.stop_argv([self.binary], name))
+        rc, out, err = self.run(gpufleet_inspect.stop_argv([self.binary], name, self.module.params["stop_timeout"]))
         if rc != 0 and self.inspect(name)["state"] in RUNNING_STATES:
             self.module.fail_json(msg=error_message(err or out), stderr=err, rc=rc)
 
@@ -459,6 +468,7 @@ def main():
             network=dict(type="str", default="host"),
             volumes=dict(type="list", elements="str", default=[]),
             workdir=dict(type="str"),
+            stop_timeout=dict(type="int", default=gpufleet_inspect.STOP_TIMEOUT),
         ),
         required_if=[("state", "started", ("image",))],
         supports_check_mode=True,
