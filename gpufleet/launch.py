@@ -19,6 +19,7 @@ from gpufleet.runner import run_playbook
 from gpufleet.state import Store
 
 KEEP_ALIVE = "while :; do sleep 3600; done"
+STATE_LABEL = "gpufleet.state"  # which state store started the container (Store.identity)
 
 
 class StartError(GpufleetError):
@@ -31,7 +32,7 @@ def container_name(run_name: str) -> str:
 
 def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], facts: HostFacts, gpus: list[GPU],
                    cpus: int, memory_mib: int, numa_nodes: set, node_env: dict[str, str] | None = None,
-                   prelude: str = "", secrets: dict[str, str] | None = None) -> dict:
+                   prelude: str = "", secrets: dict[str, str] | None = None, state: str | None = None) -> dict:
     """Everything the `workload` role needs to start the run's container, per GPU vendor."""
     cfg = run.config
     support = facts.runtime.gpu_support
@@ -77,7 +78,8 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
         "workload_command": command,
         "workload_env": env,
         "workload_secret_env": secret_env,
-        "workload_labels": {"gpufleet.run": run.name, "gpufleet.type": cfg.type, "gpufleet.gpus": gpu_list},
+        "workload_labels": {"gpufleet.run": run.name, "gpufleet.type": cfg.type, "gpufleet.gpus": gpu_list,
+                            **({STATE_LABEL: state} if state else {})},
         "workload_devices": devices,
         "workload_gpus": docker_gpus,
         "workload_oci_runtime": oci_runtime,
@@ -128,7 +130,7 @@ def start_nodes(store: Store, run: RunRequest, run_id: str, placements: list[Pla
         numa = {b.numa_node for b in host.blocks if b.idx in p.blocks}
         variables = container_vars(run, run_id, values, facts[host.alias], [host.gpus[g] for g in p.gpus],
                                    p.cpus, p.memory_mib, numa, cluster.node_env(rank, ips, gpus_per_node), prelude,
-                                   secrets)
+                                   secrets, state=store.identity)
         started.append(host.alias)
         result = run_playbook("start", files.inventory, limit=[host.alias], unsafe_vars=variables)
         if result.canceled:

@@ -17,11 +17,12 @@ from gpufleet import failpoints
 from gpufleet.allocator import HostIndex, NoCapacity, Placement, Request, place_gang
 from gpufleet.errors import GpufleetError, NotFound
 from gpufleet.launch import container_name, start_nodes, stop_containers
-from gpufleet.models import RUN_CONFIG, STOP_DURATION_DEFAULT, Run, RunConfigType, RunRequest, RunStatus
+from gpufleet.models import RUN_CONFIG, Run, RunConfigType, RunRequest, RunStatus
 from gpufleet.scheduler import PRIORITY_DEFAULT, Decision, Running, Waiting, decide, never_fits, ordered
 from gpufleet.state import Store
 
 Seal = Callable[[dict[str, str]], str]
+STOP_DEFAULT = 10.0  # seconds of grace on stop when the run gives no `stop_duration`
 STOP_CAP = 86400.0  # `stop_duration: off` (wait for ever) waits a day: a stop must end some day
 Unseal = Callable[[str], dict[str, str]]
 
@@ -42,7 +43,7 @@ class Policy:
 
     priority: int = PRIORITY_DEFAULT
     max_duration: float | None = None
-    stop_duration: float = STOP_DURATION_DEFAULT  # seconds of grace when it is stopped
+    stop_duration: float = STOP_DEFAULT  # seconds of grace when it is stopped
     queue: bool = True
     retry_duration: float | None = None
     on_events: tuple[str, ...] = ("no-capacity",)
@@ -54,7 +55,10 @@ class Policy:
     @classmethod
     def of(cls, cfg: RunConfigType) -> Policy:
         retry = cfg.retry_policy
-        return cls(priority=cfg.priority, max_duration=cfg.max_duration, stop_duration=min(cfg.stop_timeout, STOP_CAP),
+        # gpufleet's grace when `stop_duration` is not given stays the runtime's 10 s (dstack's 5 min
+        # would hold every `gpufleet stop` of a shell that ignores SIGTERM for 5 minutes)
+        grace = STOP_DEFAULT if cfg.stop_duration is None else min(cfg.stop_duration, STOP_CAP)
+        return cls(priority=cfg.priority, max_duration=cfg.max_duration, stop_duration=grace,
                    queue=retry.queue, retry_duration=retry.duration, on_events=tuple(sorted(retry.on_events)))
 
 

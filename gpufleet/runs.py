@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from gpufleet.containers import HostContainers, commands, list_containers, ssh_argv
 from gpufleet.errors import GpufleetError, NotFound, UsageError
-from gpufleet.launch import stop_containers
+from gpufleet.launch import STATE_LABEL, stop_containers
 from gpufleet.models import (
     UNKNOWN_RUNTIME,
     Container,
@@ -149,6 +149,8 @@ def _stop_orphans(store: Store, fleet: str, answers: dict[str, HostContainers], 
         for c in a.containers or []:
             if (alias, c.name, c.run_id) in owned or c.run_id in active_ids:
                 continue
+            if c.labels.get(STATE_LABEL) != store.identity:
+                continue  # another state's (or an older gpufleet's) container: not ours to stop
             if not c.ended and c.state != "created":
                 try:
                     stop_containers(fleet, c.name, c.run_id, [alias])

@@ -6,6 +6,7 @@ Written against SQLAlchemy Core only, so the same code runs on PostgreSQL
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -275,6 +276,13 @@ class Store:
             migrations.upgrade(self.engine, metadata)
         except OperationalError as e:
             raise GpufleetError(f"cannot open the state database {self.safe_url}: {e.orig}") from None
+
+    @property
+    def identity(self) -> str:
+        """Which state this is (a digest of its database URL): the label `gpufleet.state` of the
+        containers it starts, so that the sweep of one state never stops another's containers on a
+        host both use (two state directories on one lab, a test beside a user)."""
+        return hashlib.sha256(self.safe_url.encode()).hexdigest()[:16]
 
     @property
     def safe_url(self) -> str:
