@@ -8,13 +8,14 @@ gpufleet.launch's; what became of them, gpufleet.runs.refresh's.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gpufleet import failpoints
-from gpufleet.allocator import HostIndex, NoCapacity, Placement, Request, place_gang
+from gpufleet.allocator import HostIndex, HostSlots, NoCapacity, Placement, Request, place_gang
 from gpufleet.errors import GpufleetError, NotFound
 from gpufleet.launch import container_name, start_nodes, stop_containers
 from gpufleet.models import RUN_CONFIG, Run, RunConfigType, RunRequest, RunStatus
@@ -117,28 +118,57 @@ def plan(store: Store, req: RunRequest) -> Plan:
         return Plan(waits=f"{e}")
 
 
-def submit(store: Store, req: RunRequest, seal: Seal, no_queue: bool = False) -> Run:
-    """Queue ``req`` (the scheduling pass starts it as soon as it may). Refused at once when it can
-    never fit, or when it does not fit now and must not wait (`retry: false`, --no-queue)."""
+def submit(store: Store, req: RunRequest, seal: Seal, no_queue: bool = False
+           ) -> tuple[Run, list[Placement] | None]:
+    """Queue ``req`` (the scheduling pass starts it as soon as it may): (the run, None). Refused at
+    once when it can never fit. A run that must not wait (`retry: false`, --no-queue) takes its
+    blocks now, in one transaction, or is refused: (the run, its placements) for the caller to
+    launch. It never takes blocks the head of the queue has reserved."""
     policy = Policy.of(req.config)
     hosts = store.slots_snapshot()
     waiting = waiting_of(req)
-    never = never_fits(waiting, hosts, cluster_fleets(store))
+    clusters = cluster_fleets(store)
+    never = never_fits(waiting, hosts, clusters)
     if never:
         raise GpufleetError(f"{req.name} {never}; not queued")
-    try:
-        place_gang(waiting.request, hosts, req.nodes, cluster_fleets(store))
-        reason = ""  # it fits now: the scheduling pass this submission kicks starts it
-    except NoCapacity as e:
-        if no_queue or not policy.queue:
+    spec = req.config.model_dump(mode="json")
+    sealed = seal(req.secrets) if req.secrets else None
+    if no_queue or not policy.queue:
+        reserved: dict[int, set[int]] = {}
+        for _, blocks in store.reservations().values():
+            for iid, idx in blocks:
+                reserved.setdefault(iid, set()).add(idx)
+
+        def choose(index: HostIndex) -> list[Placement]:
+            return place_gang(waiting.request, _without(index, reserved), req.nodes, clusters)
+
+        try:
+            placements = store.allocate(req.name, uuid.uuid4().hex[:12], req.config.type, spec,
+                                        container_name(req.name), choose, priority=policy.priority,
+                                        max_duration=policy.max_duration, retry=policy.as_json(), sealed=sealed)
+        except NoCapacity as e:
             why = "--no-queue" if no_queue else "retry: false"
             raise GpufleetError(f"{e} (not queued: {why})") from None
+        return store.run(req.name), placements
+    try:
+        place_gang(waiting.request, hosts, req.nodes, clusters)
+        reason = ""  # it fits now: the scheduling pass this submission kicks starts it
+    except NoCapacity:
         reason = wait_reason(waiting, hosts)
-    spec = req.config.model_dump(mode="json")
     store.enqueue(req.name, uuid.uuid4().hex[:12], req.config.type, spec, container_name(req.name),
                   priority=policy.priority, max_duration=policy.max_duration, retry=policy.as_json(),
-                  sealed=seal(req.secrets) if req.secrets else None, reason=reason)
-    return store.run(req.name)
+                  sealed=sealed, reason=reason)
+    return store.run(req.name), None
+
+
+def _without(index: HostIndex, reserved: dict[int, set[int]]) -> list[HostSlots]:
+    """The hosts of ``index`` with the ``reserved`` blocks (instance id -> block indices) shown busy."""
+    if not reserved:
+        return index.hosts()
+    return [h if h.instance_id not in reserved else
+            dataclasses.replace(h, blocks=[dataclasses.replace(b, free=False) if b.idx in reserved[h.instance_id]
+                                           else b for b in h.blocks], shape=None)
+            for h in index.hosts()]
 
 
 def cancel(store: Store, name: str, why: str = "cancelled by the user while waiting") -> bool:
@@ -168,7 +198,6 @@ def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: 
         store.save_reservations([])
         return out
     waits = {r.name: waiting_of(r, r.created_at) for r in pending}
-    by_name = {r.name: r for r in pending}
     hosts = store.slots_snapshot()
     running = [Running(run_id=r.name, blocks=tuple((n.instance_id, b) for n in r.nodes for b in n.blocks),
                        ends_at=(r.started_at + r.max_duration) if r.started_at and r.max_duration else None)
@@ -199,7 +228,6 @@ def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: 
             reasons[w.run_id] = reason
         store.set_waiting(reasons)
     out.waiting = len(left)
-    del by_name
     return out
 
 

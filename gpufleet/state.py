@@ -491,10 +491,12 @@ class Store:
             return json.loads(row.config) if row else None
 
     def allocate(self, name: str, run_id: str, kind: str, spec: dict, container: str,
-                 choose: Callable[[HostIndex], Placement | list[Placement]]) -> list[Placement]:
+                 choose: Callable[[HostIndex], Placement | list[Placement]], *, priority: int = 50,
+                 max_duration: float | None = None, retry: dict | None = None,
+                 sealed: str | None = None) -> list[Placement]:
         """In one transaction: refuse a duplicate live run, choose blocks with ``choose`` (which
         raises when nothing fits; a list for multi-node runs, rank 0 first), mark them, and record
-        the run as `starting`."""
+        the run as `starting` (its secrets sealed, for its start)."""
         now = time.time()
         if self._index is None:
             # a new process reads every host: do that before taking the write lock, so others wait
@@ -513,7 +515,11 @@ class Store:
                 c.execute(delete(runs).where(runs.c.name == name))
             c.execute(insert(runs), dict(
                 name=name, run_id=run_id, type=kind, status=str(RunStatus.STARTING), message="", spec=json.dumps(spec),
-                container=container, created_at=now, updated_at=now))
+                container=container, created_at=now, updated_at=now, priority=priority, max_duration=max_duration,
+                retry=json.dumps(retry or {})))
+            if sealed is not None:
+                c.execute(insert(secrets).values(run=name, sealed=sealed, created_at=now))
+            self._event(c, "submitted", f"submitted ({kind}, priority {priority})", run=name, ts=now)
             seen = self._take(c, name, placements, now)
         self._taken(placements, seen)
         return placements
@@ -632,9 +638,11 @@ class Store:
             if rows:
                 c.execute(insert(reservations), rows)
 
-    def reservations(self) -> dict[str, float | None]:
+    def reservations(self) -> dict[str, tuple[float | None, list[tuple[int, int]]]]:
+        """run -> (earliest start or None, [(instance_id, block)]) of the scheduler's reservations."""
         with self._reads.connect() as c:
-            return {r.run: r.at for r in c.execute(select(reservations.c.run, reservations.c.at))}
+            return {r.run: (r.at, [tuple(b) for b in json.loads(r.blocks)])
+                    for r in c.execute(select(reservations.c.run, reservations.c.at, reservations.c.blocks))}
 
     # secrets (sealed by the server; this module never sees a value) ---------------------------
     def sealed(self, run: str | None = None, fleet: str | None = None) -> str | None:

@@ -17,6 +17,8 @@ psql_() { su postgres -c "psql -p $port -qtAX $*"; }
 for _ in $(seq 1 50); do psql_ "-c 'select 1'" >/dev/null 2>&1 && break; sleep 0.2; done
 [ "$(psql_ "-c \"select 1 from pg_roles where rolname='gpufleet'\"")" = 1 ] ||
   psql_ "-c \"create role gpufleet login password 'gpufleet'\""
+# tests of server replicas make (and drop) a database of their own
+psql_ "-c 'alter role gpufleet createdb'" >/dev/null
 [ "$(psql_ "-c \"select 1 from pg_database where datname='gpufleet_test'\"")" = 1 ] ||
   psql_ "-c 'create database gpufleet_test owner gpufleet'"
 echo "postgresql://gpufleet:gpufleet@127.0.0.1:$port/gpufleet_test" >&3

@@ -95,10 +95,12 @@ def _stop_local_servers(tmp_path_factory):
 @dataclass
 class Cli:
     home: Path
+    server: str | None = None  # GPUFLEET_SERVER: a server started by the test; None: the home's local server
 
     def __call__(self, *args: str, check: int | None = None, timeout: int = 600,
                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        env = {**os.environ, "GPUFLEET_HOME": str(self.home), "COLUMNS": "200", "TERM": "dumb", **(env or {})}
+        env = {**os.environ, "GPUFLEET_HOME": str(self.home), "COLUMNS": "200", "TERM": "dumb",
+               **({"GPUFLEET_SERVER": self.server} if self.server else {}), **(env or {})}
         p = subprocess.run([sys.executable, "-m", "gpufleet", *args], capture_output=True, text=True,
                            env=env, timeout=timeout, cwd=ROOT)
         if check is not None:

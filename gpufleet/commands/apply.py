@@ -77,6 +77,8 @@ def submit(args: argparse.Namespace, console: Console) -> int:
     # attached, or detached from a run that fits now: wait until it runs (or ends), as a start always did
     view = _wait_started(client, view, console)
     if not view.active:
+        if view.started_at is not None and view.type == "task" and not args.detach:
+            _follow_logs(client, view.name)  # it ran and ended between two looks: its output all the same
         return _ended(view, console)
     where = ", ".join(f"instance {n.instance_num} ({n.alias})" for n in view.nodes) or view.alias
     present.plain(console, f"{view.name} is running on {view.fleet} {where}")

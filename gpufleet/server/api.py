@@ -39,6 +39,7 @@ class Context:
     token: str
     seal: Callable[[dict[str, str]], str]
     kick: Callable[[], None]
+    launch: Callable  # (run, placements): start the containers of a run that holds its blocks
     info: Callable[[], dict]
     shutdown: Callable[[], None]
     touched: list[float] = field(default_factory=lambda: [time.monotonic()])
@@ -110,7 +111,9 @@ def create_app(ctx: Context) -> FastAPI:
     @api.post("/runs", tags=["runs"], status_code=201)
     def submit_run(body: Submission) -> dict:
         req = parse_run(body.text, body.source, secrets=body.secrets)
-        run = queue.submit(ctx.store, req, ctx.seal, no_queue=body.no_queue)
+        run, placements = queue.submit(ctx.store, req, ctx.seal, no_queue=body.no_queue)
+        if placements is not None:  # it took its blocks at once (it may not wait): start it
+            ctx.launch(run, placements)
         ctx.kick()
         return _run_json(_with_positions([run], ctx.store)[0])
 

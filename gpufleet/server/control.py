@@ -169,7 +169,7 @@ class Controller:
             self._kick.clear()
             if self._stop.is_set() or not self.leading:
                 continue
-            self._safely(lambda: queue.schedule(self.store, self._launch))
+            self._safely(lambda: queue.schedule(self.store, self.launch))
 
     def _reconcile_loop(self) -> None:
         while not self._stop.wait(self.settings.reconcile_interval):
@@ -202,7 +202,8 @@ class Controller:
         if before - after or self.store.pending():
             self.kick()
 
-    def _launch(self, run: Run, placements: list[Placement]) -> None:
+    def launch(self, run: Run, placements: list[Placement]) -> None:
+        """Start a run that holds its blocks, on a worker thread."""
         def work() -> None:
             try:
                 queue.launch(self.store, run, placements, self.unseal, self.fleet_secrets)

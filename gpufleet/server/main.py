@@ -65,7 +65,8 @@ def serve(settings: ServerSettings, local: bool = False) -> int:
                 "local": local, "started_at": started, "leading": controller.leading, "leader": store.leader(),
                 "home": str(paths.home())}
 
-    ctx = Context(store=store, token=token, seal=vault.seal, kick=controller.kick, info=info, shutdown=shutdown)
+    ctx = Context(store=store, token=token, seal=vault.seal, kick=controller.kick, launch=controller.launch,
+                  info=info, shutdown=shutdown)
     server = uvicorn.Server(uvicorn.Config(create_app(ctx), log_level="warning", access_log=False, lifespan="off",
                                            timeout_graceful_shutdown=5))
     servers.append(server)

@@ -59,12 +59,14 @@ def test_two_fleets_applied_at_once_then_sixteen_tasks_for_eight_blocks(labs, en
         (tmp_path / f"{name}.yml").write_text(
             f"type: task\nname: {name}\nimage: {core.LAB_IMAGE}\nfleets: [{core.fleet_name(nvidia)}]\n"
             "resources: {gpu: 1}\ncommands: ['sleep 120']\n")
-    procs = [gpufleet(env, "apply", "-f", str(tmp_path / f"{n}.yml"), "-y", "-d") for n in names]
+    # --no-queue: each takes a block now or is refused (without it, the other 8 would wait in the queue)
+    procs = [gpufleet(env, "apply", "-f", str(tmp_path / f"{n}.yml"), "-y", "-d", "--no-queue") for n in names]
     results = [(p.wait(timeout=600), p.stdout.read(), p.stderr.read()) for p in procs]
     started = [n for n, r in zip(names, results, strict=True) if r[0] == 0]
     refused = [r for r in results if r[0] != 0]
     assert len(started) == 8, results
-    assert len(refused) == 8 and all("no instance has 1 GPU free:" in r[2] and "0/4 free" in r[2] for r in refused)
+    assert len(refused) == 8 and all("no instance has 1 GPU free:" in r[2] and "0/4 free" in r[2] and
+                                     "not queued: --no-queue" in r[2] for r in refused), refused
     cli = Cli(Path(env["GPUFLEET_HOME"]))
     if "GPUFLEET_DATABASE_URL" in env:
         os.environ["GPUFLEET_DATABASE_URL"] = env["GPUFLEET_DATABASE_URL"]

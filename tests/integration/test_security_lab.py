@@ -13,7 +13,9 @@ import hashlib
 import json
 import os
 import secrets
+import sqlite3
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -64,9 +66,13 @@ def world(lab, tmp_path_factory):
             assert p.returncode == check, outputs[-1]
         return p
 
-    run("apply", "-f", str(fleet_file), "-y", check=0)  # a fleet apply needs no secret values
+    # a fleet's secrets are taken when it is applied (the server keeps them sealed for its runs)
+    env = {k: v for k, v in os.environ.items() if k != "FLEET_TOKEN"}
+    p = run("apply", "-f", str(fleet_file), "-y", env=env)
+    assert p.returncode == 2 and "FLEET_TOKEN" in p.stderr and "export FLEET_TOKEN" in p.stderr, p.stdout + p.stderr
+    run("apply", "-f", str(fleet_file), "-y", env={"FLEET_TOKEN": values["FLEET_TOKEN"]}, check=0)
     return {"home": home, "work": work, "values": values, "run": run, "outputs": outputs, "lab": lab,
-            "fleet": fleet["name"]}
+            "fleet": fleet["name"], "fleet_file": fleet_file}
 
 
 def task(work: Path, name: str, body: str) -> Path:
@@ -161,11 +167,9 @@ def test_a_missing_secret_is_refused_with_its_place_and_no_value(world):
     assert p.returncode == 2, p.stdout + p.stderr
     err = p.stdout + p.stderr
     assert f"{path}:6:5" in err and "NOT_SET_ANYWHERE" in err and "Traceback" not in err
-    # a secret of the fleet missing: the run fails before its container starts, with the name, and frees its blocks
-    p = run("apply", "-f", str(task(work, "fleet-secret-missing", "commands: ['true']\n")), "-y", env=env)
-    assert p.returncode == 1 and "FLEET_TOKEN" in p.stdout + p.stderr, p.stdout + p.stderr
-    rows = {r["name"]: r for r in json.loads(run("ps", "-a", "--json", check=0).stdout)}
-    assert rows["fleet-secret-missing"]["status"] == "failed"
+    # the fleet's secret was sealed when the fleet was applied: a run needs no FLEET_TOKEN of its own
+    p = run("apply", "-f", str(task(work, "fleet-secret-kept", "commands: ['true']\n")), "-y", env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
     fleets = json.loads(run("fleet", "list", "--json", check=0).stdout)
     assert all(i["blocks"]["busy"] == 0 for f in fleets for i in f["instances"])
 
@@ -199,3 +203,35 @@ def test_state_and_key_files_are_private(world):
     for name in ("state.db",):
         assert stat.S_IMODE((home / name).stat().st_mode) == 0o600
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
+
+
+def _sealed_rows(home: Path, run_name: str) -> int:
+    with sqlite3.connect(home / "state.db") as db:
+        return db.execute("select count(*) from secrets where run = ?", (run_name,)).fetchone()[0]
+
+
+def test_a_waiting_runs_secret_is_kept_sealed_until_it_starts(world):
+    run, work, values = world["run"], world["work"], world["values"]
+    env = dict(values)
+    run("apply", "-f", str(task(work, "holder", "resources: {gpu: 8}\ncommands: ['sleep 300']\n")), "-y", "-d",
+        check=0)
+    body = ("resources: {gpu: 8}\nenv:\n  - RUN_TOKEN\n"
+            "commands:\n  - 'echo \"queued=$(printf %s \"$RUN_TOKEN\" | sha256sum | cut -c1-64)\"'\n")
+    p = run("apply", "-f", str(task(work, "secret-queued", body)), "-y", "-d", env=env, check=0)
+    assert "secret-queued is queued" in p.stdout
+    # while it waits: sealed in the database (never in clear), nowhere in ps/events/logs/files
+    assert _sealed_rows(world["home"], "secret-queued") == 1
+    run("ps", "-a", "--json", check=0)
+    run("events", "--json", check=0)
+    assert_nothing_leaked(world)
+    run("stop", "holder", "-y", check=0)
+    for _ in range(120):
+        rows = {r["name"]: r for r in json.loads(run("ps", "-a", "--json", check=0).stdout)}
+        if rows["secret-queued"]["status"] == "done":
+            break
+        time.sleep(0.5)
+    assert rows["secret-queued"]["status"] == "done", rows["secret-queued"]
+    assert f"queued={sha(values['RUN_TOKEN'])}" in run("logs", "secret-queued", check=0).stdout
+    assert _sealed_rows(world["home"], "secret-queued") == 0  # gone once it ran
+    run("events", "--run", "secret-queued", "--json", check=0)
+    assert_nothing_leaked(world)

@@ -96,12 +96,18 @@ def test_two_4gpu_tasks_share_a_node_and_see_only_their_gpus(labs, wcli, tmp_pat
     assert ps(wcli)["t-c"]["host"] != runs["t-a"]["host"]
     assert sorted(r["status_text"] for r in fleet_rows(wcli, fleet).values()) == ["4/8 busy", "8/8 busy"]
 
-    # nothing fits a fourth 8-GPU request: refused with what is free, nothing allocated
-    big = wcli("apply", "-f", str(task(tmp_path, "t-big", f"fleets: [{fleet}]\nresources: {{gpu: H100:8}}\n")),
-               "-y", "-d")
+    # nothing fits a fourth 8-GPU request now: with --no-queue it is refused with what is free, nothing
+    # allocated; without, it waits, saying why, and is cancelled by stop
+    path = task(tmp_path, "t-big", f"fleets: [{fleet}]\nresources: {{gpu: H100:8}}\n")
+    big = wcli("apply", "-f", str(path), "-y", "-d", "--no-queue")
     assert big.returncode == 1
     assert "no instance has 8 H100 free:" in big.stderr and "0/8 free" in big.stderr and "4/8 free" in big.stderr
     assert "t-big" not in ps(wcli)
+    big = wcli("apply", "-f", str(path), "-y", "-d", check=0)
+    assert "t-big is queued (#1): waiting for 8 H100:" in big.stdout and "4/8 free" in big.stdout, big.stdout
+    assert ps(wcli)["t-big"]["status"] == "pending"
+    wcli("stop", "t-big", "-y", check=0)
+    assert ps(wcli)["t-big"]["status"] == "stopped"
 
     # stopping frees the blocks
     wcli("stop", "t-a", "-y", check=0)

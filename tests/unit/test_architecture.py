@@ -48,3 +48,20 @@ def test_the_domain_and_scheduling_depend_on_nothing_above_them():
     deps = {d for d in nx.descendants(graph, "gpufleet.scheduler") if not d.startswith("gpufleet.models.")}
     assert deps <= below | {"gpufleet.allocator"}, deps - below
 
+
+
+# what only the server may touch: the state, and the modules that change it or the hosts
+SERVER_SIDE = {"gpufleet.state", "gpufleet.queue", "gpufleet.runs", "gpufleet.apply", "gpufleet.launch",
+               "gpufleet.probe", "gpufleet.runner", "gpufleet.containers", "gpufleet.server.api",
+               "gpufleet.server.control", "gpufleet.server.main"}
+
+
+def test_the_cli_reaches_state_only_through_the_servers_api():
+    """One code path: every command that reads or changes state is a client of the server (the
+    `server` command runs it; `lab` builds a local lab and touches no state)."""
+    graph = import_graph()
+    for module in [m for m in graph if m.startswith("gpufleet.commands.")] + ["gpufleet.client"]:
+        if module in ("gpufleet.commands.server", "gpufleet.commands.lab", "gpufleet.commands"):
+            continue
+        reached = set(nx.descendants(graph, module))
+        assert not reached & SERVER_SIDE, (module, sorted(reached & SERVER_SIDE))
