@@ -283,16 +283,28 @@ def enforce_limits(store: Store, now: float | None = None) -> list[str]:
                 if store.finish_run(r.name, RunStatus.FAILED, None,
                                     f"no capacity within its retry duration ({_span(duration)})"):
                     ended.append(r.name)
-        elif r.active and r.max_duration and r.started_at and now - r.started_at > r.max_duration:
+        elif r.status == RunStatus.RUNNING and r.max_duration and r.started_at and \
+                now - r.started_at > r.max_duration:
+            why = f"stopped by its max_duration ({_span(r.max_duration)})"
             try:
-                stop_containers(r.fleet, r.container, r.run_id, r.aliases, timeout=policy.get("stop_duration"))
-            except GpufleetError as e:
-                store.set_run_status(r.name, r.status, f"could not stop it at its max_duration: {e}")
-                continue
-            if store.finish_run(r.name, RunStatus.STOPPED, None,
-                                f"stopped by its max_duration ({_span(r.max_duration)})"):
-                ended.append(r.name)
+                if _stop(store, r, why, policy):
+                    ended.append(r.name)
+            except GpufleetError:
+                continue  # noted on the run; tried again at the next pass
     return ended
+
+
+def _stop(store: Store, run: Run, why: str, policy: dict) -> bool:
+    """Stop an active run's containers and record it `stopped` (``why``); it is `stopping`
+    meanwhile, so their exit is not read as a failure. Raise if the runtime could not stop them."""
+    if not store.begin_stop(run.name, why):
+        return False
+    try:
+        stop_containers(run.fleet, run.container, run.run_id, run.aliases, timeout=policy.get("stop_duration"))
+    except GpufleetError as e:
+        store.set_run_status(run.name, RunStatus.RUNNING, f"could not stop it: {e}")
+        raise GpufleetError(f"could not stop {run.name}: {e}") from None
+    return store.finish_run(run.name, RunStatus.STOPPED, None, why)
 
 
 def stop(store: Store, name: str, by: str = "the user") -> Run:
@@ -306,12 +318,7 @@ def stop(store: Store, name: str, by: str = "the user") -> Run:
         run = store.run(name)
     if not run.active:
         raise GpufleetError(f"run {name} is not running ({run.status})")
-    policy = store.retry_policy(name)
-    try:
-        stop_containers(run.fleet, run.container, run.run_id, run.aliases, timeout=policy.get("stop_duration"))
-    except GpufleetError as e:
-        raise GpufleetError(f"could not stop {name}: {e}") from None
-    store.finish_run(name, RunStatus.STOPPED, None, f"stopped by {by}")
+    _stop(store, run, f"stopped by {by}", store.retry_policy(name))
     return store.run(name)
 
 

@@ -50,6 +50,8 @@ def settle(run: Run, states: list[tuple[str, Container | None]], unknown: str) -
     gone = [a for a, c in states if c is None]
     failed = [(a, c.exit_code) for a, c in states if c and c.ended and c.exit_code != 0]
     running = [a for a, c in states if c and not c.ended]
+    if run.status == RunStatus.STOPPING:  # its stopper died: finish the stop it began
+        return Settlement(RunStatus.STOPPED, None, run.message, running)
     if gone or failed:
         code = failed[0][1] if failed else None
         interrupted = gone and run.status == RunStatus.STARTING
@@ -125,9 +127,8 @@ def refresh(store: Store, names: list[str] | None = None, sweep: bool = False,
                     continue
                 states.append((alias, a.find(r.container, r.run_id)))
                 owned.add((alias, r.container, r.run_id))
-            if r.status == RunStatus.STARTING and any(c is None for _, c in states) and \
-                    r.start_in_progress(START_LEASE):
-                continue  # its gpufleet is still starting it
+            if r.start_in_progress(START_LEASE):
+                continue  # being started or stopped: whoever does it records the outcome first
             s = settle(r, states, unknown)
             if r.status == RunStatus.STARTING and s.status == RunStatus.FAILED and \
                     not any(c is not None and c.ended for _, c in states):

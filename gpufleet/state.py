@@ -724,6 +724,19 @@ class Store:
             c.execute(update(blocks).where(blocks.c.run == name).values(run=None))
             self._changed(c, held)
 
+    def begin_stop(self, name: str, why: str) -> bool:
+        """Mark an active run `stopping` (by this process, ``why``) before its containers are stopped,
+        so that their exit is not taken for a failure; False if it is not active."""
+        with self.engine.begin() as c:
+            row = c.execute(select(runs.c.status, runs.c.fleet).where(runs.c.name == name)).first()
+            if row is None or row.status not in ACTIVE:
+                return False
+            c.execute(update(runs).where(runs.c.name == name).values(
+                status=str(RunStatus.STOPPING), message=why, owner=f"{socket.gethostname()}:{os.getpid()}",
+                updated_at=time.time()))
+            self._event(c, "stopping", why, run=name, fleet=row.fleet)
+            return True
+
     def set_run_status(self, name: str, status: RunStatus, message: str = "") -> None:
         """A live run's new status (or note); an event when the status changes."""
         with self.engine.begin() as c:

@@ -24,11 +24,12 @@ class InstanceStatus(StrEnum):
 
 class RunStatus(StrEnum):
     """A run's life: pending (queued, holds nothing) -> starting -> running (holding blocks) ->
-    done | failed | stopped."""
+    [stopping ->] done | failed | stopped."""
 
     PENDING = "pending"
     STARTING = "starting"
     RUNNING = "running"
+    STOPPING = "stopping"  # being stopped (by a user or a limit); its blocks are held until it is
     DONE = "done"
     FAILED = "failed"
     STOPPED = "stopped"
@@ -44,7 +45,7 @@ class RunStatus(StrEnum):
         return self in LIVE_RUN_STATUSES
 
 
-ACTIVE_RUN_STATUSES = (RunStatus.STARTING, RunStatus.RUNNING)
+ACTIVE_RUN_STATUSES = (RunStatus.STARTING, RunStatus.RUNNING, RunStatus.STOPPING)
 LIVE_RUN_STATUSES = (RunStatus.PENDING, *ACTIVE_RUN_STATUSES)
 
 

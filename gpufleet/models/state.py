@@ -121,9 +121,9 @@ class Run(CoreModel):
         return [n.alias for n in self.nodes] if self.nodes else ([self.alias] if self.alias else [])
 
     def start_in_progress(self, lease: float) -> bool:
-        """Whether the process that allocated this `starting` run may still be starting it:
-        alive on this machine, or (elsewhere) within the lease."""
-        if self.status != RunStatus.STARTING:
+        """Whether the process that is starting (or stopping) this run may still be at it: alive on
+        this machine, or (elsewhere) within the lease."""
+        if self.status not in (RunStatus.STARTING, RunStatus.STOPPING):
             return False
         host, _, pid = self.owner.rpartition(":")
         if host == socket.gethostname() and pid.isdigit():

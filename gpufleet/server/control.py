@@ -124,6 +124,7 @@ class Controller:
         self._workers = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="gpufleet-start")
         self._threads: list[threading.Thread] = []
         self._unreachable: dict[tuple[str, str], str] = {}
+        self._swept = 0.0  # monotonic time of the last sweep (0: sweep at the first pass)
         self.last_activity = time.monotonic()
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -182,12 +183,19 @@ class Controller:
                 self._safely(lambda: queue.enforce_limits(self.store) and self.kick())
 
     def reconcile(self) -> None:
-        """One pass: settle the runs from their containers, stop containers no run owns, and note
+        """One pass: settle the runs from their containers (asking only the hosts of active runs),
+        every `sweep_interval` also every ready host for containers no run owns (stopped), and note
         hosts that stop answering or come back; kick the scheduler when blocks were freed."""
         before = {r.name for r in self.store.runs() if r.active}
+        sweep = time.monotonic() - self._swept >= self.settings.sweep_interval
+        if not before and not sweep:
+            return
+        if sweep:
+            self._swept = time.monotonic()
         notes: list[str] = []
         answers: dict[tuple[str, str], str | None] = {}
-        runs.refresh(self.store, sweep=True, notes=notes, on_answer=lambda f, a, why: answers.__setitem__((f, a), why))
+        runs.refresh(self.store, sweep=sweep, notes=notes,
+                     on_answer=lambda f, a, why: answers.__setitem__((f, a), why))
         for note in notes:
             self.store.add_event("orphan", note)
         for (fleet, alias), why in answers.items():

@@ -40,8 +40,11 @@ class ServerSettings(CoreModel):
     database_url: str | None = Field(None, min_length=1,
                                      description="SQLAlchemy URL of the database (e.g. postgresql+psycopg://"
                                                  "user@host/gpufleet); unset: the state directory's SQLite file.")
-    reconcile_interval: float = _seconds(2.0, "how often containers and hosts are asked how they are (a run's "
-                                              "end is seen, and its blocks go to the next run, within this).")
+    reconcile_interval: float = _seconds(1.0, "how often the hosts of active runs are asked how their containers "
+                                              "are (a run's end is seen, and its blocks go to the next run, within "
+                                              "this).")
+    sweep_interval: float = _seconds(30.0, "how often every ready host is also asked for containers that no run "
+                                           "owns (left by a crash), which are stopped.")
     schedule_interval: float = _seconds(2.0, "how often the scheduler runs when nothing else woke it.")
     limits_interval: float = _seconds(5.0, "how often running runs are checked against their max_duration "
                                            "(and stopped at it).")

@@ -45,7 +45,7 @@ def test_settings_default_without_a_file(tmp_path: Path, monkeypatch) -> None:
     settings = load_settings(env={})
     assert settings == ServerSettings()
     assert (settings.host, settings.port, settings.database_url, settings.workers) == ("127.0.0.1", 8300, None, 8)
-    assert (settings.reconcile_interval, settings.schedule_interval, settings.limits_interval) == (2.0, 2.0, 5.0)
+    assert (settings.reconcile_interval, settings.schedule_interval, settings.limits_interval) == (1.0, 2.0, 5.0)
     assert (settings.idle_exit, settings.leader_retry) == (600.0, 1.0)
     assert all(f.description for f in ServerSettings.model_fields.values())
 

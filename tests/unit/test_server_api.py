@@ -1,0 +1,99 @@
+"""The API's contract with the CLI, on a real store: the token, and errors that keep their meaning
+(status, message, exit code, a config error's file and line) through HTTP and back into the CLI's
+exceptions. The lab tests drive a real server over a real socket; these pin the mapping itself."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gpufleet import client as clientlib
+from gpufleet.errors import ConfigError, GpufleetError, NotFound
+from gpufleet.server.api import Context, create_app
+from gpufleet.server.vault import Vault
+from gpufleet.state import Store
+
+TOKEN = "t0k3n-for-tests"
+
+
+@pytest.fixture()
+def api(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    launched = []
+    ctx = Context(store=store, token=TOKEN, seal=Vault(tmp_path / "secret.key").seal, kick=lambda: None,
+                  launch=lambda run, placements: launched.append(run.name), info=lambda: {"url": "x"},
+                  shutdown=lambda: None)
+    with TestClient(create_app(ctx)) as http:
+        yield http, store, launched
+
+
+def auth() -> dict:
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
+def as_cli_error(response) -> GpufleetError:
+    return clientlib._error(response.status_code, response.content)
+
+
+def test_every_state_route_needs_the_token(api):
+    http, _, _ = api
+    assert http.get("/api/health").status_code == 200
+    assert "/api/runs" in http.get("/openapi.json").json()["paths"]
+    for method, path in (("get", "/api/runs"), ("get", "/api/events"), ("get", "/api/fleets"),
+                         ("get", "/api/server"), ("post", "/api/runs/x/stop"), ("delete", "/api/fleets/x")):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            r = getattr(http, method)(path, headers=headers)
+            assert r.status_code == 401, (method, path, headers, r.text)
+            assert "token" in r.json()["detail"] and TOKEN not in r.text
+    assert http.get("/api/runs", headers=auth()).json() == []
+
+
+def test_a_bad_run_file_comes_back_with_its_file_line_and_field(api):
+    http, _, _ = api
+    text = "type: task\nimage: busybox\nresources:\n  gpu: 2\npriority: 101\ncommands: ['true']\n"
+    r = http.post("/api/runs", json={"source": "/w/run.yml", "text": text}, headers=auth())
+    assert r.status_code == 422
+    err = as_cli_error(r)
+    assert isinstance(err, ConfigError) and err.exit_code == 2
+    assert str(err).startswith("/w/run.yml:5:") and "priority" in str(err)
+
+
+def test_refusals_and_missing_things_keep_their_exit_codes(api):
+    http, _, _ = api
+    text = "type: task\nname: big\nimage: busybox\nresources: {gpu: 4}\ncommands: ['true']\n"
+    r = http.post("/api/runs", json={"source": "big.yml", "text": text}, headers=auth())
+    assert r.status_code == 409
+    err = as_cli_error(r)
+    assert type(err) is GpufleetError and err.exit_code == 1 and "never fits" in str(err) and "not queued" in str(err)
+    r = http.get("/api/runs/nope", headers=auth())
+    assert r.status_code == 404 and isinstance(as_cli_error(r), NotFound)
+    r = http.post("/api/runs", json={"source": "x.yml", "text": text, "surprise": 1}, headers=auth())
+    assert r.status_code == 422 and as_cli_error(r).exit_code == 2  # FastAPI's own check of the body
+
+
+def test_a_waiting_runs_secret_is_sealed_and_never_shown(api, tmp_path):
+    http, store, _ = api
+    from test_state import add_host  # one 8-GPU host in fleet f
+
+    add_host(store, "f", "node-0", n=8)
+    text = "type: task\nname: s\nimage: busybox\nenv: [TOKEN]\nresources: {gpu: 16}\ncommands: ['true']\n"
+    # 16 GPUs never fit one 8-GPU host: refused, and nothing of it is kept
+    r = http.post("/api/runs", json={"source": "s.yml", "text": text, "secrets": {"TOKEN": "s3cr3t"}}, headers=auth())
+    assert r.status_code == 409 and "s3cr3t" not in r.text
+    assert store.run("s") is None
+    text = text.replace("gpu: 16", "gpu: 8")
+    store.allocate("holder", "h1", "task", {}, "c", lambda hosts: _all_of(hosts))
+    r = http.post("/api/runs", json={"source": "s.yml", "text": text, "secrets": {"TOKEN": "s3cr3t"}}, headers=auth())
+    assert r.status_code == 201 and r.json()["status"] == "pending" and r.json()["position"] == 1
+    sealed = store.sealed(run="s")
+    assert sealed and "s3cr3t" not in sealed
+    for path in ("/api/runs?all=true", "/api/runs/s", "/api/events"):
+        assert "s3cr3t" not in http.get(path, headers=auth()).text
+    assert "s3cr3t" not in (tmp_path / "state.db").read_bytes().decode(errors="replace")
+
+
+def _all_of(hosts):
+    from gpufleet.allocator import Request, place
+    from gpufleet.models import GPUSpec
+
+    return place(Request(gpu=GPUSpec.model_validate(8)), hosts)
