@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from alembic import command
+from sqlalchemy import create_engine, inspect, text
 
 from gpufleet import migrations
 from gpufleet.allocator import NoCapacity, Request, place
@@ -22,11 +23,16 @@ from gpufleet.state import Store, metadata
 PG_URL = os.environ.get("GPUFLEET_TEST_DATABASE_URL")
 
 
+def _engine(url: str):
+    return create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+
+
 def _wipe(url: str) -> None:
-    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    engine = _engine(url)
     with engine.begin() as c:
         metadata.drop_all(c)
-        migrations.version_table.drop(c, checkfirst=True)
+        for table in migrations.VERSION_TABLES:
+            c.execute(text(f"DROP TABLE IF EXISTS {table}"))
     engine.dispose()
 
 
@@ -129,26 +135,30 @@ def test_sixteen_processes_eight_blocks(db_url, tmp_path):
 def test_schema_versions(db_url):
     store = Store(db_url)
     with store.engine.connect() as c:
+        assert migrations.current_revision(c) == migrations.HEAD
         assert migrations.current_version(c) == migrations.LATEST
-    # a database of version 1 (before runs.nodes) is upgraded in place, keeping its data
-    with store.engine.begin() as c:
-        c.execute(text("ALTER TABLE runs DROP COLUMN nodes"))
-        c.execute(text("ALTER TABLE runs DROP COLUMN owner"))
-        c.execute(text("DROP TABLE changes"))
-        for table in ("events", "secrets", "reservations", "server_leases"):
+    # a database at an older revision is upgraded in place, keeping its data
+    add_host(store, "f", "a")
+    with migrations.migration_connection(store.engine) as c, c.begin():
+        command.downgrade(migrations.config(c, metadata), "0004_baseline")
+    with store.engine.connect() as c:
+        assert migrations.current_version(c) == 4
+        assert "events" not in inspect(c).get_table_names()
+    again = Store(db_url)
+    again.allocate("r", "id", "task", {}, "c", _one_gpu)
+    assert again.run("r").nodes[0].alias == "a" and again.run("r").priority == 50
+    assert [e.kind for e in again.events(run="r")] == ["starting"]
+    # a newer database (a revision this gpufleet does not know) is refused, not guessed at
+    with again.engine.begin() as c:
+        c.execute(text("UPDATE alembic_version SET version_num = '0099_from_the_future'"))
+    with pytest.raises(GpufleetError, match=rf"at schema revision 0099_from_the_future, newer than this gpufleet "
+                                            rf"understands \({migrations.HEAD}\): upgrade gpufleet"):
+        Store(db_url)
+    # and so are gpufleet's tables without any version
+    with again.engine.begin() as c:
+        for table in migrations.VERSION_TABLES:
             c.execute(text(f"DROP TABLE {table}"))
-        c.execute(text("DROP INDEX ix_runs_status"))
-        for column in ("priority", "max_duration", "retry", "started_at"):
-            c.execute(text(f"ALTER TABLE runs DROP COLUMN {column}"))
-        c.execute(migrations.version_table.update().values(version=1))
-    add = Store(db_url)
-    add_host(add, "f", "a")
-    add.allocate("r", "id", "task", {}, "c", lambda hosts: place(Request(gpu=GPUSpec.model_validate(1)), hosts))
-    assert add.run("r").nodes[0].alias == "a"
-    # a newer database is refused, not guessed at
-    with add.engine.begin() as c:
-        c.execute(migrations.version_table.update().values(version=migrations.LATEST + 1))
-    with pytest.raises(GpufleetError, match="newer than this gpufleet"):
+    with pytest.raises(GpufleetError, match="gpufleet tables but no schema version"):
         Store(db_url)
 
 
