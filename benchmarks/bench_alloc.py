@@ -18,9 +18,10 @@ from sqlalchemy.exc import OperationalError
 
 from benchmarks.common import fmt, median, percentile
 from gpufleet import blocks as blockslib
+from gpufleet import migrations
 from gpufleet.allocator import NoCapacity, Request, place_gang
 from gpufleet.models import GPU, GPUSpec
-from gpufleet.state import Store, blocks, fleets, instances
+from gpufleet.state import Store, blocks, fleets, instances, metadata
 
 SIZES = (1, 2, 4, 8)
 FLEET = "bench"
@@ -40,7 +41,8 @@ def populate(url: str, hosts: int) -> None:
     engine = create_engine(url)
     with engine.begin() as c:
         if engine.dialect.name == "postgresql":
-            c.execute(text("DROP TABLE IF EXISTS runs, blocks, instances, fleets, gpufleet_schema CASCADE"))
+            tables = [*metadata.tables, *migrations.VERSION_TABLES]  # a new database: no version either
+            c.execute(text(f"DROP TABLE IF EXISTS {', '.join(tables)} CASCADE"))
     engine.dispose()
     Store(url)  # creates the schema through the real migrations
     engine = create_engine(url)

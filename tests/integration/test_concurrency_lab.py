@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Cli
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 
 from gpufleet import migrations
 from gpufleet.lab import core
@@ -37,7 +37,8 @@ def env(request, tmp_path: Path) -> dict[str, str]:
         engine = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://", 1))
         with engine.begin() as c:
             metadata.drop_all(c)
-            migrations.version_table.drop(c, checkfirst=True)
+            for table in migrations.VERSION_TABLES:
+                c.execute(text(f"DROP TABLE IF EXISTS {table}"))
         engine.dispose()
         env["GPUFLEET_DATABASE_URL"] = PG_URL
     return env

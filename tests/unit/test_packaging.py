@@ -29,6 +29,10 @@ CONTENT = ["playbooks/probe.yml", "playbooks/start.yml", "roles/workload/tasks/m
            "plugins/inventory/fleet.py", "inventory_templates/ssh_config.j2",
            "inventory_templates/inventory.yml.j2"]
 
+# the state store's Alembic scripts, read from the package's folder at run time
+MIGRATIONS = ["gpufleet/migrations/__init__.py", "gpufleet/migrations/env.py", "gpufleet/migrations/script.py.mako",
+              "gpufleet/migrations/versions/0004_baseline.py", "gpufleet/migrations/versions/0005_queue.py"]
+
 
 def test_version_is_stated_once_and_everything_agrees(tmp_path):
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -78,8 +82,35 @@ def test_sdist_carries_the_content_and_its_wheel_has_it_in_the_package(tmp_path)
         role_inspect = whl.read("gpufleet/_content/roles/workload/module_utils/gpufleet_inspect.py")
     for name in CONTENT:
         assert f"gpufleet/_content/{name}" in names, name
+    for name in MIGRATIONS:
+        assert name in names, name
     # the roles' links to plugins/ became copies of the same file
     assert inspect == role_inspect == (ROOT / "plugins/module_utils/gpufleet_inspect.py").read_bytes()
     assert not any(n.startswith("gpufleet/_content/playbooks/roles") or n.endswith(".pyc") for n in names)
     assert not any(n.split("/")[0] in ("playbooks", "roles", "plugins", "inventory_templates") for n in names)
     assert f"Version: {GALAXY_VERSION}\n" in metadata and "License-Expression: Apache-2.0\n" in metadata
+    assert "Requires-Dist: alembic<2,>=1.13\n" in metadata
+
+    # the state store migrates from the installed package's folder: a new database, and one from
+    # before Alembic, opened by the gpufleet unpacked from the wheel
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as whl:
+        whl.extractall(site)
+    code = """if True:
+        import sqlite3, sys
+        import gpufleet
+        from gpufleet.state import Store
+        assert gpufleet.__file__.startswith(sys.argv[1]), gpufleet.__file__
+        Store("sqlite:///" + sys.argv[2] + "/new.db")
+        old = sqlite3.connect(sys.argv[2] + "/old.db")
+        old.executescript("CREATE TABLE fleets (name VARCHAR(64) PRIMARY KEY);"  # enough for revision 0005
+                          "CREATE TABLE runs (name VARCHAR(64) PRIMARY KEY, status VARCHAR(32) NOT NULL);"
+                          "CREATE TABLE gpufleet_schema (id INTEGER PRIMARY KEY, version INTEGER NOT NULL, "
+                          "description VARCHAR(200) NOT NULL); INSERT INTO gpufleet_schema VALUES (1, 4, 'x')")
+        old.close()
+        print(Store("sqlite:///" + sys.argv[2] + "/old.db").engine.connect().exec_driver_sql(
+            "SELECT version_num FROM alembic_version").scalar())
+    """
+    p = subprocess.run([sys.executable, "-c", code, str(site), str(tmp_path)], capture_output=True, text=True,
+                       cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0 and p.stdout.strip() == "0005_queue", p.stderr[-4000:]
