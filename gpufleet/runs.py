@@ -8,6 +8,7 @@ of runs whose containers exist.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -137,10 +138,28 @@ def refresh(store: Store, names: list[str] | None = None, sweep: bool = False,
                 _record(store, r, Settlement(None, stop=s.stop))
                 store.requeue(r.name, "its start was interrupted (the server stopped); waiting again")
                 continue
+            if s.status == RunStatus.FAILED and _retried(store, r, s):
+                continue
             _record(store, r, s)
         if sweep:
             _stop_orphans(store, fleet, answers, owned, notes if notes is not None else [])
     return store.runs(include_finished=True, name=names[0]) if names and len(names) == 1 else store.runs()
+
+
+def _retried(store: Store, run: Run, s: Settlement) -> bool:
+    """dstack's `retry.on_events`: a run that failed by an `error` (a non-zero exit) or an
+    `interruption` (its container gone: the host rebooted, the container was removed) waits again
+    for blocks, within `retry.duration` of its submission. Whatever still runs of it is stopped."""
+    policy = store.retry_policy(run.name)
+    event = "error" if s.exit_code not in (None, 0) else "interruption"
+    if event not in (policy.get("on_events") or []):
+        return False
+    duration = policy.get("duration")
+    if duration is not None and time.time() - run.created_at > duration:
+        return False
+    _record(store, run, Settlement(None, stop=s.stop))
+    store.requeue(run.name, f"retrying after an {event} ({s.message}); waiting again")
+    return True
 
 
 def _stop_orphans(store: Store, fleet: str, answers: dict[str, HostContainers], owned: set[tuple[str, str, str]],

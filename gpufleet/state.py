@@ -749,7 +749,11 @@ class Store:
                 where = ", ".join(n["alias"] for n in json.loads(row.nodes))
                 text_ = f"running on {where}" if status == RunStatus.RUNNING and where else (message or str(status))
                 self._event(c, str(status), text_, run=name, fleet=row.fleet)
-                if status == RunStatus.RUNNING:  # started: its secrets are on the host now, not kept here
+                retry = json.loads(c.execute(select(runs.c.retry).where(runs.c.name == name)).scalar_one())
+                again = {"error", "interruption"} & set(retry.get("on_events") or [])
+                if status == RunStatus.RUNNING and not again:
+                    # started: its secrets are on the host now, not kept here (a run that may be
+                    # started again after an error or interruption keeps them, sealed, until it ends)
                     c.execute(delete(secrets).where(secrets.c.run == name))
 
     def runs(self, include_finished: bool = False, name: str | None = None) -> list[Run]:

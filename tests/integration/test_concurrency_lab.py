@@ -86,3 +86,7 @@ def test_two_fleets_applied_at_once_then_sixteen_tasks_for_eight_blocks(labs, en
     on_hosts = sorted(line.split()[0] for n in nvidia.nodes for line in core.host_exec(
         nvidia, n, ["podman", "ps", "--format", "{{.Names}}"]).stdout.splitlines())
     assert on_hosts == sorted(f"gpufleet-{n}" for n in started)
+    # done: stop them, so the next database's round starts on idle hosts (a state's sweep never stops
+    # another state's containers)
+    procs = [gpufleet(env, "stop", n, "-y") for n in started]
+    assert all(p.wait(timeout=300) == 0 for p in procs), [p.stderr.read() for p in procs]

@@ -192,3 +192,23 @@ def test_the_api_needs_the_token_and_documents_itself(q):
         assert json.loads(other("server", "status", "--json", check=0).stdout)["url"] != url
     finally:
         other("server", "stop")
+
+
+def test_retry_on_error_runs_a_failed_run_again(q, tmp_path):
+    # the first try leaves a mark on the host (a bind mount) and fails; the second sees it and succeeds
+    mark = tmp_path / "retry-mark"
+    mark.mkdir()
+    mark.chmod(0o777)
+    path = task(tmp_path, "flaky", ["if [ ! -e /mark/once ]; then touch /mark/once; exit 3; fi", "echo second-try"],
+                gpus=1, extra=f"retry:\n  on_events: [error]\n  duration: 1h\nvolumes: ['{mark}:/mark']\n")
+    q("apply", "-f", str(path), "-y", "-d", check=0)
+    [end] = wait_for("the retried run to end", ended(q, "flaky"))
+    assert end["kind"] == "done", end
+    kinds = [(e["kind"], e["message"]) for e in events(q, "flaky")]
+    assert ("queued", "retrying after an error (exited with code 3); waiting again") in kinds, kinds
+    assert [k for k, _ in kinds].count("starting") == 2
+    assert "second-try" in q("logs", "flaky", check=0).stdout
+    # without retry on errors, a failure is final
+    q("apply", "-f", str(task(tmp_path, "once", ["exit 4"], gpus=1)), "-y", "-d")  # exit 1 if it ends at once
+    [end] = wait_for("the failed run to end", ended(q, "once"))
+    assert end["kind"] == "failed" and end["message"] == "exited with code 4", end

@@ -151,7 +151,7 @@ def test_schema_versions(db_url):
     again = Store(db_url)
     again.allocate("r", "id", "task", {}, "c", _one_gpu)
     assert again.run("r").nodes[0].alias == "a" and again.run("r").priority == 50
-    assert [e.kind for e in again.events(run="r")] == ["starting"]
+    assert [e.kind for e in again.events(run="r")] == ["submitted", "starting"]
     # a newer database (a revision this gpufleet does not know) is refused, not guessed at
     with again.engine.begin() as c:
         c.execute(text("UPDATE alembic_version SET version_num = '0099_from_the_future'"))
@@ -268,7 +268,7 @@ def test_a_database_from_before_alembic_is_brought_over(db_url, version):
     [p] = store.allocate("new", "new-1", "task", {}, "gpufleet-new", _one_gpu)
     assert (p.host.alias, p.blocks) == ("a", (1,))
     assert store.finish_run("old", "done", 0)
-    assert [(e.run, e.kind) for e in store.events()] == [("new", "starting"), ("old", "done")]
+    assert [(e.run, e.kind) for e in store.events()] == [("new", "submitted"), ("new", "starting"), ("old", "done")]
     add_host(store, "f", "b")  # a new instance gets the next id, on PostgreSQL too
     assert [i.alias for i in store.fleet("f").instances] == ["a", "b"]
 
