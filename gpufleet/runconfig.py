@@ -22,9 +22,10 @@ def load_run(path: str | Path) -> RunRequest:
     return parse_run(read_config_text(Path(path)), str(path))
 
 
-def parse_run(text: str, source: str, secrets: dict[str, str] | None = None) -> RunRequest:
+def parse_run(text: str, source: str, secrets: dict[str, str] | None = None, values: bool = True) -> RunRequest:
     """A run configuration's text (from file ``source``, for messages); its secrets' values are
-    ``secrets`` (what a client sent), else taken from this process's environment."""
+    ``secrets`` (what a client sent), else taken from this process's environment. ``values=False``:
+    the run is only looked at (a plan), its secrets' values are neither needed nor kept."""
     path = Path(source)
     src = load_yaml(text, source)
     if not isinstance(src.data, dict):
@@ -33,9 +34,9 @@ def parse_run(text: str, source: str, secrets: dict[str, str] | None = None) -> 
         raise ConfigError([src.problem(("type",), f"type must be task, service or dev-environment "
                                                   f"(got {src.data.get('type')!r})")])
     cfg = validate(RUN_CONFIG, src)
-    values = run_secrets(src, cfg, secrets)
+    taken = run_secrets(src, cfg, secrets) if values else {}
     return RunRequest(name=cfg.name or name_from_file(path, "run", limit=41), source=source, config=cfg,
-                      secrets=values)
+                      secrets=taken)
 
 
 def config_type(path: str | Path) -> str | None:

@@ -105,7 +105,7 @@ def create_app(ctx: Context) -> FastAPI:
 
     @api.post("/runs/plan", tags=["runs"])
     def plan_run(body: ConfigText) -> dict:
-        req = parse_run(body.text, body.source, secrets={})
+        req = parse_run(body.text, body.source, values=False)
         return _plan_json(req, queue.plan(ctx.store, req))
 
     @api.post("/runs", tags=["runs"], status_code=201)

@@ -82,6 +82,9 @@ def test_a_waiting_runs_secret_is_sealed_and_never_shown(api, tmp_path):
     assert r.status_code == 409 and "s3cr3t" not in r.text
     assert store.run("s") is None
     text = text.replace("gpu: 16", "gpu: 8")
+    # a plan looks at the run only: no secret value is needed for it, none is sent
+    plan = http.post("/api/runs/plan", json={"source": "s.yml", "text": text}, headers=auth())
+    assert plan.status_code == 200 and plan.json()["placements"][0]["alias"] == "node-0"
     store.allocate("holder", "h1", "task", {}, "c", lambda hosts: _all_of(hosts))
     r = http.post("/api/runs", json={"source": "s.yml", "text": text, "secrets": {"TOKEN": "s3cr3t"}}, headers=auth())
     assert r.status_code == 201 and r.json()["status"] == "pending" and r.json()["position"] == 1
