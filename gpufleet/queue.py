@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gpufleet import failpoints
-from gpufleet.allocator import HostIndex, HostSlots, NoCapacity, Placement, Request, place_gang
+from gpufleet.allocator import HostIndex, HostSlots, NoCapacity, Placement, Request, gpu_matches, place_gang
 from gpufleet.errors import GpufleetError, NotFound
 from gpufleet.launch import container_name, start_nodes, stop_containers
 from gpufleet.models import RUN_CONFIG, Run, RunConfigType, RunRequest, RunStatus
@@ -79,19 +79,13 @@ def wait_reason(run: Waiting, hosts: HostIndex, limit: int = 6) -> str:
     considered = [h for h in hosts.hosts() if not req.fleets or h.fleet in req.fleets]
     parts = []
     for h in considered[:limit]:
-        fit = [i for i, g in enumerate(h.gpus) if req.gpu is None or _matches(g, req)]
+        fit = [i for i, g in enumerate(h.gpus) if req.gpu is None or gpu_matches(g, req.gpu)]
         free = {g for b in h.blocks if b.free for g in b.gpus}
         parts.append(f"{h.alias} {len([i for i in fit if i in free])}/{len(fit)} free")
     if len(considered) > limit:
         parts.append(f"and {len(considered) - limit} more hosts")
     what = req.describe() + (f" on each of {run.nodes} hosts" if run.nodes > 1 else "")
     return f"waiting for {what}: " + (", ".join(parts) if parts else "no ready host")
-
-
-def _matches(gpu, req: Request) -> bool:
-    from gpufleet.allocator import gpu_matches
-
-    return gpu_matches(gpu, req.gpu)
 
 
 # --------------------------------------------------------------------------- submit

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +112,18 @@ class Cli:
     def server_log(self, lines: int = 30) -> str:
         log = self.home / "server" / "server.log"
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(none)"
+
+
+def wait_for(what: str, fn, timeout: float = 60.0, every: float = 0.5):
+    """Poll ``fn`` until it returns something true, and return that (a bounded loop: the server's
+    loops act by themselves, so tests wait for what they see); fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(every)
 
 
 def lab_available() -> str | None:

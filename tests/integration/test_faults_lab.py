@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Cli
+from conftest import Cli, wait_for
 
 from gpufleet.lab import core
 
@@ -56,16 +55,6 @@ def containers(lab) -> str:
     """`name state` lines for the node's containers (podman's JSON has the plain state)."""
     out = core.host_exec(lab, lab.nodes[0], ["podman", "ps", "-a", "--format", "json"]).stdout
     return "\n".join(f"{c['Names'][0]} {c['State']}" for c in json.loads(out or "[]"))
-
-
-def wait_for(what: str, fn, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.5)
 
 
 def run_is(cli: Cli, name: str, status: str):

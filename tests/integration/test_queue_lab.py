@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Cli
+from conftest import Cli, wait_for
 
 from gpufleet.lab import core
 
@@ -47,17 +47,6 @@ def runs(cli: Cli) -> dict[str, dict]:
 
 def events(cli: Cli, run: str | None = None) -> list[dict]:
     return json.loads(cli("events", "--json", "-n", "1000", *(["--run", run] if run else []), check=0).stdout)
-
-
-def wait_for(what: str, fn, timeout: float = 60.0, every: float = 0.5):
-    """Poll ``fn`` until it returns something true (bounded); fail with ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(every)
 
 
 def ended(cli: Cli, name: str):

@@ -14,21 +14,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Cli
+from conftest import ROOT, Cli, wait_for
 
 from gpufleet.lab import core
 
 IMAGE = core.LAB_IMAGE
-
-
-def wait_for(what: str, fn, timeout: float = 60.0, every: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(every)
 
 
 def test_a_local_server_with_nothing_to_do_exits_by_itself(tmp_path):
