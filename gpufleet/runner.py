@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -27,7 +28,9 @@ import yaml
 from gpufleet import paths
 from gpufleet.models import HostStatus
 
-ROTATE_ARTIFACTS = 20
+ROTATE_ARTIFACTS = 20  # the newest plays' artifacts kept (gpufleet's own rotation: see _rotate)
+_plays_lock = threading.Lock()
+_plays_running: set[str] = set()  # idents of this process's plays in progress: their artifacts are never pruned
 RUN_IDENT = "GPUFLEET_PLAY"  # in each ansible-playbook's environment: which play it is, to cancel only that one
 # Forks beyond what the controller's CPUs can drive buy no speed, only memory (an ansible-playbook
 # worker is ~15 MiB): on 2 CPUs, 64 nodes took 23.6 s with 64 forks (1.17 GB) and 24.1 s with 16 (377 MiB).
@@ -133,9 +136,10 @@ def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
         else None
     private = paths.ensure_private_dir(paths.home() / "runner")
     vars_file = write_unsafe_vars(unsafe_vars) if unsafe_vars is not None else None
+    _rotate(private / "artifacts", ident)
     try:
         r = ansible_runner.run(
-            private_data_dir=str(private), ident=ident, rotate_artifacts=ROTATE_ARTIFACTS,
+            private_data_dir=str(private), ident=ident, rotate_artifacts=0,
             playbook=str(paths.playbook(name)), inventory=str(inventory),
             limit=",".join(limit) if limit else None, extravars=extravars or {},
             envvars={**ansible_env(forks), RUN_IDENT: ident}, quiet=True, event_handler=handle,
@@ -148,6 +152,8 @@ def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
             vars_file.unlink(missing_ok=True)
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        with _plays_lock:
+            _plays_running.discard(ident)
     _scrub_command_artifact(Path(r.config.artifact_dir), {**ansible_env(forks), RUN_IDENT: ident})
     for outcome in hosts.values():
         if outcome.status == HostStatus.RUNNING:
@@ -155,6 +161,21 @@ def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
             if on_update:
                 on_update(outcome)
     return PlaybookResult(r.status, r.rc or 0, hosts, r.config.artifact_dir, canceled=cancel.is_set())
+
+
+def _rotate(artifacts: Path, ident: str) -> None:
+    """Keep the newest ROTATE_ARTIFACTS plays' artifacts, never one still running. ansible-runner's
+    own rotation counts every folder, so with more plays at once than it keeps (the server starts
+    runs in parallel) it removed the folder of a play still running, which then failed."""
+    with _plays_lock:
+        _plays_running.add(ident)
+        try:
+            done = [d for d in artifacts.iterdir() if d.is_dir() and d.name not in _plays_running]
+        except FileNotFoundError:
+            return
+        done.sort(key=lambda d: d.stat().st_mtime if d.exists() else 0.0)
+        for d in done[:max(0, len(done) - ROTATE_ARTIFACTS)]:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _kill_playbook_workers(ident: str) -> None:

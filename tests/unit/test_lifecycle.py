@@ -189,3 +189,26 @@ def test_record_what_stops_a_host(store):
                    "r": (InstanceStatus.ERROR, "user u cannot run docker (add u to docker)", 0),
                    "s": (InstanceStatus.ERROR, "4 GPUs cannot be split into 3 blocks (blocks must divide the GPU "
                                                "count, or be auto)", 0)}
+
+
+def test_artifact_rotation_never_removes_a_play_still_running(tmp_path):
+    """The server runs plays in parallel: pruning old artifacts must spare those of plays in progress."""
+    import os
+
+    from gpufleet import runner
+
+    artifacts = tmp_path / "artifacts"
+    for i in range(runner.ROTATE_ARTIFACTS + 5):
+        d = artifacts / f"play-{i:02d}"
+        d.mkdir(parents=True)
+        os.utime(d, (1000 + i, 1000 + i))
+    runner._plays_running.add("play-00")  # the oldest, still running
+    try:
+        runner._rotate(artifacts, "play-new")
+        left = sorted(d.name for d in artifacts.iterdir())
+        assert "play-00" in left  # running: kept however old
+        assert left == ["play-00"] + [f"play-{i:02d}" for i in range(5, runner.ROTATE_ARTIFACTS + 5)]
+        assert "play-new" in runner._plays_running
+    finally:
+        runner._plays_running.discard("play-00")
+        runner._plays_running.discard("play-new")
