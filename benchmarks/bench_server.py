@@ -363,6 +363,9 @@ def bench_queue(nodes: int = 8, waiters: int = 40, rotation: bool = True, log=pr
     res["server_log_tracebacks"], res["server_log"] = kept
     res["failed_messages"] = dict(Counter(_shape(r.get("message", "")) for r in runs.values()
                                           if r["status"] == "failed"))
+    # what happened to each failed run, from the events (for the README's account of the failures)
+    res["failed_runs"] = {n: [(round(e["ts"], 3), e["kind"], e["message"][:200]) for e in events if e.get("run") == n]
+                          for n, r in runs.items() if r["status"] == "failed"}
     lat = [x["latency"] for x in res["samples"]]
     clean = [x["latency"] for x in res["samples"] if not x["failed_between"]]
     log(f"  queue latency{'' if rotation else ' (artifact rotation off)'} over {len(lat)} samples "
@@ -886,7 +889,8 @@ def render(res: dict, targets: list) -> list[str]:
         out += ["", "After the mixed phase (every run ended first):", "",
                 "| backend | submissions accepted | lost (not in `ps -a`) | started twice | blocks held by two runs "
                 "(events / live snapshots / containers on the hosts) | events skipped by a follower | "
-                "still live | how they ended | tracebacks in server.log |", "|---|---|---|---|---|---|---|---|---|"]
+                "still live | how they ended (each name's last submission) | tracebacks in server.log |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for a in api:
             c, h = a["check"], a["hosts"]
             ends = ", ".join(f"{k} {v}" for k, v in sorted(c["statuses"].items()))
