@@ -5,9 +5,10 @@
     .venv/bin/python benchmarks/run.py --quick         # small sizes, one repetition, no README update
     .venv/bin/python benchmarks/run.py --only alloc,pack
     .venv/bin/python benchmarks/run.py --only sched --keep   # the trace-driven scheduler benchmark alone
+    sudo .venv/bin/python benchmarks/run.py --only server --keep  # the control plane (start-up, queue, API load)
 
-PostgreSQL for the allocator benchmark: GPUFLEET_BENCH_DATABASE_URL (a database of its own: its
-gpufleet tables are dropped and re-created), else the PostgreSQL row is skipped.
+PostgreSQL for the allocator and server benchmarks: GPUFLEET_BENCH_DATABASE_URL (a database of its own:
+its gpufleet tables are dropped and re-created), else the PostgreSQL rows are skipped.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_alloc, bench_lab, bench_pack, bench_sched  # noqa: E402
+from benchmarks import bench_alloc, bench_lab, bench_pack, bench_sched, bench_server  # noqa: E402
 from benchmarks.common import fmt, median  # noqa: E402
 
 README = Path(__file__).resolve().parent / "README.md"
@@ -37,7 +38,8 @@ def check(ok: bool) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="N=4 only, one repetition, 1,000 hosts; README untouched")
-    ap.add_argument("--only", default="apply,ps,alloc,pack,sched", help="comma-separated: apply,ps,alloc,pack,sched")
+    ap.add_argument("--only", default="apply,ps,alloc,pack,sched,server",
+                    help="comma-separated: apply,ps,alloc,pack,sched,server")
     ap.add_argument("--sizes", default=None, help="apply: fleet sizes (default 4,16,64)")
     ap.add_argument("--reps", type=int, default=None, help="apply: repetitions (default 3)")
     ap.add_argument("--ansible-max", type=int, default=16,
@@ -70,6 +72,9 @@ def main() -> int:
     if "sched" in only:
         print("== scheduling (job traces)")
         results["sched"] = bench_sched.bench(limit=5000 if args.quick else None)
+    if "server" in only:
+        print("== control plane (gpufleet server)")
+        results["server"] = bench_server.bench(quick=args.quick)
     took = time.time() - t_start
     if not args.quick:
         saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
@@ -161,6 +166,8 @@ def render(results: dict, args, took: float) -> str:
         out += bench_pack_table(results["pack"], targets)
     if "sched" in results:
         out += bench_sched_table(results["sched"], targets)
+    if "server" in results:
+        out += bench_server.render(results["server"], targets)
     if targets:
         out += ["### Targets", "", "| target | measured | |", "|---|---|---|"]
         out += [f"| {t} | {m} | {check(ok)} |" for t, m, ok in targets]
