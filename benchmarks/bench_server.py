@@ -750,7 +750,7 @@ def host_overlaps(home: Path) -> dict:
 
 
 def wipe_postgres(url: str) -> None:
-    from sqlalchemy import create_engine
+    from sqlalchemy import create_engine, text
 
     from gpufleet import migrations
     from gpufleet.state import metadata
@@ -758,7 +758,8 @@ def wipe_postgres(url: str) -> None:
     engine = create_engine("postgresql+psycopg://" + url.split("://", 1)[1])
     with engine.begin() as c:
         metadata.drop_all(c)
-        migrations.version_table.drop(c, checkfirst=True)
+        for table in migrations.VERSION_TABLES:
+            c.execute(text(f"DROP TABLE IF EXISTS {table}"))
     engine.dispose()
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Cli
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 
 from gpufleet import migrations
 from gpufleet.lab import core
@@ -51,7 +51,8 @@ def backend(request, monkeypatch) -> str:
         engine = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://", 1))
         with engine.begin() as c:  # fresh tables, as tests/unit/test_state.py's db_url
             metadata.drop_all(c)
-            migrations.version_table.drop(c, checkfirst=True)
+            for table in migrations.VERSION_TABLES:
+                c.execute(text(f"DROP TABLE IF EXISTS {table}"))
         engine.dispose()
         monkeypatch.setenv("GPUFLEET_DATABASE_URL", PG_URL)
     return request.param
