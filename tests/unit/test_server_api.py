@@ -100,3 +100,14 @@ def _all_of(hosts):
     from gpufleet.models import GPUSpec
 
     return place(Request(gpu=GPUSpec.model_validate(8)), hosts)
+
+
+def test_the_cli_prints_a_systemd_unit_for_this_server(tmp_path, monkeypatch, capsys):
+    from gpufleet.cli import main
+
+    monkeypatch.setenv("GPUFLEET_HOME", str(tmp_path / "state dir"))
+    (tmp_path / "server.yml").write_text("port: 8300\n")
+    assert main(["server", "--print-systemd-unit", "--config", str(tmp_path / "server.yml")]) == 0
+    unit = capsys.readouterr().out
+    assert "[Service]" in unit and f'Environment="GPUFLEET_HOME={tmp_path / "state dir"}"' in unit
+    assert " server --config " in unit and "server.yml" in unit
