@@ -301,19 +301,36 @@ def _stop(store: Store, run: Run, why: str, policy: dict) -> bool:
     return store.finish_run(run.name, RunStatus.STOPPED, None, why)
 
 
-def stop(store: Store, name: str, by: str = "the user") -> Run:
-    """Stop a run: a waiting one is cancelled, an active one's containers stopped and its blocks freed."""
+def stop(store: Store, name: str, by: str = "the user") -> tuple[Run, Callable[[], None] | None]:
+    """Stop a run. A waiting one is cancelled at once: (the run, None). An active one is marked
+    `stopping` at once, and the work that stops its containers (up to their grace) and frees its
+    blocks is returned, for the caller to do where it does not hold up others (the server: on a
+    worker thread, so that stops never hold the API's threads)."""
     run = store.run(name)
     if run is None:
         raise NotFound(f"no run named {name!r} (see gpufleet ps -a)")
     if run.status == RunStatus.PENDING:
         if cancel(store, name, f"cancelled by {by} while waiting"):
-            return store.run(name)
+            return store.run(name), None
         run = store.run(name)
+    if run.status == RunStatus.STOPPING:
+        return run, None  # already being stopped
     if not run.active:
         raise GpufleetError(f"run {name} is not running ({run.status})")
-    _stop(store, run, f"stopped by {by}", store.retry_policy(name))
-    return store.run(name)
+    why = f"stopped by {by}"
+    policy = store.retry_policy(name)
+    if not store.begin_stop(name, why):
+        raise GpufleetError(f"run {name} is not running ({store.run(name).status})")
+
+    def work() -> None:
+        try:
+            stop_containers(run.fleet, run.container, run.run_id, run.aliases, timeout=policy.get("stop_duration"))
+        except GpufleetError as e:
+            store.set_run_status(name, RunStatus.RUNNING, f"could not stop it: {e}")
+            return
+        store.finish_run(name, RunStatus.STOPPED, None, why)
+
+    return store.run(name), work
 
 
 def _span(seconds: float) -> str:

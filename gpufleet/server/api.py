@@ -40,6 +40,7 @@ class Context:
     seal: Callable[[dict[str, str]], str]
     kick: Callable[[], None]
     launch: Callable  # (run, placements): start the containers of a run that holds its blocks
+    background: Callable[[Callable[[], None]], None]  # run slow work (a stop) on the server's workers
     info: Callable[[], dict]
     shutdown: Callable[[], None]
     touched: list[float] = field(default_factory=lambda: [time.monotonic()])
@@ -119,7 +120,11 @@ def create_app(ctx: Context) -> FastAPI:
 
     @api.post("/runs/{name}/stop", tags=["runs"])
     def stop_run(name: str) -> dict:
-        run = queue.stop(ctx.store, name)
+        """Cancel a waiting run, or begin stopping an active one: it is `stopping` until its
+        containers are stopped (within its grace), then `stopped` (or `running` again, with why)."""
+        run, work = queue.stop(ctx.store, name)
+        if work is not None:
+            ctx.background(work)
         ctx.kick()
         return _run_json(run)
 

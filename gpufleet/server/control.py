@@ -223,6 +223,14 @@ class Controller:
 
         self._workers.submit(work)
 
+    def background(self, fn) -> None:
+        """Do ``fn`` (a stop) on a worker thread, then schedule: its blocks may be free."""
+        def work() -> None:
+            self._safely(fn)
+            self.kick()
+
+        self._workers.submit(work)
+
     def _safely(self, fn) -> None:
         try:
             fn()

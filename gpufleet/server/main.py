@@ -66,6 +66,7 @@ def serve(settings: ServerSettings, local: bool = False) -> int:
                 "home": str(paths.home())}
 
     ctx = Context(store=store, token=token, seal=vault.seal, kick=controller.kick, launch=controller.launch,
+                  background=controller.background,
                   info=info, shutdown=shutdown)
     server = uvicorn.Server(uvicorn.Config(create_app(ctx), log_level="warning", access_log=False, lifespan="off",
                                            timeout_graceful_shutdown=5))
