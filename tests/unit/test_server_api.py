@@ -21,7 +21,8 @@ def api(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'state.db'}")
     launched = []
     ctx = Context(store=store, token=TOKEN, seal=Vault(tmp_path / "secret.key").seal, kick=lambda: None,
-                  launch=lambda run, placements: launched.append(run.name), info=lambda: {"url": "x"},
+                  launch=lambda run, placements: launched.append(run.name), background=lambda work: work(),
+                  info=lambda: {"url": "x"},
                   shutdown=lambda: None)
     with TestClient(create_app(ctx)) as http:
         yield http, store, launched
