@@ -171,26 +171,16 @@ def cancel(store: Store, name: str, why: str = "cancelled by the user while wait
 
 # --------------------------------------------------------------------------- the scheduling pass
 
-@dataclass
-class Pass:
-    """What one scheduling pass did: runs handed to the launcher, refused, and still waiting."""
-
-    started: list[str] = field(default_factory=list)
-    refused: list[str] = field(default_factory=list)
-    waiting: int = 0
-
-
-def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: float | None = None) -> Pass:
+def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: float | None = None) -> None:
     """Decide which waiting runs start now (scheduler.decide over the store's blocks and running
     runs), take their blocks, and hand each to ``launch`` (which starts its containers, usually on
     a worker thread). Refused runs end `failed` with why; the others get their reason and the
     head its reservation."""
     now = time.time() if now is None else now
     pending = store.pending()
-    out = Pass()
     if not pending:
         store.save_reservations([])
-        return out
+        return
     waits = {r.name: waiting_of(r, r.created_at) for r in pending}
     hosts = store.slots_snapshot()
     running = [Running(run_id=r.name, blocks=tuple((n.instance_id, b) for n in r.nodes for b in n.blocks),
@@ -198,16 +188,14 @@ def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: 
                for r in store.runs() if r.active]
     decision: Decision = decide(list(waits.values()), hosts, running, now, cluster_fleets=cluster_fleets(store))
     for refusal in decision.refused:
-        if store.finish_run(refusal.run_id, RunStatus.FAILED, None, f"refused: {refusal.reason}"):
-            out.refused.append(refusal.run_id)
+        store.finish_run(refusal.run_id, RunStatus.FAILED, None, f"refused: {refusal.reason}")
     for start in decision.starts:
         placements = list(start.placements)
         if store.start_pending(start.run.run_id, placements):
             failpoints.reach("after-allocate")
             launch(store.run(start.run.run_id), placements)
-            out.started.append(start.run.run_id)
     store.save_reservations([(r.run_id, r.at, list(r.blocks)) for r in decision.reservations])
-    gone = set(out.started) | set(out.refused)
+    gone = {r.run_id for r in decision.refused} | {st.run.run_id for st in decision.starts}
     left = [w for w in waits.values() if w.run_id not in gone]
     if left:
         after = store.slots_snapshot()
@@ -221,8 +209,6 @@ def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: 
                            else f"; next to start, expected by {time.strftime('%H:%M:%S', time.localtime(at))}")
             reasons[w.run_id] = reason
         store.set_waiting(reasons)
-    out.waiting = len(left)
-    return out
 
 
 def positions(runs: list[Run], now: float | None = None) -> dict[str, int]:
@@ -270,38 +256,41 @@ def enforce_limits(store: Store, now: float | None = None) -> list[str]:
     now = time.time() if now is None else now
     ended = []
     for r in store.runs():
-        policy = store.retry_policy(r.name)
         if r.status == RunStatus.PENDING:
-            duration = policy.get("duration")
+            duration = store.retry_policy(r.name).get("duration")
             if duration and now - r.created_at > duration:
                 if store.finish_run(r.name, RunStatus.FAILED, None,
                                     f"no capacity within its retry duration ({_span(duration)})"):
                     ended.append(r.name)
         elif r.status == RunStatus.RUNNING and r.max_duration and r.started_at and \
                 now - r.started_at > r.max_duration:
-            why = f"stopped by its max_duration ({_span(r.max_duration)})"
-            try:
-                if _stop(store, r, why, policy):
-                    ended.append(r.name)
-            except GpufleetError:
-                continue  # noted on the run; tried again at the next pass
+            work = _stopper(store, r, f"stopped by its max_duration ({_span(r.max_duration)})")
+            if work is not None and work():  # a stop that failed is noted on the run; tried again next pass
+                ended.append(r.name)
     return ended
 
 
-def _stop(store: Store, run: Run, why: str, policy: dict) -> bool:
-    """Stop an active run's containers and record it `stopped` (``why``); it is `stopping`
-    meanwhile, so their exit is not read as a failure. Raise if the runtime could not stop them."""
+def _stopper(store: Store, run: Run, why: str) -> Callable[[], bool] | None:
+    """Mark an active run `stopping` (so its containers' exit is not read as a failure) and return
+    the work that stops them within its grace and records it `stopped` (``why``): True when done,
+    False when the runtime could not stop them (the run is `running` again, saying why). None if
+    the run is no longer active."""
+    grace = store.retry_policy(run.name).get("stop_duration")
     if not store.begin_stop(run.name, why):
-        return False
-    try:
-        stop_containers(run.fleet, run.container, run.run_id, run.aliases, timeout=policy.get("stop_duration"))
-    except GpufleetError as e:
-        store.set_run_status(run.name, RunStatus.RUNNING, f"could not stop it: {e}")
-        raise GpufleetError(f"could not stop {run.name}: {e}") from None
-    return store.finish_run(run.name, RunStatus.STOPPED, None, why)
+        return None
+
+    def work() -> bool:
+        try:
+            stop_containers(run.fleet, run.container, run.run_id, run.aliases, timeout=grace)
+        except GpufleetError as e:
+            store.set_run_status(run.name, RunStatus.RUNNING, f"could not stop it: {e}")
+            return False
+        return store.finish_run(run.name, RunStatus.STOPPED, None, why)
+
+    return work
 
 
-def stop(store: Store, name: str, by: str = "the user") -> tuple[Run, Callable[[], None] | None]:
+def stop(store: Store, name: str, by: str = "the user") -> tuple[Run, Callable[[], bool] | None]:
     """Stop a run. A waiting one is cancelled at once: (the run, None). An active one is marked
     `stopping` at once, and the work that stops its containers (up to their grace) and frees its
     blocks is returned, for the caller to do where it does not hold up others (the server: on a
@@ -317,19 +306,9 @@ def stop(store: Store, name: str, by: str = "the user") -> tuple[Run, Callable[[
         return run, None  # already being stopped
     if not run.active:
         raise GpufleetError(f"run {name} is not running ({run.status})")
-    why = f"stopped by {by}"
-    policy = store.retry_policy(name)
-    if not store.begin_stop(name, why):
+    work = _stopper(store, run, f"stopped by {by}")
+    if work is None:
         raise GpufleetError(f"run {name} is not running ({store.run(name).status})")
-
-    def work() -> None:
-        try:
-            stop_containers(run.fleet, run.container, run.run_id, run.aliases, timeout=policy.get("stop_duration"))
-        except GpufleetError as e:
-            store.set_run_status(name, RunStatus.RUNNING, f"could not stop it: {e}")
-            return
-        store.finish_run(name, RunStatus.STOPPED, None, why)
-
     return store.run(name), work
 
 
