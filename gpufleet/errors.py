@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran, but something on a host is not right (unreachable, error)
 EXIT_USAGE = 2  # bad config, bad arguments: nothing was done
+EXIT_DENIED = 3  # no token, a bad token, or not allowed (HTTP 401, 403, 429): nothing was done
 EXIT_INTERRUPTED = 130
 
 
@@ -22,6 +23,19 @@ class UsageError(GpufleetError):
 
 class NotFound(GpufleetError):
     """No run, fleet or event of that name (HTTP 404)."""
+
+
+class Unauthorized(GpufleetError):
+    """No token, or a token no user has (HTTP 401)."""
+
+    exit_code = EXIT_DENIED
+
+
+class Forbidden(GpufleetError):
+    """A known user asking for what their roles do not allow, or a run breaking a fleet's policy
+    (HTTP 403); the message says what is missing."""
+
+    exit_code = EXIT_DENIED
 
 
 @dataclass
