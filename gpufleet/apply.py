@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from gpufleet import blocks as blockslib
 from gpufleet.errors import GpufleetError
 from gpufleet.inventory import GeneratedFiles, write_fleet_files
-from gpufleet.models import Fleet, FleetState, HostStatus, InstanceStatus, Target
+from gpufleet.models import DEFAULT_PROJECT, Fleet, FleetState, HostStatus, InstanceStatus, Target
 from gpufleet.probe import ProbeOutcome, probe_fleet
 from gpufleet.state import Store
 
@@ -48,15 +48,18 @@ class Applied:
 
 def apply_fleet(store: Store, fleet: Fleet, secrets: dict[str, str], seal: Callable[[dict[str, str]], str],
                 on_update: Callable[[str, str, str], None] | None = None,
-                cancel: threading.Event | None = None) -> Applied:
-    """Write the fleet's files, record it (its secrets sealed), drop removed hosts, probe the others
-    and record what each has. Server side: the CLI shows the plan and the progress."""
+                cancel: threading.Event | None = None, project: str = DEFAULT_PROJECT) -> Applied:
+    """Write the fleet's files, record it in ``project`` (its secrets sealed), drop removed hosts,
+    probe the others and record what each has. Server side: the CLI shows the plan and the progress."""
+    current = store.fleet(fleet.name)
+    if current is not None and current.project != project:
+        raise GpufleetError(f"a fleet named {fleet.name} belongs to project {current.project}: choose another name")
     plan = make_plan(fleet, store)
     if plan.busy_removals:
         raise GpufleetError(f"cannot remove {', '.join(plan.busy_removals)} from fleet {fleet.name}: "
                             "workloads run there; stop them first")
     files = write_fleet_files(fleet)
-    store.save_fleet(fleet.name, fleet.source, fleet.config.model_dump(mode="json"))
+    store.save_fleet(fleet.name, fleet.source, fleet.config.model_dump(mode="json"), project)
     store.seal_fleet(fleet.name, seal(secrets) if secrets else None)
     for alias in plan.remove:
         store.remove_instance(fleet.name, alias)

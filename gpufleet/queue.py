@@ -18,7 +18,7 @@ from gpufleet import failpoints
 from gpufleet.allocator import HostIndex, HostSlots, NoCapacity, Placement, Request, gpu_matches, place_gang
 from gpufleet.errors import GpufleetError, NotFound
 from gpufleet.launch import container_name, start_nodes, stop_containers
-from gpufleet.models import RUN_CONFIG, Run, RunConfigType, RunRequest, RunStatus
+from gpufleet.models import DEFAULT_PROJECT, RUN_CONFIG, SYSTEM_ACTOR, Run, RunConfigType, RunRequest, RunStatus
 from gpufleet.scheduler import PRIORITY_DEFAULT, Decision, Running, Waiting, decide, never_fits, ordered
 from gpufleet.state import Store
 
@@ -28,9 +28,46 @@ STOP_CAP = 86400.0  # `stop_duration: off` (wait for ever) waits a day: a stop m
 Unseal = Callable[[str], dict[str, str]]
 
 
-def request_of(cfg: RunConfigType) -> Request:
+@dataclass(frozen=True)
+class Submitter:
+    """Who submits a run, in which project, and their role there: `member`, `admin` (of the
+    project) or `server-admin` (what a fleet's policy lets their run do depends on it)."""
+
+    user: str = ""
+    project: str = DEFAULT_PROJECT
+    role: str = "server-admin"
+
+
+class Placing:
+    """The fleets of each project, read once per pass: a run is placed only on its project's
+    fleets (and, of those, the ones its `fleets` names)."""
+
+    def __init__(self, store: Store):
+        self.by_project: dict[str, set[str]] = {}
+        for fleet, project in store.fleet_projects().items():
+            self.by_project.setdefault(project, set()).add(fleet)
+
+    def fleets(self, cfg: RunConfigType, project: str) -> tuple[str, ...]:
+        mine = self.by_project.get(project, set())
+        return tuple(sorted(mine & set(cfg.fleets) if cfg.fleets else mine))
+
+    def none_for(self, cfg: RunConfigType, project: str) -> str:
+        """Why a run has no fleet to go to ('' when it has)."""
+        if self.fleets(cfg, project):
+            return ""
+        if cfg.fleets and self.by_project.get(project):
+            return (f"none of the fleets it names ({', '.join(cfg.fleets)}) is a fleet of project {project} "
+                    f"(its fleets: {', '.join(sorted(self.by_project[project]))})")
+        return f"project {project} has no fleet yet (a project admin applies one: gpufleet apply -f FLEET.yml)"
+
+
+def request_of(cfg: RunConfigType, fleets: tuple[str, ...] | None = None) -> Request:
+    """What the allocator places for ``cfg``: on ``fleets`` (its project's, which must not be
+    empty), else on the fleets the run names (else on any)."""
     r = cfg.resources
-    return Request(gpu=r.gpu, cpu=r.cpu, memory_gb=r.memory, fleets=tuple(cfg.fleets) if cfg.fleets else None)
+    if fleets is None:
+        fleets = tuple(cfg.fleets) if cfg.fleets else None
+    return Request(gpu=r.gpu, cpu=r.cpu, memory_gb=r.memory, fleets=fleets)
 
 
 def cluster_fleets(store: Store) -> set[str]:
@@ -63,10 +100,10 @@ class Policy:
                    queue=retry.queue, retry_duration=retry.duration, on_events=tuple(sorted(retry.on_events)))
 
 
-def waiting_of(run: Run | RunRequest, submitted_at: float = 0.0) -> Waiting:
+def waiting_of(run: Run | RunRequest, submitted_at: float = 0.0, fleets: tuple[str, ...] | None = None) -> Waiting:
     cfg = run.config if isinstance(run, RunRequest) else RUN_CONFIG.validate_python(run.spec)
     policy = Policy.of(cfg)
-    return Waiting(run_id=run.name, request=request_of(cfg), submitted_at=submitted_at,
+    return Waiting(run_id=run.name, request=request_of(cfg, fleets), submitted_at=submitted_at,
                    nodes=getattr(cfg, "nodes", 1), priority=policy.priority, max_duration=policy.max_duration)
 
 
@@ -99,10 +136,14 @@ class Plan:
     never: str = ""
 
 
-def plan(store: Store, req: RunRequest) -> Plan:
+def plan(store: Store, req: RunRequest, who: Submitter = Submitter()) -> Plan:
+    placing = Placing(store)
+    nowhere = placing.none_for(req.config, who.project)
+    if nowhere:
+        return Plan(never=f"{req.name}: {nowhere}")
     hosts = store.slots_snapshot()
     clusters = cluster_fleets(store)
-    waiting = waiting_of(req)
+    waiting = waiting_of(req, fleets=placing.fleets(req.config, who.project))
     never = never_fits(waiting, hosts, clusters)
     if never:
         return Plan(never=f"{req.name} {never}")
@@ -112,15 +153,19 @@ def plan(store: Store, req: RunRequest) -> Plan:
         return Plan(waits=f"{e}")
 
 
-def submit(store: Store, req: RunRequest, seal: Seal, no_queue: bool = False
+def submit(store: Store, req: RunRequest, seal: Seal, no_queue: bool = False, who: Submitter = Submitter()
            ) -> tuple[Run, list[Placement] | None]:
     """Queue ``req`` (the scheduling pass starts it as soon as it may): (the run, None). Refused at
     once when it can never fit. A run that must not wait (`retry: false`, --no-queue) takes its
     blocks now, in one transaction, or is refused: (the run, its placements) for the caller to
     launch. It never takes blocks the head of the queue has reserved."""
     policy = Policy.of(req.config)
+    placing = Placing(store)
+    nowhere = placing.none_for(req.config, who.project)
+    if nowhere:
+        raise GpufleetError(f"{req.name}: {nowhere}; not queued")
     hosts = store.slots_snapshot()
-    waiting = waiting_of(req)
+    waiting = waiting_of(req, fleets=placing.fleets(req.config, who.project))
     clusters = cluster_fleets(store)
     never = never_fits(waiting, hosts, clusters)
     if never:
@@ -139,7 +184,8 @@ def submit(store: Store, req: RunRequest, seal: Seal, no_queue: bool = False
         try:
             placements = store.allocate(req.name, uuid.uuid4().hex[:12], req.config.type, spec,
                                         container_name(req.name), choose, priority=policy.priority,
-                                        max_duration=policy.max_duration, retry=policy.as_json(), sealed=sealed)
+                                        max_duration=policy.max_duration, retry=policy.as_json(), sealed=sealed,
+                                        project=who.project, user=who.user)
         except NoCapacity as e:
             why = "--no-queue" if no_queue else "retry: false"
             raise GpufleetError(f"{e} (not queued: {why})") from None
@@ -151,7 +197,7 @@ def submit(store: Store, req: RunRequest, seal: Seal, no_queue: bool = False
         reason = wait_reason(waiting, hosts)
     store.enqueue(req.name, uuid.uuid4().hex[:12], req.config.type, spec, container_name(req.name),
                   priority=policy.priority, max_duration=policy.max_duration, retry=policy.as_json(),
-                  sealed=sealed, reason=reason)
+                  sealed=sealed, reason=reason, project=who.project, user=who.user)
     return store.run(req.name), None
 
 
@@ -165,8 +211,9 @@ def _without(index: HostIndex, reserved: dict[int, set[int]]) -> list[HostSlots]
             for h in index.hosts()]
 
 
-def cancel(store: Store, name: str, why: str = "cancelled by the user while waiting") -> bool:
-    return store.finish_run(name, RunStatus.STOPPED, None, why)
+def cancel(store: Store, name: str, why: str = "cancelled by the user while waiting",
+           actor: str = SYSTEM_ACTOR) -> bool:
+    return store.finish_run(name, RunStatus.STOPPED, None, why, actor=actor)
 
 
 # --------------------------------------------------------------------------- the scheduling pass
@@ -181,7 +228,16 @@ def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: 
     if not pending:
         store.save_reservations([])
         return
-    waits = {r.name: waiting_of(r, r.created_at) for r in pending}
+    placing = Placing(store)
+    waits, homeless = {}, {}
+    for r in pending:
+        cfg = RUN_CONFIG.validate_python(r.spec)
+        nowhere = placing.none_for(cfg, r.project)
+        if nowhere:
+            homeless[r.name] = f"waiting: {nowhere}"
+        else:
+            waits[r.name] = waiting_of(r, r.created_at, placing.fleets(cfg, r.project))
+    store.set_waiting(homeless)
     hosts = store.slots_snapshot()
     running = [Running(run_id=r.name, blocks=tuple((n.instance_id, b) for n in r.nodes for b in n.blocks),
                        ends_at=(r.started_at + r.max_duration) if r.started_at and r.max_duration else None)
@@ -270,13 +326,13 @@ def enforce_limits(store: Store, now: float | None = None) -> list[str]:
     return ended
 
 
-def _stopper(store: Store, run: Run, why: str) -> Callable[[], bool] | None:
+def _stopper(store: Store, run: Run, why: str, actor: str = SYSTEM_ACTOR) -> Callable[[], bool] | None:
     """Mark an active run `stopping` (so its containers' exit is not read as a failure) and return
     the work that stops them within its grace and records it `stopped` (``why``): True when done,
     False when the runtime could not stop them (the run is `running` again, saying why). None if
     the run is no longer active."""
     grace = store.retry_policy(run.name).get("stop_duration")
-    if not store.begin_stop(run.name, why):
+    if not store.begin_stop(run.name, why, actor):
         return None
 
     def work() -> bool:
@@ -285,12 +341,13 @@ def _stopper(store: Store, run: Run, why: str) -> Callable[[], bool] | None:
         except GpufleetError as e:
             store.set_run_status(run.name, RunStatus.RUNNING, f"could not stop it: {e}")
             return False
-        return store.finish_run(run.name, RunStatus.STOPPED, None, why)
+        return store.finish_run(run.name, RunStatus.STOPPED, None, why, actor=actor)
 
     return work
 
 
-def stop(store: Store, name: str, by: str = "the user") -> tuple[Run, Callable[[], bool] | None]:
+def stop(store: Store, name: str, by: str = "the user", actor: str = SYSTEM_ACTOR
+         ) -> tuple[Run, Callable[[], bool] | None]:
     """Stop a run. A waiting one is cancelled at once: (the run, None). An active one is marked
     `stopping` at once, and the work that stops its containers (up to their grace) and frees its
     blocks is returned, for the caller to do where it does not hold up others (the server: on a
@@ -299,14 +356,14 @@ def stop(store: Store, name: str, by: str = "the user") -> tuple[Run, Callable[[
     if run is None:
         raise NotFound(f"no run named {name!r} (see gpufleet ps -a)")
     if run.status == RunStatus.PENDING:
-        if cancel(store, name, f"cancelled by {by} while waiting"):
+        if cancel(store, name, f"cancelled by {by} while waiting", actor):
             return store.run(name), None
         run = store.run(name)
     if run.status == RunStatus.STOPPING:
         return run, None  # already being stopped
     if not run.active:
         raise GpufleetError(f"run {name} is not running ({run.status})")
-    work = _stopper(store, run, f"stopped by {by}")
+    work = _stopper(store, run, f"stopped by {by}", actor)
     if work is None:
         raise GpufleetError(f"run {name} is not running ({store.run(name).status})")
     return store.run(name), work

@@ -40,23 +40,32 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
 from gpufleet import migrations, paths
 from gpufleet.allocator import BlockSlot, HostIndex, HostSlots, Placement
 from gpufleet.blocks import Block
-from gpufleet.errors import GpufleetError
+from gpufleet.errors import GpufleetError, NotFound
 from gpufleet.models import (
     ACTIVE_RUN_STATUSES,
+    DEFAULT_PROJECT,
     GPU,
     LIVE_RUN_STATUSES,
+    SYSTEM_ACTOR,
     Event,
     FleetState,
     HostFacts,
     Instance,
     InstanceStatus,
+    Member,
+    Project,
+    ProjectRole,
+    Quota,
     Run,
     RunStatus,
+    ServerRole,
+    UsageRecord,
+    User,
 )
 
 metadata = MetaData()
@@ -68,6 +77,7 @@ fleets = Table(
     Column("config", Text, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    Column("project", String(64), nullable=False, default=DEFAULT_PROJECT),
 )
 
 instances = Table(
@@ -122,6 +132,8 @@ runs = Table(
     Column("max_duration", Float, nullable=True),  # seconds; NULL: no limit
     Column("retry", Text, nullable=False, default="{}"),  # the normalized retry policy (JSON)
     Column("started_at", Float, nullable=True),  # when its blocks were taken
+    Column("project", String(64), nullable=False, default=DEFAULT_PROJECT),
+    Column("user", String(64), nullable=False, default=""),  # who submitted it
     Index("ix_runs_status", "status"),
 )
 
@@ -136,6 +148,8 @@ events = Table(
     Column("fleet", String(64), nullable=True),
     Column("host", String(300), nullable=True),
     Column("message", Text, nullable=False),
+    Column("project", String(64), nullable=True),
+    Column("actor", String(64), nullable=True),  # a user's name, or SYSTEM_ACTOR
     Index("ix_events_run", "run", "id"),
     sqlite_autoincrement=True,  # an id is never reused: `events -f` reads "after id N"
 )
@@ -169,6 +183,52 @@ server_leases = Table(
     Column("url", String(300), nullable=False),
     Column("acquired_at", Float, nullable=False),
     Column("renewed_at", Float, nullable=False),
+)
+
+# Users of the server: a role, and the SHA-256 of their API token (the token itself is never kept).
+users = Table(
+    "users", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("role", String(16), nullable=False),  # admin | user
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),  # last made or rotated token
+)
+
+projects = Table(
+    "projects", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("created_at", Float, nullable=False),
+)
+
+members = Table(
+    "members", metadata,
+    Column("project", String(64), ForeignKey("projects.name", ondelete="CASCADE"), primary_key=True),
+    Column("user", String(64), ForeignKey("users.name", ondelete="CASCADE"), primary_key=True),
+    Column("role", String(16), nullable=False),  # admin | member
+)
+
+# GPUs running at once: of a project (user ''), of a user in it; of one GPU model (gpu '': any)
+quotas = Table(
+    "quotas", metadata,
+    Column("project", String(64), ForeignKey("projects.name", ondelete="CASCADE"), primary_key=True),
+    Column("user", String(64), primary_key=True),
+    Column("gpu", String(64), primary_key=True),
+    Column("gpus", Integer, nullable=False),
+)
+
+# GPU time used, a row per run segment that held GPUs (written when it ends): usage and fair share.
+usage = Table(
+    "usage", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run", String(64), nullable=False),
+    Column("project", String(64), nullable=False),
+    Column("user", String(64), nullable=False),
+    Column("gpus", Integer, nullable=False),
+    Column("gpu", String(64), nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("ended_at", Float, nullable=False),
+    Index("ix_usage_ended", "ended_at"),
 )
 
 # One row per transaction and instance whose blocks or status changed (allocation, release,
@@ -212,11 +272,13 @@ def _run(r) -> Run:
                status=r.status, message=r.message, exit_code=r.exit_code, gpus=json.loads(r.gpus),
                blocks=json.loads(r.blocks), spec=json.loads(r.spec), container=r.container,
                nodes=json.loads(r.nodes), created_at=r.created_at, updated_at=r.updated_at, instance_num=r.num,
-               owner=r.owner, priority=r.priority, max_duration=r.max_duration, started_at=r.started_at)
+               owner=r.owner, priority=r.priority, max_duration=r.max_duration, started_at=r.started_at,
+               project=r.project, user=r.user)
 
 
 def _event(r) -> Event:
-    return Event(id=r.id, ts=r.ts, kind=r.kind, run=r.run, fleet=r.fleet, host=r.host, message=r.message)
+    return Event(id=r.id, ts=r.ts, kind=r.kind, run=r.run, fleet=r.fleet, host=r.host, message=r.message,
+                 project=r.project, actor=r.actor)
 
 
 def _where(placements: list[Placement]) -> str:
@@ -290,34 +352,47 @@ class Store:
         return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", self.url)
 
     # fleets -----------------------------------------------------------------------------------
-    def save_fleet(self, name: str, source: str, config: dict) -> None:
+    def save_fleet(self, name: str, source: str, config: dict, project: str = DEFAULT_PROJECT) -> None:
+        """Record a fleet's config, in ``project``; a fleet of another project is not taken over."""
         now = time.time()
         with self.engine.begin() as c:
-            row = c.execute(select(fleets.c.name).where(fleets.c.name == name)).first()
+            row = c.execute(select(fleets.c.name, fleets.c.project).where(fleets.c.name == name)).first()
+            if row and row.project != project:
+                raise GpufleetError(f"a fleet named {name} belongs to project {row.project}: choose another name")
             if row:
                 c.execute(update(fleets).where(fleets.c.name == name).values(
                     source=source, config=json.dumps(config), updated_at=now))
             else:
                 c.execute(insert(fleets).values(name=name, source=source, config=json.dumps(config),
-                                                created_at=now, updated_at=now))
+                                                created_at=now, updated_at=now, project=project))
+
+    def fleet_projects(self) -> dict[str, str]:
+        """fleet -> its project."""
+        with self._reads.connect() as c:
+            return {r.name: r.project for r in c.execute(select(fleets.c.name, fleets.c.project))}
 
     def fleet(self, name: str) -> FleetState | None:
         views = self.fleets(name)
         return views[0] if views else None
 
-    def fleets(self, name: str | None = None) -> list[FleetState]:
+    def fleets(self, name: str | None = None, projects: set[str] | None = None) -> list[FleetState]:
+        """The fleets (of ``projects`` when given), with their instances."""
         with self._reads.connect() as c:
             q = select(fleets).order_by(fleets.c.name)
             if name is not None:
                 q = q.where(fleets.c.name == name)
-            out = {r.name: FleetState(name=r.name, source=r.source, created_at=r.created_at) for r in c.execute(q)}
+            if projects is not None:
+                q = q.where(fleets.c.project.in_(sorted(projects)))
+            out = {r.name: FleetState(name=r.name, source=r.source, created_at=r.created_at, project=r.project)
+                   for r in c.execute(q)}
             q = select(instances).order_by(instances.c.fleet, instances.c.num)
             if name is not None:
                 q = q.where(instances.c.fleet == name)
             counts = self._block_counts(c)
             for r in c.execute(q):
-                total, busy = counts.get(r.id, (0, 0))
-                out[r.fleet].instances.append(_instance(r, total, busy))
+                if r.fleet in out:
+                    total, busy = counts.get(r.id, (0, 0))
+                    out[r.fleet].instances.append(_instance(r, total, busy))
         return list(out.values())
 
     @staticmethod
@@ -493,7 +568,7 @@ class Store:
     def allocate(self, name: str, run_id: str, kind: str, spec: dict, container: str,
                  choose: Callable[[HostIndex], Placement | list[Placement]], *, priority: int = 50,
                  max_duration: float | None = None, retry: dict | None = None,
-                 sealed: str | None = None) -> list[Placement]:
+                 sealed: str | None = None, project: str = DEFAULT_PROJECT, user: str = "") -> list[Placement]:
         """In one transaction: refuse a duplicate live run, choose blocks with ``choose`` (which
         raises when nothing fits; a list for multi-node runs, rank 0 first), mark them, and record
         the run as `starting` (its secrets sealed, for its start)."""
@@ -516,10 +591,11 @@ class Store:
             c.execute(insert(runs), dict(
                 name=name, run_id=run_id, type=kind, status=str(RunStatus.STARTING), message="", spec=json.dumps(spec),
                 container=container, created_at=now, updated_at=now, priority=priority, max_duration=max_duration,
-                retry=json.dumps(retry or {})))
+                retry=json.dumps(retry or {}), project=project, user=user))
             if sealed is not None:
                 c.execute(insert(secrets).values(run=name, sealed=sealed, created_at=now))
-            self._event(c, "submitted", f"submitted ({kind}, priority {priority})", run=name, ts=now)
+            self._event(c, "submitted", f"submitted ({kind}, priority {priority})", run=name, ts=now,
+                        project=project, actor=user or None)
             seen = self._take(c, name, placements, now)
         self._taken(placements, seen)
         return placements
@@ -542,7 +618,8 @@ class Store:
             message="", exit_code=None, gpus=json.dumps(nodes[0]["gpus"]), blocks=json.dumps(nodes[0]["blocks"]),
             nodes=json.dumps(nodes), owner=f"{socket.gethostname()}:{os.getpid()}", started_at=now, updated_at=now))
         c.execute(delete(reservations).where(reservations.c.run == name))
-        self._event(c, "starting", f"starting on {_where(placements)}", run=name, fleet=first.fleet, ts=now)
+        self._event(c, "starting", f"starting on {_where(placements)}", run=name, fleet=first.fleet, ts=now,
+                    actor=SYSTEM_ACTOR)
         return seen
 
     def _taken(self, placements: list[Placement], seen: int) -> None:
@@ -555,7 +632,8 @@ class Store:
 
     # the queue --------------------------------------------------------------------------------
     def enqueue(self, name: str, run_id: str, kind: str, spec: dict, container: str, *, priority: int,
-                max_duration: float | None, retry: dict, sealed: str | None, reason: str) -> None:
+                max_duration: float | None, retry: dict, sealed: str | None, reason: str,
+                project: str = DEFAULT_PROJECT, user: str = "") -> None:
         """Record a run that waits for blocks (`pending`), with its secrets sealed, and say why it waits."""
         now = time.time()
         with self.engine.begin() as c:
@@ -568,12 +646,13 @@ class Store:
             c.execute(insert(runs), dict(
                 name=name, run_id=run_id, type=kind, status=PENDING, message=reason, spec=json.dumps(spec),
                 container=container, created_at=now, updated_at=now, priority=priority, max_duration=max_duration,
-                retry=json.dumps(retry)))
+                retry=json.dumps(retry), project=project, user=user))
             if sealed is not None:
                 c.execute(insert(secrets).values(run=name, sealed=sealed, created_at=now))
-            self._event(c, "submitted", f"submitted ({kind}, priority {priority})", run=name, ts=now)
+            self._event(c, "submitted", f"submitted ({kind}, priority {priority})", run=name, ts=now,
+                        project=project, actor=user or None)
             if reason:
-                self._event(c, "queued", reason, run=name, ts=now)
+                self._event(c, "queued", reason, run=name, ts=now, project=project, actor=SYSTEM_ACTOR)
 
     def start_pending(self, name: str, placements: list[Placement]) -> bool:
         """Take ``placements``' blocks for the waiting run ``name`` (as the scheduler decided) and
@@ -596,12 +675,13 @@ class Store:
         left from the first try is replaced, not adopted."""
         with self.engine.begin() as c:
             self._serialize(c)
+            self._record_usage(c, name)
             c.execute(update(runs).where(runs.c.name == name).values(
                 run_id=uuid.uuid4().hex[:12], status=PENDING, fleet=None, instance_id=None, alias=None, gpus="[]",
                 blocks="[]", nodes="[]",
                 owner="", started_at=None, message=why, updated_at=time.time()))
             self._free(c, name)
-            self._event(c, "queued", why, run=name)
+            self._event(c, "queued", why, run=name, actor=SYSTEM_ACTOR)
 
     def pending(self) -> list[Run]:
         """The waiting runs, oldest first."""
@@ -663,27 +743,222 @@ class Store:
 
     # events -----------------------------------------------------------------------------------
     def _event(self, c, kind: str, message: str, run: str | None = None, fleet: str | None = None,
-               host: str | None = None, ts: float | None = None) -> None:
+               host: str | None = None, ts: float | None = None, project: str | None = None,
+               actor: str | None = None) -> None:
         # under the writers' lock (PostgreSQL; SQLite's write lock is per transaction anyway), so
         # events commit in id order and a reader following "after id N" never skips one
         self._serialize(c)
+        if project is None and run is not None:
+            project = c.execute(select(runs.c.project).where(runs.c.name == run)).scalar()
+        if project is None and fleet is not None:
+            project = c.execute(select(fleets.c.project).where(fleets.c.name == fleet)).scalar()
         eid = c.execute(insert(events).returning(events.c.id).values(
-            ts=ts or time.time(), kind=kind, run=run, fleet=fleet, host=host, message=message)).scalar_one()
+            ts=ts or time.time(), kind=kind, run=run, fleet=fleet, host=host, message=message, project=project,
+            actor=actor)).scalar_one()
         if eid % PRUNE_EVERY == 0:
             c.execute(delete(events).where(events.c.id <= eid - KEEP_EVENTS))
 
     def add_event(self, kind: str, message: str, run: str | None = None, fleet: str | None = None,
-                  host: str | None = None) -> None:
+                  host: str | None = None, project: str | None = None, actor: str | None = SYSTEM_ACTOR) -> None:
         with self.engine.begin() as c:
-            self._event(c, kind, message, run, fleet, host)
+            self._event(c, kind, message, run, fleet, host, project=project, actor=actor)
 
-    def events(self, run: str | None = None, after: int = 0, limit: int = 1000) -> list[Event]:
-        """Events after id ``after``, oldest first (at most ``limit``)."""
+    def events(self, run: str | None = None, after: int = 0, limit: int = 1000,
+               projects: set[str] | None = None) -> list[Event]:
+        """Events after id ``after``, oldest first (at most ``limit``); of ``projects`` when given."""
         with self._reads.connect() as c:
             q = select(events).where(events.c.id > after)
             if run is not None:
                 q = q.where(events.c.run == run)
+            if projects is not None:
+                q = q.where(events.c.project.in_(sorted(projects)))
             return [_event(r) for r in c.execute(q.order_by(events.c.id).limit(limit))]
+
+    # users, projects, members, quotas (tokens arrive hashed; a value is never seen here) -------
+    def bootstrap(self, admin: str, token_hash: str) -> bool:
+        """On a server's first start (no user yet): user ``admin`` (server admin) with that token,
+        and the project `default` with them as its admin. True if it made them. Two replicas
+        starting at once make them once."""
+        now = time.time()
+        try:
+            with self.engine.begin() as c:
+                self._serialize(c)
+                if c.execute(select(func.count()).select_from(users)).scalar():
+                    return False
+                c.execute(insert(users).values(name=admin, role=str(ServerRole.ADMIN), token_hash=token_hash,
+                                               created_at=now, updated_at=now))
+                if c.execute(select(projects.c.name).where(projects.c.name == DEFAULT_PROJECT)).first() is None:
+                    c.execute(insert(projects).values(name=DEFAULT_PROJECT, created_at=now))
+                c.execute(insert(members).values(project=DEFAULT_PROJECT, user=admin, role=str(ProjectRole.ADMIN)))
+                self._event(c, "user", f"server admin {admin} made on first start", project=DEFAULT_PROJECT,
+                            actor=SYSTEM_ACTOR)
+                return True
+        except IntegrityError:
+            return False
+
+    def user_by_token(self, token_hash: str) -> User | None:
+        with self._reads.connect() as c:
+            row = c.execute(select(users.c.name).where(users.c.token_hash == token_hash)).first()
+            return self._users(c, row.name)[0] if row else None
+
+    def users(self, name: str | None = None) -> list[User]:
+        with self._reads.connect() as c:
+            return self._users(c, name)
+
+    def user(self, name: str) -> User | None:
+        found = self.users(name)
+        return found[0] if found else None
+
+    @staticmethod
+    def _users(c, name: str | None = None) -> list[User]:
+        q = select(users).order_by(users.c.name)
+        m = select(members)
+        if name is not None:
+            q, m = q.where(users.c.name == name), m.where(members.c.user == name)
+        roles: dict[str, dict[str, str]] = {}
+        for r in c.execute(m.order_by(members.c.project)):
+            roles.setdefault(r.user, {})[r.project] = r.role
+        return [User(name=r.name, role=r.role, created_at=r.created_at, projects=roles.get(r.name, {}))
+                for r in c.execute(q)]
+
+    def add_user(self, name: str, role: ServerRole, token_hash: str, actor: str) -> User:
+        now = time.time()
+        with self.engine.begin() as c:
+            if c.execute(select(users.c.name).where(users.c.name == name)).first():
+                raise GpufleetError(f"a user named {name} exists already")
+            c.execute(insert(users).values(name=name, role=str(role), token_hash=token_hash, created_at=now,
+                                           updated_at=now))
+            self._event(c, "user", f"user {name} added ({role})", actor=actor)
+            return self._users(c, name)[0]
+
+    def set_token(self, name: str, token_hash: str, actor: str) -> bool:
+        """Replace user ``name``'s token (its old one stops working at once)."""
+        with self.engine.begin() as c:
+            done = c.execute(update(users).where(users.c.name == name).values(
+                token_hash=token_hash, updated_at=time.time())).rowcount
+            if done:
+                self._event(c, "user", f"token of {name} rotated", actor=actor)
+            return bool(done)
+
+    def delete_user(self, name: str, actor: str) -> None:
+        with self.engine.begin() as c:
+            row = c.execute(select(users.c.role).where(users.c.name == name)).first()
+            if row is None:
+                raise NotFound(f"no user named {name!r} (see gpufleet user list)")
+            admins = c.execute(select(func.count()).select_from(users)
+                               .where(users.c.role == str(ServerRole.ADMIN))).scalar()
+            if row.role == ServerRole.ADMIN and admins <= 1:
+                raise GpufleetError(f"{name} is the last server admin: make another admin first")
+            c.execute(delete(members).where(members.c.user == name))
+            c.execute(delete(quotas).where(quotas.c.user == name))
+            c.execute(delete(users).where(users.c.name == name))
+            self._event(c, "user", f"user {name} deleted", actor=actor)
+
+    def projects(self, names: set[str] | None = None) -> list[Project]:
+        with self._reads.connect() as c:
+            q = select(projects).order_by(projects.c.name)
+            m = select(members).order_by(members.c.user)
+            if names is not None:
+                q, m = q.where(projects.c.name.in_(sorted(names))), m.where(members.c.project.in_(sorted(names)))
+            found = {r.name: Project(name=r.name, created_at=r.created_at) for r in c.execute(q)}
+            for r in c.execute(m):
+                if r.project in found:
+                    found[r.project].members.append(Member(user=r.user, role=r.role))
+            return list(found.values())
+
+    def project(self, name: str) -> Project | None:
+        found = self.projects({name})
+        return found[0] if found else None
+
+    def add_project(self, name: str, admin: str, actor: str) -> Project:
+        with self.engine.begin() as c:
+            if c.execute(select(projects.c.name).where(projects.c.name == name)).first():
+                raise GpufleetError(f"a project named {name} exists already")
+            c.execute(insert(projects).values(name=name, created_at=time.time()))
+            c.execute(insert(members).values(project=name, user=admin, role=str(ProjectRole.ADMIN)))
+            self._event(c, "project", f"project {name} added, {admin} its admin", project=name, actor=actor)
+        return self.project(name)
+
+    def delete_project(self, name: str, actor: str) -> None:
+        with self.engine.begin() as c:
+            self._serialize(c)
+            if c.execute(select(projects.c.name).where(projects.c.name == name)).first() is None:
+                raise NotFound(f"no project named {name!r} (see gpufleet project list)")
+            owned = [r.name for r in c.execute(select(fleets.c.name).where(fleets.c.project == name))]
+            if owned:
+                raise GpufleetError(f"project {name} has fleets ({', '.join(owned)}): delete them first")
+            live = [r.name for r in c.execute(select(runs.c.name).where(runs.c.project == name,
+                                                                       runs.c.status.in_(LIVE)))]
+            if live:
+                raise GpufleetError(f"project {name} has runs waiting or running ({', '.join(live[:5])}): "
+                                    "stop them first")
+            c.execute(delete(members).where(members.c.project == name))
+            c.execute(delete(quotas).where(quotas.c.project == name))
+            c.execute(delete(projects).where(projects.c.name == name))
+            self._event(c, "project", f"project {name} deleted", project=name, actor=actor)
+
+    def set_member(self, project: str, user: str, role: ProjectRole, actor: str) -> None:
+        with self.engine.begin() as c:
+            if c.execute(select(users.c.name).where(users.c.name == user)).first() is None:
+                raise NotFound(f"no user named {user!r} (see gpufleet user list)")
+            old = c.execute(select(members.c.role).where(members.c.project == project,
+                                                         members.c.user == user)).first()
+            if old:
+                c.execute(update(members).where(members.c.project == project, members.c.user == user)
+                          .values(role=str(role)))
+            else:
+                c.execute(insert(members).values(project=project, user=user, role=str(role)))
+            self._event(c, "member", f"{user} is {role} of project {project}" +
+                        (f" (was {old.role})" if old and old.role != role else ""), project=project, actor=actor)
+
+    def remove_member(self, project: str, user: str, actor: str) -> None:
+        with self.engine.begin() as c:
+            done = c.execute(delete(members).where(members.c.project == project, members.c.user == user)).rowcount
+            if not done:
+                raise NotFound(f"{user} is not a member of project {project}")
+            c.execute(delete(quotas).where(quotas.c.project == project, quotas.c.user == user))
+            self._event(c, "member", f"{user} removed from project {project}", project=project, actor=actor)
+
+    def quotas(self, projects_: set[str] | None = None) -> list[Quota]:
+        with self._reads.connect() as c:
+            q = select(quotas).order_by(quotas.c.project, quotas.c.user, quotas.c.gpu)
+            if projects_ is not None:
+                q = q.where(quotas.c.project.in_(sorted(projects_)))
+            return [Quota(project=r.project, user=r.user or None, gpu=r.gpu or None, gpus=r.gpus) for r in c.execute(q)]
+
+    def set_quota(self, quota: Quota, actor: str) -> None:
+        key = dict(project=quota.project, user=quota.user or "", gpu=quota.gpu or "")
+        with self.engine.begin() as c:
+            where = [getattr(quotas.c, k) == v for k, v in key.items()]
+            if c.execute(select(quotas.c.gpus).where(*where)).first():
+                c.execute(update(quotas).where(*where).values(gpus=quota.gpus))
+            else:
+                c.execute(insert(quotas).values(**key, gpus=quota.gpus))
+            self._event(c, "quota", f"quota set: {_quota_text(quota)}", project=quota.project, actor=actor)
+
+    def delete_quota(self, project: str, user: str | None, gpu: str | None, actor: str) -> bool:
+        with self.engine.begin() as c:
+            done = c.execute(delete(quotas).where(quotas.c.project == project, quotas.c.user == (user or ""),
+                                                  quotas.c.gpu == (gpu or ""))).rowcount
+            if done:
+                self._event(c, "quota", "quota removed: " + _quota_text(Quota(project=project, user=user, gpu=gpu,
+                                                                                  gpus=0), limit=False),
+                            project=project, actor=actor)
+            return bool(done)
+
+    def usage_records(self, since: float = 0.0) -> list[UsageRecord]:
+        """GPU time that ended after ``since``, and that of the runs holding GPUs now (``ended_at`` None)."""
+        with self._reads.connect() as c:
+            out = [UsageRecord(run=r.run, project=r.project, user=r.user, gpus=r.gpus, gpu=r.gpu,
+                               started_at=r.started_at, ended_at=r.ended_at)
+                   for r in c.execute(select(usage).where(usage.c.ended_at > since).order_by(usage.c.id))]
+            for r in c.execute(select(runs.c.name, runs.c.project, runs.c.user, runs.c.nodes, runs.c.started_at)
+                               .where(runs.c.status.in_(ACTIVE), runs.c.started_at.is_not(None))):
+                gpus = [g for n in json.loads(r.nodes) for g in n.get("gpus", [])]
+                if gpus:
+                    out.append(UsageRecord(run=r.name, project=r.project, user=r.user, gpus=len(gpus),
+                                           gpu=gpus[0].get("model") or "", started_at=r.started_at))
+            return out
 
     # server leadership (who holds it; the lock itself is the server's) -----------------------
     def record_leader(self, holder: str, url: str, acquired_at: float) -> None:
@@ -698,14 +973,17 @@ class Store:
             row = c.execute(select(server_leases).where(server_leases.c.name == "leader")).first()
             return dict(row._mapping) if row else None
 
-    def finish_run(self, name: str, status: RunStatus, exit_code: int | None = None, message: str = "") -> bool:
-        """Record a run's end (an event says how), free its blocks and forget its secrets, in one
-        transaction; False (nothing done) if it had already ended."""
+    def finish_run(self, name: str, status: RunStatus, exit_code: int | None = None, message: str = "",
+                   actor: str = SYSTEM_ACTOR) -> bool:
+        """Record a run's end (an event says how, and who: ``actor``), free its blocks, forget its
+        secrets and record the GPU time it used, in one transaction; False (nothing done) if it had
+        already ended."""
         with self.engine.begin() as c:
             self._serialize(c)
             row = c.execute(select(runs.c.status, runs.c.fleet).where(runs.c.name == name)).first()
             if row is None or row.status not in LIVE:
                 return False
+            self._record_usage(c, name)
             c.execute(update(runs).where(runs.c.name == name).values(
                 status=str(status), exit_code=exit_code, message=message, updated_at=time.time()))
             self._free(c, name)
@@ -714,8 +992,21 @@ class Store:
             text_ = message or (f"exit code {exit_code}" if exit_code is not None else str(status))
             if status == RunStatus.DONE:
                 text_ = "finished: exit code 0" if not message else f"finished: {message}"
-            self._event(c, str(status), text_, run=name, fleet=row.fleet)
+            self._event(c, str(status), text_, run=name, fleet=row.fleet, actor=actor)
             return True
+
+    @staticmethod
+    def _record_usage(c, name: str) -> None:
+        """The GPU time of run ``name`` since it took its blocks, as a `usage` row (before its end or requeue)."""
+        row = c.execute(select(runs.c.project, runs.c.user, runs.c.nodes, runs.c.started_at, runs.c.status)
+                        .where(runs.c.name == name)).first()
+        if row is None or row.started_at is None or row.status not in ACTIVE:
+            return
+        gpus = [g for n in json.loads(row.nodes) for g in n.get("gpus", [])]
+        if gpus:
+            c.execute(insert(usage).values(run=name, project=row.project, user=row.user, gpus=len(gpus),
+                                           gpu=gpus[0].get("model") or "", started_at=row.started_at,
+                                           ended_at=max(time.time(), row.started_at)))
 
     def _free(self, c, name: str) -> None:
         held = [r.instance_id for r in c.execute(select(blocks.c.instance_id).distinct()
@@ -724,7 +1015,7 @@ class Store:
             c.execute(update(blocks).where(blocks.c.run == name).values(run=None))
             self._changed(c, held)
 
-    def begin_stop(self, name: str, why: str) -> bool:
+    def begin_stop(self, name: str, why: str, actor: str = SYSTEM_ACTOR) -> bool:
         """Mark an active run `stopping` (by this process, ``why``) before its containers are stopped,
         so that their exit is not taken for a failure; False if it is not active."""
         with self.engine.begin() as c:
@@ -734,7 +1025,7 @@ class Store:
             c.execute(update(runs).where(runs.c.name == name).values(
                 status=str(RunStatus.STOPPING), message=why, owner=f"{socket.gethostname()}:{os.getpid()}",
                 updated_at=time.time()))
-            self._event(c, "stopping", why, run=name, fleet=row.fleet)
+            self._event(c, "stopping", why, run=name, fleet=row.fleet, actor=actor)
             return True
 
     def set_run_status(self, name: str, status: RunStatus, message: str = "") -> None:
@@ -748,7 +1039,7 @@ class Store:
             if row.status != str(status):
                 where = ", ".join(n["alias"] for n in json.loads(row.nodes))
                 text_ = f"running on {where}" if status == RunStatus.RUNNING and where else (message or str(status))
-                self._event(c, str(status), text_, run=name, fleet=row.fleet)
+                self._event(c, str(status), text_, run=name, fleet=row.fleet, actor=SYSTEM_ACTOR)
                 retry = json.loads(c.execute(select(runs.c.retry).where(runs.c.name == name)).scalar_one())
                 again = {"error", "interruption"} & set(retry.get("on_events") or [])
                 if status == RunStatus.RUNNING and not again:
@@ -756,13 +1047,16 @@ class Store:
                     # started again after an error or interruption keeps them, sealed, until it ends)
                     c.execute(delete(secrets).where(secrets.c.run == name))
 
-    def runs(self, include_finished: bool = False, name: str | None = None) -> list[Run]:
+    def runs(self, include_finished: bool = False, name: str | None = None,
+             projects: set[str] | None = None) -> list[Run]:
         with self._reads.connect() as c:
             q = select(runs, instances.c.num).join(instances, instances.c.id == runs.c.instance_id, isouter=True)
             if name is not None:
                 q = q.where(runs.c.name == name)
             elif not include_finished:
                 q = q.where(runs.c.status.in_(LIVE))
+            if projects is not None:
+                q = q.where(runs.c.project.in_(sorted(projects)))
             return [_run(r) for r in c.execute(q.order_by(runs.c.created_at))]
 
     def run(self, name: str) -> Run | None:
@@ -772,6 +1066,12 @@ class Store:
     def busy_aliases(self, fleet: str) -> list[str]:
         with self._reads.connect() as c:
             return self._busy_aliases(c, fleet)
+
+
+def _quota_text(q: Quota, limit: bool = True) -> str:
+    who = f"{q.user} in project {q.project}" if q.user else f"project {q.project}"
+    what = f"{q.gpu} GPUs" if q.gpu else "GPUs"
+    return f"{who}: at most {q.gpus} {what} at once" if limit else f"{who}, {what}"
 
 
 def _chunks(ids: list[int], size: int = 500):

@@ -7,11 +7,14 @@ allocator and state -> what the CLI shows."""
 from gpufleet.models.core import (
     ACTIVE_RUN_STATUSES,
     LIVE_RUN_STATUSES,
+    SYSTEM_ACTOR,
     CoreModel,
     HostStatus,
     InstanceStatus,
+    ProjectRole,
     Range,
     RunStatus,
+    ServerRole,
 )
 from gpufleet.models.env import Env, split_env
 from gpufleet.models.facts import CPU, GPU, UNKNOWN_RUNTIME, Container, Disk, HostFacts, Problem, Runtime
@@ -35,10 +38,23 @@ from gpufleet.models.run import (
     TaskConfig,
     parse_duration,
 )
-from gpufleet.models.state import Event, FleetState, Instance, Run, RunNode
+from gpufleet.models.state import (
+    DEFAULT_PROJECT,
+    Event,
+    FleetState,
+    Instance,
+    Member,
+    Project,
+    Quota,
+    Run,
+    RunNode,
+    UsageRecord,
+    User,
+)
 
 __all__ = [
-    "ACTIVE_RUN_STATUSES", "CPU", "GPU", "LIVE_RUN_STATUSES", "RETRY_DURATION_DEFAULT", "RUN_CONFIG",
+    "ACTIVE_RUN_STATUSES", "CPU", "DEFAULT_PROJECT", "Member", "Project", "ProjectRole", "Quota", "SYSTEM_ACTOR",
+    "ServerRole", "UsageRecord", "User", "GPU", "LIVE_RUN_STATUSES", "RETRY_DURATION_DEFAULT", "RUN_CONFIG",
     "RUN_PRIORITY_DEFAULT", "STOP_DURATION_DEFAULT", "UNKNOWN_RUNTIME", "Container", "CoreModel",
     "DevEnvironmentConfig", "Disk", "Env", "Event", "Fleet", "FleetConfig", "FleetState", "GPUSpec", "Hop",
     "HostFacts", "HostParams", "HostStatus", "Instance", "InstanceStatus", "Problem", "ProxyJump", "Range",

@@ -49,6 +49,23 @@ ACTIVE_RUN_STATUSES = (RunStatus.STARTING, RunStatus.RUNNING, RunStatus.STOPPING
 LIVE_RUN_STATUSES = (RunStatus.PENDING, *ACTIVE_RUN_STATUSES)
 
 
+class ServerRole(StrEnum):
+    """A user's role on the server: an `admin` manages users, projects and every run and fleet."""
+
+    ADMIN = "admin"
+    USER = "user"
+
+
+class ProjectRole(StrEnum):
+    """A member's role in a project: an `admin` manages its fleets, members and per-user quotas."""
+
+    ADMIN = "admin"
+    MEMBER = "member"
+
+
+SYSTEM_ACTOR = "gpufleet"  # the actor of what the server does by itself (a limit, the scheduler)
+
+
 class HostStatus(StrEnum):
     """One host's progress through a playbook run, and how it ended (for a probe too)."""
 

@@ -9,9 +9,11 @@ from typing import Any
 
 from pydantic import Field
 
-from gpufleet.models.core import CoreModel, InstanceStatus, RunStatus
+from gpufleet.models.core import CoreModel, InstanceStatus, ProjectRole, RunStatus, ServerRole
 from gpufleet.models.facts import GPU, UNKNOWN_RUNTIME, HostFacts
 from gpufleet.models.run import RunType
+
+DEFAULT_PROJECT = "default"  # the project every server starts with (and of everything from before projects)
 
 
 class Instance(CoreModel):
@@ -44,6 +46,7 @@ class FleetState(CoreModel):
     name: str
     source: str
     created_at: float
+    project: str = DEFAULT_PROJECT
     instances: list[Instance] = Field(default_factory=list)
 
     def facts(self) -> dict[str, HostFacts]:
@@ -68,6 +71,8 @@ class Event(CoreModel):
     run: str | None = None
     fleet: str | None = None
     host: str | None = None
+    project: str | None = None
+    actor: str | None = None  # who did it: a user's name, or SYSTEM_ACTOR for the server's own doing
 
 
 class RunNode(CoreModel):
@@ -106,6 +111,8 @@ class Run(CoreModel):
     max_duration: float | None = None  # seconds; None: no limit
     started_at: float | None = None  # when its blocks were taken (None while pending)
     position: int | None = None  # pending runs: 1-based place in the queue's order (set by the server)
+    project: str = DEFAULT_PROJECT
+    user: str = ""  # who submitted it
 
     @property
     def active(self) -> bool:
@@ -135,3 +142,50 @@ class Run(CoreModel):
             except PermissionError:
                 return True
         return time.time() - self.updated_at < lease
+
+
+class Member(CoreModel):
+    user: str
+    role: ProjectRole
+
+
+class Project(CoreModel):
+    name: str
+    created_at: float
+    members: list[Member] = Field(default_factory=list)
+
+    def role_of(self, user: str) -> ProjectRole | None:
+        return next((m.role for m in self.members if m.user == user), None)
+
+
+class User(CoreModel):
+    """A user of the server (its token is never here: the store keeps only its hash)."""
+
+    name: str
+    role: ServerRole
+    created_at: float
+    projects: dict[str, ProjectRole] = Field(default_factory=dict)  # project -> role in it
+
+
+class Quota(CoreModel):
+    """At most ``gpus`` GPUs running at once in ``project`` (of ``user`` when set; of GPU model
+    ``gpu`` when set)."""
+
+    project: str
+    user: str | None = None
+    gpu: str | None = None
+    gpus: int = Field(ge=0)
+    used: int | None = None  # GPUs in use now that count against it (filled in by the server)
+
+
+class UsageRecord(CoreModel):
+    """A stretch of GPU time: ``gpus`` GPUs of ``project``/``user`` from ``started_at`` to
+    ``ended_at`` (None: still running)."""
+
+    run: str
+    project: str
+    user: str
+    gpus: int
+    gpu: str = ""  # the model of its GPUs
+    started_at: float
+    ended_at: float | None = None

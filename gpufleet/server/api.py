@@ -1,11 +1,14 @@
-"""The HTTP API of `gpufleet server` (FastAPI): runs, fleets, events and the server itself.
+"""The HTTP API of `gpufleet server` (FastAPI): runs, fleets, events and the server itself; users,
+projects, quotas and usage are in gpufleet.server.teams.
 
-Every route that reads or changes state needs the server's token (`Authorization: Bearer ...`);
-/api/health, /docs and /openapi.json do not (they show no state). Errors are JSON
+Every route that reads or changes state needs a user's token (`Authorization: Bearer ...`), and
+what it shows or does follows the caller's roles (gpufleet.server.auth; docs/teams.md has the
+table). /api/health, /docs and /openapi.json need none (they show no state). Errors are JSON
 ``{"detail": message, "exit_code": N}`` with the status that says what is wrong (401 no or bad
-token, 404 no such run or fleet, 409 refused as things are, 422 bad config, with ``problems``:
-file, line, column, field, message), so the CLI prints the message and exits as it always did.
-User text is never read as markup: the CLI prints it as plain text.
+token, 403 not allowed, 429 too many failed logins, 404 no such run or fleet, 409 refused as
+things are, 422 bad config, with ``problems``: file, line, column, field, message), so the CLI
+prints the message and exits as it always did. User text is never read as markup: the CLI prints
+it as plain text.
 """
 
 from __future__ import annotations
@@ -18,16 +21,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from gpufleet import __version__, queue, runs
 from gpufleet.apply import apply_fleet, make_plan
 from gpufleet.config import parse_fleet
-from gpufleet.errors import ConfigError, GpufleetError, NotFound, UsageError
+from gpufleet.errors import ConfigError, Forbidden, GpufleetError, NotFound, Unauthorized, UsageError
+from gpufleet.models import ProjectRole, Run
 from gpufleet.runconfig import parse_run
+from gpufleet.server.auth import Caller, FailedLogins, Me, TooManyFailures, authenticate
 from gpufleet.state import Store
 
 
@@ -44,6 +50,21 @@ class Context:
     info: Callable[[], dict]
     shutdown: Callable[[], None]
     touched: list[float] = field(default_factory=lambda: [time.monotonic()])
+    failures: FailedLogins = field(default_factory=FailedLogins)
+    half_life: float = 7 * 86400.0  # fair share: seconds for past GPU time to count half
+    token_file: Path | None = None  # the bootstrap admin's token, rewritten when it is rotated
+
+    def caller(self, token: str | None, client: str) -> Caller:
+        who = authenticate(self.store, token, client, self.failures)
+        self.touched[0] = time.monotonic()
+        return who
+
+    def authorize_run(self, token: str | None, client: str, name: str) -> Run:
+        """The run ``name``, if the token's user may act on it (attach to it through the server)."""
+        who = self.caller(token, client)
+        run = who.sees_run(self.store, name)
+        who.need_run(run, f"attaching to run {name}")
+        return run
 
 
 class Body(BaseModel):
@@ -53,6 +74,7 @@ class Body(BaseModel):
 class ConfigText(Body):
     source: str = Field(description="The file's path where the client read it (for messages and relative paths).")
     text: str = Field(description="The file's text.")
+    project: str | None = Field(None, description="The project (default: the caller's only one, else `default`).")
 
 
 class Submission(ConfigText):
@@ -64,76 +86,92 @@ def create_app(ctx: Context) -> FastAPI:
     app = FastAPI(title="gpufleet", version=__version__,
                   description="The gpufleet control plane: fleets of GPU hosts sliced into blocks, a queue of runs.")
 
-    async def authorized(request: Request) -> None:
-        from gpufleet.server.tokens import matches
-
-        header = request.headers.get("authorization", "")
-        presented = header[7:] if header.lower().startswith("bearer ") else None
-        if not matches(ctx.token, presented):
-            raise _Unauthorized("no token" if presented is None else "bad token")
-        ctx.touched[0] = time.monotonic()
-
+    app.state.ctx = ctx  # what auth.Me's dependency reads
     @app.exception_handler(GpufleetError)
     async def _error(request: Request, e: GpufleetError) -> JSONResponse:
-        return JSONResponse(_error_body(e), status_code=_status(e))
+        headers = {"Retry-After": str(e.retry_after)} if isinstance(e, TooManyFailures) else None
+        return JSONResponse(_error_body(e), status_code=_status(e), headers=headers)
 
     @app.get("/api/health", tags=["server"])
     def health() -> dict:
         return {"ok": True, "version": __version__}
 
-    api = APIRouter(prefix="/api", dependencies=[Depends(authorized)])
+    api = APIRouter(prefix="/api")
 
     # ------------------------------------------------------------------ server
     @api.get("/server", tags=["server"])
-    def server_info() -> dict:
+    def server_info(who: Me) -> dict:
         return ctx.info()
 
     @api.post("/server/stop", tags=["server"])
-    def server_stop() -> dict:
+    def server_stop(who: Me) -> dict:
+        who.need_admin("stopping the server")
         ctx.shutdown()
         return {"stopping": True}
 
     # ------------------------------------------------------------------ runs
+    def projects_asked(who: Caller, project: str | None) -> set[str] | None:
+        """The projects a list shows: the one asked (the caller must be in it), else all they see."""
+        if project:
+            who.need_member(project, f"seeing project {project}")
+            return {project}
+        return who.visible()
+
+    def submitter(who: Caller, project: str | None, what: str) -> queue.Submitter:
+        p = who.project(project)
+        role = "server-admin" if who.admin else ("admin" if who.role_in(p) == ProjectRole.ADMIN else "member")
+        return queue.Submitter(user=who.name, project=p, role=role)
+
     @api.get("/runs", tags=["runs"])
-    def list_runs(all: bool = False) -> list[dict]:
-        views = ctx.store.runs(include_finished=all)
-        return [_run_json(r) for r in _with_positions(views)]
+    def list_runs(who: Me, all: bool = False, project: str | None = None) -> list[dict]:
+        views = ctx.store.runs(include_finished=all, projects=projects_asked(who, project))
+        return [_run_json(r) for r in _with_positions(views, ctx.store)]
 
     @api.get("/runs/{name}", tags=["runs"])
-    def get_run(name: str) -> dict:
-        run = runs.get_run(ctx.store, name)
+    def get_run(name: str, who: Me) -> dict:
+        run = who.sees_run(ctx.store, name)
         return _run_json(_with_positions([run], ctx.store)[0])
 
     @api.post("/runs/plan", tags=["runs"])
-    def plan_run(body: ConfigText) -> dict:
+    def plan_run(body: ConfigText, who: Me) -> dict:
+        by = submitter(who, body.project, "planning a run")
         req = parse_run(body.text, body.source, values=False)
-        return _plan_json(req, queue.plan(ctx.store, req))
+        return _plan_json(req, queue.plan(ctx.store, req, by))
 
     @api.post("/runs", tags=["runs"], status_code=201)
-    def submit_run(body: Submission) -> dict:
+    def submit_run(body: Submission, who: Me) -> dict:
+        by = submitter(who, body.project, "submitting a run")
         req = parse_run(body.text, body.source, secrets=body.secrets)
-        run, placements = queue.submit(ctx.store, req, ctx.seal, no_queue=body.no_queue)
+        run, placements = queue.submit(ctx.store, req, ctx.seal, no_queue=body.no_queue, who=by)
         if placements is not None:  # it took its blocks at once (it may not wait): start it
             ctx.launch(run, placements)
         ctx.kick()
         return _run_json(_with_positions([run], ctx.store)[0])
 
     @api.post("/runs/{name}/stop", tags=["runs"])
-    def stop_run(name: str) -> dict:
+    def stop_run(name: str, who: Me) -> dict:
         """Cancel a waiting run, or begin stopping an active one: it is `stopping` until its
         containers are stopped (within its grace), then `stopped` (or `running` again, with why)."""
-        run, work = queue.stop(ctx.store, name)
+        run = who.sees_run(ctx.store, name)
+        who.need_run(run, f"stopping run {name}")
+        by = who.name if run.user == who.name else (
+            f"{who.name} ({'server admin' if who.admin else f'admin of project {run.project}'})")
+        run, work = queue.stop(ctx.store, name, by=by, actor=who.name)
         if work is not None:
             ctx.background(work)
         ctx.kick()
         return _run_json(run)
 
     @api.get("/runs/{name}/attach", tags=["runs"])
-    def attach_run(name: str) -> dict:
+    def attach_run(name: str, who: Me) -> dict:
+        who.need_run(who.sees_run(ctx.store, name), f"attaching to run {name}")
         return runs.attach_plan(ctx.store, name)
 
     @api.get("/runs/{name}/logs", tags=["runs"])
-    async def run_logs(name: str, request: Request, follow: bool = False, node: int = 0) -> StreamingResponse:
+    async def run_logs(name: str, request: Request, who: Me, follow: bool = False, node: int = 0
+                       ) -> StreamingResponse:
+        run = await asyncio.to_thread(who.sees_run, ctx.store, name)
+        who.need_run(run, f"reading the logs of run {name}")
         argv = await asyncio.to_thread(runs.logs_argv, ctx.store, name, follow, node)
 
         async def stream():
@@ -154,35 +192,53 @@ def create_app(ctx: Context) -> FastAPI:
         return StreamingResponse(stream(), media_type="text/plain")
 
     # ------------------------------------------------------------------ fleets
-    @api.get("/fleets", tags=["fleets"])
-    def list_fleets() -> list[dict]:
-        return [f.model_dump(mode="json") for f in ctx.store.fleets()]
-
-    @api.get("/fleets/{name}", tags=["fleets"])
-    def get_fleet(name: str) -> dict:
+    def fleet_of(name: str, who: Caller, what: str):
         view = ctx.store.fleet(name)
         if view is None:
             raise NotFound(f"no fleet named {name!r} (see gpufleet fleet list)")
-        return view.model_dump(mode="json")
+        who.need_member(view.project, what)
+        return view
+
+    def fleet_admin(who: Caller, project: str | None, name: str, what: str) -> str:
+        """The project a fleet is applied in; the caller must be its admin, and a fleet of that
+        name must not belong to another project."""
+        p = who.project(project)
+        who.need_project_admin(p, f"{what} fleet {name}")
+        current = ctx.store.fleet(name)
+        if current is not None and current.project != p:
+            who.need_member(current.project, f"{what} fleet {name}")
+            raise GpufleetError(f"fleet {name} belongs to project {current.project}, not {p}: "
+                                f"use --project {current.project}, or another name")
+        return p
+
+    @api.get("/fleets", tags=["fleets"])
+    def list_fleets(who: Me, project: str | None = None) -> list[dict]:
+        return [f.model_dump(mode="json") for f in ctx.store.fleets(projects=projects_asked(who, project))]
+
+    @api.get("/fleets/{name}", tags=["fleets"])
+    def get_fleet(name: str, who: Me) -> dict:
+        return fleet_of(name, who, f"fleet {name}").model_dump(mode="json")
 
     @api.post("/fleets/plan", tags=["fleets"])
-    def plan_fleet(body: ConfigText) -> dict:
+    def plan_fleet(body: ConfigText, who: Me) -> dict:
         fleet = parse_fleet(body.text, body.source)
+        fleet_admin(who, body.project, fleet.name, "planning")
         plan = make_plan(fleet, ctx.store)
         return {"name": fleet.name, "add": plan.add, "reprobe": plan.reprobe, "remove": plan.remove,
                 "busy_removals": plan.busy_removals}
 
     @api.post("/fleets", tags=["fleets"])
-    async def apply(body: Submission, request: Request) -> StreamingResponse:
+    async def apply(body: Submission, request: Request, who: Me) -> StreamingResponse:
         """Apply a fleet: a stream of JSON lines, `{"progress": {alias, state, message}}` per host
         step, then `{"result": {...}}` or `{"error": {...}}`. A client that goes away cancels the probe."""
         fleet = await asyncio.to_thread(parse_fleet, body.text, body.source)
+        project = await asyncio.to_thread(fleet_admin, who, body.project, fleet.name, "applying")
         lines: queuelib.Queue = queuelib.Queue()
         cancel = threading.Event()
 
         def work() -> None:
             try:
-                done = apply_fleet(ctx.store, fleet, body.secrets, ctx.seal, cancel=cancel,
+                done = apply_fleet(ctx.store, fleet, body.secrets, ctx.seal, cancel=cancel, project=project,
                                    on_update=lambda a, s, m: lines.put({"progress": {"alias": a, "state": str(s),
                                                                                      "message": m}}))
                 lines.put({"result": {"fleet": done.view.model_dump(mode="json"), "warnings": done.warnings,
@@ -218,28 +274,34 @@ def create_app(ctx: Context) -> FastAPI:
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 
     @api.delete("/fleets/{name}", tags=["fleets"])
-    def delete_fleet(name: str) -> dict:
-        if ctx.store.fleet(name) is None:
-            raise NotFound(f"no fleet named {name!r} (see gpufleet fleet list)")
+    def delete_fleet(name: str, who: Me) -> dict:
+        view = fleet_of(name, who, f"fleet {name}")
+        who.need_project_admin(view.project, f"deleting fleet {name}")
         ctx.store.delete_fleet(name)
+        ctx.store.add_event("fleet", f"fleet {name} deleted", fleet=None, project=view.project, actor=who.name)
         return {"deleted": name}
 
     # ------------------------------------------------------------------ events
     @api.get("/events", tags=["events"])
-    def list_events(run: str | None = None, after: int = 0, limit: int = 1000) -> list[dict]:
-        return [e.model_dump(mode="json") for e in ctx.store.events(run=run, after=after, limit=min(limit, 10000))]
+    def list_events(who: Me, run: str | None = None, after: int = 0, limit: int = 1000,
+                    project: str | None = None) -> list[dict]:
+        return [e.model_dump(mode="json") for e in ctx.store.events(run=run, after=after, limit=min(limit, 10000),
+                                                                    projects=projects_asked(who, project))]
 
+    from gpufleet.server import teams
+
+    api.include_router(teams.router(ctx))
     app.include_router(api)
     return app
 
 
-class _Unauthorized(GpufleetError):
-    pass
-
-
 def _status(e: GpufleetError) -> int:
-    if isinstance(e, _Unauthorized):
+    if isinstance(e, TooManyFailures):
+        return 429
+    if isinstance(e, Unauthorized):
         return 401
+    if isinstance(e, Forbidden):
+        return 403
     if isinstance(e, NotFound):
         return 404
     if isinstance(e, ConfigError):
@@ -250,9 +312,9 @@ def _status(e: GpufleetError) -> int:
 
 
 def _error_body(e: GpufleetError) -> dict:
-    if isinstance(e, _Unauthorized):
-        return {"detail": f"{e}: this server needs its token (Authorization: Bearer ...); the CLI reads it from "
-                          "the server's state directory, or from GPUFLEET_TOKEN", "exit_code": 1}
+    if type(e) is Unauthorized:
+        return {"detail": f"{e}: this server needs a user's token (Authorization: Bearer ...); log in with "
+                          "gpufleet login --server URL --token TOKEN, or set GPUFLEET_TOKEN", "exit_code": e.exit_code}
     body = {"detail": str(e), "exit_code": e.exit_code}
     if isinstance(e, ConfigError):
         body["problems"] = [dataclasses.asdict(p) for p in e.problems]

@@ -31,6 +31,7 @@ def serve(settings: ServerSettings, local: bool = False) -> int:
     import uvicorn
 
     from gpufleet.server.api import Context, create_app
+    from gpufleet.server.auth import BOOTSTRAP_ADMIN, token_hash
     from gpufleet.server.control import Controller
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -38,6 +39,9 @@ def serve(settings: ServerSettings, local: bool = False) -> int:
     token = tokens.ensure_token(sdir)
     vault = Vault(sdir / KEY_FILE)
     store = Store(settings.database_url) if settings.database_url else Store()
+    if store.bootstrap(BOOTSTRAP_ADMIN, token_hash(token)):
+        log.info("first start: made user %s (server admin, the state directory's token) and project default",
+                 BOOTSTRAP_ADMIN)
     sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -66,8 +70,8 @@ def serve(settings: ServerSettings, local: bool = False) -> int:
                 "home": str(paths.home())}
 
     ctx = Context(store=store, token=token, seal=vault.seal, kick=controller.kick, launch=controller.launch,
-                  background=controller.background,
-                  info=info, shutdown=shutdown)
+                  background=controller.background, info=info, shutdown=shutdown,
+                  half_life=settings.fair_share_half_life, token_file=sdir / tokens.TOKEN_FILE)
     server = uvicorn.Server(uvicorn.Config(create_app(ctx), log_level="warning", access_log=False, lifespan="off",
                                            timeout_graceful_shutdown=5))
     servers.append(server)

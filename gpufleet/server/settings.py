@@ -53,6 +53,9 @@ class ServerSettings(CoreModel):
     leader_retry: float = _seconds(1.0, "how often a server that does not run the loops tries to become "
                                         "their leader.")
     workers: int = Field(8, ge=1, le=1024, strict=True, description="Threads that start and stop containers.")
+    fair_share_half_life: float = _seconds(7 * 86400.0, "fair share: how long before a GPU-hour used counts "
+                                                        "half as much (as Slurm's PriorityDecayHalfLife); "
+                                                        "default 7 days.")
 
 
 def settings_file() -> Path:

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from gpufleet import client as clientlib
 from gpufleet.errors import ConfigError, GpufleetError, NotFound
 from gpufleet.server.api import Context, create_app
+from gpufleet.server.auth import FAILURES_ALLOWED, FailedLogins, token_hash
 from gpufleet.server.vault import Vault
 from gpufleet.state import Store
 
@@ -19,6 +20,7 @@ TOKEN = "t0k3n-for-tests"
 @pytest.fixture()
 def api(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    store.bootstrap("admin", token_hash(TOKEN))  # what a server's first start does
     launched = []
     ctx = Context(store=store, token=TOKEN, seal=Vault(tmp_path / "secret.key").seal, kick=lambda: None,
                   launch=lambda run, placements: launched.append(run.name), background=lambda work: work(),
@@ -46,11 +48,29 @@ def test_every_state_route_needs_the_token(api):
               if path.startswith("/api/") and path != "/api/health" for method in methods]
     assert len(routes) >= 15, routes
     for method, path in routes:
+        http.app.state.ctx.failures = FailedLogins()  # the limit on failed logins is tested below
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
             r = http.request(method, path, headers=headers, json={"source": "x.yml", "text": "type: task"})
             assert r.status_code == 401, (method, path, headers, r.text)
             assert "token" in r.json()["detail"] and TOKEN not in r.text
     assert http.get("/api/runs", headers=auth()).json() == []
+
+
+def test_failed_logins_are_limited_per_address(api):
+    """Ten bad tokens from one address in a minute: the eleventh try is 429 with Retry-After, and
+    its token is not even looked at (the right one too); requests with no token are no guesses."""
+    http, _, _ = api
+    for _ in range(FAILURES_ALLOWED + 5):
+        assert http.get("/api/runs").status_code == 401
+    for i in range(FAILURES_ALLOWED):
+        r = http.get("/api/runs", headers={"Authorization": f"Bearer guess-{i}"})
+        assert r.status_code == 401 and f"guess-{i}" not in r.text
+    r = http.get("/api/runs", headers=auth())
+    assert r.status_code == 429 and 50 <= int(r.headers["Retry-After"]) <= 61
+    assert "too many failed logins" in r.json()["detail"] and r.json()["exit_code"] == 3
+    assert TOKEN not in r.text
+    http.app.state.ctx.failures = FailedLogins(window=0.0)  # as a minute later
+    assert http.get("/api/runs", headers=auth()).status_code == 200
 
 
 def test_a_bad_run_file_comes_back_with_its_file_line_and_field(api):
@@ -64,8 +84,13 @@ def test_a_bad_run_file_comes_back_with_its_file_line_and_field(api):
 
 
 def test_refusals_and_missing_things_keep_their_exit_codes(api):
-    http, _, _ = api
+    http, store, _ = api
+    from test_state import add_host
+
     text = "type: task\nname: big\nimage: busybox\nresources: {gpu: 4}\ncommands: ['true']\n"
+    r = http.post("/api/runs", json={"source": "big.yml", "text": text}, headers=auth())
+    assert r.status_code == 409 and "project default has no fleet yet" in r.json()["detail"]
+    add_host(store, "f", "node-0", n=2)
     r = http.post("/api/runs", json={"source": "big.yml", "text": text}, headers=auth())
     assert r.status_code == 409
     err = as_cli_error(r)

@@ -205,7 +205,12 @@ def _release_tables(c, version: int) -> None:
         c.execute(text(statement))
     if version >= 5:
         for table in ("events", "secrets", "reservations", "server_leases"):
-            metadata.tables[table].create(c)  # as that release's step did
+            metadata.tables[table].create(c)  # as that release's step did ...
+            for column in TEAMS_COLUMNS.get(table, ()):  # ... which had none of what came since
+                c.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+
+
+TEAMS_COLUMNS = {"events": ("project", "actor")}  # what revision 0006 added to version 5's tables
 
 
 def _release_database(url: str, version: int) -> None:
