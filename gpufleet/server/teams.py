@@ -12,29 +12,28 @@ from fastapi import APIRouter
 from pydantic import Field
 
 from gpufleet.errors import GpufleetError, NotFound
-from gpufleet.models import ProjectRole, Quota, ServerRole, User
-from gpufleet.server.api import Body
+from gpufleet.models import CoreModel, ProjectRole, Quota, ServerRole, User
 from gpufleet.server.auth import Caller, Me, new_token, token_hash
 from gpufleet.server.tokens import read_private
 
 NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"  # user and project names: safe in a URL, a table, a shell
 
 
-class NewUser(Body):
+class NewUser(CoreModel):
     name: str = Field(pattern=NAME, description="Lower-case letters, digits, '.', '_', '-'.")
     role: ServerRole = ServerRole.USER
 
 
-class NewProject(Body):
+class NewProject(CoreModel):
     name: str = Field(pattern=NAME, description="Lower-case letters, digits, '.', '_', '-'.")
 
 
-class NewMember(Body):
+class NewMember(CoreModel):
     user: str
     role: ProjectRole = ProjectRole.MEMBER
 
 
-class QuotaBody(Body):
+class QuotaBody(CoreModel):
     project: str
     user: str | None = None
     gpu: str | None = Field(None, max_length=64, description="A GPU model (H100); none: GPUs of any model.")
