@@ -19,6 +19,23 @@ from rich.text import Text
 from gpufleet.errors import UsageError
 from gpufleet.models import Event, FleetState, InstanceStatus, Run, RunStatus, Target
 
+
+# The API's runs, fleets and events carry who and where (docs/teams.md): a run its `project` and
+# `user`, a fleet its `project`, an event its `project` and `actor`. The CLI reads them with these
+# views whether or not the shared models declare them; a server that sends none shows as before.
+class RunView(Run):
+    project: str | None = None
+    user: str | None = None
+
+
+class FleetView(FleetState):
+    project: str | None = None
+
+
+class EventView(Event):
+    project: str | None = None
+    actor: str | None = None
+
 STATUS_STYLE = {InstanceStatus.READY: "", InstanceStatus.UNREACHABLE: "yellow", InstanceStatus.ERROR: "red"}
 PROBE_STYLE = {"ok": "green", "unreachable": "yellow", "failed": "red", "running": "cyan"}
 
@@ -148,8 +165,9 @@ def run_plan_table(name: str, kind: str, rows: list[tuple[str, int, str, str, st
     return t
 
 
-def ps_table(views: list[Run]) -> Table:
-    t = table("NAME", "TYPE", "FLEET", "INSTANCE", "GPUS", "STATUS", "AGE", fold=True)
+def ps_table(views: list[RunView]) -> Table:
+    who = _who(views, "project", "user")
+    t = table("NAME", *(c.upper() for c in who), "TYPE", "FLEET", "INSTANCE", "GPUS", "STATUS", "AGE", fold=True)
     for r in views:
         gpus = ", ".join(g.label for g in r.gpus) or "-"
         instance = "-" if r.instance_num is None else str(r.instance_num)
@@ -161,13 +179,24 @@ def ps_table(views: list[Run]) -> Table:
             status += f" #{r.position}"
         if r.message and (r.live or r.status == RunStatus.FAILED):  # why it waits, failed, is unchecked
             status += f": {r.message[:160]}"
-        t.add_row(r.name, r.type, r.fleet or "-", instance, gpus, Text(status), age(r.created_at, time.time()))
+        t.add_row(r.name, *_cells(r, who), r.type, r.fleet or "-", instance, gpus, Text(status),
+                  age(r.created_at, time.time()))
     return t
 
 
-def runs_json(views: list[Run]) -> str:
+def _who(views: list, *fields: str) -> list[str]:
+    """Of ``fields`` (project, user, actor), those the server sent for any of ``views``."""
+    return [f for f in fields if any(getattr(v, f, None) is not None for v in views)]
+
+
+def _cells(view, fields: list[str]) -> list[Text]:
+    return [Text(getattr(view, f, None) or "-") for f in fields]
+
+
+def runs_json(views: list[RunView]) -> str:
     return json.dumps([{
-        "name": r.name, "type": r.type, "fleet": r.fleet, "instance": r.instance_num, "host": r.alias,
+        "name": r.name, **{f: getattr(r, f) for f in ("project", "user") if getattr(r, f, None) is not None},
+        "type": r.type, "fleet": r.fleet, "instance": r.instance_num, "host": r.alias,
         "status": r.status, "exit_code": r.exit_code, "message": r.message,
         "gpus": [g.model_dump(mode="json") for g in r.gpus], "blocks": r.blocks,
         "nodes": [n.model_dump(mode="json") for n in r.nodes], "created_at": r.created_at, "updated_at": r.updated_at,
@@ -181,16 +210,73 @@ def run_plan_rows(plan: dict) -> list[tuple]:
              p["cpus"], p["memory_mib"]) for p in plan["placements"]]
 
 
-def events_table(events: list[Event]) -> Table:
-    t = table("TIME", "KIND", "RUN", "HOST", "MESSAGE", fold=True)
+def events_table(events: list[EventView]) -> Table:
+    who = _who(events, "project", "actor")
+    t = table("TIME", "KIND", *(c.upper() for c in who), "RUN", "HOST", "MESSAGE", fold=True)
     for e in events:
-        t.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.ts)), e.kind, e.run or "-",
+        t.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.ts)), e.kind, *_cells(e, who), e.run or "-",
                   e.host or "-", Text(e.message))
     return t
 
 
-def event_line(e: Event) -> Text:
-    """One event as `events -f` prints it as it comes."""
+def event_line(e: EventView) -> Text:
+    """One event as `events -f` prints it as it comes (`(by alice in ml)` where the server says)."""
     where = " ".join(x for x in (e.run, e.host) if x)
-    return Text(f"{time.strftime('%H:%M:%S', time.localtime(e.ts))} {e.kind:<16} {where}: {e.message}")
+    actor, project = getattr(e, "actor", None), getattr(e, "project", None)
+    by = " ".join(x for x in (actor and f"by {actor}", project and f"in {project}") if x)
+    return Text(f"{time.strftime('%H:%M:%S', time.localtime(e.ts))} {e.kind:<16} {where}: {e.message}"
+                + (f" ({by})" if by else ""))
+
+
+# --------------------------------------------------------------------------- teams
+
+def roles(items: list[dict], name: str = "name") -> str:
+    """`ml (admin), cv (member)` from [{name, role}] (or [{user, role}] with name="user")."""
+    return ", ".join(f"{i[name]} ({i['role']})" for i in items) or "-"
+
+
+def users_table(users: list[dict]) -> Table:
+    t = table("NAME", "ROLE", "PROJECTS", "CREATED", fold=True)
+    for u in users:
+        t.add_row(Text(u["name"]), Text(u["role"]), Text(roles(u.get("projects") or [])),
+                  age(u["created_at"]) if u.get("created_at") else "-")
+    return t
+
+
+def projects_table(projects: list[dict]) -> Table:
+    t = table("NAME", "MEMBERS", "CREATED", fold=True)
+    for p in projects:
+        t.add_row(Text(p["name"]), Text(roles(p.get("members") or [], "user")),
+                  age(p["created_at"]) if p.get("created_at") else "-")
+    return t
+
+
+def quota_scope(q: dict) -> str:
+    """`project ml, user alice, H100 GPUs` (no user: the whole project; no gpu: GPUs of any model)."""
+    return (f"project {q['project']}, " + (f"user {q['user']}" if q.get("user") else "the whole project") + ", "
+            + (f"{q['gpu']} GPUs" if q.get("gpu") else "GPUs of any model"))
+
+
+def quotas_table(quotas: list[dict]) -> Table:
+    t = table("PROJECT", "USER", "GPU", "LIMIT", "IN USE", fold=True)
+    for q in quotas:
+        t.add_row(Text(q["project"]), Text(q.get("user") or "*"), Text(q.get("gpu") or "any"), str(q["gpus"]),
+                  usage_bar(q.get("used") or 0, q["gpus"]))
+    return t
+
+
+def usage_bar(used: int, limit: int, width: int = 10) -> Text:
+    """`███████░░░ 7/10`: green, yellow from 80%, red when full."""
+    share = used / limit if limit else (1.0 if used else 0.0)
+    filled = min(width, round(share * width))
+    style = "red" if share >= 1 else "yellow" if share >= 0.8 else "green"
+    return Text.assemble(("█" * filled, style), ("░" * (width - filled), "dim"), f" {used}/{limit}")
+
+
+def usage_table(rows: list[dict]) -> Table:
+    t = table("PROJECT", "USER", "GPU-HOURS", "DECAYED", "RUNS", fold=True)
+    for r in sorted(rows, key=lambda r: (r["project"], r.get("user") or "")):
+        t.add_row(Text(r["project"]), Text(r.get("user") or "*"), f"{r['gpu_hours']:.1f}",
+                  f"{r['decayed_gpu_hours']:.1f}", str(r["runs"]))
+    return t
 

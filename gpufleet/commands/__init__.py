@@ -4,9 +4,28 @@ so `gpufleet --help` and a bad argument stay fast."""
 
 from __future__ import annotations
 
-from gpufleet.commands import apply, attach, events, fleet, inventory, lab, logs, ps, server, stop
+from gpufleet.commands import (
+    apply,
+    attach,
+    events,
+    fleet,
+    inventory,
+    lab,
+    login,
+    logout,
+    logs,
+    project,
+    ps,
+    quota,
+    server,
+    stop,
+    usage,
+    user,
+    whoami,
+)
 
-COMMANDS = (apply, ps, logs, stop, attach, events, fleet, inventory, server, lab)
+COMMANDS = (apply, ps, logs, stop, attach, events, fleet, inventory, login, logout, whoami, user, project, quota,
+            usage, server, lab)
 
 
 def register_all(sub) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from gpufleet import present
+from gpufleet.commands.common import add_project, project
 from gpufleet.errors import EXIT_FAILED, EXIT_OK, UsageError
 
 
@@ -24,6 +25,7 @@ def register(sub) -> None:
     a.add_argument("--no-queue", action="store_true",
                    help="runs: refuse at once when it does not fit now, instead of waiting (as retry: false)")
     a.add_argument("--dry-run", action="store_true", help="fleets: validate and show the plan; change nothing")
+    add_project(a)
     a.set_defaults(func=run)
 
 
@@ -39,11 +41,18 @@ def run(args: argparse.Namespace, console: Console) -> int:
     return apply_fleet(args, console)
 
 
+def _project_field(args: argparse.Namespace, client) -> dict:
+    """The body's "project" (left out when there is none: the server picks, and a server without
+    projects is sent what it always was)."""
+    p = project(args, client)
+    return {"project": p} if p else {}
+
+
 # --------------------------------------------------------------------------- runs
 
 def submit(args: argparse.Namespace, console: Console) -> int:
     from gpufleet.client import connect
-    from gpufleet.models import Run, RunStatus
+    from gpufleet.models import RunStatus
     from gpufleet.runconfig import load_run
     from gpufleet.yamlsource import read_config_text
 
@@ -52,7 +61,8 @@ def submit(args: argparse.Namespace, console: Console) -> int:
     text = read_config_text(path)
     client = connect()
     source = str(path)
-    plan = client.post("/api/runs/plan", {"source": source, "text": text})
+    where = _project_field(args, client)
+    plan = client.post("/api/runs/plan", {"source": source, "text": text, **where})
     if plan["never"]:
         from gpufleet.errors import GpufleetError
 
@@ -69,8 +79,9 @@ def submit(args: argparse.Namespace, console: Console) -> int:
     if not args.yes and not present.confirm(console, "Submit the run?"):
         console.print("Nothing was changed.")
         return EXIT_OK
-    view = Run.model_validate(client.post("/api/runs", {"source": source, "text": text, "secrets": req.secrets,
-                                                        "no_queue": args.no_queue}))
+    view = present.RunView.model_validate(client.post("/api/runs", {"source": source, "text": text,
+                                                                    "secrets": req.secrets,
+                                                                    "no_queue": args.no_queue, **where}))
     if args.detach and view.status == RunStatus.PENDING and view.message:
         present.plain(console, f"{view.name} is queued (#{view.position}): {view.message}")
         return EXIT_OK
@@ -91,7 +102,7 @@ def submit(args: argparse.Namespace, console: Console) -> int:
 
 def _wait_started(client, view, console: Console):
     """Poll until the run holds its blocks and runs (or ended), saying why it waits when that changes."""
-    from gpufleet.models import Run, RunStatus
+    from gpufleet.models import RunStatus
 
     said = ""
     while view.status in (RunStatus.PENDING, RunStatus.STARTING):
@@ -99,7 +110,7 @@ def _wait_started(client, view, console: Console):
             present.plain(console, f"{view.name} waits (#{view.position}): {view.message}")
             said = view.message
         time.sleep(0.5)
-        view = Run.model_validate(client.get(f"/api/runs/{view.name}"))
+        view = present.RunView.model_validate(client.get(f"/api/runs/{view.name}"))
     return view
 
 
@@ -114,11 +125,9 @@ def _follow_logs(client, name: str) -> None:
 
 def _wait_ended(client, name: str, timeout: float = 60):
     """After the followed logs end: wait (bounded) for the server to see every node's container exit."""
-    from gpufleet.models import Run
-
     deadline = time.monotonic() + timeout
     while True:
-        view = Run.model_validate(client.get(f"/api/runs/{name}"))
+        view = present.RunView.model_validate(client.get(f"/api/runs/{name}"))
         if not view.live or time.monotonic() > deadline:
             return view
         time.sleep(0.5)
@@ -142,7 +151,7 @@ def apply_fleet(args: argparse.Namespace, console: Console) -> int:
     from gpufleet.client import connect
     from gpufleet.config import load_fleet
     from gpufleet.errors import GpufleetError
-    from gpufleet.models import FleetState, split_env
+    from gpufleet.models import split_env
     from gpufleet.secrets import fleet_secrets
     from gpufleet.yamlsource import read_config_text
 
@@ -151,7 +160,8 @@ def apply_fleet(args: argparse.Namespace, console: Console) -> int:
     source = str(path.resolve())
     text = read_config_text(path)
     client = connect()
-    plan = client.post("/api/fleets/plan", {"source": source, "text": text})
+    where = _project_field(args, client)
+    plan = client.post("/api/fleets/plan", {"source": source, "text": text, **where})
     console.print(present.styled("Fleet", "bold") + f" {fleet.name} ({fleet.source})")
     touched = [fleet.target(a) for a in plan["add"] + plan["reprobe"]]
     console.print(present.fleet_plan_table(touched, plan["add"], plan["remove"], plan["busy_removals"]))
@@ -168,7 +178,8 @@ def apply_fleet(args: argparse.Namespace, console: Console) -> int:
     secrets = fleet_secrets(fleet.name, fleet.source, names)
     result = None
     with present.probe_progress(console, plan["add"] + plan["reprobe"]) as update:
-        for item in client.lines("POST", "/api/fleets", {"source": source, "text": text, "secrets": secrets}):
+        for item in client.lines("POST", "/api/fleets", {"source": source, "text": text, "secrets": secrets,
+                                                          **where}):
             if "progress" in item:
                 p = item["progress"]
                 update(p["alias"], p["state"], p["message"])
@@ -176,7 +187,7 @@ def apply_fleet(args: argparse.Namespace, console: Console) -> int:
                 result = item["result"]
     if result is None:
         raise GpufleetError("the server ended the apply without a result; see gpufleet events")
-    view = FleetState.model_validate(result["fleet"])
+    view = present.FleetView.model_validate(result["fleet"])
     console.print(present.fleet_table([view]))
     for w in result["warnings"]:
         present.note(console, "warning", w)

@@ -7,7 +7,7 @@ import argparse
 from rich.console import Console
 
 from gpufleet import present
-from gpufleet.commands.common import add_name
+from gpufleet.commands.common import add_json, add_name, add_project, project
 from gpufleet.errors import EXIT_OK
 
 
@@ -15,7 +15,8 @@ def register(sub) -> None:
     f = sub.add_parser("fleet", help="list or delete fleets")
     fs = f.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
     fl = fs.add_parser("list", help="list fleets and their instances")
-    fl.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json(fl)
+    add_project(fl)
     fl.set_defaults(func=list_fleets)
     fd = fs.add_parser("delete", help="delete a fleet (refused while it runs workloads)")
     add_name(fd, confirm=True)
@@ -24,9 +25,9 @@ def register(sub) -> None:
 
 def list_fleets(args: argparse.Namespace, console: Console) -> int:
     from gpufleet.client import connect
-    from gpufleet.models import FleetState
 
-    views = [FleetState.model_validate(f) for f in connect().get("/api/fleets")]
+    client = connect()
+    views = [present.FleetView.model_validate(f) for f in client.get("/api/fleets", project=project(args, client))]
     if args.json:
         print(present.fleets_json(views))
     elif not views:

@@ -7,6 +7,7 @@ import argparse
 from rich.console import Console
 
 from gpufleet import present
+from gpufleet.commands.common import add_project, project
 from gpufleet.errors import EXIT_OK
 
 
@@ -15,14 +16,16 @@ def register(sub) -> None:
                                    "with -a finished")
     ps.add_argument("-a", "--all", action="store_true", help="include finished runs")
     ps.add_argument("--json", action="store_true")
+    add_project(ps)
     ps.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
     from gpufleet.client import connect
-    from gpufleet.models import Run
 
-    views = [Run.model_validate(r) for r in connect().get("/api/runs", all=args.all)]
+    client = connect()
+    views = [present.RunView.model_validate(r) for r in client.get("/api/runs", all=args.all,
+                                                                  project=project(args, client))]
     if args.json:
         print(present.runs_json(views))
     elif not views:
