@@ -20,22 +20,6 @@ from gpufleet.errors import UsageError
 from gpufleet.models import Event, FleetState, InstanceStatus, Run, RunStatus, Target
 
 
-# The API's runs, fleets and events carry who and where (docs/teams.md): a run its `project` and
-# `user`, a fleet its `project`, an event its `project` and `actor`. The CLI reads them with these
-# views whether or not the shared models declare them; a server that sends none shows as before.
-class RunView(Run):
-    project: str | None = None
-    user: str | None = None
-
-
-class FleetView(FleetState):
-    project: str | None = None
-
-
-class EventView(Event):
-    project: str | None = None
-    actor: str | None = None
-
 STATUS_STYLE = {InstanceStatus.READY: "", InstanceStatus.UNREACHABLE: "yellow", InstanceStatus.ERROR: "red"}
 PROBE_STYLE = {"ok": "green", "unreachable": "yellow", "failed": "red", "running": "cyan"}
 
@@ -165,7 +149,7 @@ def run_plan_table(name: str, kind: str, rows: list[tuple[str, int, str, str, st
     return t
 
 
-def ps_table(views: list[RunView]) -> Table:
+def ps_table(views: list[Run]) -> Table:
     who = _who(views, "project", "user")
     t = table("NAME", *(c.upper() for c in who), "TYPE", "FLEET", "INSTANCE", "GPUS", "STATUS", "AGE", fold=True)
     for r in views:
@@ -185,17 +169,18 @@ def ps_table(views: list[RunView]) -> Table:
 
 
 def _who(views: list, *fields: str) -> list[str]:
-    """Of ``fields`` (project, user, actor), those the server sent for any of ``views``."""
-    return [f for f in fields if any(getattr(v, f, None) is not None for v in views)]
+    """Of ``fields`` (project, user, actor), those worth a column: where ``views`` differ in them
+    (one user's runs in one project, the single-user case, need neither)."""
+    return [f for f in fields if len({getattr(v, f, None) for v in views}) > 1]
 
 
 def _cells(view, fields: list[str]) -> list[Text]:
     return [Text(getattr(view, f, None) or "-") for f in fields]
 
 
-def runs_json(views: list[RunView]) -> str:
+def runs_json(views: list[Run]) -> str:
     return json.dumps([{
-        "name": r.name, **{f: getattr(r, f) for f in ("project", "user") if getattr(r, f, None) is not None},
+        "name": r.name, "project": r.project, "user": r.user,
         "type": r.type, "fleet": r.fleet, "instance": r.instance_num, "host": r.alias,
         "status": r.status, "exit_code": r.exit_code, "message": r.message,
         "gpus": [g.model_dump(mode="json") for g in r.gpus], "blocks": r.blocks,
@@ -210,7 +195,7 @@ def run_plan_rows(plan: dict) -> list[tuple]:
              p["cpus"], p["memory_mib"]) for p in plan["placements"]]
 
 
-def events_table(events: list[EventView]) -> Table:
+def events_table(events: list[Event]) -> Table:
     who = _who(events, "project", "actor")
     t = table("TIME", "KIND", *(c.upper() for c in who), "RUN", "HOST", "MESSAGE", fold=True)
     for e in events:
@@ -219,10 +204,10 @@ def events_table(events: list[EventView]) -> Table:
     return t
 
 
-def event_line(e: EventView) -> Text:
+def event_line(e: Event) -> Text:
     """One event as `events -f` prints it as it comes (`(by alice in ml)` where the server says)."""
     where = " ".join(x for x in (e.run, e.host) if x)
-    actor, project = getattr(e, "actor", None), getattr(e, "project", None)
+    actor, project = e.actor, e.project
     by = " ".join(x for x in (actor and f"by {actor}", project and f"in {project}") if x)
     return Text(f"{time.strftime('%H:%M:%S', time.localtime(e.ts))} {e.kind:<16} {where}: {e.message}"
                 + (f" ({by})" if by else ""))

@@ -28,10 +28,11 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     from gpufleet.client import connect
+    from gpufleet.models import Event
 
     client = connect()
     where = {"run": args.run, "project": project(args, client)}
-    found = [present.EventView.model_validate(e) for e in _all(client, where)]
+    found = [Event.model_validate(e) for e in _all(client, where)]
     shown = found[-args.last:] if args.last > 0 else []
     if args.json and not args.follow:
         print(json.dumps([e.model_dump(mode="json") for e in shown], indent=2))
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 else:
                     console.print(present.event_line(e), highlight=False, soft_wrap=True)
             time.sleep(POLL_S)
-            shown = [present.EventView.model_validate(e) for e in client.get("/api/events", **where, after=after)]
+            shown = [Event.model_validate(e) for e in client.get("/api/events", **where, after=after)]
             if shown:
                 after = shown[-1].id
     except KeyboardInterrupt:

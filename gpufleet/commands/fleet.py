@@ -25,9 +25,10 @@ def register(sub) -> None:
 
 def list_fleets(args: argparse.Namespace, console: Console) -> int:
     from gpufleet.client import connect
+    from gpufleet.models import FleetState
 
     client = connect()
-    views = [present.FleetView.model_validate(f) for f in client.get("/api/fleets", project=project(args, client))]
+    views = [FleetState.model_validate(f) for f in client.get("/api/fleets", project=project(args, client))]
     if args.json:
         print(present.fleets_json(views))
     elif not views:

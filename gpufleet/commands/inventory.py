@@ -24,12 +24,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from gpufleet.config import load_fleet
     from gpufleet.errors import NotFound
     from gpufleet.inventory import group_name, write_fleet_files
+    from gpufleet.models import FleetState
 
     fleet = load_fleet(args.file)
     # once the fleet is applied, its hosts' container runtimes (gpufleet_runtime...) go in too, as
     # `gpufleet apply` writes them
     try:
-        facts = present.FleetView.model_validate(connect().get(f"/api/fleets/{fleet.name}")).facts()
+        facts = FleetState.model_validate(connect().get(f"/api/fleets/{fleet.name}")).facts()
     except NotFound:
         facts = {}
     files = write_fleet_files(fleet, Path(args.out) if args.out else None, facts=facts)

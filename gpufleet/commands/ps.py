@@ -22,9 +22,10 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     from gpufleet.client import connect
+    from gpufleet.models import Run
 
     client = connect()
-    views = [present.RunView.model_validate(r) for r in client.get("/api/runs", all=args.all,
+    views = [Run.model_validate(r) for r in client.get("/api/runs", all=args.all,
                                                                   project=project(args, client))]
     if args.json:
         print(present.runs_json(views))
