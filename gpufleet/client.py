@@ -23,7 +23,15 @@ import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
-from gpufleet.errors import ConfigError, ConfigProblem, GpufleetError, NotFound, UsageError
+from gpufleet.errors import (
+    ConfigError,
+    ConfigProblem,
+    Forbidden,
+    GpufleetError,
+    NotFound,
+    Unauthorized,
+    UsageError,
+)
 
 SERVER_ENV = "GPUFLEET_SERVER"
 TOKEN_ENV = "GPUFLEET_TOKEN"
@@ -143,6 +151,8 @@ def _error(status: int, raw: bytes) -> GpufleetError:
     err = _error_from(body)
     if status == 404 and type(err) is GpufleetError:
         err = NotFound(str(err))
+    elif status in (401, 403, 429):  # refused: exit 3, whatever the server's version says
+        err = (Forbidden if status == 403 else Unauthorized)(str(err))
     return err
 
 
