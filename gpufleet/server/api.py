@@ -28,6 +28,7 @@ from gpufleet.apply import apply_fleet, make_plan
 from gpufleet.config import parse_fleet
 from gpufleet.errors import ConfigError, GpufleetError, NotFound, UsageError
 from gpufleet.runconfig import parse_run
+from gpufleet.server import tunnel
 from gpufleet.state import Store
 
 
@@ -230,6 +231,17 @@ def create_app(ctx: Context) -> FastAPI:
         return [e.model_dump(mode="json") for e in ctx.store.events(run=run, after=after, limit=min(limit, 10000))]
 
     app.include_router(api)
+
+    def authorize_run(token: str | None, client_host: str, name: str):
+        """The WebSocket routes' check (until per-user tokens): the server's token, then the run."""
+        from gpufleet.server.tokens import matches
+
+        if not matches(ctx.token, token):
+            raise _Unauthorized("no token" if token is None else "bad token")
+        ctx.touched[0] = time.monotonic()
+        return runs.get_run(ctx.store, name)
+
+    tunnel.add_routes(app, ctx, authorize_run)
     return app
 
 
