@@ -32,7 +32,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     client = connect()
     plan = client.get(f"/api/runs/{args.name}/attach")
-    if args.through_server or not os.access(plan["ssh_config"], os.R_OK):
+    if args.through_server or not has_fleet_files(plan["ssh_config"]):
         return _through_server(client, args.name, plan, console)
     for local, remote in plan["forwards"]:
         present.plain(console, f"forwarding localhost:{local} -> {plan['alias']}:{remote} (through the jump chain)")
@@ -45,6 +45,17 @@ def run(args: argparse.Namespace, console: Console) -> int:
         return subprocess.run(plan["argv"]).returncode
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def has_fleet_files(ssh_config: str) -> bool:
+    """Whether this machine has the fleet's files: the server's ssh_config is in this state directory
+    (the server's own, as its admin has it) and readable. Anyone else goes through the server."""
+    from pathlib import Path
+
+    from gpufleet.paths import home
+
+    path = Path(ssh_config)
+    return path.is_relative_to(home()) and os.access(path, os.R_OK)
 
 
 def _through_server(client, name: str, plan: dict, console: Console) -> int:
