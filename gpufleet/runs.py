@@ -241,7 +241,8 @@ def attach_plan(store: Store, name: str) -> dict:
     pairs = forwards(spec)
     extra = [a for local, remote in pairs for a in ("-L", f"127.0.0.1:{local}:127.0.0.1:{remote}")]
     if spec.get("type") == "dev-environment":
-        argv = ssh_argv(files, run.alias, _shell(store, run), tty=True, extra=extra)
+        shell = commands().exec_argv(_runtime(store, run, run.alias), run.container, ["/bin/sh"])
+        argv = ssh_argv(files, run.alias, shell, tty=True, extra=extra)
     else:
         argv = ssh_argv(files, run.alias, None, extra=["-N", "-o", "ExitOnForwardFailure=yes", *extra])
     return {"ssh_config": str(files.ssh_config), "alias": run.alias, "forwards": [list(p) for p in pairs],
@@ -260,16 +261,3 @@ def tunnel_argv(run: Run, port: int) -> list[str]:
     files = FleetFiles.of(run.fleet).require()
     return ssh_argv(files, run.alias, None, extra=["-o", "ExitOnForwardFailure=yes", "-W", f"127.0.0.1:{port}"])
 
-
-def shell_argv(store: Store, run: Run) -> list[str]:
-    """The ssh command (with a terminal: ``-tt``, its stdin being a pipe) of a shell in the container
-    of dev environment ``run``."""
-    _require_active(run)
-    if run.spec.get("type") != "dev-environment":
-        raise UsageError(f"run {run.name} is a {run.spec.get('type')}: only a dev-environment has a shell")
-    files = FleetFiles.of(run.fleet).require()
-    return ssh_argv(files, run.alias, _shell(store, run), tty=True, extra=["-t"])
-
-
-def _shell(store: Store, run: Run) -> list[str]:
-    return commands().exec_argv(_runtime(store, run, run.alias), run.container, ["/bin/sh"])
