@@ -196,6 +196,8 @@ def _error(status: int, raw: bytes, retry_after: str | None = None) -> GpufleetE
     err = _error_from(body)
     if status == 404 and type(err) is GpufleetError:
         err = NotFound(str(err))
+    elif status in (401, 403, 429):  # refused: exit 3, whatever the server's version says
+        err = (Forbidden if status == 403 else Unauthorized)(str(err))
     return err
 
 

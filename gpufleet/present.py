@@ -19,7 +19,6 @@ from rich.text import Text
 from gpufleet.errors import UsageError
 from gpufleet.models import Event, FleetState, InstanceStatus, Run, RunStatus, Target
 
-
 STATUS_STYLE = {InstanceStatus.READY: "", InstanceStatus.UNREACHABLE: "yellow", InstanceStatus.ERROR: "red"}
 PROBE_STYLE = {"ok": "green", "unreachable": "yellow", "failed": "red", "running": "cyan"}
 

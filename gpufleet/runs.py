@@ -190,9 +190,13 @@ def get_run(store: Store, name: str) -> Run:
 
 
 def _active_run(store: Store, name: str) -> Run:
-    run = get_run(store, name)
+    return _require_active(get_run(store, name))
+
+
+def _require_active(run: Run) -> Run:
     if not run.active:
-        raise GpufleetError(f"run {name} is not running ({run.status}" + (f": {run.message})" if run.live else ")"))
+        raise GpufleetError(f"run {run.name} is not running ({run.status}" +
+                            (f": {run.message})" if run.live else ")"))
     return run
 
 
@@ -214,6 +218,19 @@ def logs_argv(store: Store, name: str, follow: bool = False, node: int = 0) -> l
     return ssh_argv(FleetFiles.of(run.fleet).require(), aliases[node], remote)
 
 
+def forwards(spec: dict) -> list[tuple[int, int]]:
+    """The ports a run declares, as (local, remote): a service's `port` first, then its `ports`
+    (``8080:8000``: local 8080, remote 8000), each once."""
+    ports = [str(p) for p in spec.get("ports") or []]
+    if spec.get("type") == "service":
+        ports.insert(0, str(spec["port"]))
+    pairs = []
+    for p in dict.fromkeys(ports):
+        local, _, remote = p.partition(":")
+        pairs.append((int(local), int(remote or local)))
+    return pairs
+
+
 def attach_plan(store: Store, name: str) -> dict:
     """How to attach to run ``name`` on the machine holding the fleet's files: the ports forwarded
     ([local, remote]) and the ssh command (through the jump chain): a shell in the container of a
@@ -221,18 +238,26 @@ def attach_plan(store: Store, name: str) -> dict:
     run = _active_run(store, name)
     files = FleetFiles.of(run.fleet).require()
     spec = run.spec
-    ports = [str(p) for p in spec.get("ports") or []]
-    if spec.get("type") == "service":
-        ports.insert(0, str(spec["port"]))
-    forwards, extra = [], []
-    for p in dict.fromkeys(ports):
-        local, _, remote = p.partition(":")
-        forwards.append([int(local), int(remote or local)])
-        extra += ["-L", f"127.0.0.1:{local}:127.0.0.1:{remote or local}"]
+    pairs = forwards(spec)
+    extra = [a for local, remote in pairs for a in ("-L", f"127.0.0.1:{local}:127.0.0.1:{remote}")]
     if spec.get("type") == "dev-environment":
         shell = commands().exec_argv(_runtime(store, run, run.alias), run.container, ["/bin/sh"])
         argv = ssh_argv(files, run.alias, shell, tty=True, extra=extra)
     else:
         argv = ssh_argv(files, run.alias, None, extra=["-N", "-o", "ExitOnForwardFailure=yes", *extra])
-    return {"ssh_config": str(files.ssh_config), "alias": run.alias, "forwards": forwards,
+    return {"ssh_config": str(files.ssh_config), "alias": run.alias, "forwards": [list(p) for p in pairs],
             "shell": spec.get("type") == "dev-environment", "argv": argv}
+
+
+def tunnel_argv(run: Run, port: int) -> list[str]:
+    """The ssh command whose stdin and stdout are a TCP connection to 127.0.0.1:``port`` on the host
+    of ``run`` (through the fleet's jump chain): ``port`` must be one the run declares (the remote
+    side of a ``8080:8000``), so the server reaches nothing else of the host."""
+    _require_active(run)
+    declared = sorted({remote for _, remote in forwards(run.spec)})
+    if port not in declared:
+        raise UsageError(f"run {run.name} does not declare port {port}: " +
+                         (f"it declares {', '.join(map(str, declared))}" if declared else "it declares no ports"))
+    files = FleetFiles.of(run.fleet).require()
+    return ssh_argv(files, run.alias, None, extra=["-o", "ExitOnForwardFailure=yes", "-W", f"127.0.0.1:{port}"])
+

@@ -1,11 +1,14 @@
 """gpufleet attach: forward a run's ports to localhost; a shell for dev environments.
 
-The server says where the run is (its host, the fleet's ssh_config, the ports); the ssh session is
-this machine's own, through the fleet's jump chain."""
+The server says where the run is (its host, the fleet's ssh_config, the ports). On the machine that
+has the fleet's files (the server's), the ssh session is this machine's own, through the fleet's
+jump chain. Elsewhere (a user with a token and no key), or with --through-server, each connection to
+a local port is carried by the server (gpufleet.tunnel)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 
 from rich.console import Console
@@ -18,18 +21,19 @@ from gpufleet.errors import EXIT_OK, GpufleetError
 def register(sub) -> None:
     at = sub.add_parser("attach", help="forward a run's ports to localhost; a shell for dev environments")
     add_name(at)
+    at.add_argument("--through-server", action="store_true",
+                    help="carry the ports through the gpufleet server (the default where this machine has no "
+                         "copy of the fleet's ssh_config)")
     at.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from pathlib import Path
-
     from gpufleet.client import connect
 
-    plan = connect().get(f"/api/runs/{args.name}/attach")
-    if not Path(plan["ssh_config"]).exists():
-        raise GpufleetError(f"attach runs ssh from this machine, which has no {plan['ssh_config']}: run it where "
-                            "the fleet's files are (the server's machine)")
+    client = connect()
+    plan = client.get(f"/api/runs/{args.name}/attach")
+    if args.through_server or not has_fleet_files(plan["ssh_config"]):
+        return _through_server(client, args.name, plan, console)
     for local, remote in plan["forwards"]:
         present.plain(console, f"forwarding localhost:{local} -> {plan['alias']}:{remote} (through the jump chain)")
     if plan["shell"]:
@@ -41,3 +45,37 @@ def run(args: argparse.Namespace, console: Console) -> int:
         return subprocess.run(plan["argv"]).returncode
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def has_fleet_files(ssh_config: str) -> bool:
+    """Whether this machine has the fleet's files: the server's ssh_config is in this state directory
+    (the server's own, as its admin has it) and readable. Anyone else goes through the server."""
+    from pathlib import Path
+
+    from gpufleet.paths import home
+
+    path = Path(ssh_config)
+    return path.is_relative_to(home()) and os.access(path, os.R_OK)
+
+
+def _through_server(client, name: str, plan: dict, console: Console) -> int:
+    from gpufleet.tunnel import Forwarder
+
+    if not plan["forwards"]:
+        hint = ": a dev environment's shell needs the fleet's ssh_config (the server's machine)"
+        raise GpufleetError(f"run {name} has no ports to forward{hint if plan['shell'] else ''}")
+    forwarder = Forwarder(client, name, [(int(local), int(remote)) for local, remote in plan["forwards"]])
+    forwarder.listen()
+    for local, remote in forwarder.forwards:
+        present.plain(console, f"forwarding localhost:{local} -> {name}:{remote} (through the gpufleet server "
+                               f"at {client.url})")
+    if plan["shell"]:
+        present.plain(console, "a dev environment's shell is not carried through the server: only its ports are")
+    console.print("press Ctrl-C to stop forwarding")
+    try:
+        forwarder.serve()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        forwarder.close()
+    return EXIT_OK

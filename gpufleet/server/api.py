@@ -33,6 +33,7 @@ from gpufleet.config import parse_fleet
 from gpufleet.errors import ConfigError, Forbidden, GpufleetError, NotFound, Unauthorized, UsageError
 from gpufleet.models import ProjectRole, Run
 from gpufleet.runconfig import parse_run
+from gpufleet.server import tunnel
 from gpufleet.server.auth import Caller, FailedLogins, Me, TooManyFailures, authenticate
 from gpufleet.state import Store
 
@@ -292,6 +293,8 @@ def create_app(ctx: Context) -> FastAPI:
 
     api.include_router(teams.router(ctx))
     app.include_router(api)
+
+    tunnel.add_routes(app, ctx, ctx.authorize_run)
     return app
 
 

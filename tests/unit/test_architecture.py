@@ -53,7 +53,7 @@ def test_the_domain_and_scheduling_depend_on_nothing_above_them():
 # what only the server may touch: the state, and the modules that change it or the hosts
 SERVER_SIDE = {"gpufleet.state", "gpufleet.queue", "gpufleet.runs", "gpufleet.apply", "gpufleet.launch",
                "gpufleet.probe", "gpufleet.runner", "gpufleet.containers", "gpufleet.server.api",
-               "gpufleet.server.control", "gpufleet.server.main"}
+               "gpufleet.server.control", "gpufleet.server.main", "gpufleet.server.tunnel"}
 
 
 def test_the_cli_reaches_state_only_through_the_servers_api():

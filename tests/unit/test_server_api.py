@@ -97,6 +97,10 @@ def test_refusals_and_missing_things_keep_their_exit_codes(api):
     assert type(err) is GpufleetError and err.exit_code == 1 and "never fits" in str(err) and "not queued" in str(err)
     r = http.get("/api/runs/nope", headers=auth())
     assert r.status_code == 404 and isinstance(as_cli_error(r), NotFound)
+    # refused (401, 403, 429): exit 3, with the server's message, whatever exit code its body says
+    for status in (401, 403, 429):
+        err = clientlib._error(status, b'{"detail": "stopping run r1 needs ...", "exit_code": 1}')
+        assert err.exit_code == 3 and str(err) == "stopping run r1 needs ..."
     r = http.post("/api/runs", json={"source": "x.yml", "text": text, "surprise": 1}, headers=auth())
     assert r.status_code == 422 and as_cli_error(r).exit_code == 2  # FastAPI's own check of the body
 

@@ -1,0 +1,147 @@
+"""A run's ports through the server: a WebSocket per TCP connection, so a user with a token and no
+ssh key can reach what the run declares (`gpufleet attach` on a machine without the fleet's files).
+
+``/api/runs/{name}/tunnel?port=N`` (token in ``Authorization: Bearer``): the server checks the token
+and the run (``authorize``), and that the run declares N (the remote side of ``8080:8000``), before it
+accepts; a refusal is the API's own HTTP error (401, 403, 404, 400 for a port the run does not
+declare), JSON ``{"detail", "exit_code"}``. Once accepted, the server runs ``ssh -W 127.0.0.1:N``
+through the fleet's ssh_config (its jump chain and keys) and pumps bytes both ways, binary frames,
+until either side closes. An empty binary frame from the client says its side has no more to send
+(a TCP half-close): ssh's stdin is closed and the answer still comes back. When ssh ends, the
+WebSocket is closed (1000; 1011 with ssh's last words when it could not connect); when the client
+goes, ssh is stopped. ssh is always reaped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocketState
+
+from gpufleet import runs
+from gpufleet.errors import UsageError
+from gpufleet.models import Run
+from gpufleet.server.auth import bearer
+
+log = logging.getLogger("gpufleet.server.tunnel")
+
+CHUNK = 65536  # bytes read from ssh at a time: one frame at most; the socket's flow control bounds the rest
+STOP_GRACE = 5.0  # seconds ssh has to exit after its stdin is closed or it is sent SIGTERM
+REASON_MAX = 120  # a close frame's reason is at most 123 bytes
+
+Authorize = Callable[[str | None, str, str], Run]  # (token, client host, run name) -> the run, or raises
+
+
+def add_routes(app: FastAPI, ctx, authorize: Authorize) -> None:
+    """The tunnel route on ``app``. ``authorize(token, client_host, name)`` returns the run the caller
+    may attach to, or raises the API's errors (Unauthorized, Forbidden, NotFound, GpufleetError);
+    raised before the WebSocket is accepted, they answer as any route's errors do."""
+
+    @app.websocket("/api/runs/{name}/tunnel")
+    async def tunnel(websocket: WebSocket, name: str) -> None:
+        run = await asyncio.to_thread(authorize, bearer(websocket.headers.get("authorization")),
+                                      websocket.client.host if websocket.client else "", name)
+        port = parse_port(websocket.query_params.get("port"))
+        argv = await asyncio.to_thread(runs.tunnel_argv, run, port)
+        await websocket.accept()
+        log.info("tunnel to %s:%s of run %s opened", run.alias, port, run.name)
+        await pump(websocket, argv)
+
+
+def parse_port(text: str | None) -> int:
+    if text is None or not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise UsageError(f"the tunnel needs ?port=N, a port from 1 to 65535 (got {text!r})")
+    return int(text)
+
+
+async def pump(websocket: WebSocket, argv: list[str]) -> None:
+    """Run ``argv`` and carry its stdin and stdout over the accepted ``websocket`` until either ends;
+    then close the other. ssh is reaped whatever happens (the client leaving, the server stopping)."""
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stderr = bytearray()
+    sent = 0
+
+    async def upstream() -> None:  # the client's bytes to ssh; an empty frame: no more from the client
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            data = message.get("bytes")
+            if data is None:
+                data = (message.get("text") or "").encode()
+            if not data:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
+                continue
+            if proc.stdin.is_closing():
+                continue
+            try:
+                proc.stdin.write(data)
+                await proc.stdin.drain()  # bounded: waits while ssh has not taken what it was given
+            except (ConnectionError, OSError):
+                return  # ssh is gone; downstream sees its end
+
+    async def downstream() -> None:  # ssh's bytes to the client
+        nonlocal sent
+        while chunk := await proc.stdout.read(CHUNK):
+            await websocket.send_bytes(chunk)
+            sent += len(chunk)
+
+    async def errors() -> None:  # what ssh says, kept short: the reason when it could not connect
+        while chunk := await proc.stderr.read(4096):
+            stderr.extend(chunk)
+            del stderr[:-2048]
+
+    reader = asyncio.create_task(errors())
+    up = asyncio.create_task(upstream())
+    down = asyncio.create_task(downstream())
+    try:
+        done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            exc = task.exception()
+            if exc is not None and not isinstance(exc, (WebSocketDisconnect, ConnectionError, OSError, RuntimeError)):
+                log.warning("tunnel: %s: %s", type(exc).__name__, exc)
+        if down in done and down.exception() is None:  # ssh closed its side: tell the client how it ended
+            code = await _reap(proc, STOP_GRACE)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(reader), STOP_GRACE)
+            why = _last_line(stderr)
+            await _close(websocket, *((1011, why) if code != 0 and sent == 0 and why else (1000, "")))
+    finally:  # the client left, or the server stops (a cancellation): stop ssh now
+        for task in (up, down, reader):
+            task.cancel()
+        await asyncio.gather(up, down, reader, return_exceptions=True)
+        await _reap(proc, 0)
+        if websocket.application_state == WebSocketState.CONNECTED:
+            await _close(websocket, 1001, "")
+
+
+async def _reap(proc: asyncio.subprocess.Process, patience: float) -> int:
+    """Wait up to ``patience`` seconds for ``proc`` to exit (its stdin closed), then SIGTERM it, then
+    SIGKILL it, and reap it; its exit code."""
+    if proc.stdin and not proc.stdin.is_closing():
+        proc.stdin.close()
+    for wait, signal_it in ((patience, None), (STOP_GRACE, proc.terminate), (None, proc.kill)):
+        if proc.returncode is not None:
+            break
+        if signal_it is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal_it()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(proc.wait()), wait)
+    return proc.returncode
+
+
+def _last_line(stderr: bytes) -> str:
+    lines = [x.strip() for x in bytes(stderr).decode(errors="replace").splitlines() if x.strip()]
+    return lines[-1][:REASON_MAX] if lines else ""
+
+
+async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    with contextlib.suppress(Exception):
+        await websocket.close(code, reason.encode()[:REASON_MAX].decode(errors="ignore"))
