@@ -68,6 +68,10 @@ class Client:
     def __repr__(self) -> str:
         return f"Client({self.url!r}, local={self.local}, token_from={self.token_from!r})"
 
+    def authorization(self) -> dict[str, str]:
+        """The header that carries the token (none without one): for requests made elsewhere (a tunnel's WebSocket)."""
+        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+
     def uses_token(self, token: str) -> bool:
         """Whether this client sends ``token`` (without handing its own out)."""
         return self._token is not None and secrets.compare_digest(self._token.encode(), token.encode())
@@ -82,9 +86,7 @@ class Client:
         query = {k: ("true" if v is True else "false" if v is False else v) for k, v in (params or {}).items()
                  if v is not None}
         target = self._parts.path + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
-        headers = {"Accept": "application/json"}
-        if self._token:
-            headers["Authorization"] = f"Bearer {self._token}"
+        headers = {"Accept": "application/json", **self.authorization()}
         data = None
         if body is not None:
             data = json.dumps(body).encode()

@@ -43,7 +43,7 @@ def open_tunnel(client: Client, name: str, port: int):
     from websockets.sync.client import connect
 
     url = ws_url(client.url, f"/api/runs/{urllib.parse.quote(name, safe='')}/tunnel", port=port)
-    headers = {"Authorization": f"Bearer {client.token}"} if client.token else {}
+    headers = client.authorization()
     try:
         # entered at once (the handshake happens here whatever the version; closed by the caller)
         return connect(url, additional_headers=headers, open_timeout=OPEN_TIMEOUT, compression=None,

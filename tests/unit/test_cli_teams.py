@@ -619,16 +619,18 @@ def _event(i: int, **team) -> dict:
     return {"id": i, "ts": time.time(), "kind": "run.started", "message": "started on n0", "run": "r1", **team}
 
 
-def test_ps_and_events_show_user_and_project_when_sent(gf: Run, server: str, api: TeamApi) -> None:
+def test_ps_and_events_show_user_and_project_where_they_differ(gf: Run, server: str, api: TeamApi) -> None:
+    """One user's runs in one project (the single-user case) need no PROJECT or USER column; runs
+    of several users, or projects, get them. --json always carries them."""
     assert login(gf, server, ALICE)[0] == EXIT_OK
-    api.runs = [_run("r1")]
-    api.events = [_event(1)]
+    api.runs = [_run("r1", project="ml", user="alice"), _run("r2", project="ml", user="alice")]
+    api.events = [_event(1, project="ml", actor="alice")]
     assert gf("ps")[1].split()[:8] == ["NAME", "TYPE", "FLEET", "INSTANCE", "GPUS", "STATUS", "AGE", "r1"]
     assert gf("events")[1].split()[:5] == ["TIME", "KIND", "RUN", "HOST", "MESSAGE"]
-    assert "project" not in json.loads(gf("ps", "--json")[1])[0]
+    assert json.loads(gf("ps", "--json")[1])[0]["project"] == "ml"
 
-    api.runs = [_run("r1", project="ml", user="alice")]
-    api.events = [_event(1, project="ml", actor="alice")]
+    api.runs = [_run("r1", project="ml", user="alice"), _run("r2", project="cv", user="bob")]
+    api.events = [_event(1, project="ml", actor="alice"), _event(2, project="cv", actor="bob")]
     out = gf("ps")[1].splitlines()
     assert out[0].split()[:3] == ["NAME", "PROJECT", "USER"] and out[1].split()[:3] == ["r1", "ml", "alice"]
     assert json.loads(gf("ps", "--json")[1])[0]["user"] == "alice"

@@ -66,6 +66,7 @@ def server(tmp_path, monkeypatch):
     import uvicorn
 
     from gpufleet.server.api import Context, create_app
+    from gpufleet.server.auth import token_hash
     from gpufleet.state import Store
 
     monkeypatch.setenv("GPUFLEET_HOME", str(tmp_path / "home"))
@@ -75,13 +76,10 @@ def server(tmp_path, monkeypatch):
     command = [[sys.executable, "-c", ECHO]]
     monkeypatch.setattr(runs, "ssh_argv", lambda *a, **k: list(command[0]))
 
-    def get_run(store, name):
-        if name != "web":
-            raise NotFound(f"no run named {name!r}")
-        return make_run()
-
-    monkeypatch.setattr(runs, "get_run", get_run)
-    ctx = Context(store=Store(f"sqlite:///{tmp_path / 'state.db'}"), token=TOKEN, seal=lambda s: "",
+    monkeypatch.setattr(Store, "run", lambda self, name: make_run() if name == "web" else None)
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    store.bootstrap("admin", token_hash(TOKEN))
+    ctx = Context(store=store, token=TOKEN, seal=lambda s: "",
                   kick=lambda: None, launch=lambda *a: None, background=lambda w: w(), info=dict,
                   shutdown=lambda: None)
     port = _free_port()
