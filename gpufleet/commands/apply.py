@@ -52,7 +52,7 @@ def _project_field(args: argparse.Namespace, client) -> dict:
 
 def submit(args: argparse.Namespace, console: Console) -> int:
     from gpufleet.client import connect
-    from gpufleet.models import RunStatus
+    from gpufleet.models import Run, RunStatus
     from gpufleet.runconfig import load_run
     from gpufleet.yamlsource import read_config_text
 
@@ -79,7 +79,7 @@ def submit(args: argparse.Namespace, console: Console) -> int:
     if not args.yes and not present.confirm(console, "Submit the run?"):
         console.print("Nothing was changed.")
         return EXIT_OK
-    view = present.RunView.model_validate(client.post("/api/runs", {"source": source, "text": text,
+    view = Run.model_validate(client.post("/api/runs", {"source": source, "text": text,
                                                                     "secrets": req.secrets,
                                                                     "no_queue": args.no_queue, **where}))
     if args.detach and view.status == RunStatus.PENDING and view.message:
@@ -102,7 +102,7 @@ def submit(args: argparse.Namespace, console: Console) -> int:
 
 def _wait_started(client, view, console: Console):
     """Poll until the run holds its blocks and runs (or ended), saying why it waits when that changes."""
-    from gpufleet.models import RunStatus
+    from gpufleet.models import Run, RunStatus
 
     said = ""
     while view.status in (RunStatus.PENDING, RunStatus.STARTING):
@@ -110,7 +110,7 @@ def _wait_started(client, view, console: Console):
             present.plain(console, f"{view.name} waits (#{view.position}): {view.message}")
             said = view.message
         time.sleep(0.5)
-        view = present.RunView.model_validate(client.get(f"/api/runs/{view.name}"))
+        view = Run.model_validate(client.get(f"/api/runs/{view.name}"))
     return view
 
 
@@ -125,9 +125,11 @@ def _follow_logs(client, name: str) -> None:
 
 def _wait_ended(client, name: str, timeout: float = 60):
     """After the followed logs end: wait (bounded) for the server to see every node's container exit."""
+    from gpufleet.models import Run
+
     deadline = time.monotonic() + timeout
     while True:
-        view = present.RunView.model_validate(client.get(f"/api/runs/{name}"))
+        view = Run.model_validate(client.get(f"/api/runs/{name}"))
         if not view.live or time.monotonic() > deadline:
             return view
         time.sleep(0.5)
@@ -151,7 +153,7 @@ def apply_fleet(args: argparse.Namespace, console: Console) -> int:
     from gpufleet.client import connect
     from gpufleet.config import load_fleet
     from gpufleet.errors import GpufleetError
-    from gpufleet.models import split_env
+    from gpufleet.models import FleetState, split_env
     from gpufleet.secrets import fleet_secrets
     from gpufleet.yamlsource import read_config_text
 
@@ -187,7 +189,7 @@ def apply_fleet(args: argparse.Namespace, console: Console) -> int:
                 result = item["result"]
     if result is None:
         raise GpufleetError("the server ended the apply without a result; see gpufleet events")
-    view = present.FleetView.model_validate(result["fleet"])
+    view = FleetState.model_validate(result["fleet"])
     console.print(present.fleet_table([view]))
     for w in result["warnings"]:
         present.note(console, "warning", w)

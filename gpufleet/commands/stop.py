@@ -22,19 +22,19 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     from gpufleet.client import connect
-    from gpufleet.models import RunStatus
+    from gpufleet.models import Run, RunStatus
 
     if not args.yes and not present.confirm(console, f"Stop run {args.name}?"):
         return EXIT_OK
     client = connect()
-    view = present.RunView.model_validate(client.post(f"/api/runs/{args.name}/stop"))
+    view = Run.model_validate(client.post(f"/api/runs/{args.name}/stop"))
     if view.started_at is None:
         present.plain(console, f"{view.name} cancelled; it had not started.")
         return EXIT_OK
     deadline = time.monotonic() + WAIT_S
     while view.status == RunStatus.STOPPING and time.monotonic() < deadline:  # the server stops its containers
         time.sleep(0.2)
-        view = present.RunView.model_validate(client.get(f"/api/runs/{args.name}"))
+        view = Run.model_validate(client.get(f"/api/runs/{args.name}"))
     if view.status == RunStatus.STOPPING:
         raise GpufleetError(f"{view.name} is still stopping after {WAIT_S:.0f}s "
                             f"(see gpufleet events --run {view.name})")
