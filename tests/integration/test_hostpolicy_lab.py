@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Cli
+from conftest import Cli, wait_logs
 
 from gpufleet import hostpolicy
 from gpufleet.config import load_fleet
@@ -48,17 +48,6 @@ def run_file(work: Path, name: str, body: str) -> Path:
     path = work / f"{name}.yml"
     path.write_text(f"type: task\nname: {name}\nimage: {IMAGE}\n{body}")
     return path
-
-
-def wait_logs(cli: Cli, name: str, needle: str, timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    out = ""
-    while time.monotonic() < deadline:
-        out = cli("logs", name).stdout
-        if needle in out:
-            return out
-        time.sleep(0.5)
-    raise AssertionError(f"{needle!r} not in logs of {name}: {out!r}")
 
 
 def test_root_mount_and_privileged_break_the_fleets_policy(site):

@@ -3,20 +3,15 @@ fields, the pure check (gpufleet.hostpolicy), and what the container module and 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import yaml
+from conftest import ROOT, container_module
 
 from gpufleet import hostpolicy
 from gpufleet.config import parse_fleet
 from gpufleet.errors import ConfigError
 from gpufleet.models import RUN_CONFIG, FleetPolicy, normal_host_path, path_is_under
 from gpufleet.runconfig import load_run
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(**fields):
@@ -205,16 +200,6 @@ def test_policy_of_a_stored_config():
 
 # ------------------------------------------------------------------------------------------ the container
 
-def _container_module(monkeypatch):
-    from gpufleet.containers import commands
-    monkeypatch.setitem(sys.modules, "ansible.module_utils.gpufleet_inspect", commands())
-    spec = importlib.util.spec_from_file_location("gpufleet_container_policy",
-                                                  ROOT / "plugins" / "modules" / "gpufleet_container.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class Failed(Exception):
     pass
 
@@ -237,7 +222,7 @@ def argv(mod, **params):
 
 
 def test_container_argv_no_new_privileges_privileged_and_ports(monkeypatch):
-    mod = _container_module(monkeypatch)
+    mod = container_module(monkeypatch)
     plain = argv(mod)
     assert "--security-opt=no-new-privileges" in plain and "--privileged" not in plain
     assert not [a for a in plain if a.startswith("--cap-add")]
@@ -254,7 +239,7 @@ def test_container_argv_no_new_privileges_privileged_and_ports(monkeypatch):
 
 
 def test_container_config_id_changes_with_privileged_and_ports(monkeypatch):
-    mod = _container_module(monkeypatch)
+    mod = container_module(monkeypatch)
 
     def cid(**params):
         m = FakeModule(**params)
@@ -265,7 +250,7 @@ def test_container_config_id_changes_with_privileged_and_ports(monkeypatch):
 
 
 def test_container_volume_roots_resolve_symlinks_on_the_host(monkeypatch, tmp_path):
-    mod = _container_module(monkeypatch)
+    mod = container_module(monkeypatch)
     data = tmp_path / "data"
     (data / "sub").mkdir(parents=True)
     (data / "evil").symlink_to("/")
