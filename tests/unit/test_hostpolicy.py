@@ -268,8 +268,22 @@ def test_container_volume_roots_resolve_symlinks_on_the_host(monkeypatch, tmp_pa
     argv(mod, volumes=["/:/host"])  # not given: not checked (a server admin's run)
 
 
-def test_container_vars_from_the_run(monkeypatch):
-    from gpufleet.launch import published_ports
+def test_container_vars_from_the_run():
+    from gpufleet.launch import container_vars, published_ports
+    from gpufleet.models import GPU, HostFacts, RunRequest
+
+    def vars_of(roots=None, **fields):
+        cfg = RUN_CONFIG.validate_python({"type": "service", "image": "i", "port": 8000, **fields})
+        facts = HostFacts(runtime={"name": "podman", "gpu_support": {"nvidia": "cdi"}})
+        return container_vars(RunRequest(name="s", source="s.yml", config=cfg), "r1", {}, facts,
+                              [GPU(vendor="nvidia", index=0, uuid="GPU-0")], 2, 1024, set(), volume_roots=roots)
+
+    v = vars_of()
+    assert (v["workload_network"], v["workload_ports"], v["workload_privileged"]) == ("bridge", ["8000:8000"], False)
+    assert v["workload_volume_roots"] is None
+    v = vars_of(roots=["/data"], network="host", docker=True)
+    assert (v["workload_network"], v["workload_ports"], v["workload_privileged"]) == ("host", [], True)
+    assert v["workload_volume_roots"] == ["/data"]
     svc = RUN_CONFIG.validate_python({"type": "service", "image": "i", "port": 8000, "ports": ["8080:9000", 8000]})
     assert published_ports(svc) == ["8000:8000", "9000:9000"]
     assert published_ports(run(ports=[7000])) == ["7000:7000"]
