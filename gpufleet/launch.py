@@ -13,7 +13,16 @@ from gpufleet import cluster
 from gpufleet.allocator import Placement
 from gpufleet.config import stored_fleet
 from gpufleet.errors import GpufleetError
-from gpufleet.models import GPU, DevEnvironmentConfig, Fleet, HostFacts, RunRequest, split_env
+from gpufleet.models import (
+    GPU,
+    DevEnvironmentConfig,
+    Fleet,
+    HostFacts,
+    RunConfigType,
+    RunRequest,
+    ServiceConfig,
+    split_env,
+)
 from gpufleet.paths import FleetFiles
 from gpufleet.runner import run_playbook
 from gpufleet.state import Store
@@ -32,8 +41,15 @@ def container_name(run_name: str) -> str:
 
 def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], facts: HostFacts, gpus: list[GPU],
                    cpus: int, memory_mib: int, numa_nodes: set, node_env: dict[str, str] | None = None,
-                   prelude: str = "", secrets: dict[str, str] | None = None, state: str | None = None) -> dict:
-    """Everything the `workload` role needs to start the run's container, per GPU vendor."""
+                   prelude: str = "", secrets: dict[str, str] | None = None, state: str | None = None,
+                   volume_roots: list[str] | None = None) -> dict:
+    """Everything the `workload` role needs to start the run's container, per GPU vendor.
+
+    The container is privileged only for `privileged: true` or `docker: true` (else no-new-privileges,
+    the runtime's default capabilities); on the host's network for `network: host` and multi-node runs,
+    else in a network namespace of its own with its ports published on the host's 127.0.0.1 (where
+    `gpufleet attach` forwards to). ``volume_roots``: the host paths the submitter may mount
+    (hostpolicy.volume_roots), checked again on the host with symlinks resolved; None: not checked."""
     cfg = run.config
     support = facts.runtime.gpu_support
     devices: list[str] = []
@@ -86,10 +102,23 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
         "workload_cpuset_cpus": facts.cpuset(numa_nodes),
         "workload_cpus": float(cpus) if cpus else None,
         "workload_memory_mib": memory_mib or None,
-        "workload_network": "host",
+        "workload_network": "host" if cfg.host_network else "bridge",
+        "workload_ports": [] if cfg.host_network else published_ports(cfg),
+        "workload_privileged": cfg.runs_privileged,
         "workload_volumes": list(cfg.volumes),
+        "workload_volume_roots": None if volume_roots is None else list(volume_roots),
         "workload_workdir": cfg.working_dir,
     }
+
+
+def published_ports(cfg: RunConfigType) -> list[str]:
+    """The container ports `gpufleet attach` forwards to (a service's `port`, then `ports`; of `8080:8000`
+    the 8000), each as HOSTPORT:PORT with the same number, to publish on the host's 127.0.0.1."""
+    ports = [str(p) for p in cfg.ports]
+    if isinstance(cfg, ServiceConfig):
+        ports.insert(0, str(cfg.port))
+    remote = [p.partition(":")[2] or p for p in ports]
+    return [f"{p}:{p}" for p in dict.fromkeys(remote)]
 
 
 def applied_fleet(store: Store, name: str) -> Fleet:
@@ -114,8 +143,9 @@ def fleet_config_env(store: Store, fleet: str, given: dict[str, str]) -> tuple[d
 
 
 def start_nodes(store: Store, run: RunRequest, run_id: str, placements: list[Placement], started: list[str],
-                fleet_secrets: dict[str, str]) -> None:
+                fleet_secrets: dict[str, str], volume_roots: list[str] | None = None) -> None:
     """Start the run's container on each node, rank 0 first; ``started`` collects the hosts tried.
+    ``volume_roots``: see container_vars.
     Raise StartError (or another GpufleetError: a missing secret, an unknown cluster address) on
     the first node that fails."""
     fleet_name = placements[0].host.fleet
@@ -130,7 +160,7 @@ def start_nodes(store: Store, run: RunRequest, run_id: str, placements: list[Pla
         numa = {b.numa_node for b in host.blocks if b.idx in p.blocks}
         variables = container_vars(run, run_id, values, facts[host.alias], [host.gpus[g] for g in p.gpus],
                                    p.cpus, p.memory_mib, numa, cluster.node_env(rank, ips, gpus_per_node), prelude,
-                                   secrets, state=store.identity)
+                                   secrets, state=store.identity, volume_roots=volume_roots)
         started.append(host.alias)
         result = run_playbook("start", files.inventory, limit=[host.alias], unsafe_vars=variables)
         if result.canceled:

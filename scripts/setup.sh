@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# containernetworking-plugins and iptables: podman's bridge network, which single-node runs get (their
+# own network namespace, ports published on the host's 127.0.0.1 by CNI's portmap)
 PACKAGES=(python3 python3-venv python3-pip openssh-server openssh-client iproute2 util-linux
-          podman runc busybox-static sudo passwd git postgresql)
+          podman runc containernetworking-plugins iptables busybox-static sudo passwd git postgresql)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -112,6 +113,29 @@ class Cli:
     def server_log(self, lines: int = 30) -> str:
         log = self.home / "server" / "server.log"
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(none)"
+
+
+def container_module(monkeypatch):
+    """plugins/modules/gpufleet_container.py, with its module_utils import served by the shipped copy."""
+    from gpufleet.containers import commands
+    monkeypatch.setitem(sys.modules, "ansible.module_utils.gpufleet_inspect", commands())
+    spec = importlib.util.spec_from_file_location("gpufleet_container_under_test",
+                                                  ROOT / "plugins" / "modules" / "gpufleet_container.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def wait_logs(cli: Cli, name: str, needle: str, timeout: float = 30) -> str:
+    """Poll `gpufleet logs NAME` until ``needle`` shows; return the logs."""
+    deadline = time.monotonic() + timeout
+    out = ""
+    while time.monotonic() < deadline:
+        out = cli("logs", name).stdout
+        if needle in out:
+            return out
+        time.sleep(0.5)
+    raise AssertionError(f"{needle!r} not in logs of {name}: {out!r}")
 
 
 def wait_for(what: str, fn, timeout: float = 60.0, every: float = 0.5):

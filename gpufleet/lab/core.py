@@ -41,6 +41,8 @@ REQUIREMENTS = [
     ("iproute2", "ip"), ("util-linux", "nsenter"), ("util-linux", "unshare"),
     ("openssh-server", "/usr/sbin/sshd"), ("openssh-client", "ssh-keygen"), ("openssh-client", "ssh"),
     ("podman", "podman"), ("runc", "runc"), ("busybox-static", "busybox"), ("sudo", "sudo"),
+    # podman's bridge network (single-node runs' own network namespace, ports published by CNI's portmap)
+    ("containernetworking-plugins", "/usr/lib/cni/bridge"), ("iptables", "/usr/sbin/iptables"),
     ("passwd", "useradd"),
 ]
 

@@ -18,7 +18,20 @@ from gpufleet.models.core import (
 )
 from gpufleet.models.env import Env, split_env
 from gpufleet.models.facts import CPU, GPU, UNKNOWN_RUNTIME, Container, Disk, HostFacts, Problem, Runtime
-from gpufleet.models.fleet import Fleet, FleetConfig, Hop, HostParams, ProxyJump, SSHParams, Target, target_aliases
+from gpufleet.models.fleet import (
+    AdminPolicy,
+    Fleet,
+    FleetConfig,
+    FleetPolicy,
+    Hop,
+    HostParams,
+    ProxyJump,
+    SSHParams,
+    Target,
+    normal_host_path,
+    path_is_under,
+    target_aliases,
+)
 from gpufleet.models.run import (
     RETRY_DURATION_DEFAULT,
     RUN_CONFIG,
@@ -53,12 +66,13 @@ from gpufleet.models.state import (
 )
 
 __all__ = [
-    "ACTIVE_RUN_STATUSES", "CPU", "DEFAULT_PROJECT", "Member", "Project", "ProjectRole", "Quota", "SYSTEM_ACTOR",
-    "ServerRole", "UsageRecord", "User", "GPU", "LIVE_RUN_STATUSES", "RETRY_DURATION_DEFAULT", "RUN_CONFIG",
+    "ACTIVE_RUN_STATUSES", "AdminPolicy", "CPU", "DEFAULT_PROJECT", "Member", "Project", "ProjectRole", "Quota",
+    "SYSTEM_ACTOR", "ServerRole", "UsageRecord", "User", "GPU", "LIVE_RUN_STATUSES", "RETRY_DURATION_DEFAULT",
+    "RUN_CONFIG",
     "RUN_PRIORITY_DEFAULT", "STOP_DURATION_DEFAULT", "UNKNOWN_RUNTIME", "Container", "CoreModel",
-    "DevEnvironmentConfig", "Disk", "Env", "Event", "Fleet", "FleetConfig", "FleetState", "GPUSpec", "Hop",
-    "HostFacts", "HostParams", "HostStatus", "Instance", "InstanceStatus", "Problem", "ProxyJump", "Range",
+    "DevEnvironmentConfig", "Disk", "Env", "Event", "Fleet", "FleetConfig", "FleetPolicy", "FleetState", "GPUSpec",
+    "Hop", "HostFacts", "HostParams", "HostStatus", "Instance", "InstanceStatus", "Problem", "ProxyJump", "Range",
     "ResourcesSpec", "RetryEvent", "RetryPolicy", "RetrySpec", "Run", "RunConfig", "RunConfigType", "RunNode",
     "RunRequest", "RunStatus", "RunType", "Runtime", "SSHParams", "ServiceConfig", "Target", "TaskConfig",
-    "parse_duration", "split_env", "target_aliases",
+    "normal_host_path", "parse_duration", "path_is_under", "split_env", "target_aliases",
 ]

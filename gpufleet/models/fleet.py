@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
 from gpufleet.models.core import CoreModel
 from gpufleet.models.env import Env
@@ -155,6 +155,68 @@ class SSHParams(CoreModel):
         return v
 
 
+def normal_host_path(text: str) -> str:
+    """A host path written the one way gpufleet compares paths: absolute, no empty or `.` parts, no
+    trailing '/' (`/data/./x//` is `/data/x`). Purely by its text: nothing is resolved (the path is on
+    the host, not here). ValueError for a relative path, a `..` part (whose meaning depends on the
+    host's symlinks), a ':' or ',' (they separate a volume's parts) or a control character."""
+    if not isinstance(text, str) or not text.startswith("/"):
+        raise ValueError(f"{text!r} must be an absolute host path, e.g. /data")
+    if any(ord(c) < 32 or c == "\x7f" for c in text):
+        raise ValueError(f"{text!r}: a host path may not contain control characters")
+    if ":" in text or "," in text:
+        raise ValueError(f"{text!r}: a host path may not contain ':' or ','")
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"{text!r}: '..' is not allowed in a host path (write the path it leads to)")
+    return "/" + "/".join(parts)
+
+
+def path_is_under(path: str, root: str) -> bool:
+    """``path`` is ``root`` or below it, both normal (normal_host_path): by whole parts, so
+    /database is not under /data."""
+    return root == "/" or path == root or path.startswith(root + "/")
+
+
+HostPath = Annotated[str, AfterValidator(normal_host_path)]
+
+
+class AdminPolicy(CoreModel):
+    """What project admins may do beyond what `policy` lets every project member do. Each field adds
+    to the members' rule, never takes from it (false: nothing more than members)."""
+
+    volumes: list[HostPath] = Field(
+        [], description="More host paths (and what is below them) that project admins' runs may mount.")
+    privileged: StrictBool = Field(
+        False, description="Project admins' runs may be `privileged: true` or `docker: true`.")
+    host_network: StrictBool = Field(
+        False, description="Project admins' single-node runs may use the host's network (`network: host`).")
+
+
+class FleetPolicy(CoreModel):
+    """What runs on this fleet may touch on its hosts (gpufleet's extension of dstack's fleet file).
+    The defaults allow nothing: no host path, no privileged container, no host network for single-node
+    runs. A container that mounts the host's `/` or runs privileged is root on the host, on every other
+    run there and on the fleet's keys, so only the fleet's owner, writing it here, gives that. Server
+    admins (who hold the fleet's SSH keys anyway) are not limited by the policy."""
+
+    volumes: list[HostPath] = Field(
+        [], description="Host paths (and what is below them) that runs may bind-mount (`volumes: "
+                        "[/data:/data]`), compared part by part after normalizing (`/data/` is `/data`; "
+                        "`/database` is not under `/data`; `..` is refused). Default: none.")
+    privileged: StrictBool = Field(
+        False, description="Runs may be `privileged: true` or `docker: true` (docker-in-docker needs a "
+                           "privileged container): root on the host. Default: false.")
+    host_network: StrictBool = Field(
+        False, description="Single-node runs may ask for the host's network (`network: host`); without it "
+                           "each gets its own network namespace with its ports published on the host's "
+                           "127.0.0.1. Multi-node runs always use the host's network (NCCL between hosts "
+                           "needs it). Default: false.")
+    admins: AdminPolicy = Field(
+        AdminPolicy(), description="What project admins may do beyond that (a project admin is not a host "
+                                   "admin). Default: the same as members.")
+
+
 class FleetConfig(CoreModel):
     """A fleet of existing hosts reached over SSH (dstack's SSH fleet)."""
 
@@ -167,6 +229,9 @@ class FleetConfig(CoreModel):
         "any", description="`cluster`: hosts are interconnected, for multi-node tasks.")
     blocks: Blocks = Field(1, description='Slices per host: "auto" (one per GPU) or N dividing the GPU count.')
     ssh_config: SSHParams = Field(description="How to reach the hosts.")
+    policy: FleetPolicy = Field(
+        FleetPolicy(), description="gpufleet's extension: what runs on this fleet may touch on its hosts (host "
+                                   "paths, privileged containers, host networking). Default: nothing.")
     plugin: str | None = Field(None, description="Set by Ansible's inventory plugin loader; ignored here.")
 
 

@@ -359,6 +359,20 @@ class _Run(CoreModel):
     fleets: list[str] | None = Field(None, description="Only place the run on these fleets.")
     volumes: list[str] = Field([], description="Host paths bound into the container: /host/path:/path[:ro].")
     working_dir: str | None = Field(None, description="Working directory in the container.")
+    privileged: StrictBool = Field(
+        False, description="dstack's `privileged`: run the container privileged (every capability, every "
+                           "device): root on the host. Allowed only where the fleet's `policy.privileged` "
+                           "says so.")
+    docker: StrictBool = Field(
+        False, description="dstack's `docker`: Docker inside the container. gpufleet runs it privileged (a "
+                           "Docker daemon needs it), so it needs the fleet's `policy.privileged`; the image "
+                           "brings the daemon (e.g. dstackai/dind, started in `commands`).")
+    network: Literal["host"] | None = Field(
+        None, description="gpufleet's extension (dstack decides this itself): `host` runs a single-node run on "
+                          "the host's network (needs the fleet's `policy.host_network`). Omitted: a single-node "
+                          "run gets its own network namespace, its `ports` (and a service's `port`) published "
+                          "on the host's 127.0.0.1 for `gpufleet attach`. Multi-node runs always use the "
+                          "host's network (NCCL between hosts needs it).")
     priority: Annotated[int, BeforeValidator(_priority)] = Field(
         RUN_PRIORITY_DEFAULT, ge=RUN_PRIORITY_MIN, le=RUN_PRIORITY_MAX,
         description=f"Priority from {RUN_PRIORITY_MIN} to {RUN_PRIORITY_MAX}; higher runs are started first. "
@@ -403,6 +417,16 @@ class _Run(CoreModel):
             if "," in item:
                 raise ValueError(f"{item!r}: paths may not contain ','")
         return v
+
+    @property
+    def runs_privileged(self) -> bool:
+        """The container runs privileged: `privileged: true`, or `docker: true` (a daemon inside needs it)."""
+        return self.privileged or self.docker
+
+    @property
+    def host_network(self) -> bool:
+        """The container uses the host's network: `network: host`, or a multi-node task (always)."""
+        return self.network == "host" or getattr(self, "nodes", 1) > 1
 
     @property
     def env_dict(self) -> dict[str, str]:

@@ -26,6 +26,9 @@ description:
   - When the runtime fails to start the container (image missing, unknown device, OCI runtime
     error), the module fails with the runtime's own error message, and no half-created container
     of that name remains.
+  - Unless I(privileged) is true, the container runs with C(--security-opt=no-new-privileges) (no
+    process in it can gain privileges through setuid files) and the runtime's default capabilities
+    (the module never adds one); with it, C(--privileged), which gives every capability and device (root on the host).
 version_added: "0.1.0"
 author: gpufleet (@gpufleet)
 options:
@@ -49,7 +52,8 @@ options:
       - Identifies the run; stored as the label C(gpufleet.run_id).
       - Without it, I(state=started) uses C(cfg-) and a hash of the container's configuration
         (runtime, image, command, env, labels, devices, gpus, oci_runtime, cpuset_cpus, cpus,
-        memory_mib, network, volumes, workdir), so that a changed configuration replaces the container.
+        memory_mib, network, ports, privileged, volumes, workdir), so that a changed configuration
+        replaces the container.
     type: str
   runtime:
     description: The container runtime to run (found on the PATH).
@@ -114,9 +118,37 @@ options:
     description: Memory limit in MiB (C(--memory=NNNm)).
     type: int
   network:
-    description: The network (C(--network)).
+    description:
+      - The network (C(--network)), e.g. C(host) (the host's network) or C(bridge) (a network
+        namespace of the container's own, on the runtime's default bridge).
     type: str
     default: host
+  ports:
+    description:
+      - Ports of the container published on the host's loopback address only, each C(PORT) or
+        C(HOSTPORT:PORT), passed as C(--publish=127.0.0.1:HOSTPORT:PORT) (C(PORT) is
+        C(PORT:PORT)). Nothing is published on the host's other addresses; reach them through an
+        ssh forward to the host's C(127.0.0.1).
+      - Refused with I(network=host), where the container's ports are the host's already.
+    type: list
+    elements: str
+    default: []
+  privileged:
+    description:
+      - Run the container with C(--privileged) (every capability and the host's devices, so root on
+        the host) instead of C(--security-opt=no-new-privileges) and the default capabilities.
+    type: bool
+    default: false
+  volume_roots:
+    description:
+      - When given, every volume must be a bind mount of a host path whose real path (symlinks
+        resolved on the host) is one of these paths or below one (compared part by part,
+        C(/database) is not below C(/data)); any other volume is refused before the container is
+        created. An empty list allows no volume; without it, volumes are not checked.
+      - Resolving here catches a symlink planted under an allowed path (C(/data/x -> /)); a link
+        swapped between this check and the runtime's mount is not caught.
+    type: list
+    elements: str
   volumes:
     description:
       - Bind mounts or named volumes, each C(src:dst) or C(src:dst:OPTIONS) (e.g. C(ro), C(rw,z)),
@@ -236,6 +268,7 @@ stderr:
 # Ansible wants the imports after DOCUMENTATION, EXAMPLES and RETURN.
 import hashlib  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import re  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
@@ -344,6 +377,10 @@ def validate(module):
                 len(parts) == 3 and not set(parts[2].split(",")) <= VOLUME_OPTIONS):
             module.fail_json(msg="volumes: {!r} is not src:dst or src:dst:OPTIONS (dst an absolute path; options "
                              "among {})".format(volume, ", ".join(sorted(VOLUME_OPTIONS))))
+    _check_volume_roots(module, p["volumes"] or [], p["volume_roots"])
+    ports = _ports(module, p["ports"] or [])
+    if ports and p["network"] == "host":
+        module.fail_json(msg="ports: a container on the host's network (network=host) publishes nothing")
     for key in ("network", "oci_runtime", "cpuset_cpus", "gpus", "workdir"):
         value = p[key]
         if value is not None and ("\0" in value or (key != "workdir" and re.search(r"\s", value))):
@@ -352,14 +389,48 @@ def validate(module):
         module.fail_json(msg="cpus must be > 0")
     if p["memory_mib"] is not None and p["memory_mib"] <= 0:
         module.fail_json(msg="memory_mib must be > 0")
-    return {"image": image, "command": list(command), "env": env, "labels": labels, "secret_env": secret_env}
+    return {"image": image, "command": list(command), "env": env, "labels": labels, "secret_env": secret_env,
+            "ports": ports}
+
+
+def _ports(module, items):
+    """HOSTPORT:PORT pairs from `PORT` or `HOSTPORT:PORT` items (each a number from 1 to 65535)."""
+    out = []
+    for item in items:
+        parts = str(item).split(":")
+        if len(parts) not in (1, 2) or not all(x.isdigit() and 1 <= int(x) <= 65535 for x in parts):
+            module.fail_json(msg=f"ports: {item!r} is not PORT or HOSTPORT:PORT (numbers from 1 to 65535)")
+        out.append(f"{int(parts[0])}:{int(parts[-1])}")
+    return out
+
+
+def _under(path, root):
+    return root == "/" or path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _check_volume_roots(module, volumes, roots):
+    """With volume_roots given: each volume's host path, resolved on this host, is below one of them."""
+    if roots is None:
+        return
+    real_roots = [os.path.realpath(r) for r in roots if r.startswith("/")]
+    for volume in volumes:
+        source = volume.split(":", 1)[0]
+        if not source.startswith("/"):
+            module.fail_json(msg=f"volumes: {volume!r}: only host paths may be mounted here (volume_roots is set)")
+        real = os.path.realpath(source)
+        if not any(_under(real, root) for root in real_roots):
+            allowed = ", ".join(roots) if roots else "none"
+            shown = source if real == source else f"{source} (really {real})"
+            module.fail_json(msg=f"volumes: {shown} is not below a host path this container may mount ({allowed})")
 
 
 def config_run_id(p, spec):
     data = dict(spec)
     data["secret_env"] = sorted(spec["secret_env"])  # names only: no digest of a secret leaves the host
+    # privileged is hashed even when false: a container made before no-new-privileges was the default
+    # gets another id, so it is replaced
     for key in ("runtime", "devices", "gpus", "oci_runtime", "cpuset_cpus", "cpus", "memory_mib", "network",
-                "volumes", "workdir"):
+                "privileged", "volumes", "workdir"):
         data[key] = p[key]
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
     return "cfg-" + digest[:16]
@@ -386,8 +457,14 @@ def run_argv(binary, p, spec, run_id):
         argv.append(f"--cpus={p['cpus']:g}")
     if p["memory_mib"] is not None:
         argv.append(f"--memory={p['memory_mib']}m")
+    if p["privileged"]:
+        argv.append("--privileged")
+    else:
+        argv.append("--security-opt=no-new-privileges")
     if p["network"]:
         argv.append("--network=" + p["network"])
+    for port in spec["ports"]:
+        argv.append("--publish=127.0.0.1:" + port)
     for volume in p["volumes"] or []:
         argv.append("--volume=" + volume)
     if p["workdir"]:
@@ -466,6 +543,9 @@ def main():
             cpus=dict(type="float"),
             memory_mib=dict(type="int"),
             network=dict(type="str", default="host"),
+            ports=dict(type="list", elements="str", default=[]),
+            privileged=dict(type="bool", default=False),
+            volume_roots=dict(type="list", elements="str"),
             volumes=dict(type="list", elements="str", default=[]),
             workdir=dict(type="str"),
             stop_timeout=dict(type="int", default=gpufleet_inspect.STOP_TIMEOUT),

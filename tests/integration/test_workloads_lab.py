@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import Cli
+from conftest import Cli, wait_logs
 
 from gpufleet.lab import core
 
@@ -53,17 +53,6 @@ def fleet_rows(cli: Cli, fleet: str) -> dict[str, dict]:
 
 def ps(cli: Cli, all_: bool = True) -> dict[str, dict]:
     return {r["name"]: r for r in json.loads(cli("ps", "--json", *(["-a"] if all_ else []), check=0).stdout)}
-
-
-def wait_logs(cli: Cli, name: str, needle: str, timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    out = ""
-    while time.monotonic() < deadline:
-        out = cli("logs", name).stdout
-        if needle in out:
-            return out
-        time.sleep(0.5)
-    raise AssertionError(f"{needle!r} not in logs of {name}: {out!r}")
 
 
 def test_two_4gpu_tasks_share_a_node_and_see_only_their_gpus(labs, wcli, tmp_path):

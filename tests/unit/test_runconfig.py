@@ -1,14 +1,12 @@
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, container_module
 
 from gpufleet import launch
 from gpufleet.containers import commands
@@ -239,20 +237,10 @@ def test_stop_argv_with_a_timeout():
     assert cmd.stop_argv(["docker"], "gpufleet-x") == ["docker", "stop", "-t", "10", "gpufleet-x"]
 
 
-def _container_module(monkeypatch):
-    """plugins/modules/gpufleet_container.py, with its module_utils import served by the shipped copy."""
-    monkeypatch.setitem(sys.modules, "ansible.module_utils.gpufleet_inspect", commands())
-    spec = importlib.util.spec_from_file_location("gpufleet_container_under_test",
-                                                  ROOT / "plugins" / "modules" / "gpufleet_container.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("params,want", [({"stop_timeout": 300}, "300"), ({"stop_timeout": 0}, "0"),
                                          ({"stop_timeout": 10}, "10")])
 def test_container_module_stops_with_its_stop_timeout(monkeypatch, params, want):
-    mod = _container_module(monkeypatch)
+    mod = container_module(monkeypatch)
     ran = []
 
     class FakeAnsibleModule:
@@ -270,7 +258,7 @@ def test_container_module_stops_with_its_stop_timeout(monkeypatch, params, want)
 
 
 def test_stop_timeout_documented_alike_in_module_and_role(monkeypatch):
-    mod = _container_module(monkeypatch)
+    mod = container_module(monkeypatch)
     option = yaml.safe_load(mod.DOCUMENTATION)["options"]["stop_timeout"]
     assert (option["type"], option["default"]) == ("int", commands().STOP_TIMEOUT)
     role = ROOT / "roles" / "workload"
