@@ -14,11 +14,23 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gpufleet import failpoints
+from gpufleet import failpoints, hostpolicy
 from gpufleet.allocator import HostIndex, HostSlots, NoCapacity, Placement, Request, gpu_matches, place_gang
-from gpufleet.errors import GpufleetError, NotFound
+from gpufleet.errors import Forbidden, GpufleetError, NotFound
 from gpufleet.launch import container_name, start_nodes, stop_containers
-from gpufleet.models import DEFAULT_PROJECT, RUN_CONFIG, SYSTEM_ACTOR, Run, RunConfigType, RunRequest, RunStatus
+from gpufleet.models import (
+    DEFAULT_PROJECT,
+    RUN_CONFIG,
+    SYSTEM_ACTOR,
+    FleetPolicy,
+    ProjectRole,
+    Run,
+    RunConfigType,
+    RunRequest,
+    RunStatus,
+    ServerRole,
+    User,
+)
 from gpufleet.scheduler import PRIORITY_DEFAULT, Decision, Running, Waiting, decide, never_fits, ordered
 from gpufleet.state import Store
 
@@ -39,26 +51,49 @@ class Submitter:
 
 
 class Placing:
-    """The fleets of each project, read once per pass: a run is placed only on its project's
-    fleets (and, of those, the ones its `fleets` names)."""
+    """The fleets of each project and their policies, read once per pass: a run is placed only on
+    its project's fleets, of those only the ones its `fleets` names, and of those only the ones
+    whose policy lets its submitter's role run it (gpufleet.hostpolicy)."""
 
     def __init__(self, store: Store):
-        self.by_project: dict[str, set[str]] = {}
-        for fleet, project in store.fleet_projects().items():
-            self.by_project.setdefault(project, set()).add(fleet)
+        self.by_project: dict[str, dict[str, FleetPolicy]] = {}
+        for fleet, project in sorted(store.fleet_projects().items()):
+            self.by_project.setdefault(project, {})[fleet] = hostpolicy.policy_of(store.fleet_config(fleet))
+        self._users: dict[str, User] | None = None
+        self._store = store
 
-    def fleets(self, cfg: RunConfigType, project: str) -> tuple[str, ...]:
-        mine = self.by_project.get(project, set())
-        return tuple(sorted(mine & set(cfg.fleets) if cfg.fleets else mine))
+    def choice(self, cfg: RunConfigType, project: str, role: str) -> tuple[tuple[str, ...], str, bool]:
+        """(the fleets the run may go to, why none when there is none, whether that is a policy's refusal)."""
+        policies = self.by_project.get(project)
+        if not policies:
+            why = f"project {project} has no fleet yet (a project admin applies one: gpufleet apply -f FLEET.yml)"
+            return (), why, False
+        allowed, why = hostpolicy.allowed_fleets(cfg, policies, role)
+        if allowed:
+            return tuple(allowed), "", False
+        named = [f for f in policies if cfg.fleets is None or f in cfg.fleets]
+        if not named:
+            return (), (f"none of the fleets it names ({', '.join(cfg.fleets or [])}) is a fleet of project {project} "
+                        f"(its fleets: {', '.join(policies)})"), False
+        return (), "; ".join(rule for f in named for rule in why[f]), True
 
-    def none_for(self, cfg: RunConfigType, project: str) -> str:
-        """Why a run has no fleet to go to ('' when it has)."""
-        if self.fleets(cfg, project):
-            return ""
-        if cfg.fleets and self.by_project.get(project):
-            return (f"none of the fleets it names ({', '.join(cfg.fleets)}) is a fleet of project {project} "
-                    f"(its fleets: {', '.join(sorted(self.by_project[project]))})")
-        return f"project {project} has no fleet yet (a project admin applies one: gpufleet apply -f FLEET.yml)"
+    def role(self, user: str, project: str) -> str:
+        """What a fleet's policy sees of a run's submitter now: `server-admin`, `admin` (of the
+        project) or `member` (also a user since deleted or removed). Runs from before users (no
+        user) were their state's owner's: `server-admin`."""
+        if not user:
+            return "server-admin"
+        if self._users is None:
+            self._users = {u.name: u for u in self._store.users()}
+        return role_of(self._users.get(user), project)
+
+
+def role_of(user: User | None, project: str) -> str:
+    if user is None:
+        return "member"
+    if user.role == ServerRole.ADMIN:
+        return "server-admin"
+    return "admin" if user.projects.get(project) == ProjectRole.ADMIN else "member"
 
 
 def request_of(cfg: RunConfigType, fleets: tuple[str, ...] | None = None) -> Request:
@@ -137,13 +172,12 @@ class Plan:
 
 
 def plan(store: Store, req: RunRequest, who: Submitter = Submitter()) -> Plan:
-    placing = Placing(store)
-    nowhere = placing.none_for(req.config, who.project)
+    fleets, nowhere, _ = Placing(store).choice(req.config, who.project, who.role)
     if nowhere:
         return Plan(never=f"{req.name}: {nowhere}")
     hosts = store.slots_snapshot()
     clusters = cluster_fleets(store)
-    waiting = waiting_of(req, fleets=placing.fleets(req.config, who.project))
+    waiting = waiting_of(req, fleets=fleets)
     never = never_fits(waiting, hosts, clusters)
     if never:
         return Plan(never=f"{req.name} {never}")
@@ -160,12 +194,11 @@ def submit(store: Store, req: RunRequest, seal: Seal, no_queue: bool = False, wh
     blocks now, in one transaction, or is refused: (the run, its placements) for the caller to
     launch. It never takes blocks the head of the queue has reserved."""
     policy = Policy.of(req.config)
-    placing = Placing(store)
-    nowhere = placing.none_for(req.config, who.project)
+    fleets, nowhere, refused = Placing(store).choice(req.config, who.project, who.role)
     if nowhere:
-        raise GpufleetError(f"{req.name}: {nowhere}; not queued")
+        raise (Forbidden if refused else GpufleetError)(f"{req.name}: {nowhere}; not queued")
     hosts = store.slots_snapshot()
-    waiting = waiting_of(req, fleets=placing.fleets(req.config, who.project))
+    waiting = waiting_of(req, fleets=fleets)
     clusters = cluster_fleets(store)
     never = never_fits(waiting, hosts, clusters)
     if never:
@@ -232,11 +265,11 @@ def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: 
     waits, homeless = {}, {}
     for r in pending:
         cfg = RUN_CONFIG.validate_python(r.spec)
-        nowhere = placing.none_for(cfg, r.project)
+        fleets, nowhere, _ = placing.choice(cfg, r.project, placing.role(r.user, r.project))
         if nowhere:
             homeless[r.name] = f"waiting: {nowhere}"
         else:
-            waits[r.name] = waiting_of(r, r.created_at, placing.fleets(cfg, r.project))
+            waits[r.name] = waiting_of(r, r.created_at, fleets)
     store.set_waiting(homeless)
     hosts = store.slots_snapshot()
     running = [Running(run_id=r.name, blocks=tuple((n.instance_id, b) for n in r.nodes for b in n.blocks),
@@ -282,8 +315,12 @@ def launch(store: Store, run: Run, placements: list[Placement], unseal: Unseal,
     sealed = store.sealed(run=run.name)
     req = RunRequest(name=run.name, source=f"run {run.name}", config=cfg, secrets=unseal(sealed) if sealed else {})
     started: list[str] = []
+    fleet = placements[0].host.fleet
+    # the host checks the run's volumes against the roots its submitter's role may mount now
+    role = "server-admin" if not run.user else role_of(store.user(run.user), run.project)
+    roots = hostpolicy.volume_roots(hostpolicy.policy_of(store.fleet_config(fleet)), role)
     try:
-        start_nodes(store, req, run.run_id, placements, started, fleet_secrets(placements[0].host.fleet))
+        start_nodes(store, req, run.run_id, placements, started, fleet_secrets(fleet), volume_roots=roots)
     except GpufleetError as e:
         _release(store, run, started, str(e))
         return

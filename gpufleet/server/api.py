@@ -31,7 +31,7 @@ from gpufleet import __version__, queue, runs
 from gpufleet.apply import apply_fleet, make_plan
 from gpufleet.config import parse_fleet
 from gpufleet.errors import ConfigError, Forbidden, GpufleetError, NotFound, Unauthorized, UsageError
-from gpufleet.models import ProjectRole, Run
+from gpufleet.models import Run
 from gpufleet.runconfig import parse_run
 from gpufleet.server import tunnel
 from gpufleet.server.auth import Caller, FailedLogins, Me, TooManyFailures, authenticate
@@ -118,10 +118,9 @@ def create_app(ctx: Context) -> FastAPI:
             return {project}
         return who.visible()
 
-    def submitter(who: Caller, project: str | None, what: str) -> queue.Submitter:
+    def submitter(who: Caller, project: str | None) -> queue.Submitter:
         p = who.project(project)
-        role = "server-admin" if who.admin else ("admin" if who.role_in(p) == ProjectRole.ADMIN else "member")
-        return queue.Submitter(user=who.name, project=p, role=role)
+        return queue.Submitter(user=who.name, project=p, role=queue.role_of(who.user, p))
 
     @api.get("/runs", tags=["runs"])
     def list_runs(who: Me, all: bool = False, project: str | None = None) -> list[dict]:
@@ -135,13 +134,13 @@ def create_app(ctx: Context) -> FastAPI:
 
     @api.post("/runs/plan", tags=["runs"])
     def plan_run(body: ConfigText, who: Me) -> dict:
-        by = submitter(who, body.project, "planning a run")
+        by = submitter(who, body.project)
         req = parse_run(body.text, body.source, values=False)
         return _plan_json(req, queue.plan(ctx.store, req, by))
 
     @api.post("/runs", tags=["runs"], status_code=201)
     def submit_run(body: Submission, who: Me) -> dict:
-        by = submitter(who, body.project, "submitting a run")
+        by = submitter(who, body.project)
         req = parse_run(body.text, body.source, secrets=body.secrets)
         run, placements = queue.submit(ctx.store, req, ctx.seal, no_queue=body.no_queue, who=by)
         if placements is not None:  # it took its blocks at once (it may not wait): start it
