@@ -564,6 +564,20 @@ def test_a_rotated_token_is_refused_at_once(team):
     assert r.status == 403 and "needs a server admin" in r.json()["detail"], r.text
 
 
+def test_the_last_admin_of_a_project_can_neither_leave_it_nor_become_a_member(team):
+    """A project always keeps an admin: its last one is refused both ways (409, saying why)."""
+    team.ok("erin", "POST", "/api/projects", {"name": "solo"})  # its maker, erin, is its admin
+    team.ok("erin", "POST", "/api/projects/solo/members", {"user": "carol", "role": "admin"})
+    team.ok("erin", "DELETE", "/api/projects/solo/members/erin")
+    for method, path, body in (("DELETE", "/api/projects/solo/members/carol", None),
+                               ("POST", "/api/projects/solo/members", {"user": "carol", "role": "member"})):
+        r = team.call("carol", method, path, body)
+        assert r.status == 409 and "carol is the last admin of project solo" in r.json()["detail"], (method, r.text)
+    members = {p["name"]: p["members"] for p in team.ok("carol", "GET", "/api/projects")}["solo"]
+    assert members == [{"user": "carol", "role": "admin"}], members
+    team.ok("erin", "DELETE", "/api/projects/solo")
+
+
 def test_eleven_bad_tokens_from_one_address_are_answered_429(team):
     """Ten bad tokens from one address: the eleventh try is 429 with Retry-After, even with a
     good token; other addresses are not locked out (an address of its own: the rest goes on)."""
