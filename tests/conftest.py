@@ -179,3 +179,149 @@ def lab_factory(tmp_path_factory):
 @pytest.fixture()
 def cli(tmp_path: Path) -> Cli:
     return Cli(tmp_path / "home")
+
+
+# ---------------------------------------------------------------------- a shared server on loopback
+# (a `gpufleet server` process as a team runs it, not a local one; its callers are users with tokens)
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    text: str
+
+    def json(self):
+        import json
+
+        return json.loads(self.text)
+
+
+@dataclass
+class ApiServer:
+    """A `gpufleet server --port P` process on 127.0.0.1, its state directory (GPUFLEET_HOME) in a
+    temporary folder, its output in ``log``. Requests are plain HTTP over a real socket."""
+
+    home: Path
+    url: str
+    port: int
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def admin_token(self) -> str:
+        """The bootstrap admin's token (user `admin`, a server admin): the state directory's file."""
+        return (self.home / "server" / "token").read_text().strip()
+
+    def request(self, method: str, path: str, token: str | None = None, body=None, query: dict | None = None,
+                source: str | None = None, timeout: float = 120.0, raw_auth: str | None = None) -> Reply:
+        """One request; ``source``: the client's address (any of 127.0.0.0/8), for limits per address."""
+        import http.client
+        import json
+        import urllib.parse
+
+        target = path + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        headers = {"Accept": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        if raw_auth is not None:
+            headers["Authorization"] = raw_auth
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout,
+                                          source_address=(source, 0) if source else None)
+        try:
+            conn.request(method, target, body=data, headers=headers)
+            r = conn.getresponse()
+            return Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode(errors="replace"))
+        finally:
+            conn.close()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout)
+
+
+def start_server(home: Path, database_url: str | None = None, timeout: float = 60.0) -> ApiServer:
+    """Start `gpufleet server` (this checkout's code) on a free loopback port, with state in ``home``
+    and ``database_url`` (None: the state directory's SQLite file); return once it answers."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("GPUFLEET_SERVER", "GPUFLEET_TOKEN",
+                                                            "GPUFLEET_DATABASE_URL")}
+    env.update({"GPUFLEET_HOME": str(home), "PYTHONPATH": str(ROOT)})
+    if database_url:
+        env["GPUFLEET_DATABASE_URL"] = database_url
+    log = home.parent / f"{home.name}-server.log"
+    with open(log, "ab") as out:
+        argv = [sys.executable, "-m", "gpufleet", "server", "--host", "127.0.0.1", "--port", str(port)]
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                start_new_session=True)
+    server = ApiServer(home, f"http://127.0.0.1:{port}", port, proc, log)
+
+    def up():
+        assert server.alive(), f"the server exited ({proc.returncode}):\n{log.read_text(errors='replace')}"
+        try:
+            return server.request("GET", "/api/health", timeout=5).status == 200
+        except OSError:
+            return False
+
+    wait_for("the server to answer", up, timeout=timeout, every=0.2)
+    return server
+
+
+def pg_test_database(prefix: str):
+    """A fresh database on the PostgreSQL server of GPUFLEET_TEST_DATABASE_URL (scripts/test.sh), as a
+    context manager yielding its URL (dropped afterwards); skips when the variable is unset."""
+    import contextlib
+    import uuid
+
+    url = os.environ.get("GPUFLEET_TEST_DATABASE_URL")
+    if not url:
+        pytest.skip("GPUFLEET_TEST_DATABASE_URL is not set (scripts/test.sh starts PostgreSQL and sets it)")
+
+    @contextlib.contextmanager
+    def made():
+        from sqlalchemy import create_engine, text
+
+        from gpufleet.state import database_url
+
+        saved = os.environ.get("GPUFLEET_DATABASE_URL")
+        os.environ["GPUFLEET_DATABASE_URL"] = url
+        try:
+            admin_url = database_url()
+        finally:
+            if saved is None:
+                del os.environ["GPUFLEET_DATABASE_URL"]
+            else:
+                os.environ["GPUFLEET_DATABASE_URL"] = saved
+        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as c:
+            c.execute(text(f'CREATE DATABASE "{name}"'))
+        base, _, _ = url.rpartition("/")
+        try:
+            yield f"{base}/{name}"
+        finally:
+            with admin.connect() as c:
+                c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            admin.dispose()
+
+    return made()

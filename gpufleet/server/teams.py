@@ -114,7 +114,10 @@ def router(ctx: Any) -> APIRouter:
     @r.post("/projects/{name}/members", tags=["projects"])
     def add_member(name: str, body: NewMember, who: Me) -> dict:
         who.need_project_admin(name, f"adding members to project {name}")
-        project_of(name)
+        project = project_of(name)
+        admins = [m.user for m in project.members if m.role == ProjectRole.ADMIN]
+        if body.role != ProjectRole.ADMIN and admins == [body.user]:  # as removing them is refused
+            raise GpufleetError(f"{body.user} is the last admin of project {name}: make another member its admin first")
         store.set_member(name, body.user, body.role, actor=who.name)
         return project_of(name).model_dump(mode="json")
 
