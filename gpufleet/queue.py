@@ -172,7 +172,9 @@ class Plan:
 
 
 def plan(store: Store, req: RunRequest, who: Submitter = Submitter()) -> Plan:
-    fleets, nowhere, _ = Placing(store).choice(req.config, who.project, who.role)
+    fleets, nowhere, refused = Placing(store).choice(req.config, who.project, who.role)
+    if refused:  # not a matter of capacity: the submit would be refused the same way (403)
+        raise Forbidden(f"{req.name}: {nowhere}")
     if nowhere:
         return Plan(never=f"{req.name}: {nowhere}")
     hosts = store.slots_snapshot()

@@ -1,14 +1,16 @@
 """What a run may touch on a host (the fleet's `policy`), on the lab, in real podman containers.
 
-The policy check is not wired into the server's submit yet: the refusals are checked with
-gpufleet.hostpolicy against the fleet file as the lab applies it, and on the host side with the
+A project member (a user with a token and no key of any host, talking to the server) is refused
+at submit a run that breaks the fleet's policy, with the rule it breaks; gpufleet.hostpolicy's
+answers are checked against the fleet file as the lab applies it, and the host side with the
 container module's `volume_roots` (symlinks resolved on the host). The containers are started by the
-real `gpufleet apply` and start playbook: no-new-privileges, a network namespace of their own, an
-allowed path mounted and readable, nothing of the host's keys or another run's files visible.
+real server and start playbook: no-new-privileges, a network namespace of their own, an allowed
+path mounted and readable, nothing of the host's keys or another run's files visible.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -42,6 +44,38 @@ def site(lab_factory, tmp_path_factory):
     cli = Cli(tmp_path_factory.mktemp("hostpolicy-home") / "home")
     cli("apply", "-f", str(fleet_file), "-y", check=0)
     return {"lab": lab, "work": work, "data": data, "cli": cli, "fleet": fleet["name"], "fleet_file": fleet_file}
+
+
+@pytest.fixture(scope="module")
+def member(site, tmp_path_factory):
+    """`gpufleet` as mia, a member of project default with a token and no key or fleet file, through
+    the site's server (its local server, wherever it listens now)."""
+    cli = site["cli"]
+    token = json.loads(cli("user", "add", "mia", "--json", check=0).stdout)["token"]
+    cli("project", "member", "add", "default", "mia", check=0)
+    home = tmp_path_factory.mktemp("member-home") / "home"
+
+    def as_mia(*args: str, **kw):
+        cli("ps", check=0)  # the local server is up (it exits when idle): ask it where it listens
+        url = json.loads((cli.home / "server" / "local.json").read_text())["url"]
+        return Cli(home, server=url)(*args, env={"GPUFLEET_TOKEN": token}, **kw)
+
+    return as_mia
+
+
+def test_a_members_run_outside_the_policy_is_refused_at_submit(site, member):
+    work, cli = site["work"], site["cli"]
+    for name, body, rule in (("m-root", "volumes: ['/:/host']\ncommands: ['ls /host']\n", "policy.volumes"),
+                             ("m-priv", "privileged: true\ncommands: ['true']\n", "policy.privileged"),
+                             ("m-net", "network: host\ncommands: ['true']\n", "policy.host_network")):
+        p = member("apply", "-f", str(run_file(work, name, body)), "-y", "-d")
+        assert p.returncode == 3, p.stdout + p.stderr
+        assert rule in p.stderr and f"fleet {site['fleet']}" in p.stderr, p.stderr
+        assert name not in cli("ps", "-a", check=0).stdout  # nothing of it was kept
+    # the same run from the server's admin (who holds the fleet's keys anyway) is not limited
+    p = cli("apply", "-f", str(run_file(work, "a-root", "volumes: ['/:/host:ro']\ncommands: ['ls /host/etc']\n")),
+            "-y", timeout=180)
+    assert p.returncode == 0 and "hostname" in p.stdout, p.stdout + p.stderr
 
 
 def run_file(work: Path, name: str, body: str) -> Path:
@@ -104,7 +138,7 @@ def test_the_host_refuses_a_volume_whose_real_path_is_outside_the_roots(site, mo
     core.host_exec(site["lab"], node, ["podman", "rm", "-f", "gpufleet-vr-ok"], check=False)
 
 
-def test_a_run_sees_its_allowed_path_and_nothing_of_the_host_or_other_runs(site):
+def test_a_members_run_sees_its_allowed_path_and_nothing_of_the_host_or_other_runs(site, member):
     cli, work, data, lab = site["cli"], site["work"], site["data"], site["lab"]
     node = lab.nodes[0]
     host_key = lab.host_dir(node) / "ssh_host_ed25519_key"
@@ -128,7 +162,7 @@ def test_a_run_sees_its_allowed_path_and_nothing_of_the_host_or_other_runs(site)
               "| head -c 200 || true)\"\n"
               "  - echo \"procs=$(ps -o comm | grep -c sleep || true)\"\n"
               "  - echo \"addrs=$(ip -4 -o addr | grep -v ' lo ' | tr -s ' ' | cut -d' ' -f4 | tr '\\n' ' ')\"\n")
-    p = cli("apply", "-f", str(run_file(work, "pol-b", body_b)), "-y", timeout=180)
+    p = member("apply", "-f", str(run_file(work, "pol-b", body_b)), "-y", timeout=180)  # mia, through the server
     assert p.returncode == 0, p.stdout + p.stderr
     lines = {line.split("=", 1)[0]: line.split("=", 1)[1] for line in p.stdout.splitlines() if "=" in line}
     assert lines["read"] == "hello-from-an-allowed-path"

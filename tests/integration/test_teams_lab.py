@@ -3,7 +3,7 @@ state directory with no fleet files and no keys, GPUFLEET_SERVER and GPUFLEET_TO
 list, read and stop their runs on the lab; the server refuses what is not theirs (exit 3, with a
 message that says what is missing).
 
-The CLI has no `--project` flag yet: alice and bob are in ml only, so the server picks it for them.
+alice and bob are in ml only, so the server picks it for them (no `--project`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,12 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, Cli, start_server, wait_for
 from test_authz_lab import Team, fleet_text, task_text
+from test_tunnel_lab import free_port, http_get, read_until
+
+from gpufleet.lab import core
 
 pytestmark = pytest.mark.lab
+IMAGE = core.LAB_IMAGE
 NOT_YOURS = "needs to be its submitter or an admin of project ml; you are a member of it"
 
 
@@ -107,7 +112,6 @@ def test_users_with_a_token_and_no_ssh_key_work_with_their_runs_and_not_with_oth
     wait_for("both runs to run", lambda: {alice.runs()[n]["status"] for n in (a, b)} == {"running"}, timeout=180)
 
     # ps: a member sees the project's runs, with who submitted them; another project's user, neither
-    # (`ps --json` shows no user or project yet: the API's run does)
     rows = {r["name"]: r for r in team.ok("alice", "GET", "/api/runs")}
     assert (rows[a]["user"], rows[a]["project"], rows[b]["user"], rows[b]["project"]) == ("alice", "ml", "bob", "ml")
     table = alice("ps", check=0).stdout
@@ -151,20 +155,47 @@ def test_no_token_or_a_bad_one_is_refused_with_exit_3(team, tmp_path):
     assert p.returncode == 3 and "bad token" in p.stderr, (p.returncode, p.stderr)
 
 
-def test_attach_through_the_server_without_keys(team, users, tmp_path):
-    """TODO(attach through the server, another engineer's work): a user with a token and no SSH key
-    attaches to their run through the server. Until then attach hands the client the server's own
-    ssh_config (and so its keys) to run ssh with: this says so, and skips."""
-    alice = users["alice"]
-    name = "a-attach"
-    alice("apply", "-f", str(write_task(tmp_path, name, ["sleep 300"])), "-y", "-d", check=0)
+def _web(dir: Path, name: str, local: int, text: str) -> Path:
+    path = dir / f"{name}.yml"
+    path.write_text(f"type: service\nname: {name}\nimage: {IMAGE}\nport: '{local}:8000'\nstop_duration: 1s\n"
+                    "commands:\n"
+                    f"  - mkdir -p /www && echo {text} > /www/index.html\n"
+                    "  - exec httpd -f -p 127.0.0.1:8000 -h /www\n")
+    return path
+
+
+def test_users_attach_to_their_own_runs_through_the_server_and_not_to_others(team, users, tmp_path):
+    """alice and bob, with a token and no key, each reach their service's port through the server
+    (`gpufleet attach`: a WebSocket to the server, which reaches the host); each is refused the
+    other's run, and dave both."""
+    alice, bob, dave = users["alice"], users["bob"], users["dave"]
+    ports = {"alice": free_port(), "bob": free_port()}
+    for user, name in ((alice, "a-web"), (bob, "b-web")):
+        user("apply", "-f", str(_web(tmp_path, name, ports[user.name], f"hello-{user.name}")), "-y", "-d", check=0)
     try:
-        wait_for("the run to run", lambda: alice.runs()[name]["status"] == "running", timeout=180)
-        plan = team.ok("alice", "GET", f"/api/runs/{name}/attach")
+        wait_for("both services to run", lambda: {alice.runs()[n]["status"] for n in ("a-web", "b-web")} == {"running"},
+                 timeout=180)
+        for user, name in ((alice, "a-web"), (bob, "b-web")):
+            env = {**os.environ, "GPUFLEET_HOME": str(user.cli.home), "GPUFLEET_SERVER": team.server.url,
+                   **user.env()}
+            attach = subprocess.Popen([sys.executable, "-m", "gpufleet", "attach", name], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+            try:
+                assert "through the gpufleet server" in read_until(attach, "Ctrl-C", timeout=30)
+                port = ports[user.name]
+                body = wait_for(f"{name}'s page through the tunnel", lambda p=port: http_get(p), timeout=30)
+                assert body.strip() == f"hello-{user.name}"
+                attach.send_signal(signal.SIGINT)
+                assert attach.wait(timeout=20) == 0, attach.stderr.read()
+            finally:
+                if attach.poll() is None:
+                    attach.kill()
+                    attach.wait(timeout=10)
+        for user, other in ((alice, "b-web"), (bob, "a-web")):
+            p = user("attach", other, "--through-server")
+            assert p.returncode == 3 and NOT_YOURS in p.stderr, (p.returncode, p.stdout, p.stderr)
+        p = dave("attach", "a-web", "--through-server")
+        assert p.returncode == 3 and "not a member" in p.stderr, p.stderr
     finally:
-        alice("stop", name, "-y")
-    if str(plan.get("ssh_config", "")).startswith(str(team.server.home)):
-        pytest.skip("TODO: gpufleet attach through the server is not built yet: the server answers with its own "
-                    f"ssh_config ({plan['ssh_config']}) for the client to run ssh with, which a client with no "
-                    "keys and no fleet files does not have")
-    pytest.fail(f"attach no longer hands out the server's ssh_config: write this test (the answer: {plan})")
+        alice("stop", "a-web", "-y")
+        bob("stop", "b-web", "-y")
