@@ -122,6 +122,7 @@ class Waiting:
         object.__setattr__(self, "_fit", (id(self.request), self.nodes))
         object.__setattr__(self, "_path", hash((id(self.request), self.nodes, self.max_duration)))
         object.__setattr__(self, "_submission", (self.submitted_at, self.run_id))
+        object.__setattr__(self, "_quota_key", (self.project, self.user, id(self.request), self.nodes))
         object.__setattr__(self, "_shortest", (-self.priority, math.inf if self.max_duration is None
                                                else self.max_duration))
 
@@ -226,9 +227,21 @@ def ordered(waiting: Sequence[Waiting], now: float, aging_s: float | None = AGIN
     """``waiting`` in the queue's order (``order_key``). With one priority and no fair share, aging
     changes nothing: submission order it is."""
     by_submission = sorted(waiting, key=_BY_SUBMISSION)
-    if usage is None and len(set(map(_PRIORITY, by_submission))) <= 1:
-        return by_submission
-    return sorted(by_submission, key=order_key(now, aging_s, usage))
+    if usage is None:
+        if len(set(map(_PRIORITY, by_submission))) <= 1:
+            return by_submission
+        return sorted(by_submission, key=order_key(now, aging_s))
+    # order_key's, less its last two fields: the sort is stable and the runs are in submission order
+    projects, users = usage.projects, usage.users
+    shares: dict[tuple[str, str], tuple[float, float]] = {}
+    for r in by_submission:
+        pair = (r.project, r.user)
+        if pair not in shares:
+            shares[pair] = (projects.get(r.project, 0.0), users.get(pair, 0.0))
+    if aging_s:
+        return sorted(by_submission, key=lambda r: (-r.priority - int(max(0.0, now - r.submitted_at) // aging_s),
+                                                    shares[r.project, r.user]))
+    return sorted(by_submission, key=lambda r: (-r.priority, shares[r.project, r.user]))
 
 
 def decide(waiting: Sequence[Waiting], hosts: HostIndex | Sequence[HostSlots], running: Sequence[Running],
@@ -361,17 +374,32 @@ class _Caps:
     def __init__(self, quotas: Sequence[Quota], running: Sequence[Running]):
         self.quotas = list(quotas)
         self.used = [0] * len(self.quotas)
+        self.applying: dict[tuple[str, str], list[int]] = {}
+        self.before: dict[tuple, str | None] = {}  # Waiting._quota_key -> over() before placement, until a take
         self.by_project: dict[str, list[int]] = {}
         for i, q in enumerate(self.quotas):
             self.by_project.setdefault(q.project, []).append(i)
+        counts: dict[tuple[str, str], int] = {}  # (project, user) -> GPUs its runs hold
+        models = any(q.gpu is not None for q in self.quotas)
+        held: dict[tuple[str, str], list[str]] = {}  # and which, when a quota counts a model
         for r in running:
-            for i in self._applying(r.project, r.user):
+            if r.project in self.by_project:
+                pair = (r.project, r.user)
+                counts[pair] = counts.get(pair, 0) + len(r.gpus)
+                if models:
+                    held.setdefault(pair, []).extend(r.gpus)
+        for pair, n in counts.items():
+            for i in self._applying(*pair):
                 gpu = self.quotas[i].gpu
-                self.used[i] += len(r.gpus) if gpu is None else \
-                    sum(1 for m in r.gpus if gpu_matches(_named_gpu(m), _model_spec(gpu)))
+                self.used[i] += n if gpu is None else \
+                    sum(1 for m in held[pair] if gpu_matches(_named_gpu(m), _model_spec(gpu)))
 
     def _applying(self, project: str, user: str) -> list[int]:
-        return [i for i in self.by_project.get(project, ()) if self.quotas[i].user in (None, user)]
+        out = self.applying.get((project, user))
+        if out is None:
+            out = self.applying[project, user] = [i for i in self.by_project.get(project, ())
+                                                  if self.quotas[i].user in (None, user)]
+        return out
 
     def _need(self, q: Quota, run: Waiting, placements: Sequence[Placement] | None) -> int:
         if placements is not None:
@@ -388,6 +416,14 @@ class _Caps:
     def over(self, run: Waiting, placements: Sequence[Placement] | None = None) -> str | None:
         """Why starting ``run`` (at ``placements``, or as its request asks) would go over a quota
         that applies to it, or None."""
+        if placements is None:  # runs with the same request, nodes, project and user answer alike
+            key = run._quota_key
+            if key not in self.before:
+                self.before[key] = self._over(run, None)
+            return self.before[key]
+        return self._over(run, placements)
+
+    def _over(self, run: Waiting, placements: Sequence[Placement] | None) -> str | None:
         for i in self._applying(run.project, run.user):
             q = self.quotas[i]
             need = self._need(q, run, placements)
@@ -402,8 +438,11 @@ class _Caps:
         return None
 
     def take(self, run: Waiting, placements: Sequence[Placement]) -> None:
-        for i in self._applying(run.project, run.user):
+        applying = self._applying(run.project, run.user)
+        for i in applying:
             self.used[i] += self._need(self.quotas[i], run, placements)
+        if applying:
+            self.before.clear()
 
 
 def _refs(placements: Sequence[Placement]) -> tuple[BlockRef, ...]:
@@ -463,9 +502,12 @@ class _Decider:
             self._backfill(sorted(rest, key=_SHORTEST), res, no_fit)
         if self.caps is not None:  # every queued run over a quota is held, not only those looked at
             begun = {s.run.run_id for s in self.starts}
+            over, before = self.caps.over, self.caps.before
             for r in queue:
-                if r.run_id not in begun and r.run_id not in self.held and r._fit not in self.never_fits:
-                    self._held(r)
+                why = before[r._quota_key] if r._quota_key in before else over(r)
+                if why is not None and r.run_id not in self.held and r.run_id not in begun and \
+                        r._fit not in self.never_fits and not self._check_never(r):
+                    self.held[r.run_id] = why
         if self.never_fits:  # every queued run that never fits is refused, not only the first seen
             done = {r.run_id for r in self.refused}
             self.refused += [Refusal(r.run_id, self.never_fits[r._fit]) for r in queue
