@@ -21,6 +21,15 @@ does not (the head) gets a shadow time: the earliest true end of running jobs af
 if it ends (true duration) by the shadow time, or if the head still fits at the shadow time with it
 running (the per-host form of EASY's "extra nodes").
 
+Fair share and quotas (`python -m benchmarks.bench_sched fairshare [skip_days days]`, the table in
+benchmarks/README.md): each Philly job's project is its virtual cluster (the prefix of its job id;
+no trace here names users, so every user is ""). gpufleet is replayed on a window of the trace
+without fair share, with it (`decide` gets the decayed usage of the simulated history at each
+decision, half-life 7 days, through fairshare.UsageMeter), and with it plus a per-project quota;
+per project: its share of the GPU-hours held while the window submits, against an equal share
+(1 / projects with a job), its offered share and its mean wait; summaries: the largest distance
+from the equal share and Jain's fairness index of the shares.
+
 Metrics per trace and policy: utilization (GPU-seconds held while the trace is submitting, over the
 fleet's GPU-seconds in that span), wait (start - submit: mean, p50, p95, max), bounded slowdown
 (mean of max(1, (wait + run) / max(run, 10 s))), jobs that never started, and for gpufleet the
@@ -34,12 +43,15 @@ import csv
 import heapq
 import math
 import os
+import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from gpufleet.allocator import BlockSlot, HostIndex, HostSlots, NoCapacity, Request, place, place_gang
+from gpufleet.fairshare import HALF_LIFE_DEFAULT, UsageMeter
 from gpufleet.models import GPU, GPUSpec
-from gpufleet.scheduler import Running, Waiting, decide
+from gpufleet.scheduler import Quota, Running, Waiting, decide
 
 GPUS = 8
 TAU = 10.0  # bounded slowdown's floor on run time, seconds
@@ -57,10 +69,27 @@ FLEETS = {
 }
 POLICIES = ("gpufleet", "easy", "fifo")
 FLEET = "sim"
+MODEL = "H100"
+# Philly's job ids are `<virtual cluster>-<row>` (SOURCE.md): the virtual cluster is the job's project.
+# No trace here names users: every job's user is "".
+_PROJECT = re.compile(r"([0-9a-f]{6})-[0-9]+")
+
+
+def project_of(job_id: str) -> str:
+    """The project of a trace's job: Philly's virtual cluster, the prefix of its job id; "" where
+    the id carries none (Helios, Alibaba)."""
+    m = _PROJECT.fullmatch(job_id)
+    return m.group(1) if m else ""
 
 
 def limit_for(duration: float) -> float:
     return next((x for x in LIMITS if x >= duration), math.ceil(duration / LIMITS[-1]) * LIMITS[-1])
+
+
+def window(rows, skip_days: float, days: float) -> list[tuple[str, int, int, int, int]]:
+    """The rows submitted within [skip_days, skip_days + days), times re-based to the window's start."""
+    lo, hi = skip_days * 86400, (skip_days + days) * 86400
+    return [(j, int(t - lo), g, n, d) for j, t, g, n, d in rows if lo <= t < hi]
 
 
 def load(name: str, limit: int | None = None) -> list[tuple[str, int, int, int, int]]:
@@ -115,11 +144,12 @@ class Fleet:
 
 
 class Job:
-    __slots__ = ("idx", "job_id", "submit", "gpus", "nodes", "per_node", "duration", "limit", "start", "blocks",
-                 "waiting", "reserved_at")
+    __slots__ = ("idx", "job_id", "project", "submit", "gpus", "nodes", "per_node", "duration", "limit", "start",
+                 "blocks", "waiting", "reserved_at")
 
     def __init__(self, idx, job_id, submit, gpus, nodes, duration):
         self.idx, self.job_id, self.submit, self.duration = idx, job_id, submit, duration
+        self.project = project_of(job_id)
         if gpus <= GPUS and nodes <= 1:
             self.nodes, self.per_node = 1, gpus
         else:
@@ -137,9 +167,14 @@ def _requests() -> dict[int, Request]:
     return {g: Request(gpu=GPUSpec.model_validate(g)) for g in range(1, GPUS + 1)}
 
 
-def simulate(rows, hosts: int, policy: str) -> dict:
-    """Replay ``rows`` on ``hosts`` 8-GPU hosts under ``policy``; every job runs its true duration."""
+def simulate(rows, hosts: int, policy: str, *, fair_share: bool = False, quotas: Sequence[Quota] = (),
+             half_life_s: float = HALF_LIFE_DEFAULT) -> dict:
+    """Replay ``rows`` on ``hosts`` 8-GPU hosts under ``policy``; every job runs its true duration.
+    gpufleet only: ``fair_share`` feeds ``decide`` the decayed usage of the simulated history at
+    each decision (fairshare.UsageMeter, the closed form of fairshare.decayed_usage kept up to
+    date), ``quotas`` are passed to it as they are."""
     fleet = Fleet(hosts)
+    meter = UsageMeter(half_life_s) if fair_share else None
     requests = _requests()
     jobs = [Job(i, *row) for i, row in enumerate(rows)]
     by_id = {}
@@ -162,7 +197,10 @@ def simulate(rows, hosts: int, policy: str) -> dict:
         sizes[job.per_node, job.nodes] -= 1
         running[job.idx] = job
         if policy == "gpufleet":
-            running_views[job.idx] = Running(str(job.idx), job.blocks, now + job.limit)
+            running_views[job.idx] = Running(str(job.idx), job.blocks, now + job.limit, project=job.project,
+                                             gpus=(MODEL,) * len(job.blocks))
+            if meter is not None:
+                meter.start(job.project, "", job.gpus, now)
         heapq.heappush(ends, (now + job.duration, job.idx))
 
     i = 0
@@ -173,13 +211,15 @@ def simulate(rows, hosts: int, policy: str) -> dict:
             fleet.set(job.blocks, True)
             del running[job.idx]
             running_views.pop(job.idx, None)
+            if meter is not None:
+                meter.end(job.project, "", job.gpus, job.start, now)
         while i < len(arrivals) and arrivals[i].submit == now:
             job = arrivals[i]
             waiting[job.idx] = job
             sizes[job.per_node, job.nodes] = sizes.get((job.per_node, job.nodes), 0) + 1
             if policy == "gpufleet":
                 job.waiting = Waiting(f"{job.idx:07d}", requests[job.per_node], job.submit, nodes=job.nodes,
-                                      max_duration=job.limit)
+                                      max_duration=job.limit, project=job.project)
                 by_id[job.waiting.run_id] = job
                 queue[job.idx] = job.waiting
             i += 1
@@ -187,9 +227,11 @@ def simulate(rows, hosts: int, policy: str) -> dict:
             continue
         decisions += 1
         if policy == "gpufleet":
-            # the queue is kept in its order (submission, one priority), as the server reads it
+            # the queue is kept in its order (submission, one priority), as the server reads it; with fair
+            # share its order changes with usage, so decide sorts it
             d = decide(list(queue.values()), fleet.index, list(running_views.values()), now,
-                       cluster_fleets=(FLEET,), in_order=True)
+                       cluster_fleets=(FLEET,), in_order=meter is None, quotas=quotas,
+                       usage=None if meter is None else meter.usage(now))
             for s in d.starts:
                 start(by_id[s.run.run_id], s.blocks, now)
             for r in d.reservations:
@@ -308,7 +350,106 @@ def _metrics(jobs: list[Job], refused: list[Job], hosts: int, policy: str, took:
             "wait_p95": _percentile(waits, 95), "wait_max": waits[-1] if waits else 0.0,
             "bsld_mean": sum(slow) / len(slow) if slow else 0.0, "bsld_max": max(slow) if slow else 0.0,
             "broken_reservations": broken, "seconds": took, "decisions": decisions,
-            "makespan": max((j.start + j.duration for j in ran), default=0.0)}
+            "makespan": max((j.start + j.duration for j in ran), default=0.0),
+            **({"projects": _per_project(jobs, span)} if any(j.project for j in jobs) else {})}
+
+
+def _per_project(jobs: list[Job], span: float) -> dict[str, dict]:
+    """Per project: jobs, GPU-hours offered (all its jobs' gpus x duration), GPU-hours held while
+    the trace is still submitting (as utilization counts them), mean wait of its jobs that ran."""
+    out: dict[str, dict] = {}
+    for j in jobs:
+        p = out.setdefault(j.project, {"jobs": 0, "offered": 0.0, "gpu_hours": 0.0, "waits": []})
+        p["jobs"] += 1
+        p["offered"] += j.gpus * j.duration / 3600
+        if j.start is not None:
+            p["waits"].append(j.start - j.submit)
+            if j.start < span:
+                p["gpu_hours"] += j.gpus * (min(j.start + j.duration, span) - j.start) / 3600
+    for p in out.values():
+        waits = p.pop("waits")
+        p["wait_mean"] = sum(waits) / len(waits) if waits else 0.0
+    return out
+
+
+def shares(projects: dict[str, dict]) -> dict[str, float]:
+    """Each project's share of the GPU-hours held while the trace submits."""
+    total = sum(p["gpu_hours"] for p in projects.values()) or 1.0
+    return {name: p["gpu_hours"] / total for name, p in projects.items()}
+
+
+def fairness(share: dict[str, float]) -> tuple[float, float]:
+    """(largest distance from an equal share, Jain's fairness index) of the shares of the projects
+    given (those active: every project with a job)."""
+    n = len(share)
+    xs = list(share.values())
+    jain = sum(xs) ** 2 / (n * sum(x * x for x in xs)) if any(xs) else 1.0
+    return max(abs(x - 1 / n) for x in xs), jain
+
+
+# fair share on Philly: its steady state (SOURCE.md: from day 21), four weeks, on the 64-host fleet
+FAIR_TRACE, FAIR_SKIP_DAYS, FAIR_DAYS = "philly-2017", 21, 28
+FAIR_QUOTA = 128  # GPUs per project in the quota run: a quarter of the fleet, Philly's largest job
+
+
+def bench_fairshare(trace: str = FAIR_TRACE, skip_days: float = FAIR_SKIP_DAYS, days: float = FAIR_DAYS,
+                    log=print) -> dict:
+    """gpufleet on a window of a trace with projects: without fair share, with it (half-life 7 d),
+    and with it plus a quota of FAIR_QUOTA GPUs per project."""
+    rows = window(load(trace), skip_days, days)
+    hosts = FLEETS[trace][1]
+    projects = sorted({project_of(r[0]) for r in rows})
+    variants = {"plain": {}, "fair share": {"fair_share": True},
+                f"fair share + quota {FAIR_QUOTA}": {"fair_share": True,
+                                                     "quotas": [Quota(p, gpus=FAIR_QUOTA) for p in projects]}}
+    out = {"trace": trace, "skip_days": skip_days, "days": days, "hosts": hosts, "runs": {}}
+    for name, kw in variants.items():
+        r = simulate(rows, hosts, "gpufleet", **kw)
+        dev, jain = fairness(shares(r["projects"]))
+        log(f"  fairshare {trace} days {skip_days}..{skip_days + days} {name:24}: {r['ran']} jobs in "
+            f"{r['seconds']:.1f} s, utilization {100 * r['utilization']:.2f}%, wait mean {r['wait_mean']:.0f} s, "
+            f"max deviation from equal share {100 * dev:.1f} points, Jain {jain:.3f}")
+        out["runs"][name] = r
+    return out
+
+
+def fairshare_table(res: dict) -> list[str]:
+    runs = res["runs"]
+    names = list(runs)
+    first = runs[names[0]]["projects"]
+    share = {n: shares(r["projects"]) for n, r in runs.items()}
+    offered = sum(p["offered"] for p in first.values())
+    equal = 1 / len(first)
+    out = ["| project | jobs | offered | " + " | ".join(f"share, {n}" for n in names) + " | equal share | " +
+           " | ".join(f"wait mean, {n}" for n in names) + " |",
+           "|---|---:|---:|" + "---:|" * (2 * len(names) + 1)]
+    for p in sorted(first, key=lambda p: -first[p]["offered"]):
+        out.append(f"| {p} | {first[p]['jobs']} | {100 * first[p]['offered'] / offered:.1f}% | " +
+                   " | ".join(f"{100 * share[n][p]:.1f}%" for n in names) + f" | {100 * equal:.1f}% | " +
+                   " | ".join(dur(runs[n]["projects"][p]["wait_mean"]) for n in names) + " |")
+    out += ["", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    fair = {n: fairness(share[n]) for n in names}
+    out.append("| largest distance from the equal share | " +
+               " | ".join(f"{100 * fair[n][0]:.1f} points" for n in names) + " |")
+    out.append("| Jain's fairness index of the shares | " + " | ".join(f"{fair[n][1]:.3f}" for n in names) + " |")
+    for label, key, fmt in (("utilization", "utilization", lambda v: f"{100 * v:.2f}%"),
+                            ("wait mean (all jobs)", "wait_mean", dur), ("wait p95", "wait_p95", dur),
+                            ("bounded slowdown (mean)", "bsld_mean", lambda v: f"{v:.2f}"),
+                            ("never started", "never_started", str), ("simulated in", "seconds",
+                                                                       lambda v: f"{v:.1f} s")):
+        out.append(f"| {label} | " + " | ".join(fmt(runs[n][key]) for n in names) + " |")
+    return out
+
+
+def dur(seconds: float) -> str:
+    """A duration as the tables show it."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
 
 
 def bench(traces: tuple[str, ...] = tuple(FLEETS), limit: int | None = None, policies=POLICIES,
@@ -331,6 +472,10 @@ def bench(traces: tuple[str, ...] = tuple(FLEETS), limit: int | None = None, pol
 
 if __name__ == "__main__":
     import sys
+    if sys.argv[1:2] == ["fairshare"]:  # fairshare [skip_days days]: the table of benchmarks/README.md
+        skip, span = (float(sys.argv[2]), float(sys.argv[3])) if len(sys.argv) > 3 else (FAIR_SKIP_DAYS, FAIR_DAYS)
+        print("\n".join(fairshare_table(bench_fairshare(skip_days=skip, days=span))))
+        sys.exit(0)
     n = int(sys.argv[1]) or None if len(sys.argv) > 1 else None
     names = tuple(sys.argv[2].split(",")) if len(sys.argv) > 2 else tuple(FLEETS)
     pols = tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else POLICIES

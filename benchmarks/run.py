@@ -212,14 +212,7 @@ def bench_pack_table(rows: list[dict], targets: list) -> list[str]:
     return out
 
 
-def _dur(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
+_dur = bench_sched.dur
 
 
 def bench_sched_table(rows: list[dict], targets: list) -> list[str]:

@@ -1,6 +1,7 @@
 """Which waiting runs start now, and where: one pure function, no I/O, no clock, no state kept.
 
-    decide(waiting, hosts, running, now, cluster_fleets=()) -> Decision(starts, reservations, refused)
+    decide(waiting, hosts, running, now, cluster_fleets=(), quotas=(), usage=None)
+        -> Decision(starts, reservations, refused, held)
 
 `waiting` are the queued runs, `hosts` the ready hosts with their free and busy blocks (a HostIndex
 or a list of HostSlots, as the allocator takes them), `running` says which run holds which busy
@@ -13,6 +14,22 @@ Rules
 - Order: effective priority, then submission time, then run id. Effective priority is `priority`
   (0-100, default 50, as dstack's) plus one point per `aging_s` seconds waited (default one hour;
   `aging_s=None` turns aging off). Two runs of the same priority never swap places through aging.
+- Fair share (given `usage`, decayed GPU-hours per project and per user in a project: see
+  gpufleet/fairshare.py): among runs of equal effective priority (the whole number: runs submitted
+  at different times tie), the run whose project has used less goes first, then the one whose user
+  (in that project) has used less, then submission time, then run id. It never puts a run ahead
+  of one of higher effective priority. `usage=None`: no fair share, the order above.
+- Quotas (`Quota`: at most so many GPUs running at once in a project, or for a user in a project,
+  optionally of one GPU model): a run whose start would take a quota that applies to it over its
+  cap, counting running runs (`Running.gpus`) and the runs this decision starts, is *held*: it
+  does not start, is not the head, gets no reservation and blocks no one; `Decision.held` says
+  why (`quota: alice runs 8/8 GPUs of project ml`, `quota: project ml runs 16/16 H100 GPUs`, and
+  `(the run asks for 12 GPUs, more than the quota of 8)` when it alone is over: it waits, and
+  starts if the quota is raised). It starts once the quota has room. A model quota counts the GPUs
+  of that model a run holds or would be placed on, matched as a requested GPU name is; a run that
+  names no model (or other models too) counts against it with the GPUs of that model its placement
+  takes, known only once it is placed (a placement that would go over holds it). Every queued run
+  over a quota is listed, not only those the decision looked at; one that can never fit is refused.
 - Runs start in that order while they fit. The first that does not (the *head*) gets the one
   reservation kept (EASY style): the earliest time it fits once running runs end at their expected
   ends, and the blocks it would take then.
@@ -54,6 +71,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from heapq import merge
 from operator import attrgetter, itemgetter
 
@@ -68,6 +86,8 @@ from gpufleet.allocator import (
     place,
     place_gang,
 )
+from gpufleet.fairshare import Usage
+from gpufleet.models import GPU, GPUSpec
 
 AGING_S = 3600.0  # one point of priority per hour waited
 BACKFILL_DEPTH = 500  # runs behind the head that backfill considers per decision (Slurm's bf_max_job_test default)
@@ -87,6 +107,8 @@ class Waiting:
     nodes: int = 1
     priority: int = PRIORITY_DEFAULT
     max_duration: float | None = None
+    user: str = ""
+    project: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.priority <= 100:
@@ -100,6 +122,7 @@ class Waiting:
         object.__setattr__(self, "_fit", (id(self.request), self.nodes))
         object.__setattr__(self, "_path", hash((id(self.request), self.nodes, self.max_duration)))
         object.__setattr__(self, "_submission", (self.submitted_at, self.run_id))
+        object.__setattr__(self, "_quota_key", (self.project, self.user, id(self.request), self.nodes))
         object.__setattr__(self, "_shortest", (-self.priority, math.inf if self.max_duration is None
                                                else self.max_duration))
 
@@ -107,11 +130,15 @@ class Waiting:
 @dataclass(frozen=True)
 class Running:
     """A run holding blocks, and when it is expected to end (its start plus its max_duration;
-    None: no limit, never assumed to end)."""
+    None: no limit, never assumed to end). ``gpus``: the model name of each GPU it holds (what
+    quotas count; its length is its GPU count)."""
 
     run_id: str
     blocks: tuple[BlockRef, ...]
     ends_at: float | None = None
+    user: str = ""
+    project: str = ""
+    gpus: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_end", math.inf if self.ends_at is None else self.ends_at)
@@ -143,17 +170,30 @@ class Refusal:
 
 
 @dataclass(frozen=True)
+class Held:
+    """A run that would go over a quota if it started: it waits, with why."""
+
+    run_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Quota:
+    """At most ``gpus`` GPUs running at once in ``project`` (``user`` None), or for ``user`` in
+    it; ``gpu`` set: only GPUs of that model count (matched as a requested GPU name is)."""
+
+    project: str
+    user: str | None = None
+    gpu: str | None = None
+    gpus: int = 0
+
+
+@dataclass(frozen=True)
 class Decision:
     starts: tuple[Start, ...] = ()
     reservations: tuple[Reservation, ...] = ()
     refused: tuple[Refusal, ...] = ()
-
-
-def order_key(now: float, aging_s: float | None = AGING_S) -> Callable[[Waiting], tuple]:
-    """The queue's order: effective priority (aged), then submission time, then run id."""
-    if aging_s:
-        return lambda r: (-(r.priority + max(0.0, now - r.submitted_at) // aging_s), r.submitted_at, r.run_id)
-    return lambda r: (-r.priority, r.submitted_at, r.run_id)
+    held: tuple[Held, ...] = ()
 
 
 _BY_SUBMISSION = attrgetter("_submission")
@@ -165,28 +205,63 @@ _SHORTEST = attrgetter("_shortest")
 _FIRST = itemgetter(0)
 
 
-def ordered(waiting: Sequence[Waiting], now: float, aging_s: float | None = AGING_S) -> list[Waiting]:
-    """``waiting`` in the queue's order (``order_key``). With one priority, aging changes nothing:
-    submission order it is."""
+def order_key(now: float, aging_s: float | None = AGING_S,
+              usage: Usage | None = None) -> Callable[[Waiting], tuple]:
+    """The queue's order: effective priority (aged, a whole number), then, with ``usage`` (fair
+    share), the decayed usage of the run's project, then of its user in the project, then
+    submission time, then run id."""
+    if aging_s:
+        def prio(r: Waiting) -> int:
+            return r.priority + int(max(0.0, now - r.submitted_at) // aging_s)
+    else:
+        prio = _PRIORITY
+    if usage is None:
+        return lambda r: (-prio(r), r.submitted_at, r.run_id)
+    projects, users = usage.projects, usage.users
+    return lambda r: (-prio(r), projects.get(r.project, 0.0), users.get((r.project, r.user), 0.0), r.submitted_at,
+                      r.run_id)
+
+
+def ordered(waiting: Sequence[Waiting], now: float, aging_s: float | None = AGING_S,
+            usage: Usage | None = None) -> list[Waiting]:
+    """``waiting`` in the queue's order (``order_key``). With one priority and no fair share, aging
+    changes nothing: submission order it is."""
     by_submission = sorted(waiting, key=_BY_SUBMISSION)
-    if len(set(map(_PRIORITY, by_submission))) <= 1:
-        return by_submission
-    return sorted(by_submission, key=order_key(now, aging_s))
+    if usage is None:
+        if len(set(map(_PRIORITY, by_submission))) <= 1:
+            return by_submission
+        return sorted(by_submission, key=order_key(now, aging_s))
+    # order_key's, less its last two fields: the sort is stable and the runs are in submission order
+    projects, users = usage.projects, usage.users
+    shares: dict[tuple[str, str], tuple[float, float]] = {}
+    for r in by_submission:
+        pair = (r.project, r.user)
+        if pair not in shares:
+            shares[pair] = (projects.get(r.project, 0.0), users.get(pair, 0.0))
+    if aging_s:
+        return sorted(by_submission, key=lambda r: (-r.priority - int(max(0.0, now - r.submitted_at) // aging_s),
+                                                    shares[r.project, r.user]))
+    return sorted(by_submission, key=lambda r: (-r.priority, shares[r.project, r.user]))
 
 
 def decide(waiting: Sequence[Waiting], hosts: HostIndex | Sequence[HostSlots], running: Sequence[Running],
            now: float, *, cluster_fleets: Collection[str] = (), aging_s: float | None = AGING_S,
-           in_order: bool = False, depth: int | None = BACKFILL_DEPTH) -> Decision:
-    """Which of ``waiting`` start now and where, the reservation kept, and the runs refused.
+           in_order: bool = False, depth: int | None = BACKFILL_DEPTH, quotas: Sequence[Quota] = (),
+           usage: Usage | None = None) -> Decision:
+    """Which of ``waiting`` start now and where, the reservation kept, the runs refused, and the
+    runs held by a quota.
 
     ``in_order``: the caller vouches that ``waiting`` is already in the queue's order (as
-    ``ordered`` returns it; a queue kept in that order, or read with ORDER BY), so it is not sorted
-    again: a decision then costs nothing per queued run beyond the ``depth`` runs behind the head
-    that backfill looks at (None: all). Nothing given is changed (a HostIndex is copied before
-    anything is tried on it)."""
+    ``ordered`` returns it, with the same ``usage``; a queue kept in that order, or read with ORDER
+    BY), so it is not sorted again: a decision then costs nothing per queued run beyond the
+    ``depth`` runs behind the head that backfill looks at (None: all), and, with quotas, a
+    look-up per queued run. ``quotas``: the caps in force (``Quota``); ``usage``: decayed
+    GPU-hours for fair share (``fairshare.decayed_usage``; None: no fair share). Nothing given is
+    changed (a HostIndex is copied before anything is tried on it)."""
     base = hosts if isinstance(hosts, HostIndex) else HostIndex(list(hosts))
-    queue = waiting if in_order else ordered(waiting, now, aging_s)
-    return _Decider(base, frozenset(cluster_fleets), now).run(queue, running, depth)
+    queue = waiting if in_order else ordered(waiting, now, aging_s, usage)
+    caps = _Caps(quotas, running) if quotas else None
+    return _Decider(base, frozenset(cluster_fleets), now, caps).run(queue, running, depth)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -270,6 +345,106 @@ class _View:
             return None
 
 
+# -- quotas ------------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=256)
+def _model_spec(name: str) -> GPUSpec:
+    return GPUSpec(name=[name])
+
+
+@lru_cache(maxsize=1024)
+def _named_gpu(model: str) -> GPU:
+    """A running run's GPU, known by its model name, as the allocator's matching takes it."""
+    return GPU(index=0, vendor="", model=model, name=model)
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+class _Caps:
+    """The quotas in force and the GPUs each counts now: running runs, plus the runs the decision
+    starts. A quota of a GPU model counts the GPUs of that model (``gpu_matches`` on the quota's
+    name, as a requested GPU name is matched): a running run's ``gpus``, a starting run's
+    placement. Before a run is placed, what it would count is its request: all its GPUs
+    (``gpu_min`` x nodes) for a quota of no model, and for a model quota the same if every model the
+    request names is that one, else none (it may land on other GPUs; its placement decides)."""
+
+    def __init__(self, quotas: Sequence[Quota], running: Sequence[Running]):
+        self.quotas = list(quotas)
+        self.used = [0] * len(self.quotas)
+        self.applying: dict[tuple[str, str], list[int]] = {}
+        self.before: dict[tuple, str | None] = {}  # Waiting._quota_key -> over() before placement, until a take
+        self.by_project: dict[str, list[int]] = {}
+        for i, q in enumerate(self.quotas):
+            self.by_project.setdefault(q.project, []).append(i)
+        counts: dict[tuple[str, str], int] = {}  # (project, user) -> GPUs its runs hold
+        models = any(q.gpu is not None for q in self.quotas)
+        held: dict[tuple[str, str], list[str]] = {}  # and which, when a quota counts a model
+        for r in running:
+            if r.project in self.by_project:
+                pair = (r.project, r.user)
+                counts[pair] = counts.get(pair, 0) + len(r.gpus)
+                if models:
+                    held.setdefault(pair, []).extend(r.gpus)
+        for pair, n in counts.items():
+            for i in self._applying(*pair):
+                gpu = self.quotas[i].gpu
+                self.used[i] += n if gpu is None else \
+                    sum(1 for m in held[pair] if gpu_matches(_named_gpu(m), _model_spec(gpu)))
+
+    def _applying(self, project: str, user: str) -> list[int]:
+        out = self.applying.get((project, user))
+        if out is None:
+            out = self.applying[project, user] = [i for i in self.by_project.get(project, ())
+                                                  if self.quotas[i].user in (None, user)]
+        return out
+
+    def _need(self, q: Quota, run: Waiting, placements: Sequence[Placement] | None) -> int:
+        if placements is not None:
+            if q.gpu is None:
+                return sum(len(p.gpus) for p in placements)
+            spec = _model_spec(q.gpu)
+            return sum(1 for p in placements for i in p.gpus if gpu_matches(p.host.gpus[i], spec))
+        spec = run.request.gpu
+        if q.gpu is not None and not (spec is not None and spec.name and
+                                      all(n.lower() == q.gpu.lower() for n in spec.name)):
+            return 0
+        return run.request.gpu_min * run.nodes
+
+    def over(self, run: Waiting, placements: Sequence[Placement] | None = None) -> str | None:
+        """Why starting ``run`` (at ``placements``, or as its request asks) would go over a quota
+        that applies to it, or None."""
+        if placements is None:  # runs with the same request, nodes, project and user answer alike
+            key = run._quota_key
+            if key not in self.before:
+                self.before[key] = self._over(run, None)
+            return self.before[key]
+        return self._over(run, placements)
+
+    def _over(self, run: Waiting, placements: Sequence[Placement] | None) -> str | None:
+        for i in self._applying(run.project, run.user):
+            q = self.quotas[i]
+            need = self._need(q, run, placements)
+            if need and self.used[i] + need > q.gpus:
+                gpus = "GPUs" if q.gpu is None else f"{q.gpu} GPUs"
+                why = (f"quota: project {q.project} runs {self.used[i]}/{q.gpus} {gpus}" if q.user is None else
+                       f"quota: {q.user} runs {self.used[i]}/{q.gpus} {gpus} of project {q.project}")
+                if need > q.gpus:
+                    asks = _plural(need, "GPU" if q.gpu is None else f"{q.gpu} GPU")
+                    why += f" (the run asks for {asks}, more than the quota of {q.gpus})"
+                return why
+        return None
+
+    def take(self, run: Waiting, placements: Sequence[Placement]) -> None:
+        applying = self._applying(run.project, run.user)
+        for i in applying:
+            self.used[i] += self._need(self.quotas[i], run, placements)
+        if applying:
+            self.before.clear()
+
+
 def _refs(placements: Sequence[Placement]) -> tuple[BlockRef, ...]:
     return tuple((p.host.instance_id, b) for p in placements for b in p.blocks)
 
@@ -291,11 +466,12 @@ class _Reserved:
 
 
 class _Decider:
-    def __init__(self, base: HostIndex, clusters: frozenset[str], now: float):
-        self.base, self.clusters, self.now = base, clusters, now
+    def __init__(self, base: HostIndex, clusters: frozenset[str], now: float, caps: _Caps | None = None):
+        self.base, self.clusters, self.now, self.caps = base, clusters, now, caps
         self.view = _View(base.copy())
         self.starts: list[Start] = []
         self.refused: list[Refusal] = []
+        self.held: dict[str, str] = {}  # run id -> why
         self.never_fits: dict[tuple[int, int], str] = {}  # _fit -> why
         self.fit_ever: set = set()  # _fit of runs that fit on the idle fleet
         self._fleet_sig: frozenset | None = None
@@ -310,8 +486,12 @@ class _Decider:
         while pos < len(queue) and res is None:
             run = queue[pos]
             pos += 1
+            if self.caps is not None and self._held(run):
+                continue
             p = None if run._fit in no_fit else self.view.place(run, self.clusters)
             if p is not None:
+                if self.caps is not None and self._held(run, p):
+                    continue
                 self._start(run, p, False, None, started)
                 continue
             no_fit.add(run._fit)
@@ -320,12 +500,33 @@ class _Decider:
             rest = queue[pos:] if depth is None else queue[pos:pos + depth]
             # backfill candidates: priority, then shortest max_duration, then queue order (sorted is stable)
             self._backfill(sorted(rest, key=_SHORTEST), res, no_fit)
+        if self.caps is not None:  # every queued run over a quota is held, not only those looked at
+            begun = {s.run.run_id for s in self.starts}
+            over, before = self.caps.over, self.caps.before
+            for r in queue:
+                why = before[r._quota_key] if r._quota_key in before else over(r)
+                if why is not None and r.run_id not in self.held and r.run_id not in begun and \
+                        r._fit not in self.never_fits and not self._check_never(r):
+                    self.held[r.run_id] = why
         if self.never_fits:  # every queued run that never fits is refused, not only the first seen
             done = {r.run_id for r in self.refused}
             self.refused += [Refusal(r.run_id, self.never_fits[r._fit]) for r in queue
                              if r._fit in self.never_fits and r.run_id not in done]
         reservations = () if res is None else (Reservation(res.run.run_id, res.at, _refs(res.placements)),)
-        return Decision(tuple(self.starts), reservations, tuple(self.refused))
+        held = tuple(Held(rid, why) for rid, why in self.held.items())
+        return Decision(tuple(self.starts), reservations, tuple(self.refused), held)
+
+    def _held(self, run: Waiting, placements: tuple[Placement, ...] | None = None) -> bool:
+        """Whether ``run`` waits for a quota (then it is held, with why): it is not started, not
+        the head, and blocks no one. A run over a quota that can never fit is refused instead."""
+        assert self.caps is not None
+        why = self.caps.over(run, placements)
+        if why is None:
+            return False
+        if placements is None and self._check_never(run):
+            return True
+        self.held[run.run_id] = why
+        return True
 
     def _backfill(self, rest: list[Waiting], res: _Reserved, no_fit: set) -> None:
         """Start what cannot delay the reservation. Runs that take the same path with the same request
@@ -356,12 +557,15 @@ class _Decider:
                 live += 1
             if last[kind] == i - 1:
                 live -= 1  # its last run: whatever happens to it, nothing of its kind is left after
+            if self.caps is not None and self._held(run):
+                continue  # held: its kind may still start
             fit = run._fit
             end = self.now + run.max_duration if run.max_duration is not None else None
             if end is not None and (res.at is None or end <= res.at):  # ends in time: anywhere
                 p = None if fit in no_fit else self.view.place(run, self.clusters)
                 if p is not None:
-                    self._start(run, p, True, res)
+                    if self.caps is None or not self._held(run, p):
+                        self._start(run, p, True, res)
                 else:
                     no_fit.add(fit)
                     dead.add(kind)
@@ -373,7 +577,8 @@ class _Decider:
                     res.masked = self._masked(res)
                 p = res.masked.place(run, self.clusters)
                 if p is not None:
-                    self._start(run, p, True, res, past=True)
+                    if self.caps is None or not self._held(run, p):
+                        self._start(run, p, True, res, past=True)
                     continue
                 no_masked.add(fit)
             if res.at is None:
@@ -387,6 +592,8 @@ class _Decider:
                 dead.add(kind)
                 live -= last[kind] >= i
                 self._check_never(run)
+                continue
+            if self.caps is not None and self._held(run, p):
                 continue
             moved = self._head_still_fits(res, p)  # or on them, if the head still fits elsewhere then
             if moved is None:
@@ -404,6 +611,8 @@ class _Decider:
     def _start(self, run: Waiting, placements: tuple[Placement, ...], backfill: bool, res: _Reserved | None,
                started: list | None = None, past: bool = False, proj_done: bool = False) -> None:
         self.view.occupy(placements)
+        if self.caps is not None:
+            self.caps.take(run, placements)
         end = self.now + run.max_duration if run.max_duration is not None else None
         if res is not None:
             if res.masked is not None:

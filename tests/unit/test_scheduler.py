@@ -6,7 +6,7 @@ import pytest
 
 from gpufleet.allocator import BlockSlot, HostIndex, HostSlots, Request
 from gpufleet.models import GPU, GPUSpec
-from gpufleet.scheduler import Running, Waiting, decide, never_fits
+from gpufleet.scheduler import Quota, Running, Usage, Waiting, decide, never_fits, ordered
 
 SHAPE = ("H100x8", tuple(range(8)))
 
@@ -251,3 +251,161 @@ def test_a_queue_the_caller_keeps_in_order_is_taken_as_given():
     queue = [run("second", 8, t=5), run("first", 8, t=1)]
     assert started(decide(queue, [host(0)], [], now=10)) == ["first"]
     assert started(decide(queue, [host(0)], [], now=10, in_order=True)) == ["second"]
+
+
+# -- quotas --------------------------------------------------------------------------------------------------------
+
+
+def of(run_id: str, n: int, project: str = "ml", user: str = "alice", t: float = 0.0, **kw) -> Waiting:
+    w = run(run_id, n, t, **kw)
+    return Waiting(w.run_id, w.request, w.submitted_at, nodes=w.nodes, priority=w.priority,
+                   max_duration=w.max_duration, user=user, project=project)
+
+
+def holding_gpus(run_id: str, iid: int, blocks, ends_at: float | None, project: str = "ml", user: str = "alice",
+                 model: str = "H100") -> Running:
+    blocks = tuple(blocks)
+    return Running(run_id, tuple((iid, b) for b in blocks), ends_at, user=user, project=project,
+                   gpus=(model,) * len(blocks))
+
+
+def held(decision) -> dict[str, str]:
+    return {h.run_id: h.reason for h in decision.held}
+
+
+def test_a_user_quota_holds_that_users_run_only():
+    running = [holding_gpus("r1", 0, range(6), 500)]
+    quotas = [Quota("ml", user="alice", gpus=8)]
+    waiting = [of("a2", 4, t=1), of("b1", 4, user="bob", t=2), of("a3", 2, t=3)]
+    d = decide(waiting, [host(0, busy=set(range(6))), host(1)], running, now=10, quotas=quotas)
+    assert started(d) == ["b1", "a3"]  # alice's 2 more reach 8/8; bob has no quota
+    assert held(d) == {"a2": "quota: alice runs 6/8 GPUs of project ml"}
+    assert not d.reservations and not d.refused
+
+
+def test_a_project_quota_counts_the_runs_started_in_the_same_decision():
+    quotas = [Quota("ml", gpus=8)]
+    waiting = [of("a", 4, t=0), of("b", 4, user="bob", t=1), of("c", 2, user="carol", t=2),
+               of("d", 2, project="cv", t=3)]
+    d = decide(waiting, [host(0), host(1)], [], now=10, quotas=quotas)
+    assert started(d) == ["a", "b", "d"]
+    assert held(d) == {"c": "quota: project ml runs 8/8 GPUs"}
+
+
+def test_a_model_quota_counts_only_gpus_of_that_model():
+    hosts = [host(0, busy={0, 1}), host(1, model="A100")]
+    # a running run's GPUs named the way the probe names them, or by model: both match "H100"
+    running = [Running("r1", ((0, 0),), 500, user="alice", project="ml", gpus=("NVIDIA H100 80GB HBM3",)),
+               holding_gpus("r2", 0, [1], 500, user="bob")]
+    quotas = [Quota("ml", gpu="H100", gpus=4)]
+    def named(spec: str) -> Request:
+        return Request(gpu=GPUSpec.model_validate(spec))
+    waiting = [of("h", 4, request=named("H100:4"), t=0), of("a", 4, request=named("A100:4"), t=1),
+               of("h2", 2, user="bob", t=2, request=named("h100:2"))]
+    d = decide(waiting, hosts, running, now=10, quotas=quotas)
+    assert started(d) == ["a", "h2"]
+    assert held(d) == {"h": "quota: project ml runs 2/4 H100 GPUs"}
+    # a run naming no model counts with the GPUs its placement takes of that model
+    quotas = [Quota("ml", gpu="H100", gpus=6)]
+    hosts = [host(0, busy={0, 1}), host(1, model="A100", busy=set(range(4)))]  # 6 H100 free, 4 A100 free
+    d = decide([of("any", 5, t=0)], hosts, running, now=10, quotas=quotas)
+    assert started(d) == [] and held(d) == {"any": "quota: project ml runs 2/6 H100 GPUs"}
+    d = decide([of("any", 4, t=0)], hosts, running, now=10, quotas=quotas)
+    assert started(d) == ["any"] and d.starts[0].blocks[0][0] == 1  # best fit: the A100 host, no H100 taken
+
+
+def test_held_runs_do_not_block_the_queue_nor_take_the_heads_reservation():
+    busy = holding_gpus("r1", 0, range(6), 100, project="cv")
+    waiting = [of("big", 8, t=0), of("head", 8, project="cv", t=1), of("small", 2, project="cv", t=2, limit=50)]
+    hosts = [host(0, busy=set(range(6)))]
+    d = decide(waiting, hosts, [busy], now=10)
+    assert d.reservations[0].run_id == "big"  # without the quota, big is the head
+    d = decide(waiting, hosts, [busy], now=10, quotas=[Quota("ml", gpus=4)])
+    assert held(d) == {"big": "quota: project ml runs 0/4 GPUs (the run asks for 8 GPUs, more than the quota of 4)"}
+    (res,) = d.reservations
+    assert res.run_id == "head" and res.at == 100
+    assert started(d) == ["small"] and d.starts[0].backfill
+
+
+def test_runs_behind_the_head_over_a_quota_are_held_and_the_rest_backfill():
+    busy = holding_gpus("r1", 0, range(6), 100, project="cv")
+    waiting = [of("head", 8, project="cv", t=0), of("s1", 1, t=1, limit=50), of("s2", 1, t=2, limit=50)] + \
+        [of(f"far{i}", 1, t=10 + i, limit=50) for i in range(3)]
+    d = decide(waiting, [host(0, busy=set(range(6)))], [busy], now=10, quotas=[Quota("ml", gpus=1)], depth=2)
+    assert started(d) == ["s1"] and d.reservations[0].run_id == "head"
+    # every queued run over the quota is listed, also those beyond the backfill depth
+    assert held(d) == {r: "quota: project ml runs 1/1 GPUs" for r in ("s2", "far0", "far1", "far2")}
+
+
+def test_a_held_run_starts_once_running_usage_drops():
+    quotas = [Quota("ml", user="alice", gpus=8)]
+    waiting = [of("next", 4, t=5)]
+    running = [holding_gpus("r1", 0, range(4), 100), holding_gpus("r2", 0, range(4, 8), None)]
+    d = decide(waiting, [host(0, busy=set(range(8))), host(1)], running, now=10, quotas=quotas)
+    assert started(d) == [] and held(d) == {"next": "quota: alice runs 8/8 GPUs of project ml"}
+    assert not d.reservations  # a held run reserves nothing
+    d = decide(waiting, [host(0, busy=set(range(4, 8))), host(1)], running[1:], now=100, quotas=quotas)
+    assert started(d) == ["next"] and not d.held
+
+
+def test_a_run_bigger_than_its_quota_waits_held_and_starts_when_the_quota_is_raised():
+    gang = of("gang", 8, nodes=2)
+    hosts = [host(0), host(1)]
+    d = decide([gang], hosts, [], now=0, cluster_fleets={"f"}, quotas=[Quota("ml", user="alice", gpus=8)])
+    assert not d.refused and not d.starts
+    assert held(d) == {"gang": "quota: alice runs 0/8 GPUs of project ml (the run asks for 16 GPUs, "
+                               "more than the quota of 8)"}
+    d = decide([gang], hosts, [], now=0, cluster_fleets={"f"}, quotas=[Quota("ml", user="alice", gpus=16)])
+    assert started(d) == ["gang"]
+
+
+def test_a_run_over_its_quota_that_can_never_fit_is_refused_not_held():
+    d = decide([of("huge", 16)], [host(0)], [], now=0, quotas=[Quota("ml", gpus=4)])
+    assert not d.held and d.refused[0].run_id == "huge" and d.refused[0].reason.startswith("never fits")
+
+
+# -- fair share ----------------------------------------------------------------------------------------------------
+
+
+USAGE = Usage(projects={"big": 100.0, "small": 1.0},
+              users={("big", "u1"): 100.0, ("small", "u1"): 0.9, ("small", "u2"): 0.1})
+
+
+def test_fair_share_orders_equal_priority_by_project_then_user_usage():
+    waiting = [of("a", 8, project="big", user="u1", t=0), of("b", 8, project="small", user="u1", t=1),
+               of("c", 8, project="small", user="u2", t=2), of("n", 8, project="new", user="u9", t=3)]
+    assert [r.run_id for r in ordered(waiting, now=10, usage=USAGE)] == ["n", "c", "b", "a"]
+    assert [r.run_id for r in ordered(waiting, now=10)] == ["a", "b", "c", "n"]
+    d = decide(waiting, [host(0)], [], now=10, usage=USAGE)
+    assert started(d) == ["n"] and d.reservations[0].run_id == "c"
+
+
+def test_fair_share_ties_are_on_the_whole_aged_priority():
+    # waited 7000 s and 4100 s: both one point aged, so usage decides
+    early, late = of("early", 8, project="big", user="u1", t=100), of("late", 8, project="small", user="u2", t=3000)
+    assert started(decide([early, late], [host(0)], [], now=7100, usage=USAGE)) == ["late"]
+    assert started(decide([early, late], [host(0)], [], now=7100)) == ["early"]
+    # waited 7000 s and 3000 s: the earlier run has a point more, fair share does not override it
+    late = of("late", 8, project="small", user="u2", t=4100)
+    assert started(decide([early, late], [host(0)], [], now=7100, usage=USAGE)) == ["early"]
+
+
+def test_fair_share_never_overrides_a_higher_priority():
+    waiting = [of("heavy", 8, project="big", user="u1", t=5, priority=60),
+               of("light", 8, project="small", user="u2", t=0)]
+    d = decide(waiting, [host(0)], [], now=10, usage=USAGE)
+    assert started(d) == ["heavy"] and d.reservations[0].run_id == "light"
+
+
+def test_empty_usage_decides_as_no_fair_share():
+    import random
+    rng = random.Random(3)
+    waiting = [of(f"r{i}", rng.choice((1, 2, 4, 8)), project=rng.choice("pq"), user=rng.choice("uv"),
+                  t=rng.randint(0, 20000), priority=rng.choice((40, 50, 60)), limit=rng.choice((60, 600, None)))
+               for i in range(60)]
+    hosts = [host(0, busy=set(range(5))), host(1, busy={0}), host(2)]
+    running = [holding_gpus("x", 0, range(5), 3000), holding_gpus("y", 1, [0], None)]
+    base = decide(waiting, hosts, running, now=20000)
+    assert decide(waiting, hosts, running, now=20000, usage=Usage()) == base
+    # and a usage that tells the projects apart does change it
+    assert decide(waiting, hosts, running, now=20000, usage=Usage({"p": 5.0, "q": 1.0})) != base
