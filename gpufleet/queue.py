@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from gpufleet import failpoints, hostpolicy
 from gpufleet.allocator import HostIndex, HostSlots, NoCapacity, Placement, Request, gpu_matches, place_gang
 from gpufleet.errors import Forbidden, GpufleetError, NotFound
+from gpufleet.fairshare import HALF_LIFE_DEFAULT, Usage, decayed_usage
 from gpufleet.launch import container_name, start_nodes, stop_containers
 from gpufleet.models import (
     DEFAULT_PROJECT,
@@ -31,7 +32,7 @@ from gpufleet.models import (
     ServerRole,
     User,
 )
-from gpufleet.scheduler import PRIORITY_DEFAULT, Decision, Running, Waiting, decide, never_fits, ordered
+from gpufleet.scheduler import PRIORITY_DEFAULT, Decision, Quota, Running, Waiting, decide, never_fits, ordered
 from gpufleet.state import Store
 
 Seal = Callable[[dict[str, str]], str]
@@ -135,11 +136,35 @@ class Policy:
                    queue=retry.queue, retry_duration=retry.duration, on_events=tuple(sorted(retry.on_events)))
 
 
-def waiting_of(run: Run | RunRequest, submitted_at: float = 0.0, fleets: tuple[str, ...] | None = None) -> Waiting:
+def waiting_of(run: Run | RunRequest, submitted_at: float = 0.0, fleets: tuple[str, ...] | None = None,
+               who: Submitter | None = None) -> Waiting:
+    """The scheduler's view of a waiting run (or one being submitted, by ``who``)."""
     cfg = run.config if isinstance(run, RunRequest) else RUN_CONFIG.validate_python(run.spec)
     policy = Policy.of(cfg)
+    user, project = (who.user, who.project) if who else (getattr(run, "user", ""), getattr(run, "project", ""))
     return Waiting(run_id=run.name, request=request_of(cfg, fleets), submitted_at=submitted_at,
-                   nodes=getattr(cfg, "nodes", 1), priority=policy.priority, max_duration=policy.max_duration)
+                   nodes=getattr(cfg, "nodes", 1), priority=policy.priority, max_duration=policy.max_duration,
+                   user=user, project=project)
+
+
+def running_of(store: Store) -> list[Running]:
+    """The active runs as the scheduler sees them: their blocks, expected ends, owners and GPU models."""
+    return [Running(run_id=r.name, blocks=tuple((n.instance_id, b) for n in r.nodes for b in n.blocks),
+                    ends_at=(r.started_at + r.max_duration) if r.started_at and r.max_duration else None,
+                    user=r.user, project=r.project,
+                    gpus=tuple(g.model or g.name or "" for n in r.nodes for g in n.gpus))
+            for r in store.runs() if r.active]
+
+
+def quotas_of(store: Store) -> list[Quota]:
+    return [Quota(project=q.project, user=q.user, gpu=q.gpu, gpus=q.gpus) for q in store.quotas()]
+
+
+def usage_of(store: Store, now: float, half_life: float = HALF_LIFE_DEFAULT) -> Usage:
+    """Fair share's decayed GPU-hours per project and user. Time used more than ten half-lives ago
+    (weight under 0.1%) is not read."""
+    records = store.usage_records(since=now - 10 * half_life)
+    return decayed_usage([(r.project, r.user, r.gpus, r.started_at, r.ended_at) for r in records], now, half_life)
 
 
 # --------------------------------------------------------------------------- why a run waits
@@ -179,7 +204,7 @@ def plan(store: Store, req: RunRequest, who: Submitter = Submitter()) -> Plan:
         return Plan(never=f"{req.name}: {nowhere}")
     hosts = store.slots_snapshot()
     clusters = cluster_fleets(store)
-    waiting = waiting_of(req, fleets=fleets)
+    waiting = waiting_of(req, fleets=fleets, who=who)
     never = never_fits(waiting, hosts, clusters)
     if never:
         return Plan(never=f"{req.name} {never}")
@@ -200,7 +225,7 @@ def submit(store: Store, req: RunRequest, seal: Seal, no_queue: bool = False, wh
     if nowhere:
         raise (Forbidden if refused else GpufleetError)(f"{req.name}: {nowhere}; not queued")
     hosts = store.slots_snapshot()
-    waiting = waiting_of(req, fleets=fleets)
+    waiting = waiting_of(req, fleets=fleets, who=who)
     clusters = cluster_fleets(store)
     never = never_fits(waiting, hosts, clusters)
     if never:
@@ -208,6 +233,11 @@ def submit(store: Store, req: RunRequest, seal: Seal, no_queue: bool = False, wh
     spec = req.config.model_dump(mode="json")
     sealed = seal(req.secrets) if req.secrets else None
     if no_queue or not policy.queue:
+        held = decide([waiting], hosts, running_of(store), time.time(), cluster_fleets=clusters,
+                      quotas=quotas_of(store)).held
+        if held:
+            why = "--no-queue" if no_queue else "retry: false"
+            raise GpufleetError(f"{req.name}: {held[0].reason} (not queued: {why})")
         reserved: dict[int, set[int]] = {}
         for _, blocks in store.reservations().values():
             for iid, idx in blocks:
@@ -253,7 +283,8 @@ def cancel(store: Store, name: str, why: str = "cancelled by the user while wait
 
 # --------------------------------------------------------------------------- the scheduling pass
 
-def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: float | None = None) -> None:
+def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: float | None = None,
+             half_life: float = HALF_LIFE_DEFAULT) -> None:
     """Decide which waiting runs start now (scheduler.decide over the store's blocks and running
     runs), take their blocks, and hand each to ``launch`` (which starts its containers, usually on
     a worker thread). Refused runs end `failed` with why; the others get their reason and the
@@ -274,10 +305,9 @@ def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: 
             waits[r.name] = waiting_of(r, r.created_at, fleets)
     store.set_waiting(homeless)
     hosts = store.slots_snapshot()
-    running = [Running(run_id=r.name, blocks=tuple((n.instance_id, b) for n in r.nodes for b in n.blocks),
-                       ends_at=(r.started_at + r.max_duration) if r.started_at and r.max_duration else None)
-               for r in store.runs() if r.active]
-    decision: Decision = decide(list(waits.values()), hosts, running, now, cluster_fleets=cluster_fleets(store))
+    decision: Decision = decide(list(waits.values()), hosts, running_of(store), now,
+                                cluster_fleets=cluster_fleets(store), quotas=quotas_of(store),
+                                usage=usage_of(store, now, half_life))
     for refusal in decision.refused:
         store.finish_run(refusal.run_id, RunStatus.FAILED, None, f"refused: {refusal.reason}")
     for start in decision.starts:
@@ -287,11 +317,11 @@ def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: 
             launch(store.run(start.run.run_id), placements)
     store.save_reservations([(r.run_id, r.at, list(r.blocks)) for r in decision.reservations])
     gone = {r.run_id for r in decision.refused} | {st.run.run_id for st in decision.starts}
-    left = [w for w in waits.values() if w.run_id not in gone]
+    reasons = {h.run_id: h.reason for h in decision.held}
+    left = [w for w in waits.values() if w.run_id not in gone and w.run_id not in reasons]
     if left:
         after = store.slots_snapshot()
         reserved = {r.run_id: r.at for r in decision.reservations}
-        reasons = {}
         for w in left:
             reason = wait_reason(w, after)
             if w.run_id in reserved:
@@ -299,14 +329,14 @@ def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: 
                 reason += ("; next to start, when runs without a max_duration end" if at is None
                            else f"; next to start, expected by {time.strftime('%H:%M:%S', time.localtime(at))}")
             reasons[w.run_id] = reason
-        store.set_waiting(reasons)
+    store.set_waiting(reasons)
 
 
-def positions(runs: list[Run], now: float | None = None) -> dict[str, int]:
-    """Each waiting run's 1-based place in the queue's order."""
+def positions(runs: list[Run], now: float | None = None, usage: Usage | None = None) -> dict[str, int]:
+    """Each waiting run's 1-based place in the queue's order (with fair share: ``usage``)."""
     now = time.time() if now is None else now
     waits = [waiting_of(r, r.created_at) for r in runs if r.status == RunStatus.PENDING]
-    return {w.run_id: i + 1 for i, w in enumerate(ordered(waits, now))}
+    return {w.run_id: i + 1 for i, w in enumerate(ordered(waits, now, usage=usage))}
 
 
 def launch(store: Store, run: Run, placements: list[Placement], unseal: Unseal,

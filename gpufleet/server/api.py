@@ -125,12 +125,12 @@ def create_app(ctx: Context) -> FastAPI:
     @api.get("/runs", tags=["runs"])
     def list_runs(who: Me, all: bool = False, project: str | None = None) -> list[dict]:
         views = ctx.store.runs(include_finished=all, projects=projects_asked(who, project))
-        return [_run_json(r) for r in _with_positions(views, ctx.store)]
+        return [_run_json(r) for r in _with_positions(views, ctx)]
 
     @api.get("/runs/{name}", tags=["runs"])
     def get_run(name: str, who: Me) -> dict:
         run = who.sees_run(ctx.store, name)
-        return _run_json(_with_positions([run], ctx.store)[0])
+        return _run_json(_with_positions([run], ctx)[0])
 
     @api.post("/runs/plan", tags=["runs"])
     def plan_run(body: ConfigText, who: Me) -> dict:
@@ -146,7 +146,7 @@ def create_app(ctx: Context) -> FastAPI:
         if placements is not None:  # it took its blocks at once (it may not wait): start it
             ctx.launch(run, placements)
         ctx.kick()
-        return _run_json(_with_positions([run], ctx.store)[0])
+        return _run_json(_with_positions([run], ctx)[0])
 
     @api.post("/runs/{name}/stop", tags=["runs"])
     def stop_run(name: str, who: Me) -> dict:
@@ -323,12 +323,13 @@ def _error_body(e: GpufleetError) -> dict:
     return body
 
 
-def _with_positions(views, store: Store | None = None):
+def _with_positions(views, ctx: Context):
+    """``views`` with each waiting run's place in the whole queue (fair share counted)."""
     pending = [r for r in views if r.status == "pending"]
     if not pending:
         return views
-    everyone = store.pending() if store is not None else pending
-    order = queue.positions(everyone)
+    now = time.time()
+    order = queue.positions(ctx.store.pending(), now, queue.usage_of(ctx.store, now, ctx.half_life))
     return [r.model_copy(update={"position": order.get(r.name)}) if r.status == "pending" else r for r in views]
 
 

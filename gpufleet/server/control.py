@@ -170,7 +170,7 @@ class Controller:
             self._kick.clear()
             if self._stop.is_set() or not self.leading:
                 continue
-            self._safely(lambda: queue.schedule(self.store, self.launch))
+            self._safely(lambda: queue.schedule(self.store, self.launch, half_life=self.settings.fair_share_half_life))
 
     def _reconcile_loop(self) -> None:
         while not self._stop.wait(self.settings.reconcile_interval):
