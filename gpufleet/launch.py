@@ -113,12 +113,12 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
 
 def published_ports(cfg: RunConfigType) -> list[str]:
     """The container ports `gpufleet attach` forwards to (a service's `port`, then `ports`; of `8080:8000`
-    the 8000), each as HOSTPORT:PORT with the same number, to publish on the host's 127.0.0.1."""
+    the 8000), to publish on the host's 127.0.0.1, each on a host port the runtime picks (two runs on
+    one host may both listen on 8000); `gpufleet attach` asks the runtime which."""
     ports = [str(p) for p in cfg.ports]
     if isinstance(cfg, ServiceConfig):
         ports.insert(0, str(cfg.port))
-    remote = [p.partition(":")[2] or p for p in ports]
-    return [f"{p}:{p}" for p in dict.fromkeys(remote)]
+    return list(dict.fromkeys(p.partition(":")[2] or p for p in ports))
 
 
 def applied_fleet(store: Store, name: str) -> Fleet:

@@ -8,6 +8,7 @@ of runs whose containers exist.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from gpufleet.containers import HostContainers, commands, list_containers, ssh_a
 from gpufleet.errors import GpufleetError, NotFound, UsageError
 from gpufleet.launch import STATE_LABEL, stop_containers
 from gpufleet.models import (
+    RUN_CONFIG,
     UNKNOWN_RUNTIME,
     Container,
     FleetState,
@@ -231,6 +233,26 @@ def forwards(spec: dict) -> list[tuple[int, int]]:
     return pairs
 
 
+def host_port(store: Store, run: Run, port: int) -> int:
+    """Where container port ``port`` of ``run`` is on its host's 127.0.0.1: the port itself for a
+    container on the host's network, else the host port the runtime picked when it published it
+    (two runs on one host may both listen on 8000)."""
+    cfg = RUN_CONFIG.validate_python(run.spec)
+    if cfg.host_network:
+        return port
+    files = FleetFiles.of(run.fleet).require()
+    argv = ssh_argv(files, run.alias, commands().port_argv(_runtime(store, run, run.alias), run.container, port))
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=30)
+    except subprocess.TimeoutExpired:
+        raise GpufleetError(f"{run.alias} did not say where port {port} of run {run.name} is within 30s") from None
+    found = commands().published_port(p.stdout) if p.returncode == 0 else None
+    if found is None:
+        why = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+        raise GpufleetError(f"port {port} of run {run.name} is not published on {run.alias}: {why}")
+    return found
+
+
 def attach_plan(store: Store, name: str) -> dict:
     """How to attach to run ``name`` on the machine holding the fleet's files: the ports forwarded
     ([local, remote]) and the ssh command (through the jump chain): a shell in the container of a
@@ -239,7 +261,8 @@ def attach_plan(store: Store, name: str) -> dict:
     files = FleetFiles.of(run.fleet).require()
     spec = run.spec
     pairs = forwards(spec)
-    extra = [a for local, remote in pairs for a in ("-L", f"127.0.0.1:{local}:127.0.0.1:{remote}")]
+    extra = [a for local, remote in pairs
+             for a in ("-L", f"127.0.0.1:{local}:127.0.0.1:{host_port(store, run, remote)}")]
     if spec.get("type") == "dev-environment":
         shell = commands().exec_argv(_runtime(store, run, run.alias), run.container, ["/bin/sh"])
         argv = ssh_argv(files, run.alias, shell, tty=True, extra=extra)
@@ -249,15 +272,16 @@ def attach_plan(store: Store, name: str) -> dict:
             "shell": spec.get("type") == "dev-environment", "argv": argv}
 
 
-def tunnel_argv(run: Run, port: int) -> list[str]:
-    """The ssh command whose stdin and stdout are a TCP connection to 127.0.0.1:``port`` on the host
-    of ``run`` (through the fleet's jump chain): ``port`` must be one the run declares (the remote
-    side of a ``8080:8000``), so the server reaches nothing else of the host."""
+def tunnel_argv(store: Store, run: Run, port: int) -> list[str]:
+    """The ssh command whose stdin and stdout are a TCP connection to container port ``port`` of
+    ``run`` on its host (through the fleet's jump chain): ``port`` must be one the run declares (the
+    remote side of a ``8080:8000``), so the server reaches nothing else of the host."""
     _require_active(run)
     declared = sorted({remote for _, remote in forwards(run.spec)})
     if port not in declared:
         raise UsageError(f"run {run.name} does not declare port {port}: " +
                          (f"it declares {', '.join(map(str, declared))}" if declared else "it declares no ports"))
     files = FleetFiles.of(run.fleet).require()
-    return ssh_argv(files, run.alias, None, extra=["-o", "ExitOnForwardFailure=yes", "-W", f"127.0.0.1:{port}"])
+    target = host_port(store, run, port)
+    return ssh_argv(files, run.alias, None, extra=["-o", "ExitOnForwardFailure=yes", "-W", f"127.0.0.1:{target}"])
 

@@ -46,7 +46,7 @@ def add_routes(app: FastAPI, ctx, authorize: Authorize) -> None:
         run = await asyncio.to_thread(authorize, bearer(websocket.headers.get("authorization")),
                                       websocket.client.host if websocket.client else "", name)
         port = parse_port(websocket.query_params.get("port"))
-        argv = await asyncio.to_thread(runs.tunnel_argv, run, port)
+        argv = await asyncio.to_thread(runs.tunnel_argv, ctx.store, run, port)
         await websocket.accept()
         log.info("tunnel to %s:%s of run %s opened", run.alias, port, run.name)
         await pump(websocket, argv)

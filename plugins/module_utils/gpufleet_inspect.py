@@ -125,5 +125,19 @@ def logs_argv(runtime, name, follow=False):
     return list(runtime) + ["logs"] + (["-f"] if follow else []) + [name]
 
 
+def port_argv(runtime, name, port):
+    """The runtime's command that prints where container port ``port`` (TCP) is published on the host."""
+    return list(runtime) + ["port", name, f"{int(port)}/tcp"]
+
+
+def published_port(text):
+    """The host port in `port`'s answer (`127.0.0.1:41234`, one line per address), or None."""
+    for line in text.splitlines():
+        host, _, port = line.strip().rpartition(":")
+        if host and port.isdigit():
+            return int(port)
+    return None
+
+
 def exec_argv(runtime, name, command):
     return list(runtime) + ["exec", "-it", name] + list(command)

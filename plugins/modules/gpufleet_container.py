@@ -126,9 +126,10 @@ options:
   ports:
     description:
       - Ports of the container published on the host's loopback address only, each C(PORT) or
-        C(HOSTPORT:PORT), passed as C(--publish=127.0.0.1:HOSTPORT:PORT) (C(PORT) is
-        C(PORT:PORT)). Nothing is published on the host's other addresses; reach them through an
-        ssh forward to the host's C(127.0.0.1).
+        C(HOSTPORT:PORT), passed as C(--publish=127.0.0.1:HOSTPORT:PORT). A C(PORT) alone gets a
+        free host port the runtime chooses (C(--publish=127.0.0.1::PORT)), so that containers on one
+        host never compete for a port; C(podman port) tells which. Nothing is published on the
+        host's other addresses; reach them through an ssh forward to the host's C(127.0.0.1).
       - Refused with I(network=host), where the container's ports are the host's already.
     type: list
     elements: str
@@ -394,13 +395,14 @@ def validate(module):
 
 
 def _ports(module, items):
-    """HOSTPORT:PORT pairs from `PORT` or `HOSTPORT:PORT` items (each a number from 1 to 65535)."""
+    """HOSTPORT:PORT (or :PORT, a host port the runtime picks) from `HOSTPORT:PORT` or `PORT` items
+    (each a number from 1 to 65535)."""
     out = []
     for item in items:
         parts = str(item).split(":")
         if len(parts) not in (1, 2) or not all(x.isdigit() and 1 <= int(x) <= 65535 for x in parts):
             module.fail_json(msg=f"ports: {item!r} is not PORT or HOSTPORT:PORT (numbers from 1 to 65535)")
-        out.append(f"{int(parts[0])}:{int(parts[-1])}")
+        out.append(f"{int(parts[0])}:{int(parts[-1])}" if len(parts) == 2 else f":{int(parts[0])}")
     return out
 
 

@@ -199,3 +199,45 @@ def test_users_attach_to_their_own_runs_through_the_server_and_not_to_others(tea
     finally:
         alice("stop", "a-web", "-y")
         bob("stop", "b-web", "-y")
+
+
+def test_a_quota_holds_runs_until_the_users_usage_drops(team, users, tmp_path):
+    """carol (admin of ml) gives alice 2 GPUs at once. alice's second 2-GPU run waits with the
+    quota's reason while bob's run starts past it; it starts when alice's first run ends.
+    `quota list` shows the use, `usage` the GPU-hours."""
+    alice, bob = users["alice"], users["bob"]
+    carol = User(team, "carol", tmp_path / "carol")
+    carol("quota", "set", "--project", "ml", "--user", "alice", "--gpus", "2", check=0)
+    try:
+        q1 = tmp_path / "q1.yml"
+        q1.write_text(task_text("q1", ["sleep 300"], gpus=2, extra="stop_duration: 1s\n"))
+        q2 = tmp_path / "q2.yml"
+        q2.write_text(task_text("q2", ["echo q2-ran", "sleep 300"], gpus=2, extra="stop_duration: 1s\n"))
+        alice("apply", "-f", str(q1), "-y", "-d", check=0)
+        wait_for("q1 to run", lambda: alice.runs()["q1"]["status"] == "running", timeout=180)
+        alice("apply", "-f", str(q2), "-y", "-d", check=0)
+        wait_for("q2 to wait on the quota",
+                 lambda: "quota: alice runs 2/2 GPUs of project ml" in alice.runs()["q2"]["message"], timeout=60)
+        b = tmp_path / "bq.yml"
+        b.write_text(task_text("bq", ["sleep 300"], gpus=2, extra="stop_duration: 1s\n"))
+        bob("apply", "-f", str(b), "-y", "-d", check=0)
+        wait_for("bob's run to start past the held one", lambda: bob.runs()["bq"]["status"] == "running", timeout=180)
+        assert alice.runs()["q2"]["status"] == "pending"
+        quotas = json.loads(alice("quota", "list", "--project", "ml", "--json", check=0).stdout)
+        assert [(q["user"], q["gpus"], q["used"]) for q in quotas] == [("alice", 2, 2)], quotas
+        alice("stop", "q1", "-y", check=0)
+        wait_for("q2 to start once alice's usage dropped", lambda: alice.runs()["q2"]["status"] == "running",
+                 timeout=180)
+        wait_for("q2's output", lambda: "q2-ran" in alice("logs", "q2", check=0).stdout, timeout=60)
+        usage = json.loads(alice("usage", "--project", "ml", "--json", check=0).stdout)
+        mine = next(u for u in usage if u["user"] == "alice")
+        assert mine["runs"] >= 2 and mine["gpu_hours"] > 0 and mine["decayed_gpu_hours"] > 0, usage
+        # a member may not raise their own quota; the quota and the stop are in the audit trail
+        p = alice("quota", "set", "--project", "ml", "--user", "alice", "--gpus", "8")
+        assert p.returncode == 3 and "needs to be an admin of project ml" in p.stderr, p.stderr
+        kinds = [(e["kind"], e["actor"]) for e in team.ok("carol", "GET", "/api/events", query={"project": "ml"})]
+        assert ("quota", "carol") in kinds, kinds
+    finally:
+        for user, name in ((alice, "q1"), (alice, "q2"), (bob, "bq")):
+            user("stop", name, "-y")
+        carol("quota", "unset", "--project", "ml", "--user", "alice")

@@ -230,7 +230,7 @@ def test_container_argv_no_new_privileges_privileged_and_ports(monkeypatch):
     assert "--privileged" in priv and "--security-opt=no-new-privileges" not in priv
     bridged = argv(mod, network="bridge", ports=["8000", "9000:9001"])
     assert "--network=bridge" in bridged
-    assert [a for a in bridged if a.startswith("--publish")] == ["--publish=127.0.0.1:8000:8000",
+    assert [a for a in bridged if a.startswith("--publish")] == ["--publish=127.0.0.1::8000",
                                                                   "--publish=127.0.0.1:9000:9001"]
     with pytest.raises(Failed, match="host's network"):
         argv(mod, network="host", ports=["8000"])
@@ -279,11 +279,11 @@ def test_container_vars_from_the_run():
                               [GPU(vendor="nvidia", index=0, uuid="GPU-0")], 2, 1024, set(), volume_roots=roots)
 
     v = vars_of()
-    assert (v["workload_network"], v["workload_ports"], v["workload_privileged"]) == ("bridge", ["8000:8000"], False)
+    assert (v["workload_network"], v["workload_ports"], v["workload_privileged"]) == ("bridge", ["8000"], False)
     assert v["workload_volume_roots"] is None
     v = vars_of(roots=["/data"], network="host", docker=True)
     assert (v["workload_network"], v["workload_ports"], v["workload_privileged"]) == ("host", [], True)
     assert v["workload_volume_roots"] == ["/data"]
     svc = RUN_CONFIG.validate_python({"type": "service", "image": "i", "port": 8000, "ports": ["8080:9000", 8000]})
-    assert published_ports(svc) == ["8000:8000", "9000:9000"]
-    assert published_ports(run(ports=[7000])) == ["7000:7000"]
+    assert published_ports(svc) == ["8000", "9000"]  # host ports: the runtime's choice
+    assert published_ports(run(ports=[7000])) == ["7000"]

@@ -38,20 +38,21 @@ def test_ws_url_follows_the_servers_scheme_and_prefix():
 
 
 def test_declared_ports_are_the_remote_sides_of_what_attach_forwards(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "host_port", lambda store, run, port: port + 30000)  # where the runtime published it
     run = make_run(ports=["9001:9000", 7000, "8000"])
     assert runs.forwards(run.spec) == [(8000, 8000), (9001, 9000), (7000, 7000)]
     with pytest.raises(UsageError, match="does not declare port 9001: it declares 7000, 8000, 9000"):
-        runs.tunnel_argv(run, 9001)  # the local side of 9001:9000 is not a port of the host
+        runs.tunnel_argv(None, run, 9001)  # the local side of 9001:9000 is not a port of the host
     with pytest.raises(UsageError, match="it declares no ports"):
-        runs.tunnel_argv(make_run(type="task", port=None, ports=[]), 22)
+        runs.tunnel_argv(None, make_run(type="task", port=None, ports=[]), 22)
     with pytest.raises(GpufleetError, match="not running"):
-        runs.tunnel_argv(make_run().model_copy(update={"status": RunStatus.DONE}), 8000)
+        runs.tunnel_argv(None, make_run().model_copy(update={"status": RunStatus.DONE}), 8000)
     monkeypatch.setenv("GPUFLEET_HOME", str(tmp_path))
     files = FleetFiles.of("f")
     files.create()
     files.inventory.write_text("{}")
-    argv = runs.tunnel_argv(run, 9000)
-    assert argv[:3] == ["ssh", "-F", str(files.ssh_config)] and argv[-3:] == ["-W", "127.0.0.1:9000", "f-0"]
+    argv = runs.tunnel_argv(None, run, 9000)
+    assert argv[:3] == ["ssh", "-F", str(files.ssh_config)] and argv[-3:] == ["-W", "127.0.0.1:39000", "f-0"]
 
 
 def _free_port() -> int:
@@ -77,6 +78,7 @@ def server(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "ssh_argv", lambda *a, **k: list(command[0]))
 
     monkeypatch.setattr(Store, "run", lambda self, name: make_run() if name == "web" else None)
+    monkeypatch.setattr(runs, "host_port", lambda store, run, port: port)
     store = Store(f"sqlite:///{tmp_path / 'state.db'}")
     store.bootstrap("admin", token_hash(TOKEN))
     ctx = Context(store=store, token=TOKEN, seal=lambda s: "",
@@ -183,3 +185,14 @@ def test_refusals_come_back_as_the_apis_errors(server):
         open_tunnel(client, "nope", 8000)
     with pytest.raises(GpufleetError, match="cannot open a tunnel through the gpufleet server at http://127.0.0.1:1"):
         open_tunnel(Client("http://127.0.0.1:1", TOKEN), "web", 8000)
+
+
+def test_the_host_port_a_runtime_published_is_read_from_its_answer():
+    from gpufleet.containers import commands
+
+    assert commands().port_argv(["sudo", "podman"], "gpufleet-web", 8000) == \
+        ["sudo", "podman", "port", "gpufleet-web", "8000/tcp"]
+    assert commands().published_port("127.0.0.1:41234\n") == 41234
+    assert commands().published_port("0.0.0.0:80\n[::]:80\n") == 80
+    assert commands().published_port("") is None
+    assert commands().published_port("Error: no such container\n") is None
