@@ -260,6 +260,10 @@ def submit(store: Store, req: RunRequest, seal: Seal, no_queue: bool = False, wh
         reason = ""  # it fits now: the scheduling pass this submission kicks starts it
     except NoCapacity:
         reason = wait_reason(waiting, hosts)
+    quotas = quotas_of(store)
+    if quotas:  # over a quota, it waits for that whether it fits or not
+        held = decide([waiting], hosts, running_of(store), time.time(), cluster_fleets=clusters, quotas=quotas).held
+        reason = held[0].reason if held else reason
     store.enqueue(req.name, uuid.uuid4().hex[:12], req.config.type, spec, container_name(req.name),
                   priority=policy.priority, max_duration=policy.max_duration, retry=policy.as_json(),
                   sealed=sealed, reason=reason, project=who.project, user=who.user)

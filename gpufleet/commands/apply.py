@@ -86,7 +86,9 @@ def submit(args: argparse.Namespace, console: Console) -> int:
         present.plain(console, f"{view.name} is queued (#{view.position}): {view.message}")
         return EXIT_OK
     # attached, or detached from a run that fits now: wait until it runs (or ends), as a start always did
-    view = _wait_started(client, view, console)
+    view = _wait_started(client, view, console, detach=args.detach)
+    if view.status == RunStatus.PENDING:  # detached, and it waits after all (another run came first)
+        return EXIT_OK
     if not view.active:
         if view.started_at is not None and view.type == "task" and not args.detach:
             _follow_logs(client, view.name)  # it ran and ended between two looks: its output all the same
@@ -100,15 +102,19 @@ def submit(args: argparse.Namespace, console: Console) -> int:
     return _ended(view, console)
 
 
-def _wait_started(client, view, console: Console):
-    """Poll until the run holds its blocks and runs (or ended), saying why it waits when that changes."""
+def _wait_started(client, view, console: Console, detach: bool = False):
+    """Poll until the run holds its blocks and runs (or ended), saying why it waits when that changes;
+    ``detach``: until then, or until it waits with a reason (it is queued: no need to stay)."""
     from gpufleet.models import Run, RunStatus
 
     said = ""
     while view.status in (RunStatus.PENDING, RunStatus.STARTING):
         if view.status == RunStatus.PENDING and view.message and view.message != said:
-            present.plain(console, f"{view.name} waits (#{view.position}): {view.message}")
+            present.plain(console, f"{view.name} {'is queued' if detach else 'waits'} (#{view.position}): "
+                                   f"{view.message}")
             said = view.message
+            if detach:
+                return view
         time.sleep(0.5)
         view = Run.model_validate(client.get(f"/api/runs/{view.name}"))
     return view

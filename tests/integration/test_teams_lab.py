@@ -160,7 +160,7 @@ def _web(dir: Path, name: str, local: int, text: str) -> Path:
     path.write_text(f"type: service\nname: {name}\nimage: {IMAGE}\nport: '{local}:8000'\nstop_duration: 1s\n"
                     "commands:\n"
                     f"  - mkdir -p /www && echo {text} > /www/index.html\n"
-                    "  - exec httpd -f -p 127.0.0.1:8000 -h /www\n")
+                    "  - exec httpd -f -p 8000 -h /www\n")
     return path
 
 

@@ -90,7 +90,7 @@ def test_attach_and_logs_through_the_server_with_a_token_and_no_keys(lab_factory
                        f"fleets: [{core.fleet_name(lab)}]\ncommands:\n"
                        "  - mkdir -p /www && echo hello-through-the-server > /www/index.html\n"
                        "  - echo web-is-up\n"
-                       "  - exec httpd -f -p 127.0.0.1:8000 -h /www\n")
+                       "  - exec httpd -f -p 8000 -h /www\n")
         admin("apply", "-f", str(svc), "-y", "-d", check=0)
 
         # the user: the server's URL and a token; an empty state directory, and no ssh on its PATH
