@@ -241,6 +241,9 @@ def create_app(ctx: Context) -> FastAPI:
                 done = apply_fleet(ctx.store, fleet, body.secrets, ctx.seal, cancel=cancel, project=project,
                                    on_update=lambda a, s, m: lines.put({"progress": {"alias": a, "state": str(s),
                                                                                      "message": m}}))
+                ready = sum(i.status == "ready" for i in done.view.instances)
+                ctx.store.add_event("fleet", f"fleet {fleet.name} applied: {ready}/{len(done.view.instances)} "
+                                    "hosts ready", fleet=fleet.name, actor=who.name)
                 lines.put({"result": {"fleet": done.view.model_dump(mode="json"), "warnings": done.warnings,
                                       "ok": done.ok, "inventory": str(done.files.inventory),
                                       "ssh_config": str(done.files.ssh_config)}})
