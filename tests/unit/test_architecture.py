@@ -42,19 +42,20 @@ def test_the_domain_and_scheduling_depend_on_nothing_above_them():
     graph = import_graph()
     below = {"gpufleet.models", "gpufleet.errors", "gpufleet.sshkeys"}
     for module in [m for m in graph if m.startswith("gpufleet.models")] + ["gpufleet.allocator", "gpufleet.blocks",
-                                                                            "gpufleet.hostpolicy"]:
+                                                                            "gpufleet.hostpolicy", "gpufleet.fairshare"]:
         deps = {d for d in nx.descendants(graph, module) if not d.startswith("gpufleet.models.")}
         assert deps <= below, (module, deps - below)
-    # the scheduler decides on the domain and the allocator's placement, nothing else
+    # the scheduler decides on the domain, the allocator's placement and fair share's usage, nothing else
     deps = {d for d in nx.descendants(graph, "gpufleet.scheduler") if not d.startswith("gpufleet.models.")}
-    assert deps <= below | {"gpufleet.allocator"}, deps - below
+    assert deps <= below | {"gpufleet.allocator", "gpufleet.fairshare"}, deps - below
 
 
 
 # what only the server may touch: the state, and the modules that change it or the hosts
 SERVER_SIDE = {"gpufleet.state", "gpufleet.queue", "gpufleet.runs", "gpufleet.apply", "gpufleet.launch",
                "gpufleet.probe", "gpufleet.runner", "gpufleet.containers", "gpufleet.server.api",
-               "gpufleet.server.control", "gpufleet.server.main", "gpufleet.server.tunnel"}
+               "gpufleet.server.control", "gpufleet.server.main", "gpufleet.server.tunnel",
+               "gpufleet.server.auth", "gpufleet.server.teams"}
 
 
 def test_the_cli_reaches_state_only_through_the_servers_api():
