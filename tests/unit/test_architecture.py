@@ -41,8 +41,8 @@ def test_no_module_imports_one_that_imports_it_back():
 def test_the_domain_and_scheduling_depend_on_nothing_above_them():
     graph = import_graph()
     below = {"gpufleet.models", "gpufleet.errors", "gpufleet.sshkeys"}
-    for module in [m for m in graph if m.startswith("gpufleet.models")] + ["gpufleet.allocator", "gpufleet.blocks",
-                                                                            "gpufleet.hostpolicy", "gpufleet.fairshare"]:
+    pure = ["gpufleet.allocator", "gpufleet.blocks", "gpufleet.hostpolicy", "gpufleet.fairshare"]
+    for module in [m for m in graph if m.startswith("gpufleet.models")] + pure:
         deps = {d for d in nx.descendants(graph, module) if not d.startswith("gpufleet.models.")}
         assert deps <= below, (module, deps - below)
     # the scheduler decides on the domain, the allocator's placement and fair share's usage, nothing else
