@@ -21,7 +21,6 @@ import http.client
 import json
 import os
 import secrets
-import stat
 import subprocess
 import sys
 import time
@@ -277,21 +276,11 @@ def read_config() -> Login | None:
     (it holds a token), as one that is not a plain file or not the JSON `gpufleet login` writes."""
     path = config_path()
     redo = "remove it (gpufleet logout) and run gpufleet login again"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
+    raw = paths.read_private_file(path, "config", redo, MAX_CONFIG_BYTES,
+                                  exposed=" (it holds a token), and if others may have read it, rotate the token "
+                                          "(gpufleet user rotate-token)")
+    if raw is None:
         return None
-    except OSError as e:
-        raise GpufleetError(f"cannot read the config file {path}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise GpufleetError(f"the config file {path} is not a regular file: {redo}")
-        if st.st_mode & 0o077:
-            raise GpufleetError(f"the config file {path} is open to other users (mode "
-                                f"{stat.S_IMODE(st.st_mode):04o}) and holds a token: run chmod 600 {path}, "
-                                "and if others may have read it, rotate the token (gpufleet user rotate-token)")
-        raw = f.read(MAX_CONFIG_BYTES + 1)
     try:
         data = json.loads(raw) if len(raw) <= MAX_CONFIG_BYTES else None
     except ValueError:

@@ -26,6 +26,28 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
+def read_private_file(path: Path, what: str, remake: str, limit: int, exposed: str = "") -> bytes | None:
+    """The bytes of a private file (at most ``limit`` + 1 of them), None if it does not exist. One
+    other users may open, or not a plain file, is an error saying what to do: ``remake`` (how to get
+    a good one), ``exposed`` (what to do besides chmod when others could read it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise GpufleetError(f"cannot read the {what} file {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise GpufleetError(f"the {what} file {path} is not a regular file: {remake}")
+        if st.st_mode & 0o077:
+            raise GpufleetError(f"the {what} file {path} is open to other users (mode "
+                                f"{stat.S_IMODE(st.st_mode):04o}): run chmod 600 {path}{exposed}")
+        return os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+
+
 def content_root() -> Path:
     """The folder holding playbooks/, roles/ and inventory_templates/: $GPUFLEET_CONTENT_DIR, else the
     copy an installed wheel carries in the package (gpufleet/_content, see setup.py), else the top level

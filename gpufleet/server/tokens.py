@@ -12,7 +12,6 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
-import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,22 +49,9 @@ def read_private(path: Path, what: str, remake: str = REMAKE) -> str | None:
     """The text of a private file (its trailing newline dropped), None if it does not exist. A file
     other users may open, or not a plain file, or not holding one word, is an error saying what to do
     (``remake``: how to get a good one)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
+    raw = paths.read_private_file(path, what, remake, MAX_PRIVATE_BYTES)
+    if raw is None:
         return None
-    except OSError as e:
-        raise GpufleetError(f"cannot read the {what} file {path}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise GpufleetError(f"the {what} file {path} is not a regular file: {remake}")
-        if st.st_mode & 0o077:
-            raise GpufleetError(f"the {what} file {path} is open to other users (mode "
-                                f"{stat.S_IMODE(st.st_mode):04o}): run chmod 600 {path}")
-        raw = os.read(fd, MAX_PRIVATE_BYTES + 1)
-    finally:
-        os.close(fd)
     try:
         text = raw.decode("ascii").strip()
     except UnicodeDecodeError:
