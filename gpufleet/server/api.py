@@ -40,10 +40,9 @@ from gpufleet.state import Store
 
 @dataclass
 class Context:
-    """What the routes share: the store, the token, the sealing of secrets, the loops."""
+    """What the routes share: the store, the sealing of secrets, the loops, who asks."""
 
     store: Store
-    token: str
     seal: Callable[[dict[str, str]], str]
     kick: Callable[[], None]
     launch: Callable  # (run, placements): start the containers of a run that holds its blocks

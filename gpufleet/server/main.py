@@ -69,7 +69,7 @@ def serve(settings: ServerSettings, local: bool = False) -> int:
                 "local": local, "started_at": started, "leading": controller.leading, "leader": store.leader(),
                 "home": str(paths.home())}
 
-    ctx = Context(store=store, token=token, seal=vault.seal, kick=controller.kick, launch=controller.launch,
+    ctx = Context(store=store, seal=vault.seal, kick=controller.kick, launch=controller.launch,
                   background=controller.background, info=info, shutdown=shutdown,
                   half_life=settings.fair_share_half_life, token_file=sdir / tokens.TOKEN_FILE)
     server = uvicorn.Server(uvicorn.Config(create_app(ctx), log_level="warning", access_log=False, lifespan="off",

@@ -9,7 +9,6 @@ first. Nobody ever reads a half-written token, and the loser reads the winner's.
 
 from __future__ import annotations
 
-import hmac
 import os
 import secrets
 from collections.abc import Callable
@@ -36,13 +35,6 @@ def ensure_token(dir: Path) -> str:
 def read_token(dir: Path) -> str | None:
     """The token in ``dir``, or None when no server has made one yet."""
     return read_private(dir / TOKEN_FILE, "API token")
-
-
-def matches(expected: str, presented: str | None) -> bool:
-    """Whether a request's token is the server's, in time that does not depend on where they differ."""
-    if not expected or presented is None:
-        return False
-    return hmac.compare_digest(expected.encode(), presented.encode())
 
 
 def read_private(path: Path, what: str, remake: str = REMAKE) -> str | None:

@@ -22,7 +22,7 @@ def api(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'state.db'}")
     store.bootstrap("admin", token_hash(TOKEN))  # what a server's first start does
     launched = []
-    ctx = Context(store=store, token=TOKEN, seal=Vault(tmp_path / "secret.key").seal, kick=lambda: None,
+    ctx = Context(store=store, seal=Vault(tmp_path / "secret.key").seal, kick=lambda: None,
                   launch=lambda run, placements: launched.append(run.name), background=lambda work: work(),
                   info=lambda: {"url": "x"},
                   shutdown=lambda: None)

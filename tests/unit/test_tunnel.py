@@ -81,7 +81,7 @@ def server(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "host_port", lambda store, run, port: port)
     store = Store(f"sqlite:///{tmp_path / 'state.db'}")
     store.bootstrap("admin", token_hash(TOKEN))
-    ctx = Context(store=store, token=TOKEN, seal=lambda s: "",
+    ctx = Context(store=store, seal=lambda s: "",
                   kick=lambda: None, launch=lambda *a: None, background=lambda w: w(), info=dict,
                   shutdown=lambda: None)
     port = _free_port()
