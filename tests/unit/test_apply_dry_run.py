@@ -2,6 +2,7 @@
 what apply asks before it submits) is shown, and nothing is submitted; exit 0. The CLI runs in this
 process against a real HTTP server on loopback (fakeapi.py)."""
 
+# ruff: noqa: F811 (the fixtures imported from fakeapi are the tests' arguments)
 from __future__ import annotations
 
 from pathlib import Path

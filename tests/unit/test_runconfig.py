@@ -303,8 +303,10 @@ def test_stop_containers_refuses_a_timeout_it_cannot_give(timeout):
 # ------------------------------------------------------------------ errors a user can act on (issue 14)
 
 @pytest.mark.parametrize("text,message", [
-    ("type: task\nimage: busybox\ncomands: [echo hi]\n", "3:1: comands: unknown field 'comands'; did you mean 'commands'?"),
-    ("type: task\nimage: busybox\nresources:\n  gpus: 2\n", "4:3: resources.gpus: unknown field 'gpus'; did you mean 'gpu'?"),
+    ("type: task\nimage: busybox\ncomands: [echo hi]\n",
+     "3:1: comands: unknown field 'comands'; did you mean 'commands'?"),
+    ("type: task\nimage: busybox\nresources:\n  gpus: 2\n",
+     "4:3: resources.gpus: unknown field 'gpus'; did you mean 'gpu'?"),
     ("type: service\nimage: busybox\nprot: 8000\nport: 80\n", "3:1: prot: unknown field 'prot'; did you mean 'port'?"),
     ("type: dev-environment\nimage: busybox\nidee: vscode\n", "3:1: idee: unknown field 'idee'; did you mean 'ide'?"),
     ("type: task\nimage: busybox\nretry:\n  durration: 1h\n", "4:3: retry.durration: unknown field 'durration'; "
@@ -407,5 +409,6 @@ def test_a_command_read_as_a_mapping_says_so_and_how_to_quote_it(tmp_path):
     assert text.rstrip().endswith("commands[4]: this line is read as a YAML mapping because of ': ' — quote the "
                                   "whole line"), text  # `yes` is YAML's true: no example rebuilt from it
     # the example it gives loads
-    fixed = yaml.safe_load("commands:\n  - 'echo \"I have $GPUFLEET_GPUS_NUM GPUs: $GPUFLEET_GPUS\"'\n  - 'it''s: ok'\n")
+    fixed = yaml.safe_load("commands:\n  - 'echo \"I have $GPUFLEET_GPUS_NUM GPUs: $GPUFLEET_GPUS\"'\n"
+                           "  - 'it''s: ok'\n")
     assert fixed["commands"] == ['echo "I have $GPUFLEET_GPUS_NUM GPUs: $GPUFLEET_GPUS"', "it's: ok"]

@@ -8,6 +8,7 @@ config errors, GpufleetError messages, the server's error messages, and the tabl
 events filled from a real HTTP server on loopback that answers what the test says (fakeapi.py).
 """
 
+# ruff: noqa: F811 (the fixtures imported from fakeapi are the tests' arguments)
 from __future__ import annotations
 
 import json
