@@ -29,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     # everything gpufleet and its children (ansible-runner artifacts, SQLite's WAL files, ssh
     # sockets) write may hold secrets or keys: private to this user
     os.umask(0o077)
-    console = Console()
-    err = Console(stderr=True)
+    # no markup: what gpufleet prints holds names, paths and messages from users, hosts and the server
+    # (`[/x]` is a name, `[fd00::1]` an address), styled only through rich Text (see present.py)
+    console = Console(markup=False)
+    err = Console(stderr=True, markup=False)
     try:
         args = parser().parse_args(argv)
     except SystemExit as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,13 @@ from gpufleet.errors import ConfigError, ConfigProblem
 from gpufleet.models import Fleet, FleetConfig, Hop, Target, split_env, target_aliases
 from gpufleet.yamlsource import Loc, YamlSource, load_yaml, read_config_text
 
-# dstack fields of cloud fleets: named in the error so a dstack user knows why.
-_CLOUD_ONLY = {"nodes", "resources", "backends", "regions", "availability_zones", "instance_types",
-               "spot_policy", "retry", "max_price", "idle_duration", "reservation", "termination_policy",
-               "termination_idle_time", "tags", "instances"}
+# dstack fields of cloud fleets: named in the error so a dstack user knows why (see validate's
+# `unsupported`).
+_CLOUD_ONLY = dict.fromkeys(
+    ("nodes", "resources", "backends", "regions", "availability_zones", "instance_types", "spot_policy", "retry",
+     "max_price", "idle_duration", "reservation", "termination_policy", "termination_idle_time", "tags",
+     "instances"),
+    "a dstack cloud-fleet field: gpufleet manages SSH fleets, whose hosts are listed in ssh_config.hosts")
 
 
 def load_fleet(path: str | Path) -> Fleet:
@@ -39,7 +43,7 @@ def parse_fleet(text: str, source: str) -> Fleet:
     if kind != "fleet":
         raise ConfigError([src.problem(("type",), f"must be fleet (or, for runs, task, service or "
                                                   f"dev-environment); got {kind!r}")])
-    cfg = validate(FleetConfig, src, context={"base_dir": str(path.resolve().parent)})
+    cfg = validate(FleetConfig, src, context={"base_dir": str(path.resolve().parent)}, unsupported=_CLOUD_ONLY)
     return resolve(cfg, src, default_name=path.stem)
 
 
@@ -59,14 +63,19 @@ def name_from_file(path: str | Path, fallback: str, limit: int = 64) -> str:
     return name[:limit]
 
 
-def validate(model: Any, src: YamlSource, context: dict | None = None) -> Any:
-    """Validate ``src.data`` against a pydantic model (or a TypeAdapter), errors with positions."""
+def validate(model: Any, src: YamlSource, context: dict | None = None,
+             unsupported: Mapping[str, str] | None = None) -> Any:
+    """Validate ``src.data`` against a pydantic model (or a TypeAdapter), errors with positions.
+
+    An unknown field gets a "did you mean" (when ``model`` is a model class) or, for a top-level
+    field in ``unsupported`` (dstack's fields that gpufleet does not take), that it is one, with
+    the hint given for it: what to do instead ("" where there is nothing to say)."""
     adapter = model if isinstance(model, TypeAdapter) else TypeAdapter(model)
     try:
         return adapter.validate_python(src.data, context=context)
     except ValidationError as e:
         root = model if isinstance(model, type) and issubclass(model, BaseModel) else None
-        problems = sorted(_problems(e, src, root), key=lambda p: (p.line or 0, p.column or 0))
+        problems = sorted(_problems(e, src, root, unsupported or {}), key=lambda p: (p.line or 0, p.column or 0))
         raise ConfigError(problems) from None
 
 
@@ -118,7 +127,8 @@ def _alias_clashes(src: YamlSource, fleet_name: str, targets: list[Target]) -> l
     return out
 
 
-def _problems(err: ValidationError, src: YamlSource, model: type[BaseModel] | None) -> list[ConfigProblem]:
+def _problems(err: ValidationError, src: YamlSource, model: type[BaseModel] | None,
+              unsupported: Mapping[str, str]) -> list[ConfigProblem]:
     out = []
     for e in err.errors(include_url=False):
         loc = tuple(e["loc"])
@@ -128,22 +138,40 @@ def _problems(err: ValidationError, src: YamlSource, model: type[BaseModel] | No
         kind = e["type"]
         if kind == "extra_forbidden":
             field = loc[-1]
-            msg = f"unknown field {field!r}"
-            if field in _CLOUD_ONLY and len(loc) == 1:
-                msg += " (a dstack cloud-fleet field; gpufleet manages SSH fleets only)"
-            elif model is not None:
-                close = difflib.get_close_matches(str(field), _fields_at(model, loc[:-1]), n=1)
+            if len(loc) == 1 and field in unsupported:
+                hint = unsupported[field]
+                msg = f"a dstack field that gpufleet does not support: {field!r}" + (f"; {hint}" if hint else "")
+            else:
+                msg = f"unknown field {field!r}"
+                close = difflib.get_close_matches(str(field), _fields_at(model, loc[:-1]), n=1) if model else []
                 if close:
                     msg += f"; did you mean {close[0]!r}?"
             out.append(src.problem(loc, msg, prefer_key=True))
         elif kind == "missing":
             out.append(src.problem(loc, f"required field {loc[-1]!r} is missing"))
+        elif kind == "string_type" and _read_as_mapping(e.get("input")):
+            out.append(src.problem(loc, _mapping_instead_of_text(e["input"])))
         else:
             msg = e["msg"].removeprefix("Value error, ")
             if kind == "literal_error":
                 msg = f"{msg} (got {e.get('input')!r})"
             out.append(src.problem(loc, msg))
     return out
+
+
+def _read_as_mapping(value: Any) -> bool:
+    """A one-entry mapping where text was expected: a plain line with ': ' in it (`- echo a: b`)."""
+    return isinstance(value, dict) and len(value) == 1 and \
+        all(isinstance(v, (str, int, float)) or v is None for v in value.values())
+
+
+def _mapping_instead_of_text(value: dict) -> str:
+    msg = "this line is read as a YAML mapping because of ': ' — quote the whole line"
+    (key, val), = value.items()
+    if isinstance(val, bool) or not isinstance(val, (str, int, type(None))):
+        return msg  # written as YAML reads it (yes, 1.5e3): no example rebuilt from the value
+    line = f"{key}:" if val is None else f"{key}: {val}"
+    return msg + ": '" + line.replace("'", "''") + "'"
 
 
 _UNION_MEMBERS = {"str", "int", "float", "bool", "list", "dict", "none"}

@@ -1,6 +1,9 @@
 """What the CLI shows: tables for people, JSON for scripts, the y/n prompt, errors and warnings.
 
-Text that comes from users or hosts (names, reasons, messages) is never read as rich markup.
+Text that comes from users or hosts (names, reasons, messages) is never read as rich markup: every
+message is a rich Text or printed with markup=False, and every table cell given as a string becomes
+a Text (a host `[fd00::1]` or a run named `[/x]` is shown as written). cli.py's consoles also have
+markup off, so a string printed elsewhere cannot be read as markup either.
 """
 
 from __future__ import annotations
@@ -32,8 +35,15 @@ def age(ts: float, now: float | None = None) -> str:
     return f"{s} sec{'s' if s != 1 else ''} ago"
 
 
+class PlainTable(Table):
+    """A rich Table whose string cells are shown as written, never read as markup."""
+
+    def add_row(self, *renderables, **kw) -> None:  # type: ignore[override]
+        super().add_row(*(Text(r) if isinstance(r, str) else r for r in renderables), **kw)
+
+
 def table(*columns: str, fold: bool = False, **kw) -> Table:
-    t = Table(box=None, pad_edge=False, header_style="bold", **kw)
+    t = PlainTable(box=None, pad_edge=False, header_style="bold", **kw)
     for col in columns:
         t.add_column(col, overflow="fold" if fold else "ellipsis")
     return t
@@ -122,7 +132,7 @@ def probe_progress(console: Console, aliases: list[str]) -> Iterator[Callable[[s
     status = {a: "waiting" for a in aliases}
 
     def render() -> Table:
-        t = Table(box=None, pad_edge=False, title="Probing", title_justify="left")
+        t = PlainTable(box=None, pad_edge=False, title="Probing", title_justify="left")
         t.add_column("HOST")
         t.add_column("PROBE")
         for a, s in status.items():

@@ -10,11 +10,58 @@ from pathlib import Path
 
 from gpufleet.config import name_from_file, validate
 from gpufleet.errors import ConfigError
-from gpufleet.models import RUN_CONFIG, RunRequest, RunType
+from gpufleet.models import DevEnvironmentConfig, RunRequest, RunType, ServiceConfig, TaskConfig
 from gpufleet.secrets import run_secrets
 from gpufleet.yamlsource import load_yaml, read_config_text
 
 RUN_TYPES = tuple(t.value for t in RunType)
+_MODELS = {"task": TaskConfig, "service": ServiceConfig, "dev-environment": DevEnvironmentConfig}
+
+# dstack's run configuration fields (configurations.py and profiles.py of dstack 0.19/0.20) that
+# gpufleet does not take, each with what to do instead ("" where there is nothing to suggest). A field
+# gpufleet takes is a field of the model and never looked up here. The error names them as dstack's,
+# so that a dstack user's file is refused with a reason rather than a bare "unknown field".
+_IMAGE = "set `image` to one that has it"
+_CLOUD = "a dstack cloud field; gpufleet runs on the hosts of SSH fleets: choose them with `fleets`"
+_NO_GATEWAY = "gpufleet has no gateway: a service is reached through `gpufleet attach`"
+_COMMON = {
+    "python": f"{_IMAGE} (e.g. python:3.12-slim)",
+    "nvcc": f"{_IMAGE} (a CUDA devel image, e.g. nvidia/cuda:12.4.1-devel-ubuntu22.04)",
+    "repos": "put the code in the image, or mount it from the hosts with `volumes` (paths the fleet's policy allows)",
+    "files": "put the files in the image, or mount them from the hosts with `volumes` "
+             "(paths the fleet's policy allows)",
+    "single_branch": "gpufleet does not clone repos; remove it",
+    "registry_auth": "use an image the hosts can pull without credentials, or pull it on the hosts beforehand",
+    "user": "build the image with that USER, or switch user in `commands`",
+    "entrypoint": "start the program in `commands` (run by /bin/sh -c)",
+    "shell": "`commands` run with /bin/sh (set -e); to use another shell, call it there: bash -c '...'",
+    "home_dir": "it has no effect in dstack either (deprecated); remove it",
+    "setup": "deprecated in dstack; put those lines first in `commands`",
+    "dstack": "",
+    "utilization_policy": "",
+    "schedule": "start it from cron with `gpufleet apply -y -d -f FILE`",
+    "backends": _CLOUD, "regions": _CLOUD, "availability_zones": _CLOUD, "instance_types": _CLOUD,
+    "reservation": _CLOUD, "spot_policy": _CLOUD, "max_price": _CLOUD, "creation_policy": _CLOUD,
+    "idle_duration": _CLOUD, "instances": _CLOUD, "tags": _CLOUD, "backend_options": _CLOUD,
+}
+UNSUPPORTED: dict[str, dict[str, str]] = {
+    "task": {**_COMMON, **{
+        "groups": "use `nodes`: the same resources and commands on every node",
+        "startup_order": "every node starts at once: have workers wait for $GPUFLEET_MASTER_NODE_IP",
+        "stop_criteria": "a multi-node run ends when every node's container has exited (dstack's all-done)",
+    }},
+    "service": {**_COMMON, **{
+        "model": _NO_GATEWAY, "gateway": _NO_GATEWAY, "https": _NO_GATEWAY, "auth": _NO_GATEWAY,
+        "strip_prefix": _NO_GATEWAY, "rate_limits": _NO_GATEWAY, "router": _NO_GATEWAY,
+        "replicas": "apply one service per replica, each with its own name",
+        "scaling": "", "probes": "", "groups": "apply one service per replica group, each with its own name",
+    }},
+    "dev-environment": {**_COMMON, **{
+        "init": "put those lines in `commands`: a dev environment runs them, then stays up",
+        "inactivity_duration": "stop it with `gpufleet stop`, or bound it with `max_duration`",
+        "version": "gpufleet installs no IDE (it opens a shell); remove it",
+    }},
+}
 
 
 def load_run(path: str | Path) -> RunRequest:
@@ -33,7 +80,8 @@ def parse_run(text: str, source: str, secrets: dict[str, str] | None = None, val
     if src.data.get("type") not in RUN_TYPES:
         raise ConfigError([src.problem(("type",), f"type must be task, service or dev-environment "
                                                   f"(got {src.data.get('type')!r})")])
-    cfg = validate(RUN_CONFIG, src)
+    kind = src.data["type"]
+    cfg = validate(_MODELS[kind], src, unsupported=UNSUPPORTED[kind])
     taken = run_secrets(src, cfg, secrets) if values else {}
     return RunRequest(name=cfg.name or name_from_file(path, "run", limit=41), source=source, config=cfg,
                       secrets=taken)

@@ -24,7 +24,8 @@ def register(sub) -> None:
     a.add_argument("-d", "--detach", action="store_true", help="runs: return once submitted; do not wait or follow")
     a.add_argument("--no-queue", action="store_true",
                    help="runs: refuse at once when it does not fit now, instead of waiting (as retry: false)")
-    a.add_argument("--dry-run", action="store_true", help="fleets: validate and show the plan; change nothing")
+    a.add_argument("--dry-run", action="store_true",
+                   help="validate and show the plan (the server's, for a fleet or a run); change or submit nothing")
     add_project(a)
     a.set_defaults(func=run)
 
@@ -33,8 +34,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from gpufleet.runconfig import RUN_TYPES, config_type
 
     if config_type(args.file) in RUN_TYPES:
-        if args.dry_run:
-            raise UsageError("--dry-run is for fleets; for runs, answer n at the prompt")
         return submit(args, console)
     if args.no_queue:
         raise UsageError("--no-queue is for runs")
@@ -53,12 +52,14 @@ def _project_field(args: argparse.Namespace, client) -> dict:
 def submit(args: argparse.Namespace, console: Console) -> int:
     from gpufleet.client import connect
     from gpufleet.models import Run, RunStatus
-    from gpufleet.runconfig import load_run
+    from gpufleet.runconfig import parse_run
     from gpufleet.yamlsource import read_config_text
 
     path = Path(args.file)
-    req = load_run(path)  # checked here, with positions; takes its secrets from this environment
     text = read_config_text(path)
+    # checked here, with positions; takes its secrets from this environment (a dry run sends none,
+    # so it needs none, as a fleet's)
+    req = parse_run(text, str(path), values=not args.dry_run)
     client = connect()
     source = str(path)
     where = _project_field(args, client)
@@ -66,7 +67,7 @@ def submit(args: argparse.Namespace, console: Console) -> int:
     if plan["never"]:
         from gpufleet.errors import GpufleetError
 
-        raise GpufleetError(plan["never"] + "; not queued")
+        raise GpufleetError(plan["never"] + ("; it would be refused" if args.dry_run else "; not queued"))
     if plan["placements"]:
         console.print(present.run_plan_table(req.name, req.config.type, present.run_plan_rows(plan)))
         for p in plan["placements"]:
@@ -76,6 +77,9 @@ def submit(args: argparse.Namespace, console: Console) -> int:
         present.plain(console, f"{req.name} ({req.config.type}) does not fit now: {plan['waits']}")
         if not args.no_queue:
             present.plain(console, "It will wait in the queue and start when blocks are free.")
+    if args.dry_run:
+        present.dim(console, "--dry-run: nothing was submitted")
+        return EXIT_OK
     if not args.yes and not present.confirm(console, "Submit the run?"):
         console.print("Nothing was changed.")
         return EXIT_OK

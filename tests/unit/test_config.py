@@ -106,7 +106,7 @@ BAD = [
     ("no user", "type: fleet\nssh_config:\n  hosts: [a]\n", "ssh_config.hosts[0]: no user"),
     ("wrong type field", "type: task\nssh_config:\n  user: u\n  hosts: [a]\n", "fleet.yml:1:7: type:"),
     ("cloud field", "type: fleet\nnodes: 2\nssh_config:\n  user: u\n  hosts: [a]\n",
-     "fleet.yml:2:1: nodes: unknown field 'nodes' (a dstack cloud-fleet field"),
+     "fleet.yml:2:1: nodes: a dstack field that gpufleet does not support: 'nodes'; a dstack cloud-fleet field"),
     ("broken yaml", "type: fleet\nssh_config: [\n", "fleet.yml:3:1: invalid YAML"),
     ("duplicate key", "type: fleet\ntype: fleet\nssh_config: {user: u, hosts: [a]}\n",
      "fleet.yml:2:1: type: duplicate key 'type'"),

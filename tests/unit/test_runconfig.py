@@ -298,3 +298,117 @@ def test_stop_containers_passes_the_timeout_to_the_stop_playbook(monkeypatch, ti
 def test_stop_containers_refuses_a_timeout_it_cannot_give(timeout):
     with pytest.raises(ValueError, match="stop timeout"):
         launch.stop_containers("lab", "gpufleet-x", "r1", ["n1"], timeout=timeout)
+
+
+# ------------------------------------------------------------------ errors a user can act on (issue 14)
+
+@pytest.mark.parametrize("text,message", [
+    ("type: task\nimage: busybox\ncomands: [echo hi]\n",
+     "3:1: comands: unknown field 'comands'; did you mean 'commands'?"),
+    ("type: task\nimage: busybox\nresources:\n  gpus: 2\n",
+     "4:3: resources.gpus: unknown field 'gpus'; did you mean 'gpu'?"),
+    ("type: service\nimage: busybox\nprot: 8000\nport: 80\n", "3:1: prot: unknown field 'prot'; did you mean 'port'?"),
+    ("type: dev-environment\nimage: busybox\nidee: vscode\n", "3:1: idee: unknown field 'idee'; did you mean 'ide'?"),
+    ("type: task\nimage: busybox\nretry:\n  durration: 1h\n", "4:3: retry.durration: unknown field 'durration'; "
+                                                             "did you mean 'duration'?"),
+])
+def test_a_typo_in_a_run_gets_did_you_mean(tmp_path, text, message):
+    assert f"{tmp_path / 'run.yml'}:{message}" in _problems(tmp_path, text)
+
+
+@pytest.mark.parametrize("kind,line,hint", [
+    ("task", "python: '3.12'", "; set `image` to one that has it (e.g. python:3.12-slim)"),
+    ("task", "nvcc: true", "; set `image` to one that has it (a CUDA devel image"),
+    ("task", "repos: [.]", "; put the code in the image, or mount it from the hosts with `volumes`"),
+    ("task", "files: [train.py]", "; put the files in the image"),
+    ("task", "startup_order: workers-first", "; every node starts at once"),
+    ("task", "stop_criteria: master-done", "; a multi-node run ends when every node's container has exited"),
+    ("task", "registry_auth: {username: u, password: p}", "; use an image the hosts can pull without credentials"),
+    ("task", "groups: [{nodes: 1}]", "; use `nodes`"),
+    ("task", "user: ubuntu", "; build the image with that USER"),
+    ("task", "entrypoint: /bin/bash", "; start the program in `commands`"),
+    ("task", "shell: bash", "; `commands` run with /bin/sh"),
+    ("task", "utilization_policy: {min_gpu_utilization: 10, time_window: 1h}", ""),
+    ("task", "schedule: {cron: '0 * * * *'}", "; start it from cron"),
+    ("task", "spot_policy: auto", "; a dstack cloud field"),
+    ("service", "model: llama", "; gpufleet has no gateway"),
+    ("service", "auth: false", "; gpufleet has no gateway"),
+    ("service", "replicas: 2", "; apply one service per replica"),
+    ("service", "scaling: {metric: rps, target: 10}", ""),
+    ("service", "probes: [{type: http, url: /health}]", ""),
+    ("dev-environment", "init: [pip install x]", "; put those lines in `commands`"),
+    ("dev-environment", "inactivity_duration: 2h", "; stop it with `gpufleet stop`"),
+])
+def test_a_dstack_field_gpufleet_does_not_support_is_named_with_what_to_do(tmp_path, kind, line, hint):
+    port = "port: 8000\n" if kind == "service" else ""
+    text = _problems(tmp_path, f"type: {kind}\nimage: busybox\n{port}{line}\n")
+    field = line.split(":")[0]
+    at = 4 if port else 3
+    expected = f"{tmp_path / 'run.yml'}:{at}:1: {field}: a dstack field that gpufleet does not support: {field!r}{hint}"
+    assert expected in text, text
+    if not hint:
+        assert text.rstrip().endswith(f"{field!r}"), text
+
+
+def test_a_dstack_field_of_another_run_type_is_just_unknown(tmp_path):
+    # `init` is a dev environment's field: in a task it is no dstack field at all
+    text = _problems(tmp_path, "type: task\nimage: busybox\ninit: [x]\n")
+    assert "init: unknown field 'init'" in text and "dstack field" not in text
+
+
+def test_the_unsupported_list_names_no_field_gpufleet_takes():
+    from gpufleet.runconfig import _MODELS, UNSUPPORTED
+
+    assert set(UNSUPPORTED) == set(_MODELS)
+    for kind, fields in UNSUPPORTED.items():
+        assert not set(fields) & set(_MODELS[kind].model_fields), kind
+
+
+def _real_run_files() -> list[tuple[str, str, Path]]:
+    import csv
+
+    assert DSTACK_CONFIGS.is_dir(), f"{DSTACK_CONFIGS} is missing (real dstack files, read from shared/)"
+    ok = json.loads((DSTACK_CONFIGS / "dstack_results.json").read_text())
+    with (DSTACK_CONFIGS / "manifest.tsv").open() as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return [(r["id"], r["dstack_type"], DSTACK_CONFIGS / r["file"]) for r in rows
+            if r["dstack_type"] in ("task", "service", "dev-environment") and r["dup_of"] == "-"
+            and ok.get(r["id"], {}).get("ok")]
+
+
+def test_every_top_level_field_of_real_dstack_runs_is_taken_or_named_as_unsupported():
+    """Of dstack's own run files (that dstack accepts), each top-level field is one gpufleet takes or one
+    the error names as dstack's, with no bare `unknown field` and no traceback."""
+    from gpufleet.runconfig import _MODELS, UNSUPPORTED
+
+    files = _real_run_files()
+    assert len(files) > 200
+    for ident, kind, path in files:
+        data = yaml.safe_load(path.read_text())
+        for key in data:
+            assert key in _MODELS[kind].model_fields or key in UNSUPPORTED[kind], (ident, kind, key)
+        try:
+            load_run(path)
+        except ConfigError as e:
+            bare = [str(p) for p in e.problems if "." not in p.field and "[" not in p.field
+                    and "unknown field" in p.message]
+            assert bare == [], (ident, bare)
+
+
+def test_a_command_read_as_a_mapping_says_so_and_how_to_quote_it(tmp_path):
+    text = _problems(tmp_path, 'type: task\nimage: busybox\ncommands:\n  - echo ok\n'
+                               '  - echo "I have $GPUFLEET_GPUS_NUM GPUs: $GPUFLEET_GPUS"\n  - sleep: 10\n'
+                               "  - it's: ok\n  - x: yes\n")
+    path = tmp_path / "run.yml"
+    assert (f"{path}:5:5: commands[1]: this line is read as a YAML mapping because of ': ' — quote the whole "
+            f"line: 'echo \"I have $GPUFLEET_GPUS_NUM GPUs: $GPUFLEET_GPUS\"'") in text, text
+    assert f"{path}:6:5: commands[2]: this line is read as a YAML mapping because of ': ' — quote the whole line: " \
+           f"'sleep: 10'" in text
+    assert "commands[3]: this line is read as a YAML mapping because of ': ' — quote the whole line: 'it''s: ok'" \
+        in text
+    assert text.rstrip().endswith("commands[4]: this line is read as a YAML mapping because of ': ' — quote the "
+                                  "whole line"), text  # `yes` is YAML's true: no example rebuilt from it
+    # the example it gives loads
+    fixed = yaml.safe_load("commands:\n  - 'echo \"I have $GPUFLEET_GPUS_NUM GPUs: $GPUFLEET_GPUS\"'\n"
+                           "  - 'it''s: ok'\n")
+    assert fixed["commands"] == ['echo "I have $GPUFLEET_GPUS_NUM GPUs: $GPUFLEET_GPUS"', "it's: ok"]
