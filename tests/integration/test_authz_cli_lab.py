@@ -744,6 +744,43 @@ def test_no_cli_output_holds_a_token_the_server_gave_out(matrix, bench):
     assert minted == {"user-add/erin", "user-rotate-token/alice", "user-rotate-token/erin"}, minted
 
 
+def test_the_tunnel_of_attach_refuses_whom_attach_refuses(bench):
+    """`gpufleet attach` asks GET /api/runs/NAME/attach, then opens the WebSocket route
+    /api/runs/NAME/tunnel for each connection. A WebSocket route is not in /openapi.json, so
+    test_authz_lab.py's table has no row of it, and the CLI's refused callers never get that far:
+    here it is asked directly, as each caller, with the CLI's own client (gpufleet.tunnel)."""
+    from gpufleet.client import Client
+    from gpufleet.errors import GpufleetError
+    from gpufleet.tunnel import open_tunnel
+
+    expect = roles(**ONE_OWN_RUN)
+    wrong = []
+    for role in ROLES:
+        want = expect[role]
+        with bench.url(role) as url:
+            try:
+                ws = open_tunnel(Client(url, bench.token(role)), bench.web, 8000)
+            except GpufleetError as e:
+                said = str(e)
+                if any(t in said for t in [*bench.team.issued, BAD_TOKEN_VALUE]):
+                    wrong.append(f"{role}: the refusal holds a token")
+                elif want.allowed or e.exit_code != 3 or not all(w in said for w in want.words):
+                    wrong.append(f"{role}: refused, exit code {e.exit_code}: {said}")
+                continue
+            try:
+                ws.send(b"GET / HTTP/1.0\r\n\r\n")
+                ws.send(b"")  # no more from this side
+                page = b""
+                with contextlib.suppress(Exception):
+                    while True:
+                        page += ws.recv(timeout=30)
+            finally:
+                ws.close()
+            if not want.allowed or ATTACH_TEXT.encode() not in page:
+                wrong.append(f"{role}: opened, and got {page[:200]!r}")
+    assert not wrong, "\n".join(wrong)
+
+
 def test_a_server_admin_stops_the_server_with_the_cli(matrix, bench):
     """Last: erin's `server stop` (the matrix's LATER cell), once every run has ended."""
     team = bench.team
