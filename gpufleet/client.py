@@ -109,7 +109,7 @@ class Client:
         the token was found."""
         if self._token and err.args and isinstance(err.args[0], str):
             err.args = (err.args[0].replace(self._token, "[token]"), *err.args[1:])
-        if isinstance(err, Unauthorized) and self.token_from and err.args:
+        if isinstance(err, Unauthorized) and self._token and self.token_from and err.args:
             err.args = (f"{err.args[0]} (the token from {self.token_from}, for {self.url})", *err.args[1:])
         return err
 
