@@ -272,8 +272,9 @@ def place(req: Request, hosts: HostIndex | list[HostSlots]) -> Placement:
     """Choose blocks for ``req``; raise NoCapacity with what is free if nothing fits."""
     index = _as_index(hosts)
     # One host per group of the index stands for all hosts that would score the same. A score
-    # starts with (beyond a maximum, penalty, free blocks left): cheap to compute. A host whose blocks
-    # meet the request's maximums (dstack matches only those) comes before one that gives more. Candidates are visited in that order
+    # starts with (penalty, beyond a maximum, free blocks left): cheap to compute. After keeping CPU-only
+    # runs off GPU hosts, a host whose blocks meet the request's maximums (dstack matches only those)
+    # comes before one whose blocks give more. Candidates are visited in that order
     # and the block choice (the costly part) is made only while it can still win.
     candidates = []
     by_shape: dict = {}
@@ -299,7 +300,7 @@ def place(req: Request, hosts: HostIndex | list[HostSlots]) -> Placement:
             continue
         if positions is not None and sum(host.blocks[i].free for i in positions) < need:
             continue
-        candidates.append(((beyond, gpu_hosts_penalty, free - need), len(candidates), host, positions, need))
+        candidates.append(((gpu_hosts_penalty, beyond, free - need), len(candidates), host, positions, need))
     candidates.sort(key=lambda c: (c[0], c[1]))
     best = None
     for head, _, host, positions, need in candidates:
@@ -320,7 +321,8 @@ def place(req: Request, hosts: HostIndex | list[HostSlots]) -> Placement:
     blocks = [b for b in host.blocks if b.idx in combo]
     gpus = tuple(sorted(g for b in blocks for g in b.gpus))
     notes = _beyond(host, req, blocks)
-    if not notes and req.gpu_min and len(gpus) > req.gpu_min and req.gpu.count.max is None:
+    if not notes and req.gpu_min and len(gpus) > req.gpu_min and req.gpu.count.max is None and \
+            not (req.gpu.total_memory and req.gpu.total_memory.min):  # total_memory asked for them
         notes = [f"gets {len(gpus)} GPUs (asked {req.gpu_min})"]
     note = "; ".join(notes)
     return Placement(host, tuple(combo), gpus, sum(b.cpus for b in blocks), sum(b.memory_mib for b in blocks), note)

@@ -94,6 +94,8 @@ def _range_mapping(value: Any, one: Any, what: str) -> Range | None:
 
 
 def _count_one(value: Any, what: str, limit: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a stored run's config, read back from JSON (its ranges hold floats)
     if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())):
         raise ValueError(f"{what} {value!r} must be a whole number")
     n = int(value)
@@ -174,6 +176,15 @@ def _disk(value: Any) -> Range | None:
         value = value["size"]
     r = parse_size_range(value, "disk")
     return Range(r.min, None) if r.min is not None and r.min == r.max else r
+
+
+def _shm_size(value: Any) -> str | None:
+    """`shm_size`: dstack's Memory (`16GB`, `512MB`, a number of GB), kept as written; a number is
+    written `16GB`."""
+    if value is None:
+        return None
+    parse_size_gb(value, "shm_size")
+    return f"{value:g}GB" if isinstance(value, (int, float)) else value
 
 
 CPU_ARCHS = ("x86", "arm")  # dstack's (gpuhunt's) CPUArchitecture, any case
@@ -326,7 +337,8 @@ class ResourcesSpec(CoreModel):
         None, description="Memory: 64GB (exactly), 32GB.., {min, max}.")
     disk: Annotated[Range | None, BeforeValidator(_disk)] = Field(
         None, description="Disk: 100GB.., 100GB (read as at least), {size: ...}.")
-    shm_size: str | None = Field(None, description="Shared memory size, e.g. 16GB.")
+    shm_size: Annotated[str | None, BeforeValidator(_shm_size)] = Field(
+        None, description="Shared memory size, e.g. 16GB (a number is GB, as in dstack).")
 
 
 def _port(v: Any) -> Any:
