@@ -133,6 +133,8 @@ def parse_size_gb(text: Any, what: str = "size") -> float:
         raise ValueError(f"{what} must be a size like 80GB, not {str(text).lower()}")
     if isinstance(text, (int, float)):
         value = float(text)
+        if not math.isfinite(value) or value < 0:  # YAML's .nan, .inf, -1
+            raise ValueError(f"{what} {text!r} must be a size like 80GB (a number of GB >= 0)")
     else:
         m = _SIZE_RE.match(str(text).replace(" ", ""))
         if not m:
