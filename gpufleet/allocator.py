@@ -150,7 +150,16 @@ class NoCapacity(Exception):
         return self.message
 
 
+def gpu_gb(gpu: GPU) -> int | None:
+    """A GPU's memory in whole GB, as dstack compares it (gpuhunt rounds a GPU's reported memory to
+    whole GiB): an H100's 81559 MiB is 80 GB. None when the probe could not read it."""
+    return None if gpu.memory_mib is None else round(gpu.memory_mib / 1024)
+
+
 def gpu_matches(gpu: GPU, spec: GPUSpec | None) -> bool:
+    """dstack's GPU filters: vendor, model names (the model or a word of the vendor tool's name), memory
+    per GPU within spec.memory (`24GB` is exactly 24 GB, `24GB..` at least). A memory asked of a GPU
+    whose memory is unknown does not match (it cannot be checked)."""
     if spec is None:
         return True
     if spec.vendor and gpu.vendor != spec.vendor:
@@ -160,15 +169,22 @@ def gpu_matches(gpu: GPU, spec: GPUSpec | None) -> bool:
         raw = (gpu.name or "").lower()
         if not any(n.lower() == model or n.lower() in raw.split() for n in spec.name):
             return False
-    if spec.memory and gpu.memory_mib is not None:
-        gb = round(gpu.memory_mib / 1024)
-        if not spec.memory.contains(gb):
+    if spec.memory:
+        gb = gpu_gb(gpu)
+        if gb is None or not spec.memory.contains(gb):
             return False
     return True
 
 
+def _block_gpu_gb(host: HostSlots, block: BlockSlot) -> int | None:
+    sizes = [gpu_gb(host.gpus[g]) for g in block.gpus]
+    return None if None in sizes else sum(sizes)
+
+
 def _blocks_needed(host: HostSlots, req: Request, usable: list[BlockSlot]) -> int | None:
-    """How many of the host's (uniform) blocks the request needs, or None if it never fits."""
+    """How many of the host's (uniform) blocks the request needs, or None if it never fits: the fewest
+    that meet every minimum (GPUs, GPU memory in total, CPUs, memory). A maximum does not add blocks;
+    what the blocks give beyond it is said in the placement's note (see _beyond)."""
     if not usable:
         return None
     per_gpu = len(usable[0].gpus)
@@ -177,6 +193,12 @@ def _blocks_needed(host: HostSlots, req: Request, usable: list[BlockSlot]) -> in
         if per_gpu == 0:
             return None
         need = max(need, math.ceil(req.gpu_min / per_gpu))
+        total = req.gpu.total_memory
+        if total is not None and total.min:
+            per_block = _block_gpu_gb(host, usable[0])
+            if not per_block:
+                return None
+            need = max(need, math.ceil(total.min / per_block))
     if req.cpu and req.cpu.min:
         need = max(need, math.ceil(req.cpu.min / max(usable[0].cpus, 1)))
     if req.memory_gb and req.memory_gb.min:
@@ -184,6 +206,26 @@ def _blocks_needed(host: HostSlots, req: Request, usable: list[BlockSlot]) -> in
     if need > len(usable):
         return None
     return need
+
+
+def _beyond(host: HostSlots, req: Request, blocks: list[BlockSlot]) -> list[str]:
+    """What ``blocks`` give beyond a maximum of the request (dstack's `2`, `64GB`, `..8` are maximums
+    too: exact values): gpufleet gives whole blocks, and says so."""
+    out = []
+    gpus = sum(len(b.gpus) for b in blocks)
+    if req.gpu and req.gpu.count.max is not None and gpus > req.gpu.count.max:
+        out.append(f"gets {gpus} GPUs (asked {req.gpu.count}): the host's blocks hold {len(blocks[0].gpus)} each")
+    if req.gpu and req.gpu_min and req.gpu.total_memory and req.gpu.total_memory.max is not None:
+        total = sum(_block_gpu_gb(host, b) or 0 for b in blocks)
+        if total > req.gpu.total_memory.max:
+            out.append(f"gets {total} GB of GPU memory in total (asked {req.gpu.total_memory} GB)")
+    cpus = sum(b.cpus for b in blocks)
+    if req.cpu and req.cpu.max is not None and cpus > req.cpu.max:
+        out.append(f"gets {cpus} CPUs (asked {req.cpu})")
+    gb = sum(b.memory_mib for b in blocks) / 1024
+    if req.memory_gb and req.memory_gb.max is not None and gb > req.memory_gb.max:
+        out.append(f"gets {gb:.0f} GB of memory (asked {req.memory_gb} GB)")
+    return out
 
 
 def _usable_blocks(host: HostSlots, req: Request) -> list[BlockSlot]:
@@ -230,7 +272,9 @@ def place(req: Request, hosts: HostIndex | list[HostSlots]) -> Placement:
     """Choose blocks for ``req``; raise NoCapacity with what is free if nothing fits."""
     index = _as_index(hosts)
     # One host per group of the index stands for all hosts that would score the same. A score
-    # starts with (penalty, free blocks left): cheap to compute. Candidates are visited in that order
+    # starts with (penalty, beyond a maximum, free blocks left): cheap to compute. After keeping CPU-only
+    # runs off GPU hosts, a host whose blocks meet the request's maximums (dstack matches only those)
+    # comes before one whose blocks give more. Candidates are visited in that order
     # and the block choice (the costly part) is made only while it can still win.
     candidates = []
     by_shape: dict = {}
@@ -244,10 +288,11 @@ def place(req: Request, hosts: HostIndex | list[HostSlots]) -> Placement:
             ids = {id(b) for b in usable}
             positions = None if len(usable) == len(host.blocks) else \
                 [i for i, b in enumerate(host.blocks) if id(b) in ids]
-            known = (positions, need, 1 if req.gpu_min == 0 and any(b.gpus for b in host.blocks) else 0)
+            beyond = 1 if need is not None and _beyond(host, req, usable[:need]) else 0
+            known = (positions, need, beyond, 1 if req.gpu_min == 0 and any(b.gpus for b in host.blocks) else 0)
             if host.shape is not None:
                 by_shape[host.shape] = known
-        positions, need, gpu_hosts_penalty = known
+        positions, need, beyond, gpu_hosts_penalty = known
         if need is None:
             continue
         free = host.free_count
@@ -255,11 +300,11 @@ def place(req: Request, hosts: HostIndex | list[HostSlots]) -> Placement:
             continue
         if positions is not None and sum(host.blocks[i].free for i in positions) < need:
             continue
-        candidates.append(((gpu_hosts_penalty, free - need), len(candidates), host, positions, need))
+        candidates.append(((gpu_hosts_penalty, beyond, free - need), len(candidates), host, positions, need))
     candidates.sort(key=lambda c: (c[0], c[1]))
     best = None
     for head, _, host, positions, need in candidates:
-        if best is not None and head > best[0][:2]:
+        if best is not None and head > best[0][:len(head)]:
             break
         usable = host.blocks if positions is None else [host.blocks[i] for i in positions]
         chosen = _choose_blocks(host, usable, need)
@@ -275,12 +320,11 @@ def place(req: Request, hosts: HostIndex | list[HostSlots]) -> Placement:
     _, host, combo = best
     blocks = [b for b in host.blocks if b.idx in combo]
     gpus = tuple(sorted(g for b in blocks for g in b.gpus))
-    note = ""
-    if req.gpu and req.gpu.count.max is not None and len(gpus) > req.gpu.count.max:
-        note = f"gets {len(gpus)} GPUs (asked {req.gpu.count}): the host's blocks hold {len(blocks[0].gpus)} each"
-    elif req.gpu_min and len(gpus) > req.gpu_min and (req.gpu.count.max is None or req.gpu.count.min ==
-                                                       req.gpu.count.max):
-        note = f"gets {len(gpus)} GPUs (asked {req.gpu_min})"
+    notes = _beyond(host, req, blocks)
+    if not notes and req.gpu_min and len(gpus) > req.gpu_min and req.gpu.count.max is None and \
+            not (req.gpu.total_memory and req.gpu.total_memory.min):  # total_memory asked for them
+        notes = [f"gets {len(gpus)} GPUs (asked {req.gpu_min})"]
+    note = "; ".join(notes)
     return Placement(host, tuple(combo), gpus, sum(b.cpus for b in blocks), sum(b.memory_mib for b in blocks), note)
 
 

@@ -1,7 +1,10 @@
 """Runs: `type: task`, `service` and `dev-environment` (dstack-compatible fields) and what they ask for.
 
-GPU requests accept dstack's forms: `4`, `2..4`, `H100:4`, `H100:80GB:4`, `A100,H100:2`,
-`amd:2`, `24GB..:1`, or a mapping {name, count, memory, vendor}.
+`resources` takes every form of dstack's (its core/models/resources.py) with dstack's meaning: a
+single count or size is exact (`gpu: 24GB` is 24 GB GPUs), `a..b` a range; see the comment above
+parse_count. GPU requests: `4`, `2..4`, `H100:4`, `H100:80GB:4`, `A100,H100:2`, `amd:2`, `24GB..:1`,
+`16GB..32`, or a mapping {name, count, memory, total_memory, vendor}. What gpufleet cannot check (a
+CPU architecture, a compute capability) is refused at load, never accepted and ignored.
 
 Queueing fields, with dstack's meaning unless a field's description says otherwise: `priority`,
 `max_duration`, `stop_duration` (durations in dstack's forms: `90`, `90s`, `30m`, `2h`, `1d`, `1w`,
@@ -43,8 +46,10 @@ class RunType(StrEnum):
     DEV_ENVIRONMENT = "dev-environment"
 
 
+# dstack's vendors (gpuhunt's AcceleratorVendor, `tt` and `tpu` as dstack reads them) and gpufleet's
+# `gaudi`/`habana` for intel (in dstack these two would be GPU names)
 VENDORS = {"nvidia": "nvidia", "amd": "amd", "intel": "intel", "gaudi": "intel", "habana": "intel",
-           "tenstorrent": "tenstorrent", "tt": "tenstorrent"}
+           "tenstorrent": "tenstorrent", "tt": "tenstorrent", "google": "google", "tpu": "google"}
 _IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(MB|GB|TB)?$", re.I)
 _MAX_GPUS = 1024
@@ -58,78 +63,183 @@ _DURATION_RE = re.compile(r"(\d+) *([smhdw])")
 _DURATION_FORMS = "seconds (90) or a number and one unit s, m, h, d or w (90s, 30m, 2h, 1d, 1w)"
 
 
-def _dumped(value: Any) -> Range | None:
-    """A Range as model_dump(mode="json") writes it ({"min": .., "max": ..}): a stored run's config
-    read back (the server keeps it that way), not something a user writes."""
-    if isinstance(value, dict) and value and set(value) <= {"min", "max"}:
-        return Range(value.get("min"), value.get("max"))
-    return None
+# How dstack reads `resources` (dstack's core/models/resources.py, checked at dstack 511c318c8), and
+# what gpufleet makes of it. dstack's `Range` reads a single value as exact (min = max) and `a..b`,
+# `a..`, `..b` or {min, max} as a range; every count and size below is such a range:
+#   cpu        `8` exactly 8 CPUs; `4..`, `..64`, {min, max}; `x86:8`, `8..:arm`, {arch, count}: see _cpu
+#   memory     `32GB` exactly 32 GB (a bare number is GB; MB, GB, TB in any case, spaces allowed);
+#              `200GB..`, `512..1TB`, {min, max}
+#   gpu.count  `2` exactly 2; `1..8`; {min, max}; not given but a GPU is named or sized: 1.. (dstack's
+#              DEFAULT_GPU_COUNT)
+#   gpu.memory, gpu.total_memory  `24GB` exactly 24 GB per GPU (in total); `16GB..32` (16 to 32 GB)
+#   gpu.compute_capability  a minimum (`7.5`) in dstack; gpufleet cannot check it yet (see GPUSpec)
+#   disk       `100GB`, `100GB..`, {size: ...}: read here as a minimum (enforcing it is the runtime's
+#              part, see launch); shm_size: a size
+# gpufleet gives a run whole blocks: a count or size decides how many blocks it needs (its minimum),
+# and where the blocks hold more than its maximum the placement says so (allocator.place's note), as
+# for GPUs. GPU memory per GPU is a property of the GPU itself and is matched as dstack matches it.
+
+
+def _range_mapping(value: Any, one: Any, what: str) -> Range | None:
+    """A {min, max} mapping (dstack's form, and how a stored run's config is written back), each side
+    read by ``one``; None if ``value`` is not one."""
+    if not isinstance(value, dict) or not set(value) <= {"min", "max"}:
+        return None
+    lo, hi = (None if value.get(k) is None else one(value[k]) for k in ("min", "max"))
+    if lo is None and hi is None:
+        raise ValueError(f"{what} {{min, max}} needs min or max (or both)")
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"{what} range {lo:g}..{hi:g} is empty (min > max)")
+    return Range(lo, hi)
+
+
+def _count_one(value: Any, what: str, limit: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a stored run's config, read back from JSON (its ranges hold floats)
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())):
+        raise ValueError(f"{what} {value!r} must be a whole number")
+    n = int(value)
+    if n < 0 or n > limit:
+        raise ValueError(f"{what} {value!r} is out of range (0..{limit})")
+    return n
 
 
 def parse_count(value: Any, what: str = "count", limit: int = _MAX_GPUS) -> Range:
-    if (dumped := _dumped(value)) is not None:
-        return Range(*(None if v is None else int(v) for v in (dumped.min, dumped.max)))
+    """dstack's Range[int]: `4` is exactly 4; `2..4`, `2..`, `..4`, {min, max}."""
+    if isinstance(value, Range):
+        return value
+    if (mapping := _range_mapping(value, lambda v: _count_one(v, what, limit), what)) is not None:
+        return mapping
     if isinstance(value, bool):
         raise ValueError(f"{what} must be a number or a range like 2..4, not {str(value).lower()}")
     if isinstance(value, int):
-        lo = hi = value
-    elif isinstance(value, str) and re.fullmatch(r"\d*\.\.\d*", value.strip()) and value.strip() != "..":
-        a, b = value.strip().split("..")
-        lo, hi = (int(a) if a else None), (int(b) if b else None)
+        lo = hi = _count_one(value, what, limit)
+    elif isinstance(value, str) and re.fullmatch(r"\d*\.\.\d*", value.replace(" ", "")) and \
+            value.replace(" ", "") != "..":
+        a, b = value.replace(" ", "").split("..")
+        lo, hi = (_count_one(a, what, limit) if a else None), (_count_one(b, what, limit) if b else None)
     elif isinstance(value, str) and value.strip().isdigit():
-        lo = hi = int(value)
+        lo = hi = _count_one(value.strip(), what, limit)
     else:
         raise ValueError(f"{what} {value!r} must be a number or a range like 2..4")
-    for v in (lo, hi):
-        if v is not None and (v < 0 or v > limit):
-            raise ValueError(f"{what} {value!r} is out of range (0..{limit})")
     if lo is not None and hi is not None and lo > hi:
         raise ValueError(f"{what} range {value!r} is empty ({lo} > {hi})")
     return Range(lo, hi)
 
 
-def parse_size_gb(text: str) -> float:
-    m = _SIZE_RE.match(text.strip())
-    if not m:
-        raise ValueError(f"{text!r} is not a size like 80GB")
-    value, unit = float(m.group(1)), (m.group(2) or "GB").upper()
+def parse_size_gb(text: Any, what: str = "size") -> float:
+    """dstack's Memory: a number is GB; `512MB`, `80GB`, `2TB` (any case, spaces allowed)."""
+    if isinstance(text, bool):
+        raise ValueError(f"{what} must be a size like 80GB, not {str(text).lower()}")
+    if isinstance(text, (int, float)):
+        value = float(text)
+        if not math.isfinite(value) or value < 0:  # YAML's .nan, .inf, -1
+            raise ValueError(f"{what} {text!r} must be a size like 80GB (a number of GB >= 0)")
+    else:
+        m = _SIZE_RE.match(str(text).replace(" ", ""))
+        if not m:
+            raise ValueError(f"{what} {text!r} is not a size like 80GB")
+        value = float(m.group(1)) * {"MB": 1 / 1024, "GB": 1, "TB": 1024}[(m.group(2) or "GB").upper()]
     if not math.isfinite(value):
-        raise ValueError(f"{text!r} is too large")
-    return value * {"MB": 1 / 1024, "GB": 1, "TB": 1024}[unit]
+        raise ValueError(f"{what} {str(text)[:40]!r} is too large")
+    if value < 0:
+        raise ValueError(f"{what} {text!r} must be a size like 80GB (a number of GB >= 0)")
+    return value
 
 
 def parse_size_range(value: Any, what: str = "memory") -> Range:
-    if (dumped := _dumped(value)) is not None:
-        return dumped
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be a size like 80GB")
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{what} {value!r} must be a size like 80GB (a number of GB >= 0)")
-        return Range(float(value), None)
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a size like 80GB or a range like 24GB..80GB")
-    if ".." in value:
-        a, b = value.split("..", 1)
-        r = Range(parse_size_gb(a) if a.strip() else None, parse_size_gb(b) if b.strip() else None)
-        if r.min is not None and r.max is not None and r.min > r.max:
-            raise ValueError(f"{what} range {value!r} is empty")
-        return r
-    return Range(parse_size_gb(value), None)  # "80GB" means at least 80GB
+    """dstack's Range[Memory]: `80GB` (or 80) is exactly 80 GB; `24GB..`, `16GB..32`, `..80GB`,
+    {min, max}."""
+    if isinstance(value, Range):
+        return value
+    if (mapping := _range_mapping(value, lambda v: parse_size_gb(v, what), what)) is not None:
+        return mapping
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        text = value.replace(" ", "") if isinstance(value, str) else value
+        if isinstance(text, str) and ".." in text:
+            a, b = text.split("..", 1)
+            if not a and not b:
+                raise ValueError(f"{what} range '..' is empty: give a minimum, a maximum or both")
+            r = Range(parse_size_gb(a, what) if a else None, parse_size_gb(b, what) if b else None)
+            if r.min is not None and r.max is not None and r.min > r.max:
+                raise ValueError(f"{what} range {value!r} is empty (min > max)")
+            return r
+        size = parse_size_gb(text, what)
+        return Range(size, size)  # a single size is exact, as in dstack
+    raise ValueError(f"{what} must be a size like 80GB, a range like 24GB..80GB or {{min, max}}")
 
 
-def _is_size(token: str) -> bool:
-    return bool(re.fullmatch(r"[\d.]*\s*(MB|GB|TB)\s*(\.\.\s*([\d.]+\s*(MB|GB|TB))?)?|\.\.[\d.]+\s*(MB|GB|TB)",
-                             token.strip(), re.I))
+def _disk(value: Any) -> Range | None:
+    """`disk`: dstack's DiskSpec: a size, a range or {size: ...}; read as a minimum (a single size too)
+    until the runtime's limit (launch's part) says otherwise."""
+    if value is None or isinstance(value, Range):
+        return value
+    if isinstance(value, dict) and set(value) == {"size"}:
+        value = value["size"]
+    r = parse_size_range(value, "disk")
+    return Range(r.min, None) if r.min is not None and r.min == r.max else r
+
+
+def _shm_size(value: Any) -> str | None:
+    """`shm_size`: dstack's Memory (`16GB`, `512MB`, a number of GB), kept as written; a number is
+    written `16GB`."""
+    if value is None:
+        return None
+    parse_size_gb(value, "shm_size")
+    return f"{value:g}GB" if isinstance(value, (int, float)) else value
+
+
+CPU_ARCHS = ("x86", "arm")  # dstack's (gpuhunt's) CPUArchitecture, any case
+
+
+def _cpu(value: Any) -> Range | None:
+    """`cpu`, dstack's CPUSpec: a count (`8` exactly 8, `4..`, {min, max}), `ARCH:COUNT` in either order
+    (`x86:2`, `2..:ARM`, `arm`) or {arch, count}. An architecture is refused: gpufleet's probe does not
+    report a host's CPU architecture, so it could not be honoured."""
+    if value is None or isinstance(value, Range):
+        return value
+    arch = None
+    if isinstance(value, dict) and not set(value) <= {"min", "max"}:
+        unknown = set(value) - {"arch", "count"}
+        if unknown:
+            raise ValueError(f"unknown field {sorted(unknown)[0]!r}: cpu takes arch and count")
+        arch, value = value.get("arch"), value.get("count", "2..")  # dstack's DEFAULT_CPU_COUNT
+        if arch is not None and (not isinstance(arch, str) or arch.lower() not in CPU_ARCHS):
+            raise ValueError(f"arch {arch!r} is not a CPU architecture (x86 or arm)")
+    elif isinstance(value, str) and (":" in value or value.strip().lower() in CPU_ARCHS):
+        tokens, value = value.replace(" ", "").split(":"), None
+        for token in tokens:
+            if not token:
+                raise ValueError("cpu has an empty part (write x86:8 or 8..:arm)")
+            if ".." in token or token.isdigit():
+                if value is not None:
+                    raise ValueError("cpu gives the count twice")
+                value = token
+            elif token.lower() in CPU_ARCHS:
+                if arch is not None:
+                    raise ValueError("cpu gives the architecture twice")
+                arch = token
+            else:
+                raise ValueError(f"{token!r} is neither a CPU count nor an architecture (x86, arm)")
+        value = "2.." if value is None else value
+    if arch is not None:
+        raise ValueError(f"CPU architecture {arch!r}: gpufleet cannot check it yet (its probe does not report "
+                         f"a host's CPU architecture); remove it, and use `fleets` to choose the hosts")
+    return parse_count(value, "cpu", 4096)
 
 
 class GPUSpec(CoreModel):
-    """Which GPUs a run needs. `count` defaults to 1 when a model or vendor is named."""
+    """Which GPUs a run needs, dstack's GPUSpec. `count` defaults to 1.. (dstack's default) when the
+    spec names a model, vendor or size but no count."""
 
     name: list[str] | None = Field(None, description="Accepted models, e.g. [H100, A100].")
-    vendor: str | None = Field(None, description="nvidia, amd, intel (gaudi) or tenstorrent.")
-    count: Range = Field(Range(1, 1), description="Number of GPUs or a range, e.g. 2..4.")
-    memory: Range | None = Field(None, description="Memory per GPU, e.g. 80GB or 40GB..")
+    vendor: str | None = Field(None, description="nvidia, amd, intel (gaudi), tenstorrent (tt) or google (tpu).")
+    count: Range = Field(Range(1, None), description="Number of GPUs: 2 (exactly), 2..4, 2.., {min, max}.")
+    memory: Range | None = Field(None, description="Memory per GPU: 80GB (exactly), 40GB.., 16GB..32GB, {min, max}.")
+    total_memory: Range | None = Field(None, description="Memory of all the run's GPUs together: 160GB "
+                                                         "(exactly), 160GB.., {min, max}.")
+    compute_capability: None = Field(None, description="dstack's minimum compute capability (7.5): refused, "
+                                                       "gpufleet cannot check it yet.")
 
     @model_validator(mode="before")
     @classmethod
@@ -140,12 +250,30 @@ class GPUSpec(CoreModel):
             return _parse_gpu_string(v)
         if isinstance(v, dict):
             v = dict(v)
-            if "count" in v and not isinstance(v["count"], Range):
+            if "count" in v and v["count"] is not None:
                 v["count"] = parse_count(v["count"])
-            if "memory" in v and v["memory"] is not None and not isinstance(v["memory"], Range):
-                v["memory"] = parse_size_range(v["memory"])
+            for key in ("memory", "total_memory"):
+                if v.get(key) is not None:
+                    v[key] = parse_size_range(v[key], key)
             if isinstance(v.get("name"), str):
                 v["name"] = [n.strip() for n in v["name"].split(",") if n.strip()]
+            if isinstance(v.get("name"), list):  # dstack drops the deprecated `tpu-` prefix
+                v["name"] = [n[4:] if isinstance(n, str) and n.startswith("tpu-") else n for n in v["name"]]
+        return v
+
+    @field_validator("compute_capability", mode="before")
+    @classmethod
+    def _compute_capability(cls, v: Any) -> None:
+        if v is not None:
+            raise ValueError(f"{v!r}: gpufleet cannot check a GPU's compute capability yet (its probe does not "
+                             f"report it); remove it and name the GPUs instead (name: [H100, A100])")
+        return None
+
+    @field_validator("name")
+    @classmethod
+    def _names(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or any(not _NAME_RE.fullmatch(n) for n in v)):
+            raise ValueError(f"{v!r}: GPU names start with a letter (H100, MI300X, n150)")
         return v
 
     @field_validator("vendor")
@@ -154,52 +282,65 @@ class GPUSpec(CoreModel):
         if v is None:
             return v
         if v.lower() not in VENDORS:
-            raise ValueError(f"unknown GPU vendor {v!r} (nvidia, amd, intel, tenstorrent)")
+            raise ValueError(f"unknown GPU vendor {v!r} (nvidia, amd, intel, tenstorrent, google)")
         return VENDORS[v.lower()]
 
     def describe(self) -> str:
         what = ",".join(self.name) if self.name else (self.vendor.upper() if self.vendor else "GPU")
         mem = f" ({self.memory} GB)" if self.memory else ""
-        return f"{self.count} {what}{mem}"
+        total = f" ({self.total_memory} GB in total)" if self.total_memory else ""
+        return f"{self.count} {what}{mem}{total}"
+
+
+_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.+-]*")
 
 
 def _parse_gpu_string(text: str) -> dict:
+    """dstack's GPU shorthand: `:`-separated parts in any order, spaces dropped; each part is a vendor
+    (nvidia, amd, intel, tenstorrent/tt, google/tpu; gpufleet adds gaudi/habana for intel), else a
+    model list if it starts with a letter (`A100,H100`), else a GPU memory if it has a letter (a unit:
+    `24GB`, `16GB..32`), else a count (`4`, `1..8`)."""
     out: dict[str, Any] = {}
-    for token in [t.strip() for t in text.split(":")]:
+    for token in text.replace(" ", "").split(":"):
         if not token:
             raise ValueError(f"GPU spec {text!r} has an empty part")
-        if re.fullmatch(r"\d+|\d*\.\.\d*", token):
-            if "count" in out:
-                raise ValueError(f"GPU spec {text!r} gives the count twice")
-            out["count"] = parse_count(token)
-        elif _is_size(token):
-            if "memory" in out:
-                raise ValueError(f"GPU spec {text!r} gives the memory twice")
-            out["memory"] = parse_size_range(token)
-        elif token.lower() in VENDORS:
-            out["vendor"] = VENDORS[token.lower()]
-        elif re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.,-]*", token):
-            if "name" in out:
-                raise ValueError(f"GPU spec {text!r}: {token!r} is not a count, a size (80GB) or a vendor, "
-                                 f"and the model was already given ({','.join(out['name'])})")
-            out["name"] = [n for n in token.split(",") if n]
+        if token.lower() in VENDORS:
+            key, value = "vendor", VENDORS[token.lower()]
+        elif token[0].isalpha():
+            key, value = "name", token.split(",")
+            if any(not n for n in value):
+                raise ValueError(f"GPU spec {text!r} has an empty model name")
+            if not all(_NAME_RE.fullmatch(n) for n in value):
+                raise ValueError(f"GPU spec {text!r}: cannot read {token!r} (e.g. H100:80GB:4, 2..4, amd:2)")
+        elif any(c.isalpha() for c in token):
+            try:
+                key, value = "memory", parse_size_range(token, "GPU memory")
+            except ValueError as e:
+                raise ValueError(f"GPU spec {text!r}: cannot read {token!r} ({e})") from None
+        elif re.fullmatch(r"\d+|\d*\.\.\d*", token):
+            key, value = "count", parse_count(token)
         else:
             raise ValueError(f"GPU spec {text!r}: cannot read {token!r} (e.g. H100:80GB:4, 2..4, amd:2)")
+        if key == "name" and "name" in out:
+            raise ValueError(f"GPU spec {text!r}: {token!r} is not a count, a size (80GB) or a vendor, "
+                             f"and the model was already given ({','.join(out['name'])})")
+        if key in out:
+            raise ValueError(f"GPU spec {text!r} gives the {key} twice")
+        out[key] = value
     return out
 
 
 class ResourcesSpec(CoreModel):
-    gpu: GPUSpec | None = Field(None, description="GPUs: 4, 2..4, H100:4, H100:80GB:4, amd:2, {name, count}.")
-    cpu: Annotated[Range | None, BeforeValidator(lambda v: v if v is None or isinstance(v, Range)
-                                                 else parse_count(v, "cpu", 4096))] = Field(
-        None, description="CPU cores, e.g. 8 or 4..")
-    memory: Annotated[Range | None, BeforeValidator(lambda v: v if v is None or isinstance(v, Range)
-                                                    else parse_size_range(v))] = Field(
-        None, description="Memory, e.g. 64GB or 32GB..")
-    disk: Annotated[Range | None, BeforeValidator(lambda v: v if v is None or isinstance(v, Range)
-                                                  else parse_size_range(v, "disk"))] = Field(
-        None, description="Disk, e.g. 100GB..")
-    shm_size: str | None = Field(None, description="Shared memory size, e.g. 16GB.")
+    gpu: GPUSpec | None = Field(None, description="GPUs: 4, 2..4, H100:4, H100:80GB:4, 24GB, amd:2, "
+                                                  "{name, count, memory, total_memory, vendor}.")
+    cpu: Annotated[Range | None, BeforeValidator(_cpu)] = Field(
+        None, description="CPU cores: 8 (exactly), 4.., {min, max}; an architecture (x86:8) is refused.")
+    memory: Annotated[Range | None, BeforeValidator(lambda v: v if v is None else parse_size_range(v))] = Field(
+        None, description="Memory: 64GB (exactly), 32GB.., {min, max}.")
+    disk: Annotated[Range | None, BeforeValidator(_disk)] = Field(
+        None, description="Disk: 100GB.., 100GB (read as at least), {size: ...}.")
+    shm_size: Annotated[str | None, BeforeValidator(_shm_size)] = Field(
+        None, description="Shared memory size, e.g. 16GB (a number is GB, as in dstack).")
 
 
 def _port(v: Any) -> Any:

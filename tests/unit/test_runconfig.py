@@ -34,7 +34,7 @@ from gpufleet.scheduler import PRIORITY_DEFAULT
     (4, Range(4, 4), None, None, None),
     ("2..4", Range(2, 4), None, None, None),
     ("H100:4", Range(4, 4), ["H100"], None, None),
-    ("H100:80GB:4", Range(4, 4), ["H100"], None, Range(80, None)),
+    ("H100:80GB:4", Range(4, 4), ["H100"], None, Range(80, 80)),  # a single size is exact, as in dstack
     ("A100,H100:2", Range(2, 2), ["A100", "H100"], None, None),
     ("amd:2", Range(2, 2), None, "amd", None),
     ("gaudi:MI-ignored:1", Range(1, 1), ["MI-ignored"], "intel", None),
