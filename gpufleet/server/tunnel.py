@@ -178,6 +178,11 @@ async def pump_terminal(websocket: WebSocket, argv: list[str]) -> int | None:
     master, slave = os.openpty()
     try:
         set_size(master, *DEFAULT_SIZE)
+        # no echo here: the remote terminal echoes (ssh copies these modes to it, and sets this one raw;
+        # what a client sends before that, a script's lines, would be echoed twice)
+        modes = termios.tcgetattr(slave)
+        modes[3] &= ~termios.ECHO
+        termios.tcsetattr(slave, termios.TCSANOW, modes)
         # its own session: no signal of the server's terminal reaches it; SIGWINCH is sent to it by hand
         proc = await asyncio.create_subprocess_exec(*argv, stdin=slave, stdout=slave, stderr=slave,
                                                     start_new_session=True)
