@@ -129,24 +129,14 @@ async def pump(websocket: WebSocket, argv: list[str]) -> None:
     up = asyncio.create_task(upstream())
     down = asyncio.create_task(downstream())
     try:
-        done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            exc = task.exception()
-            if exc is not None and not isinstance(exc, (WebSocketDisconnect, ConnectionError, OSError, RuntimeError)):
-                log.warning("tunnel: %s: %s", type(exc).__name__, exc)
-        if down in done and down.exception() is None:  # ssh closed its side: tell the client how it ended
+        if await _downstream_ended(up, down, "tunnel"):  # ssh closed its side: tell the client how it ended
             code = await _reap(proc, STOP_GRACE)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(reader), STOP_GRACE)
             why = _last_line(stderr)
             await _close(websocket, *((1011, why) if code != 0 and sent == 0 and why else (1000, "")))
     finally:  # the client left, or the server stops (a cancellation): stop ssh now
-        for task in (up, down, reader):
-            task.cancel()
-        await asyncio.gather(up, down, reader, return_exceptions=True)
-        await _reap(proc, 0)
-        if websocket.application_state == WebSocketState.CONNECTED:
-            await _close(websocket, 1001, "")
+        await _stop(websocket, proc, up, down, reader)
 
 
 def parse_resize(text: str) -> tuple[int, int] | None:
@@ -259,24 +249,37 @@ async def pump_terminal(websocket: WebSocket, argv: list[str]) -> int | None:
     up = asyncio.create_task(upstream())
     down = asyncio.create_task(downstream())
     try:
-        done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            exc = task.exception()
-            if exc is not None and not isinstance(exc, (WebSocketDisconnect, ConnectionError, OSError, RuntimeError)):
-                log.warning("shell: %s: %s", type(exc).__name__, exc)
-        if down in done and down.exception() is None:  # the shell ended and all it printed was sent
+        if await _downstream_ended(up, down, "shell"):  # the shell ended and all it printed was sent
             code = await _reap(proc, STOP_GRACE)
             await _close(websocket, 1000, f"exit {code if code >= 0 else 128 - code}")
             return code
         return None
     finally:  # the client left, or the server stops (a cancellation): stop ssh now
-        for task in (up, down, exited):
-            task.cancel()
-        await asyncio.gather(up, down, exited, return_exceptions=True)
-        await _reap(proc, 0)
-        os.close(master)
-        if websocket.application_state == WebSocketState.CONNECTED:
-            await _close(websocket, 1001, "")
+        try:
+            await _stop(websocket, proc, up, down, exited)
+        finally:
+            os.close(master)
+
+
+async def _downstream_ended(up: asyncio.Task, down: asyncio.Task, what: str) -> bool:
+    """Wait for the first of ``up`` (client -> ssh) and ``down`` (ssh -> client) to end; whether it was
+    ``down``, without an error (ssh's side ended). Errors other than a side going away are logged."""
+    done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        exc = task.exception()
+        if exc is not None and not isinstance(exc, (WebSocketDisconnect, ConnectionError, OSError, RuntimeError)):
+            log.warning("%s: %s: %s", what, type(exc).__name__, exc)
+    return down in done and down.exception() is None
+
+
+async def _stop(websocket: WebSocket, proc: asyncio.subprocess.Process, *tasks: asyncio.Future) -> None:
+    """End ``tasks``, stop and reap ``proc`` now, and close ``websocket`` if it is still open (1001)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await _reap(proc, 0)
+    if websocket.application_state == WebSocketState.CONNECTED:
+        await _close(websocket, 1001, "")
 
 
 async def _reap(proc: asyncio.subprocess.Process, patience: float) -> int:
