@@ -264,8 +264,7 @@ def attach_plan(store: Store, name: str) -> dict:
     extra = [a for local, remote in pairs
              for a in ("-L", f"127.0.0.1:{local}:127.0.0.1:{host_port(store, run, remote)}")]
     if spec.get("type") == "dev-environment":
-        shell = commands().exec_argv(_runtime(store, run, run.alias), run.container, ["/bin/sh"])
-        argv = ssh_argv(files, run.alias, shell, tty=True, extra=extra)
+        argv = ssh_argv(files, run.alias, _shell(store, run), tty=True, extra=extra)
     else:
         argv = ssh_argv(files, run.alias, None, extra=["-N", "-o", "ExitOnForwardFailure=yes", *extra])
     return {"ssh_config": str(files.ssh_config), "alias": run.alias, "forwards": [list(p) for p in pairs],
@@ -285,3 +284,22 @@ def tunnel_argv(store: Store, run: Run, port: int) -> list[str]:
     target = host_port(store, run, port)
     return ssh_argv(files, run.alias, None, extra=["-o", "ExitOnForwardFailure=yes", "-W", f"127.0.0.1:{target}"])
 
+
+
+def _shell(store: Store, run: Run) -> list[str]:
+    """The command, on the run's host, of an interactive shell in its container."""
+    return commands().exec_argv(_runtime(store, run, run.alias), run.container, ["/bin/sh"])
+
+
+def shell_argv(store: Store, run: Run) -> list[str]:
+    """The ssh command (through the fleet's jump chain) of a shell in the container of dev environment
+    ``run``, for a pseudo-terminal the server opens: ``-tt`` (a terminal on the host even though ssh's
+    own is not a user's), no escape character (``~.`` is the user's bytes, not ssh's) and no "connection
+    closed" notice. ssh's exit status is the shell's (255: ssh's own failure)."""
+    _require_active(run)
+    if run.spec.get("type") != "dev-environment":
+        raise UsageError(f"run {run.name} is a {run.spec.get('type', 'task')}, not a dev environment: only a dev "
+                         f"environment has a shell (gpufleet attach forwards its ports)")
+    files = FleetFiles.of(run.fleet).require()
+    return ssh_argv(files, run.alias, _shell(store, run),
+                    extra=["-tt", "-o", "EscapeChar=none", "-o", "LogLevel=ERROR"])

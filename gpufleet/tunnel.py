@@ -7,10 +7,17 @@ server (the Client's URL, ws:// or wss://, and its token) and two threads pumpin
 frames: the local side's end of sending is an empty frame (the server closes ssh's stdin), the
 server's close ends the local connection. Blocking sockets and a bounded receive queue keep the
 buffers bounded. ``websockets`` is imported here only, when attach needs it.
+
+A dev environment's shell (``/api/runs/{name}/shell``): run_shell carries this process's stdin and
+stdout over one WebSocket. On a terminal, the terminal is raw while it runs (restored however it
+ends) and its size is sent at the start and on every SIGWINCH; on anything else (a pipe, a file), the
+bytes alone, and the end of the input is said with an empty frame (a ^D to the shell).
 """
 
 from __future__ import annotations
 
+import os
+import re
 import selectors
 import socket
 import sys
@@ -20,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gpufleet.client import Client, ServerGone, _error
-from gpufleet.errors import GpufleetError
+from gpufleet.errors import EXIT_FAILED, GpufleetError
 
 CHUNK = 65536
 OPEN_TIMEOUT = 20.0  # seconds to open the WebSocket (the server checks the token and the run first)
@@ -39,10 +46,20 @@ def ws_url(http_url: str, path: str, **query) -> str:
 def open_tunnel(client: Client, name: str, port: int):
     """A WebSocket carrying a connection to port ``port`` of run ``name`` (the remote side), opened
     through the server; refusals raise as the API's errors do (401/403: exit 3, with the server's message)."""
+    return _open(client, f"/api/runs/{urllib.parse.quote(name, safe='')}/tunnel", "a tunnel", port=port)
+
+
+def open_shell(client: Client, name: str):
+    """A WebSocket carrying the terminal of a shell in dev environment ``name`` (run_shell drives it);
+    refusals raise as open_tunnel's do."""
+    return _open(client, f"/api/runs/{urllib.parse.quote(name, safe='')}/shell", "a shell")
+
+
+def _open(client: Client, path: str, what: str, **query):
     from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
     from websockets.sync.client import connect
 
-    url = ws_url(client.url, f"/api/runs/{urllib.parse.quote(name, safe='')}/tunnel", port=port)
+    url = ws_url(client.url, path, **query)
     headers = client.authorization()
     try:
         # entered at once (the handshake happens here whatever the version; closed by the caller)
@@ -51,7 +68,7 @@ def open_tunnel(client: Client, name: str, port: int):
     except InvalidStatus as e:
         raise _error(e.response.status_code, e.response.body or b"") from None
     except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
-        raise ServerGone(f"cannot open a tunnel through the gpufleet server at {client.url}: {_why(e)}") from None
+        raise ServerGone(f"cannot open {what} through the gpufleet server at {client.url}: {_why(e)}") from None
 
 
 def _supported(fn, **options) -> dict:
@@ -176,6 +193,124 @@ def carry(conn: socket.socket, ws) -> str | None:
         _quietly(ws.close)
         up.join(timeout=5)
     return why
+
+
+def resize_message(rows: int, cols: int) -> str:
+    """The text frame that sets the remote terminal's size."""
+    import json
+
+    return json.dumps({"resize": [rows, cols]})
+
+
+def exit_status(reason: str | None) -> int:
+    """The shell's exit status in the server's close reason (``exit N``); 0 when it does not say."""
+    found = re.fullmatch(r"exit (\d{1,3})", reason or "")
+    return int(found[1]) if found else 0
+
+
+class _Signalled(Exception):
+    def __init__(self, signo: int):
+        super().__init__(signo)
+        self.signo = signo
+
+
+def run_shell(ws, stdin: int = 0, stdout: int = 1) -> int:
+    """Carry ``stdin`` to the shell of ``ws`` (open_shell's) and its terminal's output to ``stdout``
+    until the shell ends; its exit status (128+N when this process gets SIGTERM or SIGHUP N)."""
+    import signal
+    import termios
+    import tty
+
+    from websockets.exceptions import ConnectionClosed
+
+    terminal = os.isatty(stdin)
+    main = threading.current_thread() is threading.main_thread()  # where signal handlers may be set
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    resized, stop = threading.Event(), threading.Event()
+
+    def size() -> str:
+        columns, lines = os.get_terminal_size(stdin)
+        return resize_message(lines, columns)
+
+    def wake() -> None:
+        try:
+            os.write(wake_w, b"\0")
+        except OSError:
+            pass  # the pipe is full: a wake-up is already waiting
+
+    def on_winch(signo, frame) -> None:
+        resized.set()
+        wake()
+
+    def on_end(signo, frame) -> None:
+        raise _Signalled(signo)
+
+    def upstream() -> None:  # stdin (and sizes) -> server: the one thread that sends
+        try:
+            if terminal:
+                ws.send(size())
+            with selectors.PollSelector() as sel:  # poll: stdin may be a plain file
+                sel.register(stdin, selectors.EVENT_READ)
+                sel.register(wake_r, selectors.EVENT_READ)
+                while not stop.is_set():
+                    for key, _ in sel.select():
+                        if key.fd == wake_r:
+                            os.read(wake_r, 512)
+                            if resized.is_set() and not stop.is_set():
+                                resized.clear()
+                                ws.send(size())
+                        elif data := os.read(stdin, CHUNK):
+                            ws.send(data)
+                        else:  # the end of the input: the shell is told (^D) and reads no more
+                            ws.send(b"")
+                            sel.unregister(stdin)
+        except (OSError, ConnectionClosed):
+            pass
+
+    saved = None
+    handlers: dict[int, object] = {}
+    up = threading.Thread(target=upstream, daemon=True, name="gpufleet-shell-up")
+    try:
+        for signo in (signal.SIGTERM, signal.SIGHUP) if main else ():
+            handlers[signo] = signal.signal(signo, on_end)
+        if terminal:
+            saved = termios.tcgetattr(stdin)
+            if main:
+                handlers[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, on_winch)
+            tty.setraw(stdin)  # keys go to the shell as they are: ^C is the remote shell's
+        up.start()
+        while True:
+            message = ws.recv()
+            _write_all(stdout, message if isinstance(message, bytes) else message.encode())
+    except ConnectionClosed as e:
+        if e.rcvd is None:
+            raise ServerGone("the connection to the gpufleet server was lost") from None
+        if e.rcvd.code == 1000:
+            return exit_status(e.rcvd.reason)
+        raise GpufleetError(e.rcvd.reason or f"the gpufleet server closed the shell (code {e.rcvd.code})") from None
+    except _Signalled as e:
+        return 128 + e.signo
+    except OSError:  # our stdout is gone
+        return EXIT_FAILED
+    finally:
+        stop.set()
+        wake()
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        for signo, handler in handlers.items():
+            signal.signal(signo, handler)
+        _quietly(ws.close)
+        if up.is_alive():
+            up.join(timeout=5)
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _quietly(fn) -> None:

@@ -3,7 +3,8 @@
 The server says where the run is (its host, the fleet's ssh_config, the ports). On the machine that
 has the fleet's files (the server's), the ssh session is this machine's own, through the fleet's
 jump chain. Elsewhere (a user with a token and no key), or with --through-server, each connection to
-a local port is carried by the server (gpufleet.tunnel)."""
+a local port is carried by the server, and so is a dev environment's shell (gpufleet.tunnel): the
+command then exits with the shell's status."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ def register(sub) -> None:
     at = sub.add_parser("attach", help="forward a run's ports to localhost; a shell for dev environments")
     add_name(at)
     at.add_argument("--through-server", action="store_true",
-                    help="carry the ports through the gpufleet server (the default where this machine has no "
-                         "copy of the fleet's ssh_config)")
+                    help="carry the ports and a dev environment's shell through the gpufleet server (the default "
+                         "where this machine has no copy of the fleet's ssh_config)")
     at.set_defaults(func=run)
 
 
@@ -59,23 +60,27 @@ def has_fleet_files(ssh_config: str) -> bool:
 
 
 def _through_server(client, name: str, plan: dict, console: Console) -> int:
-    from gpufleet.tunnel import Forwarder
+    import threading
 
-    if not plan["forwards"]:
-        hint = ": a dev environment's shell needs the fleet's ssh_config (the server's machine)"
-        raise GpufleetError(f"run {name} has no ports to forward{hint if plan['shell'] else ''}")
+    from gpufleet.tunnel import Forwarder, open_shell, run_shell
+
+    if not plan["forwards"] and not plan["shell"]:
+        raise GpufleetError(f"run {name} has no ports to forward")
     forwarder = Forwarder(client, name, [(int(local), int(remote)) for local, remote in plan["forwards"]])
     forwarder.listen()
-    for local, remote in forwarder.forwards:
-        present.plain(console, f"forwarding localhost:{local} -> {name}:{remote} (through the gpufleet server "
-                               f"at {client.url})")
-    if plan["shell"]:
-        present.plain(console, "a dev environment's shell is not carried through the server: only its ports are")
-    console.print("press Ctrl-C to stop forwarding")
     try:
-        forwarder.serve()
-    except KeyboardInterrupt:
-        pass
+        ws = open_shell(client, name) if plan["shell"] else None  # refused before anything is said
+        for local, remote in forwarder.forwards:
+            present.plain(console, f"forwarding localhost:{local} -> {name}:{remote} (through the gpufleet "
+                                   f"server at {client.url})")
+        if ws is not None:  # the ports in the background, the shell in the foreground: its end ends both
+            threading.Thread(target=forwarder.serve, daemon=True, name="gpufleet-forwarder").start()
+            return run_shell(ws)
+        console.print("press Ctrl-C to stop forwarding")
+        try:
+            forwarder.serve()
+        except KeyboardInterrupt:
+            pass
+        return EXIT_OK
     finally:
         forwarder.close()
-    return EXIT_OK

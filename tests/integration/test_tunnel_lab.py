@@ -29,8 +29,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ssh_children(pid: int) -> list[str]:
-    """The `ssh -W` processes whose parent is ``pid`` (the server's tunnels)."""
+def ssh_children(pid: int, flag: bytes = b"-W") -> list[str]:
+    """The ssh processes with ``flag`` whose parent is ``pid`` (the server's tunnels: -W; shells: -tt)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -41,7 +41,7 @@ def ssh_children(pid: int) -> list[str]:
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid and cmdline and cmdline[0].endswith(b"ssh") and b"-W" in cmdline:
+        if ppid == pid and cmdline and cmdline[0].endswith(b"ssh") and flag in cmdline:
             found.append(f"{entry}: {b' '.join(cmdline).decode()}")
     return found
 

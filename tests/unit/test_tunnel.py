@@ -1,15 +1,18 @@
-"""Attach through the server: the tunnel route of a real server (uvicorn on loopback, the real API
-app) and the CLI's half (gpufleet.tunnel), with ssh replaced by a local command that echoes.
-The lab test (tests/integration/test_tunnel_lab.py) runs the real ssh to a real container."""
+"""Attach through the server: the tunnel and shell routes of a real server (uvicorn on loopback, the
+real API app) and the CLI's half (gpufleet.tunnel), with ssh replaced by a local command (one that
+echoes; a real /bin/sh on the server's pseudo-terminal for the shell). The lab tests
+(tests/integration/test_tunnel_lab.py, test_shell_lab.py) run the real ssh to a real container."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -77,7 +80,8 @@ def server(tmp_path, monkeypatch):
     command = [[sys.executable, "-c", ECHO]]
     monkeypatch.setattr(runs, "ssh_argv", lambda *a, **k: list(command[0]))
 
-    monkeypatch.setattr(Store, "run", lambda self, name: make_run() if name == "web" else None)
+    runs_by_name = {"web": make_run(), "dev": make_run("dev", type="dev-environment", port=None, ports=[])}
+    monkeypatch.setattr(Store, "run", lambda self, name: runs_by_name.get(name))
     monkeypatch.setattr(runs, "host_port", lambda store, run, port: port)
     store = Store(f"sqlite:///{tmp_path / 'state.db'}")
     store.bootstrap("admin", token_hash(TOKEN))
@@ -196,3 +200,158 @@ def test_the_host_port_a_runtime_published_is_read_from_its_answer():
     assert commands().published_port("0.0.0.0:80\n[::]:80\n") == 80
     assert commands().published_port("") is None
     assert commands().published_port("Error: no such container\n") is None
+
+
+# ---------------------------------------------------------------------- a dev environment's shell
+
+def test_resize_frames_and_exit_statuses():
+    from gpufleet.server.tunnel import parse_resize
+    from gpufleet.tunnel import exit_status, resize_message
+
+    assert parse_resize(resize_message(33, 101)) == (33, 101)
+    assert parse_resize('{"resize": [24, 80], "more": 1}') == (24, 80)
+    for bad in ("", "not json", "[]", '{"resize": [0, 80]}', '{"resize": [24]}', '{"resize": [24, 80.5]}',
+                '{"resize": ["24", 80]}', '{"resize": [24, 65536]}', '{"resize": [true, 80]}', '{"other": 1}'):
+        assert parse_resize(bad) is None, bad
+    assert [exit_status(r) for r in ("exit 0", "exit 3", "exit 255", "", None, "exit x", "exit 1234")] == \
+        [0, 3, 255, 0, 0, 0, 0]
+
+
+def test_the_shell_is_a_dev_environments_own_over_ssh_tt(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPUFLEET_HOME", str(tmp_path))
+    files = FleetFiles.of("f")
+    files.create()
+    files.inventory.write_text("{}")
+    dev = make_run("dev", type="dev-environment", port=None, ports=[])
+    argv = runs.shell_argv(SimpleNamespace(fleet=lambda name: None), dev)  # a fleet the store lost: the default runtime
+    assert argv[:3] == ["ssh", "-F", str(files.ssh_config)]
+    assert argv[3:] == ["-tt", "-o", "EscapeChar=none", "-o", "LogLevel=ERROR", "f-0", "--",
+                        "sudo -n podman exec -it c /bin/sh"]
+    with pytest.raises(UsageError, match="run web is a service, not a dev environment"):
+        runs.shell_argv(None, make_run())
+    with pytest.raises(GpufleetError, match="not running"):
+        runs.shell_argv(None, dev.model_copy(update={"status": RunStatus.DONE}))
+
+
+def _terminal(rows: int, cols: int) -> tuple[int, int]:
+    """A pseudo-terminal of ``rows`` x ``cols``: (the side a user types on, the program's side)."""
+    import fcntl
+    import struct
+    import termios
+
+    user, program = os.openpty()
+    fcntl.ioctl(program, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    return user, program
+
+
+def _read_until(fd: int, needle: bytes, timeout: float = 15) -> bytes:
+    import select
+
+    out = b""
+    deadline = time.monotonic() + timeout
+    while needle not in out:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{needle!r} not printed within {timeout}s: {out!r}"
+        if select.select([fd], [], [], left)[0]:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
+def test_a_shell_on_a_terminal_gets_its_size_raw_keys_and_its_exit_status(server):
+    """run_shell on a terminal of 33x101 (this test's pseudo-terminal): the server's shell sees that
+    size, then the new one after SIGWINCH; the terminal is raw while it runs and restored after."""
+    import signal
+    import termios
+
+    from gpufleet.server.tunnel import set_size
+    from gpufleet.tunnel import open_shell, run_shell
+
+    client, command = server
+    command[0] = ["env", "PS1=$ ", "/bin/sh"]
+    user, program = _terminal(33, 101)
+    before = termios.tcgetattr(program)
+    printed: list[bytes] = []
+
+    def type_in() -> None:
+        try:
+            printed.append(_read_until(user, b"$ "))  # the prompt
+            os.write(user, b"echo $((6*7)); stty size\r")
+            printed.append(_read_until(user, b"33 101"))
+            set_size(program, 40, 120)
+            os.kill(os.getpid(), signal.SIGWINCH)  # what the terminal's program gets when it is resized
+            time.sleep(0.5)
+            os.write(user, b"stty size; exit 3\r")
+            printed.append(_read_until(user, b"40 120"))
+        except BaseException:
+            os.write(user, b"\rexit 99\r")  # the shell ends whatever failed here
+            raise
+
+    thread = threading.Thread(target=type_in, daemon=True)
+    thread.start()
+    try:
+        assert run_shell(open_shell(client, "dev"), program, program) == 3
+        thread.join(timeout=20)
+        out = b"".join(printed)
+        assert b"42" in out and b"33 101" in out and b"40 120" in out, out
+        assert termios.tcgetattr(program) == before  # restored
+    finally:
+        os.close(user)
+        os.close(program)
+
+
+def test_a_shell_without_a_terminal_pipes_its_bytes_and_ends_with_its_input(server):
+    from gpufleet.tunnel import open_shell, run_shell
+
+    client, command = server
+    command[0] = ["/bin/sh"]
+    for script, status in ((b"echo $((6*7)); exit 5\n", 5), (b"echo $((6*7))\n", 0)):  # the 2nd ends with ^D
+        stdin_r, stdin_w = os.pipe()
+        stdout_r, stdout_w = os.pipe()
+        os.write(stdin_w, script)
+        os.close(stdin_w)
+        try:
+            assert run_shell(open_shell(client, "dev"), stdin_r, stdout_w) == status
+            os.close(stdout_w)
+            out = b""
+            while chunk := os.read(stdout_r, 65536):
+                out += chunk
+            assert b"42\r\n" in out, out
+        finally:
+            for fd in (stdin_r, stdout_r, stdout_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def test_a_shell_is_refused_for_a_run_that_is_not_a_dev_environment(server):
+    from gpufleet.tunnel import open_shell
+
+    client, _ = server
+    with pytest.raises(UsageError, match="run web is a service, not a dev environment"):
+        open_shell(client, "web")
+    with pytest.raises(Unauthorized, match="bad token"):
+        open_shell(Client(client.url, "wrong"), "dev")
+    with pytest.raises(NotFound):
+        open_shell(client, "nope")
+
+
+def test_a_shell_whose_client_goes_is_stopped_and_reaped(server, tmp_path):
+    from gpufleet.tunnel import open_shell
+
+    client, command = server
+    pid_file = tmp_path / "pid"
+    command[0] = ["sh", "-c", f"echo $$ > {pid_file}; echo ready; exec sleep 600"]
+    ws = open_shell(client, "dev")
+    assert b"ready" in ws.recv(timeout=10)
+    pid = int(pid_file.read_text())
+    assert Path(f"/proc/{pid}").exists()
+    ws.close()
+    deadline = time.monotonic() + 15
+    while Path(f"/proc/{pid}").exists():  # gone, not a zombie: reaped
+        assert time.monotonic() < deadline, Path(f"/proc/{pid}/status").read_text()
+        time.sleep(0.05)
