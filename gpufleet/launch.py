@@ -13,6 +13,7 @@ from gpufleet import cluster
 from gpufleet.allocator import Placement
 from gpufleet.config import stored_fleet
 from gpufleet.errors import GpufleetError
+from gpufleet.interpolate import InterpolationError, fill_run, run_variables
 from gpufleet.models import (
     GPU,
     DevEnvironmentConfig,
@@ -71,17 +72,29 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
         extra_env["HABANA_VISIBLE_DEVICES"] = ",".join(str(g.index) for g in intel)
     devices += [f"/dev/tenstorrent/{g.index}" for g in gpus if g.vendor == "tenstorrent"]
     indices = [g.index for g in gpus]
+    # the run's `${{ ... }}` references (checked at load) filled for this node; an env value that uses
+    # a secret is a secret. Only the run's env names without a value are exported as such: the other
+    # secrets (`${{ secrets.NAME }}`) reach the container only where a value uses them.
+    run_env = cluster.run_env(run.name, indices)
+    node = node_env if node_env is not None else cluster.node_env(0, [], len(gpus))
+    secret_names = split_env(cfg.env)[1]
+    try:
+        commands, run_values, run_sealed = fill_run(cfg.commands, cfg.env_dict, secret_names, run.secrets,
+                                                    run_variables({**run_env, **node}))
+    except InterpolationError as e:
+        raise GpufleetError(f"run {run.name}: {e}") from None
+    run_sealed |= {n: run.secrets[n] for n in secret_names if n in run.secrets}
     # fleet env < run env < what gpufleet sets (the node's own settings last); at each layer a value
     # or a secret replaces the one below
     env: dict[str, str] = {}
     secret_env: dict[str, str] = {}
-    for layer, secret in ((fleet_env, False), (secrets or {}, True), (cfg.env_dict, False), (run.secrets, True),
-                          (extra_env, False), (cluster.run_env(run.name, indices), False), (node_env or {}, False)):
+    for layer, secret in ((fleet_env, False), (secrets or {}, True), (run_values, False), (run_sealed, True),
+                          (extra_env, False), (run_env, False), (node_env or {}, False)):
         for name, value in layer.items():
             (secret_env if secret else env)[name] = value
             (env if secret else secret_env).pop(name, None)
     lines = [prelude] if prelude else []
-    lines += cfg.commands
+    lines += commands
     if isinstance(cfg, DevEnvironmentConfig):
         lines.append(KEEP_ALIVE)
     script = "\n".join(lines)

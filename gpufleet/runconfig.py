@@ -10,8 +10,9 @@ from pathlib import Path
 
 from gpufleet.config import name_from_file, validate
 from gpufleet.errors import ConfigError
+from gpufleet.interpolate import check_run
 from gpufleet.models import DevEnvironmentConfig, RunRequest, RunType, ServiceConfig, TaskConfig
-from gpufleet.secrets import run_secrets
+from gpufleet.secrets import run_secrets, take
 from gpufleet.yamlsource import load_yaml, read_config_text
 
 RUN_TYPES = tuple(t.value for t in RunType)
@@ -70,9 +71,10 @@ def load_run(path: str | Path) -> RunRequest:
 
 
 def parse_run(text: str, source: str, secrets: dict[str, str] | None = None, values: bool = True) -> RunRequest:
-    """A run configuration's text (from file ``source``, for messages); its secrets' values are
-    ``secrets`` (what a client sent), else taken from this process's environment. ``values=False``:
-    the run is only looked at (a plan), its secrets' values are neither needed nor kept."""
+    """A run configuration's text (from file ``source``, for messages); its secrets' values (of its env
+    names without a value, and of each `${{ secrets.NAME }}` it uses) are ``secrets`` (what a client
+    sent), else taken from this process's environment. ``values=False``: the run is only looked at
+    (a plan), its secrets' values are neither needed nor kept."""
     path = Path(source)
     src = load_yaml(text, source)
     if not isinstance(src.data, dict):
@@ -82,7 +84,14 @@ def parse_run(text: str, source: str, secrets: dict[str, str] | None = None, val
                                                   f"(got {src.data.get('type')!r})")])
     kind = src.data["type"]
     cfg = validate(_MODELS[kind], src, unsupported=UNSUPPORTED[kind])
+    # `${{ ... }}` references: checked now, filled when each node starts (launch.container_vars); the
+    # values of `${{ secrets.NAME }}` join the run's secrets (sealed, never in its spec)
+    referenced = check_run(src, cfg, text)
     taken = run_secrets(src, cfg, secrets) if values else {}
+    if values:
+        taken |= take([n for n in referenced if n not in taken], lambda n: referenced[n](
+            f"${{{{ secrets.{n} }}}}: {n} is not set in the environment: export {n}=... before gpufleet apply"),
+            secrets)
     return RunRequest(name=cfg.name or name_from_file(path, "run", limit=41), source=source, config=cfg,
                       secrets=taken)
 
