@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import container_module
+from test_hostpolicy import Failed, FakeModule
 
 from gpufleet import hostpolicy
 from gpufleet.errors import ConfigError
@@ -81,8 +82,18 @@ def test_a_file_with_object_volumes_loads(tmp_path):
     ("volumes:\n  - instance_path: /a\n    path: /x\n    optional: maybe", "6:15: volumes[0].optional", "boolean"),
     ("volumes:\n  - instance_path: /a:/b\n    path: /x", "4:20: volumes[0].instance_path", "':' or ','"),
     ("volumes:\n  - instance_path: /a\n    pth: /x", "5:5: volumes[0].pth", "did you mean 'path'?"),
+    ("user: 'a:b:c'", "3:7: user", "must be USER or USER:GROUP"),
+    ("user: ':1000'", "3:7: user", "empty user name or id"),
+    ("user: '1000:'", "3:7: user", "empty group name or id"),
+    ("user: '-1'", "3:7: user", "'-1' is not a user name or id"),
+    ("user: 'a b'", "3:7: user", "is not a user name or id"),
+    ("shell: zsh", "3:8: shell", "must be sh, bash or an absolute path to a shell"),
+    ("shell: bin/zsh", "3:8: shell", "must be sh, bash or an absolute path"),
+    ("entrypoint: ''", "3:13: entrypoint", "is empty"),
+    ("entrypoint: \"python 'x\"", "3:13: entrypoint", "cannot be split into words"),
+    ("init: [echo hi]", "3:1: init", "unknown field 'init'"),
 ])
-def test_bad_volumes_point_at_the_item_and_say_why(tmp_path, lines, where, message):
+def test_bad_volumes_and_options_point_at_the_field_and_say_why(tmp_path, lines, where, message):
     text = problems(tmp_path, f"type: task\nimage: i\n{lines}\n")
     assert f"{tmp_path / 'run.yml'}:{where}: " in text and message in text, text
 
@@ -136,23 +147,6 @@ def test_policy_checks_object_volumes_as_strings():
 @pytest.mark.parametrize("user", ["ubuntu", "1000", "1000:1000", "app:staff", "_svc.x-1"])
 def test_user_takes_dstacks_forms(user):
     assert run(user=user).user == user
-
-
-@pytest.mark.parametrize("lines,where,message", [
-    ("user: 'a:b:c'", "3:7: user", "must be USER or USER:GROUP"),
-    ("user: ':1000'", "3:7: user", "empty user name or id"),
-    ("user: '1000:'", "3:7: user", "empty group name or id"),
-    ("user: '-1'", "3:7: user", "'-1' is not a user name or id"),
-    ("user: 'a b'", "3:7: user", "is not a user name or id"),
-    ("shell: zsh", "3:8: shell", "must be sh, bash or an absolute path to a shell"),
-    ("shell: bin/zsh", "3:8: shell", "must be sh, bash or an absolute path"),
-    ("entrypoint: ''", "3:13: entrypoint", "is empty"),
-    ("entrypoint: \"python 'x\"", "3:13: entrypoint", "cannot be split into words"),
-    ("init: [echo hi]", "3:1: init", "unknown field 'init'"),
-])
-def test_bad_container_options_point_at_the_field(tmp_path, lines, where, message):
-    text = problems(tmp_path, f"type: task\nimage: i\n{lines}\n")
-    assert f"{tmp_path / 'run.yml'}:{where}: " in text and message in text, text
 
 
 def test_a_dev_environment_takes_no_entrypoint(tmp_path):
@@ -214,22 +208,6 @@ def test_the_role_passes_every_new_option_to_the_module():
 
 
 # ------------------------------------------------------------------------------------------ the container module
-
-class Failed(Exception):
-    pass
-
-
-class FakeModule:
-    def __init__(self, **params):
-        self.params = {"name": "c", "state": "started", "stop_timeout": 10, "image": "img", "command": [],
-                       "env": {}, "secret_env": {}, "labels": {}, "devices": [], "volumes": [], "network": "host",
-                       "oci_runtime": None, "cpuset_cpus": None, "gpus": None, "workdir": None, "cpus": None,
-                       "memory_mib": None, "runtime": "podman", "ports": [], "privileged": False,
-                       "volume_roots": None, "optional_volumes": [], "user": None, "entrypoint": None, **params}
-
-    def fail_json(self, msg, **_):
-        raise Failed(msg)
-
 
 def argv_spec(mod, **params):
     m = FakeModule(**params)
