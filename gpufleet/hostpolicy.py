@@ -2,7 +2,10 @@
 
 Pure: models only, nothing is read from disk, the state or the hosts, and no path is resolved here
 (host paths are compared by their text, normalized by `normal_host_path`; the container module
-resolves symlinks on the host itself, against `volume_roots`).
+resolves symlinks on the host itself, against `volume_roots`). A run's `volumes` are checked as the
+one model both of their forms are read into (models.run.Volume): a string `/data:/d` and
+{instance_path: /data, path: /d, optional: true} meet the same rule, and an optional volume is no
+exception.
 
 Roles: ``member`` and ``admin`` are a user's role in the run's project; ``server-admin`` is a server
 admin, who holds the fleet's SSH keys anyway and is not limited.
@@ -83,10 +86,9 @@ def violations(cfg: RunConfigType, policy: FleetPolicy | None, role: str, fleet:
         return []
     name = fleet if fleet == "this fleet" else f"fleet {fleet}"
     out: list[str] = []
-    for volume in cfg.volumes:
-        source = volume.split(":", 1)[0]
+    for volume in cfg.volumes:  # each a Volume, whichever form it was written in (optional ones too)
         try:
-            path = normal_host_path(source)
+            path = normal_host_path(volume.instance_path)
         except ValueError as e:
             out.append(f"volume {volume}: {e} ({r.where.format('volumes')})")
             continue

@@ -8,6 +8,7 @@ asked afterwards (runs.refresh, over containers.list_containers).
 from __future__ import annotations
 
 import math
+import shlex
 
 from gpufleet import cluster
 from gpufleet.allocator import Placement
@@ -49,7 +50,8 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
     The container is privileged only for `privileged: true` or `docker: true` (else no-new-privileges,
     the runtime's default capabilities); on the host's network for `network: host` and multi-node runs,
     else in a network namespace of its own with its ports published on the host's 127.0.0.1 (where
-    `gpufleet attach` forwards to). ``volume_roots``: the host paths the submitter may mount
+    `gpufleet attach` forwards to). `volumes` go as strings (/host:/path[:ro]), the optional ones apart:
+    the host leaves one out when its path is missing. ``volume_roots``: the host paths the submitter may mount
     (hostpolicy.volume_roots), checked again on the host with symlinks resolved; None: not checked."""
     cfg = run.config
     support = facts.runtime.gpu_support
@@ -93,12 +95,7 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
         for name, value in layer.items():
             (secret_env if secret else env)[name] = value
             (env if secret else secret_env).pop(name, None)
-    lines = [prelude] if prelude else []
-    lines += commands
-    if isinstance(cfg, DevEnvironmentConfig):
-        lines.append(KEEP_ALIVE)
-    script = "\n".join(lines)
-    command = ["/bin/sh", "-c", "set -e\n" + script] if script else []
+    entrypoint, command = run_command(cfg, prelude, commands)
     gpu_list = ",".join(map(str, indices))
     return {
         "workload_name": container_name(run.name),
@@ -118,10 +115,39 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
         "workload_network": "host" if cfg.host_network else "bridge",
         "workload_ports": [] if cfg.host_network else published_ports(cfg),
         "workload_privileged": cfg.runs_privileged,
-        "workload_volumes": list(cfg.volumes),
+        "workload_volumes": [str(v) for v in cfg.volumes if not v.optional],
+        "workload_optional_volumes": [str(v) for v in cfg.volumes if v.optional],
         "workload_volume_roots": None if volume_roots is None else list(volume_roots),
         "workload_workdir": cfg.working_dir,
+        "workload_user": cfg.user,
+        "workload_entrypoint": entrypoint,
     }
+
+
+def run_command(cfg: RunConfigType, prelude: str = "", commands: list[str] | None = None
+                ) -> tuple[str | None, list[str]]:
+    """The container's entrypoint (None: the image's) and command, as dstack makes them, of
+    ``commands`` (the run's `commands` with their `${{ ... }}` filled for the node; default: as written).
+
+    Without `entrypoint`: the run's shell (`shell`, else /bin/sh) runs, with `set -e`, gpufleet's
+    ``prelude``, a dev environment's `init`, the `commands`, then (a dev environment) a loop that keeps
+    it up. With `entrypoint` (tasks and services): its words replace the image's entrypoint and
+    `commands` are its arguments, one each, with no shell in between (dstack's docker-like form); a
+    ``prelude`` is then run by /bin/sh first, which execs the entrypoint."""
+    commands = list(cfg.commands) if commands is None else commands
+    if cfg.entrypoint is not None:
+        words = shlex.split(cfg.entrypoint) + commands
+        if not prelude:
+            return words[0], words[1:]
+        return "/bin/sh", ["-c", "set -e\n" + prelude + '\nexec "$@"', "gpufleet", *words]
+    lines = [prelude] if prelude else []
+    if isinstance(cfg, DevEnvironmentConfig):
+        lines += cfg.init
+    lines += commands
+    if isinstance(cfg, DevEnvironmentConfig):
+        lines.append(KEEP_ALIVE)
+    script = "\n".join(lines)
+    return None, ([cfg.shell_path, "-c", "set -e\n" + script] if script else [])
 
 
 def published_ports(cfg: RunConfigType) -> list[str]:

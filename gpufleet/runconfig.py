@@ -33,9 +33,6 @@ _COMMON = {
              "(paths the fleet's policy allows)",
     "single_branch": "gpufleet does not clone repos; remove it",
     "registry_auth": "use an image the hosts can pull without credentials, or pull it on the hosts beforehand",
-    "user": "build the image with that USER, or switch user in `commands`",
-    "entrypoint": "start the program in `commands` (run by /bin/sh -c)",
-    "shell": "`commands` run with /bin/sh (set -e); to use another shell, call it there: bash -c '...'",
     "home_dir": "it has no effect in dstack either (deprecated); remove it",
     "setup": "deprecated in dstack; put those lines first in `commands`",
     "dstack": "",
@@ -58,7 +55,6 @@ UNSUPPORTED: dict[str, dict[str, str]] = {
         "scaling": "", "probes": "", "groups": "apply one service per replica group, each with its own name",
     }},
     "dev-environment": {**_COMMON, **{
-        "init": "put those lines in `commands`: a dev environment runs them, then stays up",
         "inactivity_duration": "stop it with `gpufleet stop`, or bound it with `max_duration`",
         "version": "gpufleet installs no IDE (it opens a shell); remove it",
     }},

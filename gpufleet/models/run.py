@@ -6,6 +6,12 @@ parse_count. GPU requests: `4`, `2..4`, `H100:4`, `H100:80GB:4`, `A100,H100:2`, 
 `16GB..32`, or a mapping {name, count, memory, total_memory, vendor}. What gpufleet cannot check (a
 CPU architecture, a compute capability) is refused at load, never accepted and ignored.
 
+`volumes`: dstack's instance volumes, as a string (`/host/path:/path`, gpufleet adds `:ro`) or a
+mapping {instance_path, path, optional} (gpufleet adds read_only), both read into one `Volume`;
+dstack's network volumes (a name instead of a host path) are refused. Container options, with
+dstack's meaning: `user`, `entrypoint` (not for dev environments), `shell`, and `init` (dev
+environments).
+
 Queueing fields, with dstack's meaning unless a field's description says otherwise: `priority`,
 `max_duration`, `stop_duration` (durations in dstack's forms: `90`, `90s`, `30m`, `2h`, `1d`, `1w`,
 `off`; stored as seconds) and `retry` (`true`, `false` or {on_events, duration}; read through
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -360,6 +367,124 @@ def _port(v: Any) -> Any:
 Port = Annotated[int | str, BeforeValidator(_port)]
 
 
+_VOLUME_FORMS = "/host/path:/container/path, /host/path:/path:ro or {instance_path, path, optional}"
+
+
+def _no_bad_characters(text: str, what: str) -> None:
+    if any(ord(c) < 32 or c == "\x7f" for c in text):
+        raise ValueError(f"{text!r}: {what} may not contain control characters")
+    if ":" in text or "," in text:
+        raise ValueError(f"{text!r}: {what} may not contain ':' or ','")
+
+
+def _host_path(v: str) -> str:
+    if not v.startswith("/"):
+        raise ValueError(f"{v!r} must be an absolute host path, e.g. /data")
+    _no_bad_characters(v, "a host path")
+    return v  # `..` and the like: the fleet's policy refuses them (hostpolicy), with the policy named
+
+
+def _container_path(v: str) -> str:
+    if not v.startswith("/"):
+        raise ValueError(f"{v!r} must be an absolute path in the container, e.g. /data")
+    _no_bad_characters(v, "a container path")
+    if ".." in v.split("/"):
+        raise ValueError(f"{v!r}: '..' is not allowed in a container path (as in dstack)")
+    return v
+
+
+def _network_volume(name: Any, path: Any) -> ValueError:
+    where = path if isinstance(path, str) and path.startswith("/") else "/path"
+    return ValueError(f"{name!r} is a dstack network volume (a volume name, not a host path): gpufleet has "
+                      f"instance volumes only, host paths bound into the container; write /host/path:{where} "
+                      f"or {{instance_path: /host/path, path: {where}}} (a path the fleet's policy.volumes allows)")
+
+
+class Volume(CoreModel):
+    """One volume: a host path bound into the container (dstack's instance volume, InstanceMountPoint).
+    Both forms of `volumes` are read into it, so that every check (the fleet's policy, the host's)
+    sees one model."""
+
+    instance_path: str = Field(description="The host path (absolute), as written; the fleet's "
+                                           "`policy.volumes` decides which may be mounted.")
+    path: str = Field(description="The path in the container (absolute, no '..').")
+    optional: StrictBool = Field(
+        False, description="dstack's `optional`: the run may start without this volume. gpufleet checks the "
+                           "host path on the host when the container starts: missing, the volume is left out "
+                           "(the start reports it) instead of failing the start.")
+    read_only: StrictBool = Field(False, description="gpufleet's extension (the string form's `:ro`): mount it "
+                                                     "read-only.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            parts = v.split(":")
+            if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+                raise ValueError(f"{v!r} must be {_VOLUME_FORMS}")
+            if parts[0] and "/" not in parts[0]:  # dstack reads `name:/path` as a network volume
+                raise _network_volume(parts[0], parts[1])
+            _host_path(parts[0])  # here, so that the error names the item, not a field it has no key for
+            _container_path(parts[1])
+            return {"instance_path": parts[0], "path": parts[1], "read_only": parts[2:] == ["ro"]}
+        if isinstance(v, dict) and "name" in v:
+            raise _network_volume(v["name"], v.get("path"))
+        if not isinstance(v, dict):
+            raise ValueError(f"must be {_VOLUME_FORMS}")
+        return v
+
+    _instance_path = field_validator("instance_path")(lambda v: _host_path(v))
+    _path = field_validator("path")(lambda v: _container_path(v))
+
+    def __str__(self) -> str:
+        """The string form: /host/path:/path, with `:ro` when read-only (what the runtime's --volume takes)."""
+        return f"{self.instance_path}:{self.path}" + (":ro" if self.read_only else "")
+
+
+def _user(value: Any) -> Any:
+    """dstack's `user`: `name_or_id[:group_name_or_id]` (dstack's UnixUser.parse), ids >= 0."""
+    if not isinstance(value, str):
+        return value
+    parts = value.split(":")
+    if len(parts) > 2:
+        raise ValueError(f"{value!r} must be USER or USER:GROUP (a name or a number each), e.g. ubuntu, 1000:1000")
+    for what, part in zip(("user", "group"), parts, strict=False):
+        if not part:
+            raise ValueError(f"{value!r}: empty {what} name or id (write USER or USER:GROUP)")
+        if not _UNIX_NAME_RE.fullmatch(part):
+            raise ValueError(f"{value!r}: {part!r} is not a {what} name or id (letters, digits, '_', '.', '-')")
+    return value
+
+
+_UNIX_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+def _shell(value: Any) -> Any:
+    """dstack's `shell`: `sh`, `bash` (in /bin) or an absolute path."""
+    if not isinstance(value, str):
+        return value
+    if value in ("sh", "bash"):
+        return value
+    if not value.startswith("/") or any(ord(c) < 33 or c == "\x7f" for c in value):
+        raise ValueError(f"{value!r} must be sh, bash or an absolute path to a shell (e.g. /usr/bin/zsh)")
+    return value
+
+
+def _entrypoint(value: Any) -> Any:
+    """dstack's `entrypoint`: a command line, split as a shell would (shlex) but never run by one."""
+    if not isinstance(value, str):
+        return value
+    try:
+        words = shlex.split(value)
+    except ValueError as e:
+        raise ValueError(f"{value!r} cannot be split into words ({e})") from None
+    if not words:
+        raise ValueError("is empty: give the program to run, e.g. python -u")
+    if any("\0" in w for w in words):
+        raise ValueError("may not contain a NUL character")
+    return value
+
+
 def _scalar_text(v: Any) -> Any:
     """A command YAML read as a scalar (`true`, `3`) is still the command the user wrote."""
     if isinstance(v, bool):
@@ -498,8 +623,21 @@ class _Run(CoreModel):
     resources: ResourcesSpec = Field(ResourcesSpec(), description="What the run needs.")
     ports: list[Port] = Field([], description="Ports to forward with `gpufleet attach` (8000 or 8080:8000).")
     fleets: list[str] | None = Field(None, description="Only place the run on these fleets.")
-    volumes: list[str] = Field([], description="Host paths bound into the container: /host/path:/path[:ro].")
+    volumes: list[Volume] = Field(
+        [], description="Host paths bound into the container (dstack's instance volumes): /host/path:/path, "
+                        "/host/path:/path:ro, or {instance_path, path, optional} (read_only: true for `:ro`). "
+                        "A dstack network volume (a name, `name:`) is refused: gpufleet has instance volumes only.")
     working_dir: str | None = Field(None, description="Working directory in the container.")
+    user: Annotated[str | None, BeforeValidator(_user)] = Field(
+        None, description="dstack's `user`: the user the container runs as, USER[:GROUP] (a name or a number each, "
+                          "e.g. ubuntu, 1000:1000); omitted: the image's user.")
+    entrypoint: Annotated[str | None, BeforeValidator(_entrypoint)] = Field(
+        None, description="dstack's `entrypoint`: a command line (split into words as a shell would, never run by "
+                          "one) that replaces the image's entrypoint; `commands` are then its arguments, one each, "
+                          "not shell lines. Not for dev environments (as in dstack).")
+    shell: Annotated[str | None, BeforeValidator(_shell)] = Field(
+        None, description="dstack's `shell`: the shell `commands` run with: sh, bash (in /bin) or an absolute path "
+                          "(/usr/bin/zsh). Omitted: /bin/sh (dstack's default for a given image).")
     privileged: StrictBool = Field(
         False, description="dstack's `privileged`: run the container privileged (every capability, every "
                            "device): root on the host. Allowed only where the fleet's `policy.privileged` "
@@ -547,17 +685,12 @@ class _Run(CoreModel):
             raise ValueError(f"{v!r} is not an image reference (no leading '-', spaces or shell characters)")
         return v
 
-    @field_validator("volumes")
-    @classmethod
-    def _volumes(cls, v: list[str]) -> list[str]:
-        for item in v:
-            parts = item.split(":")
-            if len(parts) not in (2, 3) or not all(p.startswith("/") for p in parts[:2]) or \
-                    (len(parts) == 3 and parts[2] not in ("ro", "rw")):
-                raise ValueError(f"{item!r} must be /host/path:/container/path or /host/path:/path:ro")
-            if "," in item:
-                raise ValueError(f"{item!r}: paths may not contain ','")
-        return v
+    @property
+    def shell_path(self) -> str:
+        """The shell `commands` run with: `shell` (sh and bash are in /bin, as dstack reads them), else /bin/sh."""
+        if self.shell is None:
+            return "/bin/sh"
+        return self.shell if self.shell.startswith("/") else f"/bin/{self.shell}"
 
     @property
     def runs_privileged(self) -> bool:
@@ -616,6 +749,16 @@ class DevEnvironmentConfig(_Run):
 
     type: Literal["dev-environment"]
     ide: str | None = Field(None, description="Accepted for dstack compatibility; gpufleet opens a shell.")
+    init: list[Annotated[str, BeforeValidator(_scalar_text)]] = Field(
+        [], description="dstack's `init`: shell commands run when the dev environment starts, before it is ready "
+                        "(gpufleet installs no IDE: before `commands`, then the container stays up).")
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _no_entrypoint(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError("a dev environment takes no entrypoint (as in dstack): put the commands in `init`")
+        return v
 
 
 RunConfigType = TaskConfig | ServiceConfig | DevEnvironmentConfig

@@ -52,8 +52,9 @@ options:
       - Identifies the run; stored as the label C(gpufleet.run_id).
       - Without it, I(state=started) uses C(cfg-) and a hash of the container's configuration
         (runtime, image, command, env, labels, devices, gpus, oci_runtime, cpuset_cpus, cpus,
-        memory_mib, network, ports, privileged, volumes, workdir), so that a changed configuration
-        replaces the container.
+        memory_mib, network, ports, privileged, volumes, optional_volumes, workdir, user, entrypoint),
+        so that a changed configuration replaces the container. Which optional volumes were left out
+        does not count.
     type: str
   runtime:
     description: The container runtime to run (found on the PATH).
@@ -157,8 +158,28 @@ options:
     type: list
     elements: str
     default: []
+  optional_volumes:
+    description:
+      - Bind mounts of host paths, each C(/host/path:dst) or C(/host/path:dst:OPTIONS) as in
+        I(volumes), that the container may start without (dstack's C(optional=true)). One whose
+        host path does not exist here (a dangling symlink counts as missing) is left out and named in
+        C(skipped_volumes) and a warning; the others are mounted as I(volumes) are.
+      - I(volume_roots) applies to them as to I(volumes), present or not.
+    type: list
+    elements: str
+    default: []
   workdir:
     description: The working directory inside the container (C(--workdir)).
+    type: str
+  user:
+    description:
+      - The user the container's process runs as (C(--user)), C(USER) or C(USER:GROUP), each a name or
+        a number; omitted, the image's user.
+    type: str
+  entrypoint:
+    description:
+      - The program that replaces the image's entrypoint (C(--entrypoint); podman gets it as a JSON
+        array of one word, so it is never split). Its arguments are I(command).
     type: str
   stop_timeout:
     description:
@@ -260,6 +281,12 @@ actions:
   type: list
   elements: str
   sample: [remove, create]
+skipped_volumes:
+  description: The I(optional_volumes) left out because their host path is missing on this host.
+  returned: with state=started
+  type: list
+  elements: str
+  sample: ["/data/cache:/cache"]
 stderr:
   description: The runtime's full standard error, when it failed to start the container.
   returned: failure
@@ -286,6 +313,7 @@ except ImportError:
 RUN_ID_LABEL = gpufleet_inspect.RUN_ID_LABEL
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
 RUNNING_STATES = ("running", "paused", "restarting", "stopping")
 VOLUME_OPTIONS = {"ro", "rw", "z", "Z", "shared", "slave", "private", "rshared", "rslave", "rprivate",
                   "nocopy", "U", "O", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "copy",
@@ -372,26 +400,36 @@ def validate(module):
     for device in p["devices"] or []:
         if not device or "\0" in device:
             module.fail_json(msg=f"devices: invalid device {device!r}")
-    for volume in p["volumes"] or []:
-        parts = volume.split(":")
-        if len(parts) not in (2, 3) or not parts[0] or not parts[1].startswith("/") or "\0" in volume or (
-                len(parts) == 3 and not set(parts[2].split(",")) <= VOLUME_OPTIONS):
-            module.fail_json(msg="volumes: {!r} is not src:dst or src:dst:OPTIONS (dst an absolute path; options "
-                             "among {})".format(volume, ", ".join(sorted(VOLUME_OPTIONS))))
-    _check_volume_roots(module, p["volumes"] or [], p["volume_roots"])
+    for key in ("volumes", "optional_volumes"):
+        for volume in p[key] or []:
+            parts = volume.split(":")
+            if len(parts) not in (2, 3) or not parts[0] or not parts[1].startswith("/") or "\0" in volume or (
+                    len(parts) == 3 and not set(parts[2].split(",")) <= VOLUME_OPTIONS):
+                module.fail_json(msg="{}: {!r} is not src:dst or src:dst:OPTIONS (dst an absolute path; options "
+                                 "among {})".format(key, volume, ", ".join(sorted(VOLUME_OPTIONS))))
+            if key == "optional_volumes" and not parts[0].startswith("/"):
+                module.fail_json(msg=f"optional_volumes: {volume!r}: only a host path can be optional")
+    _check_volume_roots(module, (p["volumes"] or []) + (p["optional_volumes"] or []), p["volume_roots"])
+    mounts, skipped = list(p["volumes"] or []), []
+    for volume in p["optional_volumes"] or []:
+        (mounts if os.path.exists(volume.split(":", 1)[0]) else skipped).append(volume)
     ports = _ports(module, p["ports"] or [])
     if ports and p["network"] == "host":
         module.fail_json(msg="ports: a container on the host's network (network=host) publishes nothing")
-    for key in ("network", "oci_runtime", "cpuset_cpus", "gpus", "workdir"):
+    for key in ("network", "oci_runtime", "cpuset_cpus", "gpus", "workdir", "user", "entrypoint"):
         value = p[key]
-        if value is not None and ("\0" in value or (key != "workdir" and re.search(r"\s", value))):
+        if value is not None and ("\0" in value or (key not in ("workdir", "entrypoint") and re.search(r"\s", value))):
             module.fail_json(msg=f"{key}: invalid value {value!r}")
+    if p["user"] is not None and not USER_RE.match(p["user"]):
+        module.fail_json(msg=f"user: {p['user']!r} is not USER or USER:GROUP (a name or a number each)")
+    if p["entrypoint"] is not None and not p["entrypoint"]:
+        module.fail_json(msg="entrypoint: empty (omit it to keep the image's)")
     if p["cpus"] is not None and p["cpus"] <= 0:
         module.fail_json(msg="cpus must be > 0")
     if p["memory_mib"] is not None and p["memory_mib"] <= 0:
         module.fail_json(msg="memory_mib must be > 0")
     return {"image": image, "command": list(command), "env": env, "labels": labels, "secret_env": secret_env,
-            "ports": ports}
+            "ports": ports, "mounts": mounts, "skipped_volumes": skipped}
 
 
 def _ports(module, items):
@@ -427,13 +465,18 @@ def _check_volume_roots(module, volumes, roots):
 
 
 def config_run_id(p, spec):
-    data = dict(spec)
+    # what was asked, not which optional volumes this host has now (mounts, skipped_volumes)
+    data = dict((k, v) for k, v in spec.items() if k not in ("mounts", "skipped_volumes"))
     data["secret_env"] = sorted(spec["secret_env"])  # names only: no digest of a secret leaves the host
     # privileged is hashed even when false: a container made before no-new-privileges was the default
-    # gets another id, so it is replaced
+    # gets another id, so it is replaced; the options added later only when set, so that the id of a
+    # container made before them stays the same
     for key in ("runtime", "devices", "gpus", "oci_runtime", "cpuset_cpus", "cpus", "memory_mib", "network",
                 "privileged", "volumes", "workdir"):
         data[key] = p[key]
+    for key in ("optional_volumes", "user", "entrypoint"):
+        if p[key]:
+            data[key] = p[key]
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
     return "cfg-" + digest[:16]
 
@@ -467,10 +510,15 @@ def run_argv(binary, p, spec, run_id):
         argv.append("--network=" + p["network"])
     for port in spec["ports"]:
         argv.append("--publish=127.0.0.1:" + port)
-    for volume in p["volumes"] or []:
+    for volume in spec["mounts"]:
         argv.append("--volume=" + volume)
     if p["workdir"]:
         argv.append("--workdir=" + p["workdir"])
+    if p["user"]:
+        argv.append("--user=" + p["user"])
+    if p["entrypoint"] is not None:
+        # podman reads a JSON array as the whole entrypoint, and might read a plain string as one
+        argv.append("--entrypoint=" + (json.dumps([p["entrypoint"]]) if p["runtime"] == "podman" else p["entrypoint"]))
     return argv + ["--", spec["image"]] + spec["command"]
 
 
@@ -549,7 +597,10 @@ def main():
             privileged=dict(type="bool", default=False),
             volume_roots=dict(type="list", elements="str"),
             volumes=dict(type="list", elements="str", default=[]),
+            optional_volumes=dict(type="list", elements="str", default=[]),
             workdir=dict(type="str"),
+            user=dict(type="str"),
+            entrypoint=dict(type="str"),
             stop_timeout=dict(type="int", default=gpufleet_inspect.STOP_TIMEOUT),
         ),
         required_if=[("state", "started", ("image",))],
@@ -587,6 +638,11 @@ def main():
             actions.append("remove")
 
     result = {"changed": bool(actions), "actions": actions}
+    if state == "started":
+        result["skipped_volumes"] = spec["skipped_volumes"]
+        if "create" in actions:
+            warnings += [f"optional volume {v}: {v.split(':', 1)[0]} does not exist on this host: left out"
+                         for v in spec["skipped_volumes"]]
     if module._diff:
         after_state = {"started": "running", "stopped": "exited", "absent": "missing"}[state] if actions \
             else before["state"]

@@ -210,7 +210,8 @@ class FakeModule:
                        "env": {}, "secret_env": {}, "labels": {}, "devices": [], "volumes": [], "network": "host",
                        "oci_runtime": None, "cpuset_cpus": None, "gpus": None, "workdir": None, "cpus": None,
                        "memory_mib": None, "runtime": "podman", "ports": [], "privileged": False,
-                       "volume_roots": None, **params}
+                       "volume_roots": None, "optional_volumes": [], "user": None, "entrypoint": None,
+                       **params}
 
     def fail_json(self, msg, **_):
         raise Failed(msg)

@@ -59,7 +59,7 @@ def test_task_loads_and_bad_run_configs_point_at_the_field(tmp_path: Path):
     text = "\n".join(map(str, e.value.problems))
     assert f"{bad}:2:8: image:" in text
     assert f"{bad}:4:8: resources.gpu:" in text
-    assert f"{bad}:5:10: volumes:" in text
+    assert f"{bad}:5:11: volumes[0]: 'relative' is a dstack network volume" in text
     unknown = tmp_path / "u.yml"
     unknown.write_text("type: job\nimage: x\n")
     with pytest.raises(ConfigError, match="type must be task, service or dev-environment"):
@@ -325,9 +325,6 @@ def test_a_typo_in_a_run_gets_did_you_mean(tmp_path, text, message):
     ("task", "stop_criteria: master-done", "; a multi-node run ends when every node's container has exited"),
     ("task", "registry_auth: {username: u, password: p}", "; use an image the hosts can pull without credentials"),
     ("task", "groups: [{nodes: 1}]", "; use `nodes`"),
-    ("task", "user: ubuntu", "; build the image with that USER"),
-    ("task", "entrypoint: /bin/bash", "; start the program in `commands`"),
-    ("task", "shell: bash", "; `commands` run with /bin/sh"),
     ("task", "utilization_policy: {min_gpu_utilization: 10, time_window: 1h}", ""),
     ("task", "schedule: {cron: '0 * * * *'}", "; start it from cron"),
     ("task", "spot_policy: auto", "; a dstack cloud field"),
@@ -336,7 +333,6 @@ def test_a_typo_in_a_run_gets_did_you_mean(tmp_path, text, message):
     ("service", "replicas: 2", "; apply one service per replica"),
     ("service", "scaling: {metric: rps, target: 10}", ""),
     ("service", "probes: [{type: http, url: /health}]", ""),
-    ("dev-environment", "init: [pip install x]", "; put those lines in `commands`"),
     ("dev-environment", "inactivity_duration: 2h", "; stop it with `gpufleet stop`"),
 ])
 def test_a_dstack_field_gpufleet_does_not_support_is_named_with_what_to_do(tmp_path, kind, line, hint):
