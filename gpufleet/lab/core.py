@@ -457,7 +457,9 @@ def _host_mounts(lab: Lab, host: LabHost) -> list[tuple[str, str]]:
     mounts = [(str(d / "hosts"), "/etc/hosts"), (str(d / "resolv.conf"), "/etc/resolv.conf")]
     if host.role == "node":
         mounts += [(str(d / "cdi"), "/etc/cdi"), (str(d / "dev" / "dri"), "/dev/dri"),
-                   (str(d / "dev" / "tenstorrent"), "/dev/tenstorrent")]
+                   (str(d / "dev" / "tenstorrent"), "/dev/tenstorrent"),
+                   # podman's network namespaces of its containers: the host's own, gone with it
+                   (str(d / "netns"), "/run/netns")]
         if any(g["vendor"] == "amd" for g in host.gpus):
             mounts.append((str(d / "dev" / "kfd"), "/dev/kfd"))
     return mounts
@@ -468,16 +470,52 @@ def _import_image(lab: Lab, host: LabHost, rootfs: Path) -> None:
     _run(["podman", "import", "--quiet", str(rootfs), LAB_IMAGE], env=env)
 
 
+def _anchor(lab: Lab, host: LabHost) -> int:
+    """The process that holds ``host``'s namespaces (made now if there is none): its own UTS
+    namespace (its hostname) and mount namespace (its /etc/hosts and resolv.conf: without them sudo
+    waits for DNS that is not there), in the host's network namespace. It outlives the host's sshd,
+    as a real host's mounts outlive a restart of its sshd: podman's network namespaces of running
+    containers are mounts in it (/run/netns/...), and a host whose sshd came back in a new mount
+    namespace could no longer list its containers."""
+    d = lab.host_dir(host)
+    pid_file = d / "anchor.pid"
+    try:
+        pid = int(pid_file.read_text())
+        if Path(f"/proc/{pid}/comm").read_text().strip() == "sleep":
+            return pid
+    except (OSError, ValueError):
+        pass
+    mounts = _host_mounts(lab, host)
+    for src, _ in mounts:
+        if src.endswith("/netns"):
+            os.makedirs(src, exist_ok=True)
+    binds = "".join(f"mount --bind {shlex.quote(src)} {shlex.quote(dst)} && " for src, dst in mounts)
+    script = f'mount --make-rprivate / && {binds}hostname "$1" && exec sleep infinity'
+    # the network namespace first (its name is under /run/netns, which the host then gets its own of)
+    proc = subprocess.Popen(["nsenter", f"--net=/var/run/netns/{host.netns}", "--",
+                             "unshare", "--uts", "--mount", "--propagation", "private", "--", "sh", "-c", script,
+                             "sh", host.hostname],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    for _ in range(200):  # nsenter, unshare and sh each exec the next: the pid ends as the sleep
+        try:
+            if Path(f"/proc/{proc.pid}/comm").read_text().strip() == "sleep":
+                pid_file.write_text(str(proc.pid))
+                return proc.pid
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.025)
+    raise GpufleetError(f"lab: the namespaces of {host.hostname} could not be made")
+
+
 def _start_sshd(lab: Lab, host: LabHost) -> None:
     d = lab.host_dir(host)
     os.makedirs("/run/sshd", exist_ok=True)
-    # Own UTS namespace (its hostname) and mount namespace (its /etc/hosts and resolv.conf: without them
-    # sudo waits for DNS that is not there), then the host's network namespace.
-    binds = "".join(f"mount --bind {shlex.quote(src)} {shlex.quote(dst)} && " for src, dst in _host_mounts(lab, host))
-    script = (f'mount --make-rprivate / && {binds}hostname "$2" && '
-              'exec nsenter --net="$3" -- /usr/sbin/sshd -f "$1/sshd_config" -E "$1/sshd.log"')
-    _run(["unshare", "--uts", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
-          str(d), host.hostname, f"/var/run/netns/{host.netns}"])
+    anchor = _anchor(lab, host)
+    _run(["nsenter", f"--target={anchor}", "--mount", "--uts", "--net", "--",
+          "/usr/sbin/sshd", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")])
     for _ in range(100):
         if _sshd_pid(lab, host):
             return
