@@ -133,9 +133,9 @@ def port_argv(runtime, name, port):
 def published_port(text):
     """The host port in `port`'s answer (`127.0.0.1:41234`, one line per address), or None."""
     for line in text.splitlines():
-        host, _, port = line.strip().rpartition(":")
-        if host and port.isdigit():
-            return int(port)
+        parts = line.strip().rsplit(":", 1)
+        if len(parts) == 2 and parts[0] and parts[1].isdigit():
+            return int(parts[1])
     return None
 
 
