@@ -295,25 +295,7 @@ def write_config(login: Login) -> Path:
     """Write the config file 0600, atomically: a file written in full under another name, then
     renamed over the old one (a reader sees the old file or the new one, never half of one)."""
     path = config_path()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o600)  # whatever the umask
-            json.dump(login.json(), f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError as e:
-        raise GpufleetError(f"cannot write the config file {path}: {e.strerror}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    paths.replace_private_file(path, json.dumps(login.json(), indent=2) + "\n", "config")
     return path
 
 

@@ -48,6 +48,29 @@ def read_private_file(path: Path, what: str, remake: str, limit: int, exposed: s
         os.close(fd)
 
 
+def replace_private_file(path: Path, text: str, what: str) -> None:
+    """Write ``text`` to ``path``, 0600 whatever the umask, atomically: in full under another name,
+    then renamed over the old file (a reader sees the old file or the new one, never half of one)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        raise GpufleetError(f"cannot write the {what} file {path}: {e.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def content_root() -> Path:
     """The folder holding playbooks/, roles/ and inventory_templates/: $GPUFLEET_CONTENT_DIR, else the
     copy an installed wheel carries in the package (gpufleet/_content, see setup.py), else the top level

@@ -4,13 +4,13 @@ check is a `Caller.need_*` of gpufleet.server.auth."""
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 from fastapi import APIRouter
 from pydantic import Field
 
+from gpufleet import paths
 from gpufleet.errors import GpufleetError, NotFound
 from gpufleet.models import CoreModel, ProjectRole, Quota, ServerRole, User
 from gpufleet.server.auth import Caller, Me, new_token, token_hash
@@ -220,12 +220,4 @@ def _bootstrap_token(ctx) -> str | None:
 
 def _rewrite_token_file(ctx, token: str) -> None:
     """Replace the token in the state directory (0600, atomically) with the admin's new one."""
-    path = ctx.token_file
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, (token + "\n").encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    paths.replace_private_file(ctx.token_file, token + "\n", "API token")
