@@ -317,8 +317,17 @@ def test_bad_arguments_exit_2_without_asking_a_server(gf: Run, home: Path, argv:
 
 # ------------------------------------------------------------------------------ login and its file
 
-def test_login_checks_the_token_and_keeps_a_private_config(gf: Run, home: Path, server: str, api: TeamApi) -> None:
-    os.umask(0)  # the file is 0600 whatever the umask
+@pytest.fixture()
+def no_umask():
+    """umask 0 for the test, and the process's own back after it (later tests write files too)."""
+    old = os.umask(0)
+    yield
+    os.umask(old)
+
+
+def test_login_checks_the_token_and_keeps_a_private_config(gf: Run, home: Path, server: str, api: TeamApi,
+                                                           no_umask) -> None:
+    # the file is 0600 whatever the umask (no_umask: 0)
     code, out, err = login(gf, server + "/", ALICE, "--project", "ml")
     assert code == EXIT_OK, err
     assert ("GET", "/api/me") in [r[:2] for r in api.requests]
