@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import shlex
 
-from gpufleet import cluster
+from gpufleet import cluster, devssh
 from gpufleet.allocator import Placement
 from gpufleet.config import stored_fleet
 from gpufleet.errors import GpufleetError
@@ -25,6 +25,7 @@ from gpufleet.models import (
     ServiceConfig,
     split_env,
 )
+from gpufleet.models.run import SSHD_PORT
 from gpufleet.paths import FleetFiles
 from gpufleet.runner import run_playbook
 from gpufleet.state import Store
@@ -95,6 +96,8 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
         for name, value in layer.items():
             (secret_env if secret else env)[name] = value
             (env if secret else secret_env).pop(name, None)
+    if isinstance(cfg, DevEnvironmentConfig):  # its sshd (ssh RUN-NAME), its host key a sealed secret
+        prelude, secret_env[devssh.HOST_KEY_ENV] = dev_sshd(run, run_id, prelude)
     entrypoint, command = run_command(cfg, prelude, commands)
     gpu_list = ",".join(map(str, indices))
     return {
@@ -122,6 +125,17 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
         "workload_user": cfg.user,
         "workload_entrypoint": entrypoint,
     }
+
+
+def dev_sshd(run: RunRequest, run_id: str, prelude: str = "") -> tuple[str, str]:
+    """A dev environment's ``prelude`` with its sshd's start (devssh.sshd_script) after it, and the
+    host key (the one the server made at submission, kept sealed; a new one for a run submitted
+    without)."""
+    key = run.secrets.get(devssh.HOST_KEY_ENV) or devssh.new_host_key()[0]
+    cfg = run.config
+    script = devssh.sshd_script(devssh.public_of(key), devssh.sshd_port(cfg.host_network, run_id),
+                                loopback=cfg.host_network, required=cfg.ide is not None)
+    return (f"{prelude}\n{script}" if prelude else script), key
 
 
 def run_command(cfg: RunConfigType, prelude: str = "", commands: list[str] | None = None
@@ -157,6 +171,8 @@ def published_ports(cfg: RunConfigType) -> list[str]:
     ports = [str(p) for p in cfg.ports]
     if isinstance(cfg, ServiceConfig):
         ports.insert(0, str(cfg.port))
+    if isinstance(cfg, DevEnvironmentConfig):
+        ports.append(str(SSHD_PORT))  # its sshd, reached through the server's tunnel (ssh RUN-NAME)
     return list(dict.fromkeys(p.partition(":")[2] or p for p in ports))
 
 

@@ -56,7 +56,8 @@ UNSUPPORTED: dict[str, dict[str, str]] = {
     }},
     "dev-environment": {**_COMMON, **{
         "inactivity_duration": "stop it with `gpufleet stop`, or bound it with `max_duration`",
-        "version": "gpufleet installs no IDE (it opens a shell); remove it",
+        "version": "gpufleet pre-installs no IDE server (VS Code, Cursor, Windsurf install their own over "
+                   "`ssh RUN-NAME`); remove it",
     }},
 }
 

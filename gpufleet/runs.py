@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gpufleet import devssh
 from gpufleet.containers import HostContainers, commands, list_containers, ssh_argv
 from gpufleet.errors import GpufleetError, NotFound, UsageError
 from gpufleet.launch import STATE_LABEL, stop_containers
@@ -61,6 +62,9 @@ def settle(run: Run, states: list[tuple[str, Container | None]], unknown: str) -
         reason = ("its start did not complete (gpufleet was interrupted); blocks freed" if interrupted
                   else f"the container on {gone[0]} is gone (host rebooted or removed by hand)" if gone
                   else f"exited with code {code}" + (f" on {failed[0][0]}" if len(run.aliases) > 1 else ""))
+        if code == devssh.NO_SSHD_EXIT and run.spec.get("type") == "dev-environment" and run.spec.get("ide"):
+            reason += (f": image {run.spec.get('image')} has no sshd and could not install openssh-server "
+                       f"(`ide` needs one; gpufleet logs {run.name} says why)")
         return Settlement(RunStatus.FAILED, code, reason, running)
     if not running and not unknown and states:
         return Settlement(RunStatus.DONE, 0)
@@ -253,6 +257,46 @@ def host_port(store: Store, run: Run, port: int) -> int:
     return found
 
 
+def dev_sshd_port(run: Run) -> int | None:
+    """The container port of a dev environment's sshd (None for other runs)."""
+    if run.spec.get("type") != "dev-environment":
+        return None
+    return devssh.sshd_port(RUN_CONFIG.validate_python(run.spec).host_network, run.run_id)
+
+
+def ssh_access(store: Store, run: Run, public_key: str) -> dict:
+    """Let ``public_key`` into dev environment ``run``'s sshd (added to its authorized keys, once) and
+    say how to reach it: {port, host_key, user, workdir, ide}. GpufleetError when it has no sshd (why)."""
+    _require_active(run)
+    if run.spec.get("type") != "dev-environment":
+        raise UsageError(f"run {run.name} is a {run.spec.get('type', 'task')}, not a dev environment: only a dev "
+                         f"environment has an SSH server")
+    try:
+        key = devssh.check_public_key(public_key)
+    except ValueError as e:
+        raise UsageError(f"public_key: {e}") from None
+    files = FleetFiles.of(run.fleet).require()
+    runtime = _runtime(store, run, run.alias)
+    argv = ssh_argv(files, run.alias, [*runtime, "exec", "-i", run.container, "/bin/sh", "-c",
+                                       devssh.register_script()])
+    try:
+        p = subprocess.run(argv, input=key + "\n", capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise GpufleetError(f"{run.alias} did not answer within 60s") from None
+    if p.returncode != 0:
+        why = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+        raise GpufleetError(f"cannot reach the container of {run.name} on {run.alias}: {why}")
+    try:
+        answer = devssh.read_register_answer(p.stdout)
+    except ValueError as e:
+        raise GpufleetError(f"run {run.name}: its sshd's host key is unreadable: {e}") from None
+    if not answer["ok"]:
+        raise GpufleetError(f"dev environment {run.name} has no SSH server running: {answer['why']} "
+                            f"(gpufleet logs {run.name} says more)")
+    return {"port": dev_sshd_port(run), "host_key": answer["host_key"], "user": answer["user"],
+            "workdir": run.spec.get("working_dir") or answer["workdir"], "ide": run.spec.get("ide")}
+
+
 def attach_plan(store: Store, name: str) -> dict:
     """How to attach to run ``name`` on the machine holding the fleet's files: the ports forwarded
     ([local, remote]) and the ssh command (through the jump chain): a shell in the container of a
@@ -277,6 +321,9 @@ def tunnel_argv(store: Store, run: Run, port: int) -> list[str]:
     remote side of a ``8080:8000``), so the server reaches nothing else of the host."""
     _require_active(run)
     declared = sorted({remote for _, remote in forwards(run.spec)})
+    sshd = dev_sshd_port(run)
+    if sshd is not None and port == sshd:
+        declared.append(port)  # a dev environment's sshd: ssh RUN-NAME
     if port not in declared:
         raise UsageError(f"run {run.name} does not declare port {port}: " +
                          (f"it declares {', '.join(map(str, declared))}" if declared else "it declares no ports"))

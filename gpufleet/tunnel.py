@@ -195,6 +195,36 @@ def carry(conn: socket.socket, ws) -> str | None:
     return why
 
 
+def carry_stdio(ws, stdin: int = 0, stdout: int = 1) -> str | None:
+    """``carry`` for this process's stdin and stdout (an ssh ProxyCommand's: `gpufleet ssh-proxy`):
+    stdin's bytes to the WebSocket (an empty frame at its end), the WebSocket's to stdout, until the
+    server closes it or stdout is gone. Returns why the server ended it when that was a failure."""
+    from websockets.exceptions import ConnectionClosed
+
+    def upstream() -> None:
+        try:
+            while data := os.read(stdin, CHUNK):
+                ws.send(data)
+            ws.send(b"")
+        except (OSError, ConnectionClosed):
+            pass
+
+    threading.Thread(target=upstream, daemon=True, name="gpufleet-proxy-up").start()
+    why = None
+    try:
+        while True:
+            message = ws.recv()
+            _write_all(stdout, message if isinstance(message, bytes) else message.encode())
+    except ConnectionClosed as e:
+        if e.rcvd is not None and e.rcvd.code not in (1000, 1001):
+            why = e.rcvd.reason or f"closed with code {e.rcvd.code}"
+    except OSError:
+        pass  # ssh went away
+    finally:
+        _quietly(ws.close)
+    return why
+
+
 def resize_message(rows: int, cols: int) -> str:
     """The text frame that sets the remote terminal's size."""
     import json

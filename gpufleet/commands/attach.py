@@ -25,7 +25,15 @@ def register(sub) -> None:
     at.add_argument("--through-server", action="store_true",
                     help="carry the ports and a dev environment's shell through the gpufleet server (the default "
                          "where this machine has no copy of the fleet's ssh_config)")
+    at.add_argument("--no-shell", action="store_true",
+                    help="a dev environment: write its ssh entry (ssh NAME), print how to connect, and exit "
+                         "without opening a shell or forwarding ports")
     at.set_defaults(func=run)
+    # the ProxyCommand of a dev environment's ssh entry (written by attach): not for people to type
+    px = sub.add_parser("ssh-proxy")
+    px.add_argument("name")
+    px.add_argument("port", type=int)
+    px.set_defaults(func=proxy)
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
@@ -33,6 +41,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     client = connect()
     plan = client.get(f"/api/runs/{args.name}/attach")
+    if plan["shell"]:
+        ssh_entry(client, args.name, console)
+        if args.no_shell:
+            return EXIT_OK
     if args.through_server or not has_fleet_files(plan["ssh_config"]):
         return _through_server(client, args.name, plan, console)
     for local, remote in plan["forwards"]:
@@ -84,3 +96,42 @@ def _through_server(client, name: str, plan: dict, console: Console) -> int:
         return EXIT_OK
     finally:
         forwarder.close()
+
+
+def ssh_entry(client, name: str, console: Console) -> bool:
+    """Write dev environment ``name``'s entry in ~/.ssh/gpufleet/config (this machine's key let into its
+    sshd, its host key pinned), drop the entries of dev environments that are gone, and say how to
+    connect. A dev environment without an SSH server is said, not an error (its shell still opens)."""
+    from gpufleet import devssh
+    from gpufleet.paths import home
+
+    identity, public = devssh.user_key(home())
+    try:
+        access = client.post(f"/api/runs/{name}/ssh", {"public_key": public})
+    except GpufleetError as e:
+        present.plain(console, f"no `ssh {name}`: {e}")
+        return False
+    live = {r["name"] for r in client.get("/api/runs") if r.get("spec", {}).get("type") == "dev-environment"}
+    devssh.remove_entries(keep=live | {name})
+    config = devssh.write_entry(name, access["port"], access["user"], access["host_key"], identity)
+    present.plain(console, f"ssh entry for {name} written to {config}")
+    present.plain(console, f"  ssh {name}")
+    present.plain(console, f"  {devssh.ide_link(access.get('ide'), name, access['workdir'])}")
+    return True
+
+
+def proxy(args: argparse.Namespace, console: Console) -> int:
+    """Carry ssh's connection (this process's stdin and stdout) to port ``port`` of dev environment
+    ``name`` through the server's tunnel."""
+    import sys
+
+    from gpufleet.client import connect
+    from gpufleet.errors import EXIT_FAILED
+    from gpufleet.tunnel import carry_stdio, open_tunnel
+
+    ws = open_tunnel(connect(), args.name, args.port)
+    why = carry_stdio(ws)
+    if why:
+        print(f"gpufleet ssh-proxy: {args.name}: {why}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK

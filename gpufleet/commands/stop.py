@@ -28,6 +28,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
         return EXIT_OK
     client = connect()
     view = Run.model_validate(client.post(f"/api/runs/{args.name}/stop"))
+    if view.spec.get("type") == "dev-environment":
+        from gpufleet import devssh
+
+        devssh.remove_entries(drop={view.name})  # its `ssh NAME` entry, if attach wrote one
     if view.started_at is None:
         present.plain(console, f"{view.name} cancelled; it had not started.")
         return EXIT_OK

@@ -61,6 +61,7 @@ _IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(MB|GB|TB)?$", re.I)
 _MAX_GPUS = 1024
 
+SSHD_PORT = 10022  # a dev environment's sshd in its container (dstack's container sshd port too); see devssh
 RUN_PRIORITY_MIN, RUN_PRIORITY_MAX = 0, 100
 RUN_PRIORITY_DEFAULT = 50  # the scheduler's PRIORITY_DEFAULT; dstack's default is 0
 STOP_DURATION_DEFAULT = 300.0  # dstack's DEFAULT_STOP_DURATION (5m)
@@ -748,7 +749,13 @@ class DevEnvironmentConfig(_Run):
     """A long-running container for interactive work (`gpufleet attach`)."""
 
     type: Literal["dev-environment"]
-    ide: str | None = Field(None, description="Accepted for dstack compatibility; gpufleet opens a shell.")
+    ide: Literal["vscode", "cursor", "windsurf", "zed"] | None = Field(
+        None, description="dstack's `ide`: the editor `gpufleet attach` gives a link for (vscode://, cursor://, "
+                          "windsurf://vscode-remote/ssh-remote+RUN/DIR; zed://ssh/RUN/DIR). Every dev environment "
+                          "runs the image's sshd (`ssh RUN-NAME`, an entry `gpufleet attach` writes); with `ide` the "
+                          "start fails when the image has no sshd and openssh-server cannot be installed. The editor "
+                          "installs its own server over SSH (gpufleet pre-installs none, so dstack's `version` is "
+                          "not taken).")
     init: list[Annotated[str, BeforeValidator(_scalar_text)]] = Field(
         [], description="dstack's `init`: shell commands run when the dev environment starts, before it is ready "
                         "(gpufleet installs no IDE: before `commands`, then the container stays up).")
@@ -758,6 +765,14 @@ class DevEnvironmentConfig(_Run):
     def _no_entrypoint(cls, v: str | None) -> str | None:
         if v is not None:
             raise ValueError("a dev environment takes no entrypoint (as in dstack): put the commands in `init`")
+        return v
+
+    @field_validator("ports")
+    @classmethod
+    def _not_the_sshd_port(cls, v: list) -> list:
+        if any(str(p).rpartition(":")[2] == str(SSHD_PORT) for p in v):
+            raise ValueError(f"port {SSHD_PORT} is the dev environment's SSH server's (ssh RUN-NAME); "
+                             f"use another port")
         return v
 
 

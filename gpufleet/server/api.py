@@ -27,7 +27,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from gpufleet import __version__, queue, runs
+from gpufleet import __version__, devssh, queue, runs
 from gpufleet.apply import apply_fleet, make_plan
 from gpufleet.config import parse_fleet
 from gpufleet.errors import ConfigError, Forbidden, GpufleetError, NotFound, Unauthorized, UsageError
@@ -80,6 +80,11 @@ class ConfigText(Body):
 class Submission(ConfigText):
     secrets: dict[str, str] = Field(default_factory=dict, description="Values of the env names given without one.")
     no_queue: bool = Field(False, description="Refuse at once if it does not fit now, instead of waiting.")
+
+
+class SshKey(Body):
+    public_key: str = Field(description="The caller's ssh public key (ssh-ed25519 AAAA...), let into a dev "
+                                        "environment's sshd.")
 
 
 def create_app(ctx: Context) -> FastAPI:
@@ -141,6 +146,8 @@ def create_app(ctx: Context) -> FastAPI:
     def submit_run(body: Submission, who: Me) -> dict:
         by = submitter(who, body.project)
         req = parse_run(body.text, body.source, secrets=body.secrets)
+        if req.type == "dev-environment":  # its sshd's host key, made here and kept sealed with its secrets
+            req = req.model_copy(update={"secrets": {**req.secrets, devssh.HOST_KEY_ENV: devssh.new_host_key()[0]}})
         run, placements = queue.submit(ctx.store, req, ctx.seal, no_queue=body.no_queue, who=by)
         if placements is not None:  # it took its blocks at once (it may not wait): start it
             ctx.launch(run, placements)
@@ -165,6 +172,14 @@ def create_app(ctx: Context) -> FastAPI:
     def attach_run(name: str, who: Me) -> dict:
         who.need_run(who.sees_run(ctx.store, name), f"attaching to run {name}")
         return runs.attach_plan(ctx.store, name)
+
+    @api.post("/runs/{name}/ssh", tags=["runs"])
+    def ssh_run(name: str, body: SshKey, who: Me) -> dict:
+        """Let the caller's public key into a dev environment's sshd; how to reach it (`ssh RUN-NAME`
+        through this server's tunnel): {port, host_key, user, workdir, ide}."""
+        run = who.sees_run(ctx.store, name)
+        who.need_run(run, f"attaching to run {name}")
+        return runs.ssh_access(ctx.store, run, body.public_key)
 
     @api.get("/runs/{name}/logs", tags=["runs"])
     async def run_logs(name: str, request: Request, who: Me, follow: bool = False, node: int = 0
