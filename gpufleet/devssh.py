@@ -98,8 +98,8 @@ def sshd_script(host_public_key: str, port: int, loopback: bool, required: bool)
     ])
     missing = (f'echo "gpufleet: image has no sshd and could not install openssh-server: $gf_why" >&2; '
                f'exit {NO_SSHD_EXIT}') if required else \
-        ('echo "gpufleet: no SSH server in this dev environment (ssh RUN-NAME will not work): image has no sshd '
-         'and could not install openssh-server: $gf_why" >&2; exit 0')
+        (f'echo "$gf_why" > {SSHD_DIR}/no-sshd; echo "gpufleet: no SSH server in this dev environment '
+         '(ssh RUN-NAME will not work): image has no sshd and could not install openssh-server: $gf_why" >&2; exit 0')
     lines = [
         "# gpufleet: the dev environment's SSH server (ssh RUN-NAME, VS Code Remote-SSH)",
         f'gf_key="${{{HOST_KEY_ENV}:-}}"; unset {HOST_KEY_ENV}',
@@ -152,9 +152,11 @@ def register_script() -> str:
     on its stdin to its sshd's authorized keys (once) and prints ``ok`` with the host key, the port
     and the working directory, or ``no-sshd`` with why."""
     d = SSHD_DIR
-    return (f'read -r k; f={d}/authorized_keys; '
+    return (f'read -r k; f={d}/authorized_keys; i=0; '
+            # a dev environment that just started: its sshd may be a moment away
+            f'while [ $i -lt 40 ] && ! [ -s {d}/sshd.pid ] && ! [ -e {d}/no-sshd ]; do sleep 0.25; i=$((i+1)); done; '
             f'if ! [ -s {d}/sshd.pid ] || ! kill -0 "$(cat {d}/sshd.pid)" 2>/dev/null; then '
-            f'echo no-sshd; tail -n 2 {d}/sshd.log 2>/dev/null; exit 0; fi; '
+            f'echo no-sshd; cat {d}/no-sshd 2>/dev/null || tail -n 2 {d}/sshd.log 2>/dev/null; exit 0; fi; '
             'found=; while read -r l; do [ "$l" = "$k" ] && found=1; done < "$f"; '
             '[ -n "$found" ] || printf "%s\\n" "$k" >> "$f"; '
             f'echo ok; cat {d}/host_key.pub; pwd; id -un 2>/dev/null || id -u')
