@@ -32,6 +32,7 @@ from gpufleet.models.run import SSHD_PORT
 
 HOST_KEY_ENV = "GPUFLEET_SSHD_HOST_KEY"  # the sealed run secret carrying the container's host key
 NO_SSHD_EXIT = 97  # the start script's exit code when a dev environment with `ide` can have no sshd
+SSHD_PATHS = ("/usr/sbin/sshd", "/usr/local/sbin/sshd", "/sbin/sshd", "/usr/bin/sshd")  # where images have it
 SSHD_DIR = "/tmp/gpufleet-sshd"  # in the container: its sshd's config, keys and log (0700)
 _PUBLIC_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,3}$")
 _BEGIN = "# gpufleet: dev environments (ssh RUN-NAME); written by `gpufleet attach`"
@@ -110,7 +111,7 @@ def sshd_script(host_public_key: str, port: int, loopback: bool, required: bool)
         f'printf "%s\\n" "$gf_key" > {d}/host_key',
         f"echo {shlex.quote(host_public_key)} > {d}/host_key.pub",
         f": >> {d}/authorized_keys",
-        "gf_find() { for p in /usr/sbin/sshd /usr/local/sbin/sshd /sbin/sshd /usr/bin/sshd; do "
+        f"gf_find() {{ for p in {' '.join(SSHD_PATHS)}; do "
         '[ -x "$p" ] && gf_sshd="$p" && return 0; done; return 1; }',
         'gf_sshd=; gf_why="no /usr/sbin/sshd"',
         "if ! gf_find; then",
@@ -186,7 +187,7 @@ def user_key(home: Path) -> tuple[Path, str]:
     """The user's key for dev environments (``home``/ssh/id_ed25519, made 0600 on first use): its path
     and public key line."""
     d = home / "ssh"
-    d.mkdir(mode=0o700, exist_ok=True)
+    d.mkdir(parents=True, mode=0o700, exist_ok=True)
     path = d / "id_ed25519"
     if not path.exists():
         private, public = new_host_key()
