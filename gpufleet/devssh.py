@@ -220,9 +220,10 @@ def proxy_command(name: str, port: int, environ: dict[str, str] | None = None) -
     return shlex.join(words).replace("%", "%%")
 
 
-def host_entry(name: str, port: int, user: str, identity: Path, known_hosts: Path) -> str:
+def host_entry(name: str, port: int, user: str, identity: Path, known_hosts: Path, server: str = "") -> str:
     return "\n".join([
         f"Host {name}",
+        f"  # gpufleet server {server}",
         f"  ProxyCommand {proxy_command(name, port)}",
         f"  User {user}",
         f"  IdentityFile {_quote(str(identity))}",
@@ -255,9 +256,9 @@ def _write(path: Path, text: str) -> None:
     replace_private_file(path, text, "ssh")
 
 
-def write_entry(name: str, port: int, user: str, host_key: str, identity: Path) -> Path:
-    """Add or replace ``name``'s entry (and its pinned host key), and make sure ~/.ssh/config includes
-    the file; the include file's path."""
+def write_entry(name: str, port: int, user: str, host_key: str, identity: Path, server: str = "") -> Path:
+    """Add or replace ``name``'s entry (and its pinned host key), noted as of gpufleet server ``server``,
+    and make sure ~/.ssh/config includes the file; the include file's path."""
     d = ssh_dir() / "gpufleet"
     d.mkdir(parents=True, mode=0o700, exist_ok=True)
     (ssh_dir()).chmod(0o700)
@@ -267,21 +268,25 @@ def write_entry(name: str, port: int, user: str, host_key: str, identity: Path) 
     _write(known, "\n".join([*pins, f"gpufleet-{name} {check_public_key(host_key)}"]) + "\n")
     config = d / "config"
     blocks = _blocks(config.read_text() if config.exists() else "")
-    blocks[name] = host_entry(name, port, user, identity, known)
+    blocks[name] = host_entry(name, port, user, identity, known, server)
     _write(config, _BEGIN + "\n" + "".join(blocks[n] for n in sorted(blocks)))
     include_from_user_config(config)
     return config
 
 
-def remove_entries(keep: set[str] | None = None, drop: set[str] = frozenset()) -> list[str]:
-    """Remove the entries (and pinned keys) of dev environments not in ``keep`` (None: keep all but
-    ``drop``); the names removed."""
+def remove_entries(keep: set[str] | None = None, drop: set[str] = frozenset(), server: str | None = None
+                   ) -> list[str]:
+    """Remove the entries (and pinned keys) of dev environments in ``drop`` or not in ``keep`` (None:
+    keep all but ``drop``), of gpufleet server ``server`` only when given (another server's are its
+    own); the names removed."""
     d = ssh_dir() / "gpufleet"
     config = d / "config"
     if not config.exists():
         return []
     blocks = _blocks(config.read_text())
-    gone = [n for n in blocks if n in drop or (keep is not None and n not in keep)]
+    gone = [n for n, text in blocks.items()
+            if (server is None or f"  # gpufleet server {server}\n" in text)
+            and (n in drop or (keep is not None and n not in keep))]
     if not gone:
         return []
     _write(config, _BEGIN + "\n" + "".join(blocks[n] for n in sorted(blocks) if n not in gone))

@@ -112,8 +112,8 @@ def ssh_entry(client, name: str, console: Console) -> bool:
         present.plain(console, f"no `ssh {name}`: {e}")
         return False
     live = {r["name"] for r in client.get("/api/runs") if r.get("spec", {}).get("type") == "dev-environment"}
-    devssh.remove_entries(keep=live | {name})
-    config = devssh.write_entry(name, access["port"], access["user"], access["host_key"], identity)
+    devssh.remove_entries(keep=live | {name}, server=client.url)  # those of dev environments gone
+    config = devssh.write_entry(name, access["port"], access["user"], access["host_key"], identity, client.url)
     present.plain(console, f"ssh entry for {name} written to {config}")
     present.plain(console, f"  ssh {name}")
     present.plain(console, f"  {devssh.ide_link(access.get('ide'), name, access['workdir'])}")

@@ -27,6 +27,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
     client = connect()
     views = [Run.model_validate(r) for r in client.get("/api/runs", all=args.all,
                                                                   project=project(args, client))]
+    if project(args, client) is None:  # every run this user sees: drop the ssh entries of dev environments gone
+        from gpufleet import devssh
+
+        devssh.remove_entries(keep={v.name for v in views if v.live}, server=client.url)
     if args.json:
         print(present.runs_json(views))
     elif not views:

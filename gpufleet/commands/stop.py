@@ -31,7 +31,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if view.spec.get("type") == "dev-environment":
         from gpufleet import devssh
 
-        devssh.remove_entries(drop={view.name})  # its `ssh NAME` entry, if attach wrote one
+        devssh.remove_entries(drop={view.name}, server=client.url)  # its `ssh NAME` entry, if attach wrote one
     if view.started_at is None:
         present.plain(console, f"{view.name} cancelled; it had not started.")
         return EXIT_OK

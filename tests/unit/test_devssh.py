@@ -133,9 +133,10 @@ def test_entries_are_written_kept_apart_and_removed(tmp_path, monkeypatch):
     assert stat.S_IMODE(identity.stat().st_mode) == 0o600 and devssh.user_key(tmp_path / "g h")[1] == public
     _, k1 = devssh.new_host_key()
     _, k2 = devssh.new_host_key()
-    devssh.write_entry("one", 10022, "root", k1, identity)
-    devssh.write_entry("two", 10022, "ubuntu", k2, identity)
-    devssh.write_entry("one", 10022, "root", k2, identity)  # again: replaced, not doubled
+    devssh.write_entry("one", 10022, "root", k1, identity, "http://a")
+    devssh.write_entry("two", 10022, "ubuntu", k2, identity, "http://a")
+    devssh.write_entry("one", 10022, "root", k2, identity, "http://a")  # again: replaced, not doubled
+    devssh.write_entry("other", 10022, "root", k1, identity, "http://b")
     user = (ssh / "config").read_text()
     assert user.count("Include") == 1 and user.endswith("Host *\n  ServerAliveInterval 5\n")
     assert user.splitlines()[1] == f"Include {ssh / 'gpufleet' / 'config'}"
@@ -144,13 +145,14 @@ def test_entries_are_written_kept_apart_and_removed(tmp_path, monkeypatch):
     assert config.count("Host one") == 1 and "User ubuntu" in config
     proxy = next(line for line in config.splitlines() if "ProxyCommand" in line and "ssh-proxy one" in line)
     assert f"'GPUFLEET_HOME={tmp_path / 'g h'}'" in proxy  # quoted for the shell ssh runs it with
-    assert (ssh / "gpufleet" / "known_hosts").read_text().splitlines() == [f"gpufleet-two {k2}", f"gpufleet-one {k2}"]
+    assert (ssh / "gpufleet" / "known_hosts").read_text().splitlines() == [
+        f"gpufleet-two {k2}", f"gpufleet-one {k2}", f"gpufleet-other {k1}"]
     # `ssh -G` reads the entry as ssh will use it
     g = subprocess.run(["ssh", "-G", "-F", str(ssh / "config"), "one"], capture_output=True, text=True,
                        env={**os.environ, "HOME": str(tmp_path / "home")})
     assert g.returncode == 0, g.stderr
     assert "stricthostkeychecking true" in g.stdout and "hostkeyalias gpufleet-one" in g.stdout
-    assert devssh.remove_entries(keep={"two"}) == ["one"]
+    assert devssh.remove_entries(keep={"two"}, server="http://a") == ["one"]  # another server's kept
     assert "Host one" not in (ssh / "gpufleet" / "config").read_text()
-    assert (ssh / "gpufleet" / "known_hosts").read_text() == f"gpufleet-two {k2}\n"
-    assert devssh.remove_entries(drop={"two"}) == ["two"]
+    assert (ssh / "gpufleet" / "known_hosts").read_text() == f"gpufleet-two {k2}\ngpufleet-other {k1}\n"
+    assert devssh.remove_entries(drop={"two", "other"}, server="http://a") == ["two"]
