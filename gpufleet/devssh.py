@@ -172,6 +172,39 @@ def read_register_answer(text: str) -> dict:
     return {"ok": False, "why": why or "its SSH server is not running"}
 
 
+# --------------------------------------------------------------------------- inactivity_duration
+
+ATTACH_MARK = "GPUFLEET_ATTACHED"  # in the environment of a `gpufleet attach` shell (runs.shell_command)
+
+
+def connections_script() -> str:
+    """The shell command, run in a dev environment's container, that prints what ``connections``
+    reads: its TCP sockets (/proc/net/tcp, tcp6), then the stat line of each process marked as a
+    `gpufleet attach` shell (or one of its children)."""
+    return (f"cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; echo {ATTACH_MARK}; "
+            f'for p in /proc/[0-9]*; do grep -q {ATTACH_MARK}=1 "$p/environ" 2>/dev/null && cat "$p/stat"; done; true')
+
+
+def connections(text: str, port: int) -> int:
+    """How many connections a dev environment has, from ``connections_script``'s answer: established
+    TCP connections to its sshd's ``port``, and `gpufleet attach` shells (a marked process whose parent
+    is outside the container: the runtime's exec; its children are not counted, so a process left
+    running by a shell that ended does not keep the dev environment busy)."""
+    sockets, _, shells = text.partition(ATTACH_MARK)
+    count = 0
+    for line in sockets.splitlines():
+        fields = line.split()
+        if len(fields) > 3 and ":" in fields[1] and fields[3] == "01":  # st 01: ESTABLISHED
+            local_port = fields[1].rsplit(":", 1)[1]
+            if all(c in "0123456789ABCDEFabcdef" for c in local_port) and int(local_port, 16) == port:
+                count += 1
+    for line in shells.splitlines():
+        after = line.rpartition(")")[2].split()  # pid (comm) state ppid ...: comm may hold anything
+        if len(after) > 1 and after[1] == "0":
+            count += 1
+    return count
+
+
 # --------------------------------------------------------------------------- the user's side
 
 def ide_link(ide: str | None, name: str, workdir: str) -> str:

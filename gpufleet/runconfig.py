@@ -55,7 +55,6 @@ UNSUPPORTED: dict[str, dict[str, str]] = {
         "scaling": "", "probes": "", "groups": "apply one service per replica group, each with its own name",
     }},
     "dev-environment": {**_COMMON, **{
-        "inactivity_duration": "stop it with `gpufleet stop`, or bound it with `max_duration`",
         "version": "gpufleet pre-installs no IDE server (VS Code, Cursor, Windsurf install their own over "
                    "`ssh RUN-NAME`); remove it",
     }},

@@ -297,6 +297,22 @@ def ssh_access(store: Store, run: Run, public_key: str) -> dict:
             "workdir": run.spec.get("working_dir") or answer["workdir"], "ide": run.spec.get("ide")}
 
 
+def connection_count(store: Store, run: Run) -> int:
+    """How many connections dev environment ``run`` has now (SSH connections to its sshd, `gpufleet
+    attach` shells: devssh.connections); GpufleetError when its host cannot tell."""
+    files = FleetFiles.of(run.fleet).require()
+    argv = ssh_argv(files, run.alias, [*_runtime(store, run, run.alias), "exec", run.container, "/bin/sh", "-c",
+                                       devssh.connections_script()])
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise GpufleetError(f"{run.alias} did not answer within 60s") from None
+    if p.returncode != 0 or devssh.ATTACH_MARK not in p.stdout:
+        why = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+        raise GpufleetError(f"cannot count the connections of {run.name} on {run.alias}: {why}")
+    return devssh.connections(p.stdout, dev_sshd_port(run))
+
+
 def attach_plan(store: Store, name: str) -> dict:
     """How to attach to run ``name`` on the machine holding the fleet's files: the ports forwarded
     ([local, remote]) and the ssh command (through the jump chain): a shell in the container of a
@@ -335,7 +351,9 @@ def tunnel_argv(store: Store, run: Run, port: int) -> list[str]:
 
 def _shell(store: Store, run: Run) -> list[str]:
     """The command, on the run's host, of an interactive shell in its container."""
-    return commands().exec_argv(_runtime(store, run, run.alias), run.container, ["/bin/sh"])
+    # marked, so that a dev environment's inactivity_duration counts it (devssh.connections)
+    return commands().exec_argv(_runtime(store, run, run.alias), run.container,
+                                ["/bin/sh", "-c", f"{devssh.ATTACH_MARK}=1; export {devssh.ATTACH_MARK}; exec /bin/sh"])
 
 
 def shell_argv(store: Store, run: Run) -> list[str]:

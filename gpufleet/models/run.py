@@ -539,6 +539,15 @@ def _stop_duration(value: Any) -> float | None:
     return seconds
 
 
+def _inactivity_duration(value: Any) -> float | None:
+    if value is None or value is True or value is False or value == "off":
+        return None  # dstack: `off` (false) and true (its default) are both no limit
+    seconds = parse_duration(value)
+    if seconds < 0:
+        raise ValueError(f"must be 0 seconds or more (got {value!r}; `off` for no limit)")
+    return seconds
+
+
 def _retry_duration(value: Any) -> float | None:
     if value is None:
         return None
@@ -759,6 +768,13 @@ class DevEnvironmentConfig(_Run):
     init: list[Annotated[str, BeforeValidator(_scalar_text)]] = Field(
         [], description="dstack's `init`: shell commands run when the dev environment starts, before it is ready "
                         "(gpufleet installs no IDE: before `commands`, then the container stays up).")
+
+    inactivity_duration: Annotated[float | None, BeforeValidator(_inactivity_duration)] = Field(
+        None, description="dstack's `inactivity_duration`: stop the dev environment once it has had no connection "
+                          "for this long: no SSH connection to its sshd (`ssh RUN-NAME`, VS Code) and no `gpufleet "
+                          "attach` shell. Seconds or dstack's forms (90s, 30m, 2h, 1d, 1w); `off` or omitted: never. "
+                          "Counted from the first look with none (the server looks every few seconds, and anew "
+                          "after it restarts).")
 
     @field_validator("entrypoint")
     @classmethod

@@ -131,7 +131,8 @@ class Controller:
     # --------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
         for name, target in (("leader", self._lead), ("schedule", self._schedule_loop),
-                             ("reconcile", self._reconcile_loop), ("limits", self._limits_loop)):
+                             ("reconcile", self._reconcile_loop), ("limits", self._limits_loop),
+                             ("inactivity", self._inactivity_loop)):
             t = threading.Thread(target=target, name=f"gpufleet-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -181,6 +182,18 @@ class Controller:
         while not self._stop.wait(self.settings.limits_interval):
             if self.leading:
                 self._safely(lambda: queue.enforce_limits(self.store) and self.kick())
+
+    def _inactivity_loop(self) -> None:
+        """Dev environments' inactivity_duration (gpufleet.inactivity): looked at from this loop, as each
+        look asks a host; stopped on the workers."""
+        from gpufleet.inactivity import Inactivity
+
+        inactivity = Inactivity()
+        while not self._stop.wait(self.settings.limits_interval):
+            if self.leading:
+                self._safely(lambda i=inactivity: [self.background(work) for work in i.check(self.store)])
+            else:
+                inactivity = Inactivity()  # a leader again later counts anew
 
     def reconcile(self) -> None:
         """One pass: settle the runs from their containers (asking only the hosts of active runs),

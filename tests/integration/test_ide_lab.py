@@ -122,3 +122,25 @@ def test_ide_on_an_image_without_sshd_fails_with_the_reason(site, tmp_path):
     assert "has no sshd and could not install openssh-server" in view, view
     logs = site("logs", "ide-nossh").stdout
     assert "no package manager" in logs, logs
+
+
+def test_inactivity_duration_stops_a_dev_environment_once_nobody_is_connected(site, tmp_path):
+    home = tmp_path / "user"
+    spec = tmp_path / "idle.yml"
+    spec.write_text(f"type: dev-environment\nname: ide-idle\nimage: {SSHD_IMAGE}\ninactivity_duration: 15s\n")
+    site("apply", "-f", str(spec), "-y", check=0, timeout=240)
+    site("attach", "ide-idle", "--no-shell", check=0, env={"HOME": str(home)})
+    # connected for longer than its inactivity_duration: it keeps running
+    p = ssh(home, "ide-idle", "sleep 22; echo still-here")
+    assert p.returncode == 0 and "still-here" in p.stdout, p.stderr
+
+    def status() -> dict:
+        import json
+
+        return next(r for r in json.loads(site("ps", "-a", "--json").stdout) if r["name"] == "ide-idle")
+
+    assert status()["status"] == "running"
+    # nobody connected: stopped after 15s (and a look or two)
+    run = wait_for("the idle dev environment to be stopped",
+                   lambda: (r := status())["status"] == "stopped" and r, timeout=60, every=2)
+    assert "inactivity_duration (15s)" in run["message"], run

@@ -156,3 +156,34 @@ def test_entries_are_written_kept_apart_and_removed(tmp_path, monkeypatch):
     assert "Host one" not in (ssh / "gpufleet" / "config").read_text()
     assert (ssh / "gpufleet" / "known_hosts").read_text() == f"gpufleet-two {k2}\ngpufleet-other {k1}\n"
     assert devssh.remove_entries(drop={"two", "other"}, server="http://a") == ["two"]
+
+
+# ------------------------------------------------------------------------------- inactivity_duration
+
+@pytest.mark.parametrize(("value", "seconds"), [("30m", 1800.0), (90, 90.0), ("2h", 7200.0), ("off", None),
+                                                (False, None), (True, None), (None, None), (0, 0.0)])
+def test_inactivity_duration_in_dstacks_forms(value, seconds):
+    assert dev(inactivity_duration=value).inactivity_duration == seconds
+
+
+def test_a_bad_inactivity_duration_points_at_its_line(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        parse_run("type: dev-environment\nimage: x\ninactivity_duration: 1h30m\n", str(tmp_path / "d.yml"))
+    assert "3:" in str(e.value.problems[0]) and "not a duration" in str(e.value.problems[0])
+    assert "inactivity_duration" not in UNSUPPORTED["dev-environment"]
+
+
+TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:2726 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1
+   1: 0A580002:2726 0A580001:B3C2 01 00000000:00000000 00:00000000 00000000     0        0 2 1
+   2: 0A580002:1F40 0A580001:B3C4 01 00000000:00000000 00:00000000 00000000     0        0 3 1
+"""
+
+
+def test_connections_count_established_sshd_sockets_and_attach_shells():
+    mark = devssh.ATTACH_MARK
+    assert devssh.connections(TCP + mark + "\n", 10022) == 1  # the listener and port 8000 are not counted
+    assert devssh.connections(TCP.replace(" 01 ", " 06 ") + mark + "\n", 10022) == 0  # TIME_WAIT
+    shells = "41 (sh) S 0 41 41 34816\n57 (my (odd) prog) S 41 57 41 0\n"  # the shell, and its child
+    assert devssh.connections(mark + "\n" + shells, 10022) == 1
+    assert devssh.connections(mark + "\n" + shells.splitlines()[1], 10022) == 0  # left behind by a shell

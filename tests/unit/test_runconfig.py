@@ -333,7 +333,7 @@ def test_a_typo_in_a_run_gets_did_you_mean(tmp_path, text, message):
     ("service", "replicas: 2", "; apply one service per replica"),
     ("service", "scaling: {metric: rps, target: 10}", ""),
     ("service", "probes: [{type: http, url: /health}]", ""),
-    ("dev-environment", "inactivity_duration: 2h", "; stop it with `gpufleet stop`"),
+    ("dev-environment", "version: 1.95.0", "; gpufleet pre-installs no IDE server"),
 ])
 def test_a_dstack_field_gpufleet_does_not_support_is_named_with_what_to_do(tmp_path, kind, line, hint):
     port = "port: 8000\n" if kind == "service" else ""

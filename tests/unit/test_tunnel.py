@@ -226,7 +226,8 @@ def test_the_shell_is_a_dev_environments_own_over_ssh_tt(tmp_path, monkeypatch):
     argv = runs.shell_argv(SimpleNamespace(fleet=lambda name: None), dev)  # a fleet the store lost: the default runtime
     assert argv[:3] == ["ssh", "-F", str(files.ssh_config)]
     assert argv[3:] == ["-tt", "-o", "EscapeChar=none", "-o", "LogLevel=ERROR", "f-0", "--",
-                        "sudo -n podman exec -it c /bin/sh"]
+                        "sudo -n podman exec -it c /bin/sh -c "
+                        "'GPUFLEET_ATTACHED=1; export GPUFLEET_ATTACHED; exec /bin/sh'"]  # counted by inactivity
     with pytest.raises(UsageError, match="run web is a service, not a dev environment"):
         runs.shell_argv(None, make_run())
     with pytest.raises(GpufleetError, match="not running"):
