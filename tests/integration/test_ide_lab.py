@@ -76,7 +76,7 @@ def test_ssh_run_name_reaches_the_dev_environment_with_its_host_key_pinned(site,
     (home / ".ssh").mkdir(parents=True)
     (home / ".ssh" / "config").write_text("Host mine\n  User someone\n")  # the user's own: kept
     spec = tmp_path / "dev.yml"
-    spec.write_text(f"type: dev-environment\nname: ide-dev\nimage: {SSHD_IMAGE}\nide: vscode\n"
+    spec.write_text(f"type: dev-environment\nname: ide-dev\nimage: {SSHD_IMAGE}\nide: vscode\nstop_duration: 1\n"
                     "working_dir: /root\nenv:\n  GREETING: hello from the run\n"
                     "init:\n  - echo made-by-init > /root/marker\n")
     site("apply", "-f", str(spec), "-y", check=0, timeout=240)
@@ -127,11 +127,12 @@ def test_ide_on_an_image_without_sshd_fails_with_the_reason(site, tmp_path):
 def test_inactivity_duration_stops_a_dev_environment_once_nobody_is_connected(site, tmp_path):
     home = tmp_path / "user"
     spec = tmp_path / "idle.yml"
-    spec.write_text(f"type: dev-environment\nname: ide-idle\nimage: {SSHD_IMAGE}\ninactivity_duration: 15s\n")
+    spec.write_text(f"type: dev-environment\nname: ide-idle\nimage: {SSHD_IMAGE}\ninactivity_duration: 15s\n"
+                    "stop_duration: 1\n")
     site("apply", "-f", str(spec), "-y", check=0, timeout=240)
     site("attach", "ide-idle", "--no-shell", check=0, env={"HOME": str(home)})
     # connected for longer than its inactivity_duration: it keeps running
-    p = ssh(home, "ide-idle", "sleep 22; echo still-here")
+    p = ssh(home, "ide-idle", "sleep 18; echo still-here")
     assert p.returncode == 0 and "still-here" in p.stdout, p.stderr
 
     def status() -> dict:
