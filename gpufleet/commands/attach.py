@@ -4,7 +4,10 @@ The server says where the run is (its host, the fleet's ssh_config, the ports). 
 has the fleet's files (the server's), the ssh session is this machine's own, through the fleet's
 jump chain. Elsewhere (a user with a token and no key), or with --through-server, each connection to
 a local port is carried by the server, and so is a dev environment's shell (gpufleet.tunnel): the
-command then exits with the shell's status."""
+command then exits with the shell's status.
+
+A dev environment also gets an entry in ~/.ssh (gpufleet.devssh): `ssh NAME` and the IDE's link reach
+its sshd through the server's tunnel (`gpufleet ssh-proxy NAME PORT`, the entry's ProxyCommand)."""
 
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from gpufleet.errors import EXIT_OK, GpufleetError
 
 
 def register(sub) -> None:
-    at = sub.add_parser("attach", help="forward a run's ports to localhost; a shell for dev environments")
+    at = sub.add_parser("attach", help="forward a run's ports to localhost; a shell and `ssh NAME` for dev "
+                                       "environments")
     add_name(at)
     at.add_argument("--through-server", action="store_true",
                     help="carry the ports and a dev environment's shell through the gpufleet server (the default "
