@@ -107,7 +107,9 @@ def sshd_script(host_public_key: str, port: int, loopback: bool, required: bool)
         "(",
         f"umask 077; mkdir -p {d}; chmod 700 {d}",
         # bash writes `declare -x NAME="..."`: the same quoting as `export NAME="..."`, which any sh reads
-        f"export -p | sed 's/^declare -x /export /' > {d}/environment 2>/dev/null || export -p > {d}/environment",
+        # (less what belongs to a session: its terminal, its directories)
+        f"export -p | sed -e 's/^declare -x /export /' -e '/^export TERM=/d' -e '/^export PWD=/d' "
+        f"-e '/^export OLDPWD/d' -e '/^export SHLVL=/d' > {d}/environment 2>/dev/null || export -p > {d}/environment",
         f'printf "%s\\n" "$gf_key" > {d}/host_key',
         f"echo {shlex.quote(host_public_key)} > {d}/host_key.pub",
         f": >> {d}/authorized_keys",

@@ -109,15 +109,15 @@ def ssh_entry(client, name: str, console: Console) -> bool:
     from gpufleet import devssh
     from gpufleet.paths import home
 
-    identity, public = devssh.user_key(home())
     try:
+        identity, public = devssh.user_key(home())
         access = client.post(f"/api/runs/{name}/ssh", {"public_key": public})
-    except GpufleetError as e:
-        present.plain(console, f"no `ssh {name}`: {e}")
+        live = {r["name"] for r in client.get("/api/runs") if r.get("spec", {}).get("type") == "dev-environment"}
+        devssh.remove_entries(keep=live | {name}, server=client.url)  # those of dev environments gone
+        config = devssh.write_entry(name, access["port"], access["user"], access["host_key"], identity, client.url)
+    except (GpufleetError, OSError, ValueError) as e:
+        present.plain(console, f"no `ssh {name}`: {getattr(e, 'strerror', None) or e}")
         return False
-    live = {r["name"] for r in client.get("/api/runs") if r.get("spec", {}).get("type") == "dev-environment"}
-    devssh.remove_entries(keep=live | {name}, server=client.url)  # those of dev environments gone
-    config = devssh.write_entry(name, access["port"], access["user"], access["host_key"], identity, client.url)
     present.plain(console, f"ssh entry for {name} written to {config}")
     present.plain(console, f"  ssh {name}")
     present.plain(console, f"  {devssh.ide_link(access.get('ide'), name, access['workdir'])}")

@@ -77,7 +77,8 @@ def start(tmp_path: Path, required: bool, with_sshd: bool) -> tuple[subprocess.C
     script = script.replace("command -v apt-get", "command -v gf-no-apt").replace("command -v dnf", "command -v x-1")
     script = script.replace("command -v yum", "command -v x-2").replace("command -v apk", "command -v x-3")
     p = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30,
-                       env={"PATH": "/usr/bin:/bin", devssh.HOST_KEY_ENV: private, "RUN_VAR": "it's $x"})
+                       env={"PATH": "/usr/bin:/bin", devssh.HOST_KEY_ENV: private, "RUN_VAR": "it's $x",
+                            "TERM": "dumb"})
     return p, root
 
 
@@ -92,6 +93,7 @@ def test_the_start_script_starts_sshd_with_the_host_key_and_the_runs_environment
     assert (root / "sshd-args").read_text().split()[:2] == ["-f", f"{d}/sshd_config"]
     environment = (d / "environment").read_text()
     assert devssh.HOST_KEY_ENV not in environment  # taken out before anything else runs
+    assert "TERM" not in environment  # the session's own
     shown = subprocess.run(["sh", "-c", f'. {shlex.quote(str(d / "environment"))}; printf %s "$RUN_VAR"'],
                            capture_output=True, text=True).stdout
     assert shown == "it's $x"
