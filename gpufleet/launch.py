@@ -13,6 +13,7 @@ import shlex
 from gpufleet import cluster
 from gpufleet.allocator import Placement
 from gpufleet.config import stored_fleet
+from gpufleet.containers import list_containers
 from gpufleet.errors import GpufleetError
 from gpufleet.interpolate import InterpolationError, fill_run, run_variables
 from gpufleet.models import (
@@ -194,20 +195,60 @@ def start_nodes(store: Store, run: RunRequest, run_id: str, placements: list[Pla
     ips = node_addresses(store, fleet_name, [p.host.alias for p in placements]) if len(placements) > 1 else []
     prelude = cluster.hostfile_script(ips, gpus_per_node) if ips else ""
     files = FleetFiles.of(fleet_name).require()
-    for rank, p in enumerate(placements):
-        host = p.host
-        numa = {b.numa_node for b in host.blocks if b.idx in p.blocks}
-        variables = container_vars(run, run_id, values, facts[host.alias], [host.gpus[g] for g in p.gpus],
-                                   p.cpus, p.memory_mib, numa, cluster.node_env(rank, ips, gpus_per_node), prelude,
-                                   secrets, state=store.identity, volume_roots=volume_roots)
-        started.append(host.alias)
-        result = run_playbook("start", files.inventory, limit=[host.alias], unsafe_vars=variables)
-        if result.canceled:
-            raise KeyboardInterrupt
-        outcome = result.hosts.get(host.alias)
-        if outcome is None or outcome.status.bad:
-            prefix = f"node {rank} ({host.alias}): " if len(placements) > 1 else f"{host.alias}: "
-            raise StartError(prefix + (outcome.message if outcome else "no result from the start playbook"))
+    order = getattr(run.config, "startup_order", None)
+    stages = start_stages(order, len(placements))
+    for stage_num, stage in enumerate(stages):
+        for rank in stage:
+            p = placements[rank]
+            host = p.host
+            numa = {b.numa_node for b in host.blocks if b.idx in p.blocks}
+            variables = container_vars(run, run_id, values, facts[host.alias], [host.gpus[g] for g in p.gpus],
+                                       p.cpus, p.memory_mib, numa, cluster.node_env(rank, ips, gpus_per_node),
+                                       prelude, secrets, state=store.identity, volume_roots=volume_roots)
+            started.append(host.alias)
+            result = run_playbook("start", files.inventory, limit=[host.alias], unsafe_vars=variables)
+            if result.canceled:
+                raise KeyboardInterrupt
+            outcome = result.hosts.get(host.alias)
+            if outcome is None or outcome.status.bad:
+                prefix = f"node {rank} ({host.alias}): " if len(placements) > 1 else f"{host.alias}: "
+                raise StartError(prefix + (outcome.message if outcome else "no result from the start playbook"))
+        if stage_num < len(stages) - 1:
+            _require_running(store, fleet_name, files, run, run_id, placements, stage, order)
+
+
+def start_stages(order: str | None, nodes: int) -> list[list[int]]:
+    """The ranks to start, in stages: each stage's containers must be running before the next stage
+    starts (dstack's `startup_order`; rank 0 is the master). `any` (or none): one stage, rank 0 first."""
+    ranks = list(range(nodes))
+    if nodes < 2 or order in (None, "any"):
+        return [ranks]
+    if order == "master-first":
+        return [[0], ranks[1:]]
+    if order == "workers-first":
+        return [ranks[1:], [0]]
+    raise ValueError(f"unknown startup_order {order!r}")
+
+
+def _require_running(store: Store, fleet_name: str, files: FleetFiles, run: RunRequest, run_id: str,
+                     placements: list[Placement], stage: list[int], order: str) -> None:
+    """The containers of ``stage`` (ranks) must be running before the next stage starts: raise StartError
+    naming the first node whose container has exited (or cannot be seen) by now."""
+    state = store.fleet(fleet_name)
+    aliases = [placements[rank].host.alias for rank in stage]
+    answers = list_containers(files, {a: state.runtime_argv(a) for a in dict.fromkeys(aliases)})
+    name = container_name(run.name)
+    waiting = "the other nodes" if order == "master-first" else "the master (node 0)"
+    for rank, alias in zip(stage, aliases, strict=True):
+        a = answers.get(alias)
+        if a is None or a.containers is None:
+            raise StartError(f"node {rank} ({alias}): cannot check that its container runs before {waiting} "
+                             f"start (startup_order: {order}): {a.message if a else 'no answer'}")
+        c = a.find(name, run_id)
+        if c is None or c.ended:
+            what = "is gone" if c is None else f"exited with code {c.exit_code}"
+            raise StartError(f"node {rank} ({alias}): its container {what} before {waiting} started "
+                             f"(startup_order: {order})")
 
 
 def node_addresses(store: Store, fleet_name: str, aliases: list[str]) -> list[str]:

@@ -45,8 +45,6 @@ _COMMON = {
 UNSUPPORTED: dict[str, dict[str, str]] = {
     "task": {**_COMMON, **{
         "groups": "use `nodes`: the same resources and commands on every node",
-        "startup_order": "every node starts at once: have workers wait for $GPUFLEET_MASTER_NODE_IP",
-        "stop_criteria": "a multi-node run ends when every node's container has exited (dstack's all-done)",
     }},
     "service": {**_COMMON, **{
         "model": _NO_GATEWAY, "gateway": _NO_GATEWAY, "https": _NO_GATEWAY, "auth": _NO_GATEWAY,

@@ -48,8 +48,9 @@ def settle(run: Run, states: list[tuple[str, Container | None]], unknown: str) -
     """Decide a run's fate from its containers (``states``: each asked host and what it has, None
     when its container is gone; ``unknown``: why some host could not be asked).
 
-    Done when every node's container exited 0; failed as soon as one failed or vanished (the
-    others are then stopped, so no block is freed under a running container)."""
+    Done when every node's container exited 0, or (`stop_criteria: master-done`) as soon as the
+    master's (node 0's) did: the others are then stopped. Failed as soon as one failed or vanished
+    (the others are then stopped, so no block is freed under a running container)."""
     gone = [a for a, c in states if c is None]
     failed = [(a, c.exit_code) for a, c in states if c and c.ended and c.exit_code != 0]
     running = [a for a, c in states if c and not c.ended]
@@ -64,6 +65,9 @@ def settle(run: Run, states: list[tuple[str, Container | None]], unknown: str) -
         return Settlement(RunStatus.FAILED, code, reason, running)
     if not running and not unknown and states:
         return Settlement(RunStatus.DONE, 0)
+    if master_done(run, states):
+        return Settlement(RunStatus.DONE, 0, "the master (node 0) exited with code 0: the other nodes were "
+                                             "stopped (stop_criteria: master-done)", running)
     if unknown:
         return Settlement(run.status, None, unknown)
     if run.status == RunStatus.STARTING:
@@ -71,6 +75,15 @@ def settle(run: Run, states: list[tuple[str, Container | None]], unknown: str) -
     if run.message:  # its host answers again: the "cannot check" note is over
         return Settlement(run.status)
     return Settlement(None)
+
+
+def master_done(run: Run, states: list[tuple[str, Container | None]]) -> bool:
+    """A multi-node run with `stop_criteria: master-done` whose master's (node 0's) container exited 0."""
+    aliases = run.aliases
+    if len(aliases) < 2 or run.spec.get("stop_criteria") != "master-done":
+        return False
+    master = dict(states).get(aliases[0])
+    return master is not None and master.ended and master.exit_code == 0
 
 
 def _record(store: Store, run: Run, s: Settlement) -> None:

@@ -729,12 +729,40 @@ class _Run(CoreModel):
 
 
 
+class StartupOrder(StrEnum):
+    """dstack's `startup_order` of a multi-node task's containers (node 0 is the master)."""
+
+    ANY = "any"
+    MASTER_FIRST = "master-first"
+    WORKERS_FIRST = "workers-first"
+
+
+class StopCriteria(StrEnum):
+    """dstack's `stop_criteria`: when a multi-node task is over."""
+
+    ALL_DONE = "all-done"
+    MASTER_DONE = "master-done"
+
+
 class TaskConfig(_Run):
     """A batch job: runs its commands and ends."""
 
     type: Literal["task"]
     nodes: int = Field(1, ge=1, le=1024, description="Number of hosts, one container on each "
                                                      "(needs a `placement: cluster` fleet).")
+    startup_order: StartupOrder | None = Field(
+        None, description="dstack's `startup_order`, the order a multi-node task's containers start in: `any` "
+                          "(omitted: no order; gpufleet starts node 0 first, one node after the other), "
+                          "`master-first` (the other nodes start once the master's, node 0's, container is "
+                          "running) or `workers-first` (the master starts once every other node's container is "
+                          "running). A container that has exited by then fails the start, naming its node. No "
+                          "effect on a single node.")
+    stop_criteria: StopCriteria | None = Field(
+        None, description="dstack's `stop_criteria`, when a multi-node task is over: `all-done` (omitted: when "
+                          "every node's container has exited) or `master-done` (when the master's, node 0's, "
+                          "container exits with 0: the other nodes' containers are stopped by the server and "
+                          "the run is done). Either way a container that exits non-zero fails the run and the "
+                          "others are stopped. No effect on a single node.")
 
 
 class ServiceConfig(_Run):
