@@ -15,7 +15,7 @@ from gpufleet.allocator import Placement
 from gpufleet.config import stored_fleet
 from gpufleet.containers import list_containers
 from gpufleet.errors import GpufleetError
-from gpufleet.interpolate import InterpolationError, fill_run, run_variables
+from gpufleet.interpolate import InterpolationError, fill_run, group_addresses, run_variables
 from gpufleet.models import (
     GPU,
     DevEnvironmentConfig,
@@ -24,6 +24,7 @@ from gpufleet.models import (
     RunConfigType,
     RunRequest,
     ServiceConfig,
+    TaskConfig,
     split_env,
 )
 from gpufleet.paths import FleetFiles
@@ -81,9 +82,13 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
     run_env = cluster.run_env(run.name, indices)
     node = node_env if node_env is not None else cluster.node_env(0, [], len(gpus))
     secret_names = split_env(cfg.env)[1]
+    # a task's node runs its group's commands (`groups`), where `${{ groups[I].nodes[J].IP_ADDRESS }}` are the nodes'
+    ips = node["GPUFLEET_NODES_IPS"].split("\n") if "GPUFLEET_NODES_IPS" in node else []
+    own = cfg.node_commands(int(node["GPUFLEET_NODE_RANK"])) if isinstance(cfg, TaskConfig) else cfg.commands
+    addresses = group_addresses(cfg.group_sizes, ips) if isinstance(cfg, TaskConfig) and ips else {}
     try:
-        commands, run_values, run_sealed = fill_run(cfg.commands, cfg.env_dict, secret_names, run.secrets,
-                                                    run_variables({**run_env, **node}))
+        commands, run_values, run_sealed = fill_run(own, cfg.env_dict, secret_names, run.secrets,
+                                                    run_variables({**run_env, **node}), addresses)
     except InterpolationError as e:
         raise GpufleetError(f"run {run.name}: {e}") from None
     run_sealed |= {n: run.secrets[n] for n in secret_names if n in run.secrets}

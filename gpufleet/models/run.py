@@ -744,6 +744,34 @@ class StopCriteria(StrEnum):
     MASTER_DONE = "master-done"
 
 
+_GROUP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")  # dstack's replica and node group names
+
+
+class NodeGroup(CoreModel):
+    """One of a multi-node task's `groups` (dstack's NodeGroup): its nodes run its own commands."""
+
+    name: str | None = Field(None, description="The group's name (lower-case letters, digits and -, up to 40); "
+                                               "omitted: its index, `0`, `1`, ... (as dstack).")
+    nodes: int = Field(1, ge=1, le=1024, description="How many nodes (hosts) of the task run this group's commands.")
+    resources: ResourcesSpec = Field(
+        ResourcesSpec(), description="What each node of the group needs (not inherited from the task, as in "
+                                     "dstack). gpufleet places every node of a task alike: every group must ask "
+                                     "for the same resources.")
+    commands: list[Annotated[str, BeforeValidator(_scalar_text)]] = Field(
+        [], description="The shell commands this group's nodes run; `${{ groups[I].nodes[J].IP_ADDRESS }}` is the "
+                        "cluster address of node J of group I.")
+    ports: list[Port] = Field([], description="Ports to forward with `gpufleet attach` (the first group's only: "
+                                              "attach reaches the master, node 0).")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not _GROUP_NAME_RE.fullmatch(v):
+            raise ValueError(f"{v!r}: a node group's name is 1 to 40 lower-case letters, digits and -, "
+                             "starting with a letter or digit")
+        return v
+
+
 class TaskConfig(_Run):
     """A batch job: runs its commands and ends."""
 
@@ -763,6 +791,84 @@ class TaskConfig(_Run):
                           "container exits with 0: the other nodes' containers are stopped by the server and "
                           "the run is done). Either way a container that exits non-zero fails the run and the "
                           "others are stopped. No effect on a single node.")
+    groups: list[NodeGroup] | None = Field(
+        None, description="dstack's node groups of a multi-node task, instead of `nodes`: each group's nodes run "
+                          "its own `commands`; node 0 (the master) is the first node of the first group, ranks "
+                          "follow the groups' order. The task's `nodes`, `resources` and `ports` are then the "
+                          "groups' (their total, the groups' common resources, the first group's ports); a top-level "
+                          "`nodes`, `commands`, `ports`, `entrypoint` or `resources` is refused. Unlike dstack, every "
+                          "group must ask for the same resources (one placement for all the nodes).")
+
+    @model_validator(mode="after")
+    def _from_groups(self) -> TaskConfig:
+        """With `groups`: their names (index when omitted), and the task's nodes, resources and ports as
+        the groups give them (the file may not set them: group_problems; a stored spec holds both, the
+        same)."""
+        if self.groups:
+            for i, g in enumerate(self.groups):
+                if g.name is None:
+                    g.name = str(i)
+            self.nodes = sum(g.nodes for g in self.groups)
+            self.resources = self.groups[0].resources
+            self.ports = list(self.groups[0].ports)
+        return self
+
+    def node_commands(self, rank: int) -> list[str]:
+        """The commands node ``rank`` runs: its group's, else the task's."""
+        if not self.groups:
+            return list(self.commands)
+        for g in self.groups:
+            if rank < g.nodes:
+                return list(g.commands)
+            rank -= g.nodes
+        raise ValueError(f"node {rank} is not a node of the task's groups")
+
+    @property
+    def group_sizes(self) -> list[int]:
+        """The number of nodes of each group (one group of all the nodes without `groups`, as dstack)."""
+        return [g.nodes for g in self.groups] if self.groups else [self.nodes]
+
+    def command_items(self) -> list[tuple[tuple, str]]:
+        """Every command line with where it is in the file: (("commands", i) or ("groups", g, "commands", i), line)."""
+        if not self.groups:
+            return [(("commands", i), c) for i, c in enumerate(self.commands)]
+        return [(("groups", g, "commands", i), c) for g, group in enumerate(self.groups)
+                for i, c in enumerate(group.commands)]
+
+
+def group_problems(cfg: TaskConfig, given: set[str]) -> list[tuple[tuple, str]]:
+    """What is wrong with a task's `groups` beside the rest of the file (``given``: the top-level fields the
+    file sets): (where, why) each, dstack's rules and gpufleet's one placement for all the nodes."""
+    if cfg.groups is None:
+        return []
+    if not cfg.groups:
+        return [(("groups",), "`groups` cannot be an empty list (as in dstack): omit it, or list the node groups")]
+    out: list[tuple[tuple, str]] = []
+    for key in ("nodes", "commands", "ports", "entrypoint", "resources"):
+        if key in given:
+            instead = {"nodes": "give each group its `nodes`", "entrypoint": "put `commands` in each group"}.get(
+                key, f"put `{key}` in each group")
+            out.append(((key,), f"a task with `groups` takes no top-level `{key}` (as in dstack): {instead}"))
+    if cfg.nodes > 1024:
+        out.append((("groups",), f"the groups have {cfg.nodes} nodes in all; at most 1024"))
+    seen: dict[str, int] = {}
+    first = cfg.groups[0].resources.model_dump(mode="json")
+    for i, g in enumerate(cfg.groups):
+        if g.name in seen:
+            out.append((("groups", i, "name"), f"{g.name!r} is also the name of groups[{seen[g.name]}]; "
+                                               "group names must be unique"))
+        seen.setdefault(g.name, i)
+        if not g.commands and "image" not in given:
+            out.append((("groups", i), "a node group needs `commands` (or the task an `image` to run as it is)"))
+        if i and g.resources.model_dump(mode="json") != first:
+            out.append((("groups", i, "resources"),
+                        "not the resources of groups[0]: gpufleet places every node of a multi-node task alike (one "
+                        "request for all its nodes), so every group must ask for the same resources; give each "
+                        "group the same ones, or split the task into runs"))
+        if i and g.ports:
+            out.append((("groups", i, "ports"), "`gpufleet attach` forwards the ports of the master (node 0, the first "
+                                                "group's first node) only: list ports in the first group"))
+    return out
 
 
 class ServiceConfig(_Run):
