@@ -1,6 +1,7 @@
-"""dstack's `startup_order` and `stop_criteria` on a cluster fleet of the lab (2 nodes): the order the
-containers start in (the runtime's own StartedAt, one clock: the lab's hosts share the kernel), a
-master that exits before the workers start, and a run ended by its master."""
+"""dstack's `startup_order`, `stop_criteria` and `groups` on a cluster fleet of the lab (2 nodes): the
+order the containers start in (the runtime's own StartedAt, one clock: the lab's hosts share the
+kernel), each group's commands with the nodes' addresses filled, a master that exits before the
+workers start, and a run ended by its master."""
 
 from __future__ import annotations
 
@@ -64,12 +65,30 @@ def timestamp(text: str) -> datetime:
     return datetime.fromisoformat(f"{m.group(1)}T{m.group(2)}{m.group(3) or ''}{zone}")
 
 
-def test_master_first_starts_the_master_first_and_all_done_waits_for_both(lab, mcli, tmp_path):
-    task = write(tmp_path, "mfirst", "startup_order: master-first\n"
-                                     "commands: ['if [ $GPUFLEET_NODE_RANK = 0 ]; then sleep 3; fi']\n")
-    p = mcli("apply", "-f", str(task), "-y", timeout=300)
+def test_groups_with_master_first_run_their_own_commands_and_reach_each_other(lab, mcli, tmp_path):
+    # the worker sends once, without retrying: master-first has the master listening before it starts
+    path = tmp_path / "mfirst.yml"
+    path.write_text(f"""type: task
+name: mfirst
+image: {IMAGE}
+startup_order: master-first
+groups:
+  - name: head
+    commands:
+      - echo "head $GPUFLEET_NODE_RANK sees worker ${{{{ groups[1].nodes[0].IP_ADDRESS }}}}"
+      - echo "got=$(nc -l -p 29501)"
+  - name: workers
+    commands:
+      - echo "worker $GPUFLEET_NODE_RANK sends to ${{{{ groups[0].nodes[0].IP_ADDRESS }}}}"
+      - echo hello-from-the-worker | nc -w 2 ${{{{ groups[0].nodes[0].IP_ADDRESS }}}} 29501
+""")
+    p = mcli("apply", "-f", str(path), "-y", timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert ps(mcli)["mfirst"]["status"] == "done"  # all-done: the master's 3 s were waited for
+    assert ps(mcli)["mfirst"]["status"] == "done"
+    head, worker = (mcli("logs", "mfirst", "--node", str(n), check=0).stdout for n in (0, 1))
+    ips = [n.address for n in lab.nodes]
+    assert f"head 0 sees worker {ips[1]}" in head and "got=hello-from-the-worker" in head, head
+    assert f"worker 1 sends to {ips[0]}" in worker and "head" not in worker, worker
     assert started_at(lab, 0, "mfirst") < started_at(lab, 1, "mfirst")
 
 
