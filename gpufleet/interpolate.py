@@ -24,9 +24,9 @@ name; gpufleet refuses every unknown namespace or name at load, with its line):
   submitter's environment variable NAME, taken and sealed as the run's secrets are), and run
   variables. A value that uses a secret is a secret itself.
 - ``commands`` (a task's groups' too): `run.args` (empty: `gpufleet apply` takes no run arguments,
-  dstack's value without them), node addresses and run variables. `env` and `secrets` are refused there, as dstack does not fill them in
-  commands: the run's env is the container's environment (`$NAME`), and a secret must not be put
-  in a command line.
+  dstack's value without them), node addresses and run variables. `env` and `secrets` are refused
+  there, as dstack does not fill them in commands: the run's env is the container's environment
+  (`$NAME`), and a secret must not be put in a command line.
 - Node addresses, `groups[I].nodes[J].IP_ADDRESS` (dstack's grammar for them): the cluster address of
   node J of group I of a multi-node task (its `groups`, or one group of all its `nodes`), in
   `commands` only, filled per node when the run starts; a group or node the task does not have is a
