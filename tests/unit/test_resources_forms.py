@@ -264,7 +264,7 @@ def test_every_resources_block_of_the_real_dstack_files_parses() -> None:
     assert DSTACK_CONFIGS.is_dir(), f"{DSTACK_CONFIGS} is missing (real dstack files, read from shared/)"
     blocks = _real_resources()
     archs = 0
-    for ident, resources in blocks:
+    for _ident, resources in blocks:
         spec = ResourcesSpec.model_validate(resources)
         archs += spec.cpu_arch is not None
     assert (len(blocks), archs) == (190, 4)
