@@ -1,15 +1,21 @@
 """`resources` on the lab, in real podman containers: `shm_size` is the container's /dev/shm (podman's
 64 MB without it, as dstack's default); `disk` with a maximum is refused on the lab's hosts (podman's
 vfs storage on ext4 cannot limit a container's disk), the host named, while a minimum the host's storage
-has places; a CPU architecture places on the lab's x86 hosts and `arm` is refused, saying why."""
+has places; a CPU architecture places on the lab's x86 hosts and `arm` is refused, saying why; a
+`*:8000` port gets a local port picked by `gpufleet attach`."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import Cli
+from conftest import ROOT, Cli, wait_for
+from test_tunnel_lab import http_get, read_until
 
 from gpufleet.lab import core
 
@@ -63,3 +69,28 @@ def test_a_cpu_architecture_the_hosts_lack_is_refused_saying_why(site, tmp_path)
     out = p.stdout + p.stderr
     assert p.returncode != 0 and "Traceback" not in out, out
     assert "its CPUs are x86, the run asks for arm" in out, out
+
+
+def test_star_port_gets_a_free_local_port_at_attach(site, tmp_path):
+    """`*:8000` (dstack's form): attach binds a local port it picks, forwarded to the container's 8000."""
+    path = tmp_path / "star.yml"
+    path.write_text(f"type: task\nname: star\nimage: {IMAGE}\nports: ['*:8000']\ncommands:\n"
+                    "  - mkdir -p /www && echo star-port > /www/index.html\n"
+                    "  - exec httpd -f -p 8000 -h /www\n")
+    site("apply", "-f", str(path), "-y", "-d", check=0)
+    env = {**os.environ, "GPUFLEET_HOME": str(site.home), "COLUMNS": "200", "TERM": "dumb"}
+    attach = subprocess.Popen([sys.executable, "-m", "gpufleet", "attach", "star"], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        printed = read_until(attach, "Ctrl-C", timeout=60)
+        m = re.search(r"forwarding localhost:(\d+) -> \S+:8000", printed)
+        assert m and int(m.group(1)) > 0, printed
+        body = wait_for("the task's answer on the picked port", lambda: http_get(int(m.group(1))), timeout=30)
+        assert body.strip() == "star-port"
+    finally:
+        attach.send_signal(signal.SIGINT)
+        try:
+            attach.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            attach.kill()
+        site("stop", "star", check=None)
