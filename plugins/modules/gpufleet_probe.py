@@ -101,7 +101,7 @@ ansible_facts:
               nvidia.com/gpu exists), C(nvidia-container-toolkit) (toolkit installed, no CDI spec) or null;
               amd (/dev/kfd exists), intel (habana-container-runtime installed) and tenstorrent
               (/dev/tenstorrent exists) are booleans.
-            - storage (when usable), the runtime's storage driver, the file system under its root (backing_fs),
+            - storage (null when not usable), the runtime's storage driver, the file system under its root (backing_fs),
               whether a container's writable layer can be limited (size_limit, overlay on xfs with project
               quotas) and why not (why_not, e.g. C(overlay on ext4)).
           type: dict
@@ -396,8 +396,7 @@ def probe_host(run, which, runtimes, runtime_root=None):
         runtime["root"] = runtime_root
     vendors = set(gpu["vendor"] for gpu in gpu_facts["gpus"])
     runtime["gpu_support"], support_problems = gpu_support(vendors, runtime, info, which)
-    if runtime["usable"]:
-        runtime["storage"] = storage_facts(runtime["name"], info, runtime["root"])
+    runtime["storage"] = storage_facts(runtime["name"], info, runtime["root"]) if runtime["usable"] else None
     return {
         "hostname": socket.gethostname(),
         "gpus": gpu_facts["gpus"],
