@@ -27,6 +27,7 @@ from gpufleet.models import (
     TaskConfig,
     split_env,
 )
+from gpufleet.models.run import port_pair
 from gpufleet.paths import FleetFiles
 from gpufleet.runner import run_playbook
 from gpufleet.state import Store
@@ -118,6 +119,8 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
         "workload_cpuset_cpus": facts.cpuset(numa_nodes),
         "workload_cpus": float(cpus) if cpus else None,
         "workload_memory_mib": memory_mib or None,
+        "workload_shm_size_mib": cfg.resources.shm_size_mib,
+        "workload_disk_limit_mib": cfg.resources.disk_limit_mib,
         "workload_network": "host" if cfg.host_network else "bridge",
         "workload_ports": [] if cfg.host_network else published_ports(cfg),
         "workload_privileged": cfg.runs_privileged,
@@ -158,12 +161,12 @@ def run_command(cfg: RunConfigType, prelude: str = "", commands: list[str] | Non
 
 def published_ports(cfg: RunConfigType) -> list[str]:
     """The container ports `gpufleet attach` forwards to (a service's `port`, then `ports`; of `8080:8000`
-    the 8000), to publish on the host's 127.0.0.1, each on a host port the runtime picks (two runs on
+    and `*:8000` the 8000), to publish on the host's 127.0.0.1, each on a host port the runtime picks (two runs on
     one host may both listen on 8000); `gpufleet attach` asks the runtime which."""
     ports = [str(p) for p in cfg.ports]
     if isinstance(cfg, ServiceConfig):
         ports.insert(0, str(cfg.port))
-    return list(dict.fromkeys(p.partition(":")[2] or p for p in ports))
+    return list(dict.fromkeys(str(port_pair(p)[1]) for p in ports))
 
 
 def applied_fleet(store: Store, name: str) -> Fleet:

@@ -3,8 +3,9 @@
 `resources` takes every form of dstack's (its core/models/resources.py) with dstack's meaning: a
 single count or size is exact (`gpu: 24GB` is 24 GB GPUs), `a..b` a range; see the comment above
 parse_count. GPU requests: `4`, `2..4`, `H100:4`, `H100:80GB:4`, `A100,H100:2`, `amd:2`, `24GB..:1`,
-`16GB..32`, or a mapping {name, count, memory, total_memory, vendor}. What gpufleet cannot check (a
-CPU architecture, a compute capability) is refused at load, never accepted and ignored.
+`16GB..32`, or a mapping {name, count, memory, total_memory, vendor}. A CPU architecture (`x86:2`) is
+matched against the probe's; what gpufleet cannot check (a compute capability) is refused at load,
+never accepted and ignored. `shm_size` is the container's /dev/shm; `disk`: see ResourcesSpec.disk.
 
 `volumes`: dstack's instance volumes, as a string (`/host/path:/path`, gpufleet adds `:ro`) or a
 mapping {instance_path, path, optional} (gpufleet adds read_only), both read into one `Volume`;
@@ -73,15 +74,15 @@ _DURATION_FORMS = "seconds (90) or a number and one unit s, m, h, d or w (90s, 3
 # How dstack reads `resources` (dstack's core/models/resources.py, checked at dstack 511c318c8), and
 # what gpufleet makes of it. dstack's `Range` reads a single value as exact (min = max) and `a..b`,
 # `a..`, `..b` or {min, max} as a range; every count and size below is such a range:
-#   cpu        `8` exactly 8 CPUs; `4..`, `..64`, {min, max}; `x86:8`, `8..:arm`, {arch, count}: see _cpu
+#   cpu        `8` exactly 8 CPUs; `4..`, `..64`, {min, max}; `x86:8`, `8..:arm`, {arch, count}: CPUSpec
 #   memory     `32GB` exactly 32 GB (a bare number is GB; MB, GB, TB in any case, spaces allowed);
 #              `200GB..`, `512..1TB`, {min, max}
 #   gpu.count  `2` exactly 2; `1..8`; {min, max}; not given but a GPU is named or sized: 1.. (dstack's
 #              DEFAULT_GPU_COUNT)
 #   gpu.memory, gpu.total_memory  `24GB` exactly 24 GB per GPU (in total); `16GB..32` (16 to 32 GB)
 #   gpu.compute_capability  a minimum (`7.5`) in dstack; gpufleet cannot check it yet (see GPUSpec)
-#   disk       `100GB`, `100GB..`, {size: ...}: read here as a minimum (enforcing it is the runtime's
-#              part, see launch); shm_size: a size
+#   disk       `100GB` exactly, `100GB..`, {size: ...}: the minimum is matched against the host's storage,
+#              the maximum is the container's limit (see ResourcesSpec.disk); shm_size: a size
 # gpufleet gives a run whole blocks: a count or size decides how many blocks it needs (its minimum),
 # and where the blocks hold more than its maximum the placement says so (allocator.place's note), as
 # for GPUs. GPU memory per GPU is a property of the GPU itself and is matched as dstack matches it.
@@ -177,33 +178,32 @@ def parse_size_range(value: Any, what: str = "memory") -> Range:
 
 
 def _disk(value: Any) -> Range | None:
-    """`disk`: dstack's DiskSpec: a size, a range or {size: ...}; read as a minimum (a single size too)
-    until the runtime's limit (launch's part) says otherwise."""
+    """`disk`: dstack's DiskSpec: a size, a range or {size: ...}, read as dstack reads it (a single size is
+    exact: min = max). What gpufleet makes of it: see ResourcesSpec.disk."""
     if value is None or isinstance(value, Range):
         return value
     if isinstance(value, dict) and set(value) == {"size"}:
         value = value["size"]
-    r = parse_size_range(value, "disk")
-    return Range(r.min, None) if r.min is not None and r.min == r.max else r
+    return parse_size_range(value, "disk")
 
 
 def _shm_size(value: Any) -> str | None:
     """`shm_size`: dstack's Memory (`16GB`, `512MB`, a number of GB), kept as written; a number is
-    written `16GB`."""
+    written `16GB`. Checked to be at least 1 MB (the runtime's smallest /dev/shm)."""
     if value is None:
         return None
-    parse_size_gb(value, "shm_size")
+    if parse_size_gb(value, "shm_size") * 1024 < 1:
+        raise ValueError(f"shm_size {value!r} is less than 1MB")
     return f"{value:g}GB" if isinstance(value, (int, float)) else value
 
 
 CPU_ARCHS = ("x86", "arm")  # dstack's (gpuhunt's) CPUArchitecture, any case
 
 
-def _cpu(value: Any) -> Range | None:
+def _cpu(value: Any) -> Any:
     """`cpu`, dstack's CPUSpec: a count (`8` exactly 8, `4..`, {min, max}), `ARCH:COUNT` in either order
-    (`x86:2`, `2..:ARM`, `arm`) or {arch, count}. An architecture is refused: gpufleet's probe does not
-    report a host's CPU architecture, so it could not be honoured."""
-    if value is None or isinstance(value, Range):
+    (`x86:2`, `2..:ARM`, `arm`) or {arch, count}; read into CPUSpec (arch in lower case, or None)."""
+    if value is None or isinstance(value, (Range, CPUSpec)):
         return value
     arch = None
     if isinstance(value, dict) and not set(value) <= {"min", "max"}:
@@ -213,6 +213,7 @@ def _cpu(value: Any) -> Range | None:
         arch, value = value.get("arch"), value.get("count", "2..")  # dstack's DEFAULT_CPU_COUNT
         if arch is not None and (not isinstance(arch, str) or arch.lower() not in CPU_ARCHS):
             raise ValueError(f"arch {arch!r} is not a CPU architecture (x86 or arm)")
+        value = "2.." if value is None else value
     elif isinstance(value, str) and (":" in value or value.strip().lower() in CPU_ARCHS):
         tokens, value = value.replace(" ", "").split(":"), None
         for token in tokens:
@@ -229,10 +230,19 @@ def _cpu(value: Any) -> Range | None:
             else:
                 raise ValueError(f"{token!r} is neither a CPU count nor an architecture (x86, arm)")
         value = "2.." if value is None else value
-    if arch is not None:
-        raise ValueError(f"CPU architecture {arch!r}: gpufleet cannot check it yet (its probe does not report "
-                         f"a host's CPU architecture); remove it, and use `fleets` to choose the hosts")
-    return parse_count(value, "cpu", 4096)
+    count = parse_count(value, "cpu", 4096)
+    return count if arch is None else CPUSpec(arch=arch.lower(), count=count)
+
+
+class CPUSpec(CoreModel):
+    """dstack's CPUSpec with an architecture: `x86:8`, `2..:arm`, {arch, count}. A run is placed only on
+    hosts whose probe reported that architecture (a host probed before gpufleet reported it: not matched)."""
+
+    arch: Literal["x86", "arm"] = Field(description="x86 or arm (dstack's names; x86_64 and aarch64 hosts).")
+    count: Range = Field(Range(2, None), description="Number of CPUs, as a count without an architecture.")
+
+    def __str__(self) -> str:
+        return f"{self.arch}:{self.count}"
 
 
 class GPUSpec(CoreModel):
@@ -340,28 +350,81 @@ def _parse_gpu_string(text: str) -> dict:
 class ResourcesSpec(CoreModel):
     gpu: GPUSpec | None = Field(None, description="GPUs: 4, 2..4, H100:4, H100:80GB:4, 24GB, amd:2, "
                                                   "{name, count, memory, total_memory, vendor}.")
-    cpu: Annotated[Range | None, BeforeValidator(_cpu)] = Field(
-        None, description="CPU cores: 8 (exactly), 4.., {min, max}; an architecture (x86:8) is refused.")
+    cpu: Annotated[Range | CPUSpec | None, BeforeValidator(_cpu)] = Field(
+        None, description="CPU cores: 8 (exactly), 4.., {min, max}; with an architecture (dstack's forms x86:8, "
+                          "2..:arm, {arch, count}) only hosts whose probe reported it (x86_64: x86, aarch64: arm).")
     memory: Annotated[Range | None, BeforeValidator(lambda v: v if v is None else parse_size_range(v))] = Field(
         None, description="Memory: 64GB (exactly), 32GB.., {min, max}.")
     disk: Annotated[Range | None, BeforeValidator(_disk)] = Field(
-        None, description="Disk: 100GB.., 100GB (read as at least), {size: ...}.")
+        None, description="Disk (dstack's DiskSpec: 100GB exactly, 100GB.., 100GB..200GB, {size: ...}). Its minimum: "
+                          "the host's container storage (the file system of the runtime's storage root) must be "
+                          "at least that big. Its maximum (a single size is one): the container's writable layer "
+                          "is limited to it (the runtime's --storage-opt size=), only on hosts whose storage can "
+                          "(overlay on xfs with project quotas); elsewhere the run is refused at plan time, the "
+                          "host and the reason named.")
     shm_size: Annotated[str | None, BeforeValidator(_shm_size)] = Field(
-        None, description="Shared memory size, e.g. 16GB (a number is GB, as in dstack).")
+        None, description="The size of the container's /dev/shm (dstack's shm_size: 16GB, 512MB, a number is GB); "
+                          "omitted: the runtime's default, 64MB (as in dstack).")
+
+    @property
+    def cpu_count(self) -> Range | None:
+        """The CPU count asked for, with or without an architecture."""
+        return self.cpu.count if isinstance(self.cpu, CPUSpec) else self.cpu
+
+    @property
+    def cpu_arch(self) -> str | None:
+        """The CPU architecture asked for (x86, arm), or None."""
+        return self.cpu.arch if isinstance(self.cpu, CPUSpec) else None
+
+    @property
+    def shm_size_mib(self) -> int | None:
+        """shm_size in MiB (what the runtime's --shm-size gets), or None."""
+        return None if self.shm_size is None else max(1, round(parse_size_gb(self.shm_size) * 1024))
+
+    @property
+    def disk_limit_mib(self) -> int | None:
+        """The limit of the container's writable layer in MiB (disk's maximum), or None: no limit."""
+        if self.disk is None or self.disk.max is None:
+            return None
+        return max(1, round(self.disk.max * 1024))
+
+
+_PORT_FORMS = "8000, 8080:8000, *:8000 or {container_port, local_port}"
 
 
 def _port(v: Any) -> Any:
+    """dstack's port forms (its PortMapping): `8000` (local and container port 8000), `8080:8000` (local
+    8080, container 8000), `*:8000` (a local port `gpufleet attach` picks) and {container_port, local_port}
+    (local_port omitted or null: picked). Kept as written; the mapping is written as one of the strings."""
     if isinstance(v, bool):
         raise ValueError("a port must be a number")
-    if isinstance(v, str) and re.fullmatch(r"\d{1,5}(:\d{1,5})?", v):
-        numbers = [int(p) for p in v.split(":")]
+    if isinstance(v, dict):
+        unknown = set(v) - {"container_port", "local_port"}
+        if unknown:
+            raise ValueError(f"unknown field {sorted(unknown)[0]!r}: a port mapping takes container_port and "
+                             f"local_port")
+        container, local = v.get("container_port"), v.get("local_port")
+        if container is None:
+            raise ValueError("a port mapping needs container_port")
+        for what, n in (("container_port", container), ("local_port", local)):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
+                raise ValueError(f"{what} {n!r} must be a port number")
+        v = f"{'*' if local is None else local}:{container}"
+    if isinstance(v, str) and re.fullmatch(r"(\d{1,5}|\*):\d{1,5}|\d{1,5}", v):
+        numbers = [int(p) for p in v.split(":") if p != "*"]
     elif isinstance(v, int):
         numbers = [v]
     else:
-        raise ValueError(f"{v!r} is not a port (8000) or a mapping (8080:8000)")
+        raise ValueError(f"{v!r} is not a port: {_PORT_FORMS}")
     if not all(1 <= n <= 65535 for n in numbers):
         raise ValueError(f"{v!r}: a port must be between 1 and 65535")
     return v
+
+
+def port_pair(port: int | str) -> tuple[int, int]:
+    """(local, container) of a port as `ports` keeps it; local 0: `*`, a local port picked at attach."""
+    local, _, container = str(port).partition(":")
+    return (0 if local == "*" else int(local)), int(container or local)
 
 
 Port = Annotated[int | str, BeforeValidator(_port)]
@@ -547,6 +610,13 @@ def _retry_duration(value: Any) -> float | None:
     return seconds
 
 
+def _spot_policy(value: Any) -> Any:
+    if value == "spot":
+        raise ValueError("spot: gpufleet's hosts are SSH fleet hosts, never spot instances (dstack treats them "
+                         "as on-demand), so the run could never be placed: remove it, or write auto or on-demand")
+    return value
+
+
 def _priority(value: Any) -> Any:
     if value is None:
         return RUN_PRIORITY_DEFAULT  # dstack accepts `priority: null` for its default
@@ -621,7 +691,9 @@ class _Run(CoreModel):
                           "is a secret: its value comes from the environment of `gpufleet apply` and is "
                           "never stored, logged or shown.")
     resources: ResourcesSpec = Field(ResourcesSpec(), description="What the run needs.")
-    ports: list[Port] = Field([], description="Ports to forward with `gpufleet attach` (8000 or 8080:8000).")
+    ports: list[Port] = Field([], description="Ports to forward with `gpufleet attach`, dstack's forms: 8000 (local "
+                                              "8000 to the container's 8000), 8080:8000 (local 8080), *:8000 (a "
+                                              "free local port, picked by attach) or {container_port, local_port}.")
     fleets: list[str] | None = Field(None, description="Only place the run on these fleets.")
     volumes: list[Volume] = Field(
         [], description="Host paths bound into the container (dstack's instance volumes): /host/path:/path, "
@@ -652,6 +724,10 @@ class _Run(CoreModel):
                           "run gets its own network namespace, its `ports` (and a service's `port`) published "
                           "on the host's 127.0.0.1 for `gpufleet attach`. Multi-node runs always use the "
                           "host's network (NCCL between hosts needs it).")
+    spot_policy: Annotated[Literal["auto", "on-demand"] | None, BeforeValidator(_spot_policy)] = Field(
+        None, description="dstack's `spot_policy`: `auto` and `on-demand` are accepted and change nothing: "
+                          "gpufleet's hosts are SSH fleet hosts, which dstack treats as on-demand too. `spot` is "
+                          "refused: no host of an SSH fleet is a spot instance, so it could never be placed.")
     priority: Annotated[int, BeforeValidator(_priority)] = Field(
         RUN_PRIORITY_DEFAULT, ge=RUN_PRIORITY_MIN, le=RUN_PRIORITY_MAX,
         description=f"Priority from {RUN_PRIORITY_MIN} to {RUN_PRIORITY_MAX}; higher runs are started first. "
