@@ -292,6 +292,8 @@ def check_archive(path: Path, limit: int) -> list[str]:
             seen: dict[str, tarfile.TarInfo] = {}
             total = 0
             for m in tar:
+                if m.offset == first.offset:
+                    continue  # the manifest
                 name = m.name
                 parts = name.split("/")
                 if name.startswith("/") or ".." in parts or "." in parts or "" in parts or "\0" in name or \

@@ -626,10 +626,10 @@ def _upload_container_path(v: Any, what: str) -> str:
     """A container path of `repos`/`files`: absolute, relative (to the working directory) or `~/...`."""
     if not isinstance(v, str) or not v:
         raise ValueError(f"{what} must be a path in the container")
-    if any(ord(c) < 32 or c == "\x7f" for c in v) or ":" in v or "," in v:
-        raise ValueError(f"{v!r}: {what} may not contain control characters, ':' or ','")
     if re.match(r"^[A-Za-z]:[\\/]", v):
         raise ValueError(f"{what} must be a Unix path: {v}")
+    if any(ord(c) < 32 or c == "\x7f" for c in v) or ":" in v or "," in v:
+        raise ValueError(f"{v!r}: {what} may not contain control characters, ':' or ','")
     if v.startswith("~") and v.split("/")[0] != "~":
         raise ValueError(f"{v!r}: `~username` is not supported (as in dstack): write an absolute path")
     return v
