@@ -426,7 +426,7 @@ def validate(module):
     mounts, skipped = list(p["volumes"] or []), []
     for volume in p["optional_volumes"] or []:
         (mounts if os.path.exists(volume.split(":", 1)[0]) else skipped).append(volume)
-    mounts += _upload_mounts(module, p["upload_dir"], p["uploads"] or [])
+    mounts += _upload_mounts(module, p.get("upload_dir"), p.get("uploads") or [])
     ports = _ports(module, p["ports"] or [])
     if ports and p["network"] == "host":
         module.fail_json(msg="ports: a container on the host's network (network=host) publishes nothing")
@@ -463,7 +463,7 @@ def _upload_mounts(module, base, uploads):
                 ".." in dst.split("/"):
             module.fail_json(msg=f"uploads: {dst!r} is not an absolute container path (no ':', ',' or '..')")
         path = os.path.join(base, src)
-        if not module.check_mode and (os.path.islink(path) or not os.path.exists(path) or
+        if not getattr(module, "check_mode", False) and (os.path.islink(path) or not os.path.exists(path) or
                                       os.path.realpath(path) != path):
             module.fail_json(msg=f"uploads: {src} is missing from {base}, or is reached through a symlink")
         out.append(f"{path}:{dst}")
@@ -512,9 +512,11 @@ def config_run_id(p, spec):
     for key in ("runtime", "devices", "gpus", "oci_runtime", "cpuset_cpus", "cpus", "memory_mib", "network",
                 "privileged", "volumes", "workdir"):
         data[key] = p[key]
-    for key in ("optional_volumes", "user", "entrypoint", "uploads"):
+    for key in ("optional_volumes", "user", "entrypoint"):
         if p[key]:
             data[key] = p[key]
+    if p.get("uploads"):
+        data["uploads"] = p["uploads"]
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
     return "cfg-" + digest[:16]
 

@@ -318,3 +318,49 @@ def test_receive_place_binds_and_sweep(tmp_path, monkeypatch, repo):
     old = archive.stat().st_mtime - 3600
     os.utime(archive, (old, old))
     assert upload.sweep(set()) == [archive] and not archive.exists()
+
+
+# --------------------------------------------------------------------------- the role's and module's side
+
+def test_container_vars_carry_the_archive_the_binds_and_the_workdir(tmp_path, monkeypatch, repo):
+    from test_volopts import vars_of
+
+    monkeypatch.setenv("GPUFLEET_HOME", str(tmp_path / "home"))
+    c = cfg(repos=["."], files=["committed.txt:/etc/app.txt"])
+    upload_id, _ = upload.receive([upload.pack(c.uploads, repo, no_problem).data], 10**8)
+    upload.place(upload_id, "r", 2, 10**8)
+    v = vars_of(c)
+    assert v["workload_upload_archive"] == str(upload.run_archive("r")) and v["workload_workdir"] == "/workflow"
+    assert v["workload_uploads"] == [{"src": "0", "dst": "/workflow"},
+                                     {"src": "1/committed.txt", "dst": "/etc/app.txt"}]
+    v = vars_of(cfg())
+    assert (v["workload_upload_archive"], v["workload_uploads"], v["workload_workdir"]) == (None, [], None)
+
+
+def test_module_binds_the_items_and_refuses_a_symlink_or_a_bad_path(monkeypatch, tmp_path):
+    from conftest import container_module
+    from test_hostpolicy import Failed, FakeModule
+
+    mod = container_module(monkeypatch)
+    base = tmp_path / "up"
+    (base / "0").mkdir(parents=True)
+    (base / "1").mkdir()
+    (base / "1" / "id_rsa").write_text("k")
+    (base / "2").mkdir()
+    (base / "2" / "x").symlink_to("/etc/shadow")
+
+    def mounts(uploads, **params):
+        m = FakeModule(upload_dir=str(base), uploads=uploads, volume_roots=[], **params)
+        spec = mod.validate(m)
+        return [a for a in mod.run_argv("podman", m.params, spec, "r1") if a.startswith("--volume")]
+
+    assert mounts([{"src": "0", "dst": "/workflow"}, {"src": "1/id_rsa", "dst": "/root/.ssh/id_rsa"}]) == [
+        f"--volume={base}/0:/workflow", f"--volume={base}/1/id_rsa:/root/.ssh/id_rsa"]
+    for bad, needle in (({"src": "2/x", "dst": "/x"}, "symlink"), ({"src": "3", "dst": "/x"}, "missing"),
+                        ({"src": "../etc", "dst": "/x"}, "not an item"), ({"src": "0", "dst": "/"}, "absolute"),
+                        ({"src": "0", "dst": "/a:/b"}, "absolute"), ({"src": "0", "dst": "rel"}, "absolute")):
+        with pytest.raises(Failed, match=needle):
+            mounts([bad])
+    m = FakeModule(upload_dir=str(base), uploads=[{"src": "0", "dst": "/w"}])
+    assert mod.config_run_id(m.params, mod.validate(m)) != mod.config_run_id(FakeModule().params,
+                                                                             mod.validate(FakeModule()))
