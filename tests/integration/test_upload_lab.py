@@ -5,6 +5,7 @@ the container finds each item at its path, in /workflow; over the limit, nothing
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -22,7 +23,9 @@ def site(lab_factory, tmp_path_factory):
     lab = lab_factory(nodes=1, gpus=1, vendor="nvidia")
     cli = Cli(tmp_path_factory.mktemp("upload-home") / "home")
     cli("apply", "-f", str(lab.fleet_file), "-y", check=0)
-    return cli
+    yield cli
+    # the lab's hosts share this machine's disk: the folder a finished run's container keeps goes too
+    shutil.rmtree("/var/lib/gpufleet/uploads/gpufleet-upload-ok", ignore_errors=True)
 
 
 def git(cwd: Path, *args: str) -> None:
@@ -75,6 +78,8 @@ def test_repo_and_files_are_in_the_container(site, tmp_path):
     if archive.exists():  # until the sweep after the run's end
         assert archive.stat().st_mode & 0o777 == 0o600
     assert (repo / "modified.txt").read_text() == "uncommitted-change\n"  # the container's copy, not the user's
+    unpacked = list(Path("/var/lib/gpufleet/uploads/gpufleet-upload-ok").glob("*/0/committed.txt"))
+    assert len(unpacked) == 1 and unpacked[0].parent.parent.stat().st_mode & 0o777 == 0o700
 
 
 def test_over_the_limit_nothing_is_sent(site, tmp_path):

@@ -364,3 +364,40 @@ def test_module_binds_the_items_and_refuses_a_symlink_or_a_bad_path(monkeypatch,
     m = FakeModule(upload_dir=str(base), uploads=[{"src": "0", "dst": "/w"}])
     assert mod.config_run_id(m.params, mod.validate(m)) != mod.config_run_id(FakeModule().params,
                                                                              mod.validate(FakeModule()))
+
+
+def test_the_api_takes_an_upload_and_a_run_that_names_it(tmp_path, monkeypatch, repo):
+    from fastapi.testclient import TestClient
+    from test_server_api import TOKEN
+
+    from gpufleet.server.api import Context, create_app
+    from gpufleet.server.auth import token_hash
+    from gpufleet.server.vault import Vault
+    from gpufleet.state import Store
+
+    monkeypatch.setenv("GPUFLEET_HOME", str(tmp_path / "home"))
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    store.bootstrap("admin", token_hash(TOKEN))
+    ctx = Context(store=store, seal=Vault(tmp_path / "secret.key").seal, kick=lambda: None,
+                  launch=lambda run, placements: None, background=lambda work: work(), info=lambda: {},
+                  shutdown=lambda: None, upload_limit=10_000)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    text = "type: task\nname: up\nimage: busybox\nrepos: [.]\ncommands: [ls]\n"
+    with TestClient(create_app(ctx)) as http:
+        r = http.post("/api/uploads", content=upload.pack(cfg(repos=["."]).uploads, repo, no_problem).data,
+                      headers=auth)
+        assert r.status_code == 201, r.text
+        upload_id = r.json()["id"]
+        assert upload.pending_path(upload_id).exists()
+        r = http.post("/api/runs", json={"source": "r.yml", "text": text}, headers=auth)
+        assert r.status_code >= 400 and "submit it with gpufleet apply" in r.json()["detail"]
+        r = http.post("/api/runs", json={"source": "r.yml", "text": text, "upload": "../../x"}, headers=auth)
+        assert r.status_code >= 400 and "not an upload id" in r.json()["detail"]
+        r = http.post("/api/runs", json={"source": "r.yml", "text": text.replace("repos: [.]", "repos: [.]\n"
+                                         "files: [a]"), "upload": upload_id}, headers=auth)
+        assert r.status_code >= 400 and "holds 1 items" in r.json()["detail"]
+        r = http.post("/api/uploads", content=b"x" * 20_000, headers=auth)
+        assert r.status_code >= 400 and "over this server's limit" in r.json()["detail"]
+        r = http.post("/api/uploads", content=b"not a tar", headers=auth)
+        assert r.status_code >= 400 and "not a readable tar.gz" in r.json()["detail"]
+        assert [p.name for p in (tmp_path / "home" / "uploads" / "pending").iterdir()] == [f"{upload_id}.tar.gz"]
