@@ -164,7 +164,7 @@ def pack(uploads: list, config_dir: Path, problem: Callable[[tuple, str], Except
             items.append((str(u.index), _entries(local, _folder_listing(local))))
             lines.append(f"{u.local_path} to {u.path}")
         elif local.is_file():
-            items.append((f"{u.index}/{local.name}", [("", local)]))
+            items.append((f"{u.index}/{local.name}", [("", local.resolve())]))  # a link: the file it points to
             lines.append(f"{u.local_path} to {u.path}")
         else:
             raise problem(loc, f"{u.local_path}: no such file or directory ({local})")
@@ -314,7 +314,7 @@ def check_archive(path: Path, limit: int) -> list[str]:
                 seen[name] = m
             for item in items:
                 m = seen.get(item)
-                if m is None or (m.isdir() if "/" in item else not m.isdir()):
+                if m is None or (not m.isfile() if "/" in item else not m.isdir()):
                     raise UploadError(f"the upload's item {item!r} is missing or of the wrong kind")
             return items
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:

@@ -293,6 +293,20 @@ def test_the_server_refuses_an_archive_that_would_write_outside_its_folder(tmp_p
     assert needle in str(e.value)
 
 
+def test_a_file_item_must_be_a_file_not_a_symlink(tmp_path):
+    path = _write(tmp_path / "a.tar.gz", _archive([("0", "d", ""), ("0/x", "l", "y"), ("0/y", "f", "y")],
+                                                  items=("0/x",)))
+    with pytest.raises(upload.UploadError, match="wrong kind"):
+        upload.check_archive(path, 100)
+
+
+def test_a_linked_file_is_sent_as_the_file(tmp_path):
+    (tmp_path / "real.txt").write_text("real\n")
+    (tmp_path / "link.txt").symlink_to("real.txt")
+    tar = unpack(upload.pack(cfg(files=["link.txt:/x"]).uploads, tmp_path, no_problem).data)
+    assert json.loads(tar[upload.MANIFEST])["items"] == ["0/link.txt"] and tar["0/link.txt"] == b"real\n"
+
+
 def test_receive_place_binds_and_sweep(tmp_path, monkeypatch, repo):
     monkeypatch.setenv("GPUFLEET_HOME", str(tmp_path / "home"))
     c = cfg(repos=["."], files=["committed.txt:/etc/app.txt"])
