@@ -28,7 +28,7 @@ from gpufleet.models import (
 from gpufleet.paths import FleetFiles
 from gpufleet.runner import run_playbook
 from gpufleet.state import Store
-from gpufleet.upload import host_binds
+from gpufleet.upload import host_binds, upload_owner
 
 KEEP_ALIVE = "while :; do sleep 3600; done"
 STATE_LABEL = "gpufleet.state"  # which state store started the container (Store.identity)
@@ -123,6 +123,8 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
         "workload_workdir": cfg.workdir,
         "workload_upload_archive": archive,
         "workload_uploads": binds,
+        "workload_upload_owner": upload_owner(cfg.user)[0] if archive else None,
+        "workload_upload_group": upload_owner(cfg.user)[1] if archive else None,
         "workload_user": cfg.user,
         "workload_entrypoint": entrypoint,
     }

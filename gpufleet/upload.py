@@ -383,3 +383,13 @@ def manifest_items(path: Path) -> list[str]:
             return json.loads(tar.extractfile(first).read())["items"]
     except (tarfile.TarError, OSError, EOFError, ValueError, KeyError, AttributeError) as e:
         raise UploadError(f"cannot read the upload {path}: {e}") from None
+
+
+def upload_owner(user: str | None) -> tuple[int | None, int | None]:
+    """Who should own the unpacked upload on the host, so that the container's `user` may write to it,
+    as dstack gives the code to the run's user: its numeric uid and gid (a name cannot be looked up
+    in the image from here: the files stay root's)."""
+    if not user:
+        return None, None
+    name, _, group = user.partition(":")
+    return (int(name) if name.isdigit() else None), (int(group) if group.isdigit() else None)

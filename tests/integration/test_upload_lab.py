@@ -25,7 +25,8 @@ def site(lab_factory, tmp_path_factory):
     cli("apply", "-f", str(lab.fleet_file), "-y", check=0)
     yield cli
     # the lab's hosts share this machine's disk: the folder a finished run's container keeps goes too
-    shutil.rmtree("/var/lib/gpufleet/uploads/gpufleet-upload-ok", ignore_errors=True)
+    for name in ("upload-ok", "upload-user"):
+        shutil.rmtree(f"/var/lib/gpufleet/uploads/gpufleet-{name}", ignore_errors=True)
 
 
 def git(cwd: Path, *args: str) -> None:
@@ -80,6 +81,18 @@ def test_repo_and_files_are_in_the_container(site, tmp_path):
     assert (repo / "modified.txt").read_text() == "uncommitted-change\n"  # the container's copy, not the user's
     unpacked = list(Path("/var/lib/gpufleet/uploads/gpufleet-upload-ok").glob("*/0/committed.txt"))
     assert len(unpacked) == 1 and unpacked[0].parent.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_the_containers_user_owns_the_code(site, tmp_path):
+    repo = make_repo(tmp_path)
+    (repo / "run.yml").write_text(
+        f"type: task\nname: upload-user\nimage: {IMAGE}\nuser: '1234:2345'\nrepos: [.]\nfiles: ['../note.txt:note.txt']\n"
+        "commands:\n  - stat -c 'owner=%u:%g' . committed.txt\n  - cat note.txt\n"
+        "  - echo more >> committed.txt && mkdir made && echo user-writes\n")
+    (tmp_path / "note.txt").write_text("note-for-user\n")
+    p = site("apply", "-f", str(repo / "run.yml"), "-y", timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("owner=1234:2345") == 2 and "note-for-user" in p.stdout and "user-writes" in p.stdout
 
 
 def test_over_the_limit_nothing_is_sent(site, tmp_path):

@@ -415,3 +415,10 @@ def test_the_api_takes_an_upload_and_a_run_that_names_it(tmp_path, monkeypatch, 
         r = http.post("/api/uploads", content=b"not a tar", headers=auth)
         assert r.status_code >= 400 and "not a readable tar.gz" in r.json()["detail"]
         assert [p.name for p in (tmp_path / "home" / "uploads" / "pending").iterdir()] == [f"{upload_id}.tar.gz"]
+
+
+@pytest.mark.parametrize(("user", "owner"), [(None, (None, None)), ("1000", (1000, None)),
+                                             ("1000:2000", (1000, 2000)), ("ubuntu", (None, None)),
+                                             ("ubuntu:100", (None, 100))])
+def test_the_upload_belongs_to_a_numeric_user(user, owner):
+    assert upload.upload_owner(user) == owner
