@@ -31,6 +31,7 @@ from gpufleet.models.run import port_pair
 from gpufleet.paths import FleetFiles
 from gpufleet.runner import run_playbook
 from gpufleet.state import Store
+from gpufleet.upload import host_binds, upload_owner
 
 KEEP_ALIVE = "while :; do sleep 3600; done"
 STATE_LABEL = "gpufleet.state"  # which state store started the container (Store.identity)
@@ -104,6 +105,7 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
             (env if secret else secret_env).pop(name, None)
     entrypoint, command = run_command(cfg, prelude, commands)
     gpu_list = ",".join(map(str, indices))
+    archive, binds = host_binds(cfg.uploads, run.name)  # `repos` and `files`, as the CLI uploaded them
     return {
         "workload_name": container_name(run.name),
         "workload_run_id": run_id,
@@ -127,7 +129,11 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
         "workload_volumes": [str(v) for v in cfg.volumes if not v.optional],
         "workload_optional_volumes": [str(v) for v in cfg.volumes if v.optional],
         "workload_volume_roots": None if volume_roots is None else list(volume_roots),
-        "workload_workdir": cfg.working_dir,
+        "workload_workdir": cfg.workdir,
+        "workload_upload_archive": archive,
+        "workload_uploads": binds,
+        "workload_upload_owner": upload_owner(cfg.user)[0] if archive else None,
+        "workload_upload_group": upload_owner(cfg.user)[1] if archive else None,
         "workload_user": cfg.user,
         "workload_entrypoint": entrypoint,
     }

@@ -29,10 +29,7 @@ _NO_GATEWAY = "gpufleet has no gateway: a service is reached through `gpufleet a
 _COMMON = {
     "python": f"{_IMAGE} (e.g. python:3.12-slim)",
     "nvcc": f"{_IMAGE} (a CUDA devel image, e.g. nvidia/cuda:12.4.1-devel-ubuntu22.04)",
-    "repos": "put the code in the image, or mount it from the hosts with `volumes` (paths the fleet's policy allows)",
-    "files": "put the files in the image, or mount them from the hosts with `volumes` "
-             "(paths the fleet's policy allows)",
-    "single_branch": "gpufleet does not clone repos; remove it",
+    "single_branch": "gpufleet does not clone repos (it uploads the local working tree); remove it",
     "registry_auth": "use an image the hosts can pull without credentials, or pull it on the hosts beforehand",
     "home_dir": "it has no effect in dstack either (deprecated); remove it",
     "setup": "deprecated in dstack; put those lines first in `commands`",

@@ -22,6 +22,7 @@ Queueing fields, with dstack's meaning unless a field's description says otherwi
 from __future__ import annotations
 
 import math
+import posixpath
 import re
 import shlex
 from dataclasses import dataclass
@@ -681,6 +682,148 @@ Retry = Annotated[
 ]
 
 
+# Code upload (dstack's `repos`, `files`, `working_dir`): what gpufleet uploads and where it lands. The
+# CLI packs the local paths (gpufleet.upload), the hosts get the archive through the fleet's jump chain
+# and the container gets each item bound at its path. dstack's LEGACY_REPO_DIR: where a relative
+# `working_dir` is read from (as dstack still does), and gpufleet's working directory for a run that
+# uploads code and sets no `working_dir` (dstack 0.20 would use the image's; gpufleet does not read images).
+REPO_DIR = "/workflow"
+_NO_CLONE = ("gpufleet uploads local code and never clones on the hosts (they may have no internet): clone it "
+             "here and give its directory (`- local_path: DIR`)")
+
+
+def _upload_container_path(v: Any, what: str) -> str:
+    """A container path of `repos`/`files`: absolute, relative (to the working directory) or `~/...`."""
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"{what} must be a path in the container")
+    if re.match(r"^[A-Za-z]:[\\/]", v):
+        raise ValueError(f"{what} must be a Unix path: {v}")
+    if any(ord(c) < 32 or c == "\x7f" for c in v) or ":" in v or "," in v:
+        raise ValueError(f"{v!r}: {what} may not contain control characters, ':' or ','")
+    if v.startswith("~") and v.split("/")[0] != "~":
+        raise ValueError(f"{v!r}: `~username` is not supported (as in dstack): write an absolute path")
+    return v
+
+
+def _split_mapping(v: str, what: str) -> list[str]:
+    """dstack's `LOCAL[:PATH]` shorthand split on ':', a Windows drive letter kept with its path."""
+    parts = v.split(":")
+    if len(parts) > 1 and len(parts[0]) == 1 and parts[0].isalpha() and parts[1][:1] in ("\\", "/"):
+        parts = [f"{parts[0]}:{parts[1]}", *parts[2:]]
+    if len(parts) > 2:
+        raise ValueError(f"invalid {what}: {v!r} (write LOCAL or LOCAL:PATH)")
+    return parts
+
+
+class RepoSpec(CoreModel):
+    """One of `repos` (dstack's RepoSpec): a local git repo whose working tree is uploaded."""
+
+    local_path: str | None = Field(
+        None, description="The git repo on this machine (relative paths: from the configuration file's directory). "
+                          "Its working tree as it is (tracked files with uncommitted changes, untracked files "
+                          "that .gitignore does not exclude, less .dstackignore's patterns) is uploaded.")
+    url: str | None = Field(None, description="dstack's remote repo: refused (gpufleet never clones on the hosts).")
+    branch: str | None = Field(None, description="dstack's branch: refused (gpufleet uploads the working tree).")
+    hash: str | None = Field(None, description="dstack's commit hash: refused (gpufleet uploads the working tree).")
+    path: str = Field(".", description="Where the repo goes in the container; relative paths are from the working "
+                                       "directory (dstack's default `.`: the working directory itself).")
+    if_exists: Literal["error", "skip"] = Field(
+        "error", description="dstack's action when `path` is not empty in the image: only `error` (the default) is "
+                             "taken, and gpufleet does not check: the repo is mounted over the image's directory.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        parts = v.split(":")
+        if len(parts) > 1 and ("@" in parts[0] or parts[1].startswith("//")):  # git@host:x, https://...
+            raise ValueError(f"{v!r} is a remote repo: {_NO_CLONE}")
+        parts = _split_mapping(v, "repo")
+        return {"local_path": parts[0]} | ({"path": parts[1]} if len(parts) == 2 else {})
+
+    @field_validator("url")
+    @classmethod
+    def _no_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError(_NO_CLONE)
+        return v
+
+    @field_validator("branch", "hash")
+    @classmethod
+    def _no_revision(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError("gpufleet uploads the local working tree as it is: check the branch or commit out "
+                             "locally and remove this")
+        return v
+
+    @field_validator("if_exists")
+    @classmethod
+    def _only_error(cls, v: str) -> str:
+        if v != "error":
+            raise ValueError("gpufleet mounts the repo over the image's directory and does not look whether it is "
+                             "empty; remove `if_exists: skip`")
+        return v
+
+    _path = field_validator("path")(lambda v: _upload_container_path(v, "the repo's path"))
+
+    @model_validator(mode="after")
+    def _local(self) -> RepoSpec:
+        if not self.local_path:
+            raise ValueError("give `local_path` (the repo's directory on this machine)")
+        return self
+
+
+class FileMapping(CoreModel):
+    """One of `files` (dstack's FilePathMapping): a local file or directory uploaded to a container path."""
+
+    local_path: str = Field(description="The file or directory on this machine (relative paths: from the "
+                                        "configuration file's directory; `~` is your home). A directory's files "
+                                        "are uploaded less what .gitignore and .dstackignore exclude.")
+    path: str = Field(description="Where it goes in the container; relative paths are from the working directory, "
+                                  "`~` is /root.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        parts = _split_mapping(v, "file path mapping")
+        return {"local_path": parts[0], "path": parts[-1]}
+
+    @field_validator("local_path")
+    @classmethod
+    def _local(cls, v: str) -> str:
+        if not v or any(ord(c) < 32 for c in v):
+            raise ValueError("must be a path on this machine")
+        return v
+
+    _path = field_validator("path")(lambda v: _upload_container_path(v, "a container path"))
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded item: ``index`` (its folder in the archive), where it comes from (as written) and
+    the absolute container path it is bound at."""
+
+    index: int
+    kind: Literal["repo", "file"]
+    local_path: str
+    path: str
+
+
+def _working_dir(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value  # pydantic says what it should be
+    if not value:
+        raise ValueError("must be a path in the container")
+    if value.startswith("~"):
+        raise ValueError(f"{value!r}: write the absolute path (gpufleet does not read the home of the image's user)")
+    if any(ord(c) < 32 or c == "\x7f" for c in value):
+        raise ValueError(f"{value!r} may not contain control characters")
+    return value
+
+
 class _Run(CoreModel):
     name: Name = Field(None, description="Run name (default: the file name).")
     image: str = Field(description="Container image, e.g. localhost/gpufleet-lab:latest.")
@@ -699,7 +842,10 @@ class _Run(CoreModel):
         [], description="Host paths bound into the container (dstack's instance volumes): /host/path:/path, "
                         "/host/path:/path:ro, or {instance_path, path, optional} (read_only: true for `:ro`). "
                         "A dstack network volume (a name, `name:`) is refused: gpufleet has instance volumes only.")
-    working_dir: str | None = Field(None, description="Working directory in the container.")
+    working_dir: Annotated[str | None, BeforeValidator(_working_dir)] = Field(
+        None, description="dstack's `working_dir`: the container's working directory, absolute; a relative one is "
+                          f"from {REPO_DIR} (as dstack reads it). Omitted: the image's, or {REPO_DIR} for a run with "
+                          "`repos` or `files` (dstack 0.20 would use the image's: gpufleet does not read images).")
     user: Annotated[str | None, BeforeValidator(_user)] = Field(
         None, description="dstack's `user`: the user the container runs as, USER[:GROUP] (a name or a number each, "
                           "e.g. ubuntu, 1000:1000); omitted: the image's user.")
@@ -749,6 +895,51 @@ class _Run(CoreModel):
                           "once when it is `false` or leaves no-capacity out. Unlike dstack (whose default "
                           "is `false`), a run without `retry` waits for capacity with no time bound. "
                           "See `retry_policy`.")
+
+    repos: list[RepoSpec] = Field(
+        [], max_length=1, description="dstack's `repos`: at most one local git repo (`.`, `..:/my-repo`, "
+                                      "{local_path, path}), its working tree uploaded by `gpufleet apply` and put at "
+                                      "`path` (default: the working directory). No remote repos: gpufleet never "
+                                      "clones on the hosts.")
+    files: list[FileMapping] = Field(
+        [], description="dstack's `files`: local files or directories uploaded to the container, `LOCAL:PATH`, a lone "
+                        "`PATH` (the same relative path on both sides) or {local_path, path}.")
+
+    @field_validator("repos", "files")
+    @classmethod
+    def _home_is_root(cls, v: list, info) -> list:
+        user = info.data.get("user")
+        workdir = info.data.get("working_dir")
+        base = posixpath.join(REPO_DIR, workdir) if workdir else REPO_DIR
+        for i, item in enumerate(v):
+            if item.path.startswith("~") and user is not None and user.split(":")[0] not in ("root", "0"):
+                raise ValueError(f"[{i}] {item.path!r}: `~` in a container path is /root; with `user: {user}` "
+                                 "write the absolute path")
+            path = "/root" + item.path[1:] if item.path.startswith("~") else item.path
+            if posixpath.normpath(posixpath.join(base, path)) == "/":
+                raise ValueError(f"[{i}] {item.path!r} is the container's root directory: give a directory below it")
+        return v
+
+    @property
+    def workdir(self) -> str | None:
+        """The container's working directory (None: the image's): `working_dir` (a relative one from
+        /workflow, as dstack reads it), else /workflow for a run that uploads code."""
+        if self.working_dir is None:
+            return REPO_DIR if self.repos or self.files else None
+        return posixpath.normpath(posixpath.join(REPO_DIR, self.working_dir))
+
+    @property
+    def uploads(self) -> list[Upload]:
+        """What the run uploads, in archive order (the repo first), with absolute container paths:
+        relative ones from the working directory, `~` as /root."""
+        base = self.workdir or REPO_DIR
+        items = [("repo", r.local_path, r.path) for r in self.repos] + [("file", f.local_path, f.path)
+                                                                         for f in self.files]
+        out = []
+        for i, (kind, local, path) in enumerate(items):
+            path = "/root" + path[1:] if path.startswith("~") else path
+            out.append(Upload(i, kind, local or ".", posixpath.normpath(posixpath.join(base, path))))
+        return out
 
     @field_serializer("stop_duration", when_used="json")
     def _stop_duration_json(self, v: float | None) -> float | str | None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from gpufleet import queue, runs
+from gpufleet import queue, runs, upload
 from gpufleet.allocator import Placement
 from gpufleet.errors import GpufleetError
 from gpufleet.models import Run, RunStatus
@@ -198,6 +198,8 @@ class Controller:
                      on_answer=lambda f, a, why: answers.__setitem__((f, a), why))
         for note in notes:
             self.store.add_event("orphan", note)
+        if sweep:  # the code uploads of runs that ended
+            upload.sweep({r.name for r in self.store.runs() if r.live})
         for (fleet, alias), why in answers.items():
             key = (fleet, alias)
             if why and key not in self._unreachable:

@@ -182,6 +182,19 @@ options:
   workdir:
     description: The working directory inside the container (C(--workdir)).
     type: str
+  upload_dir:
+    description:
+      - The host folder a run's code upload was unpacked in (the workload role does it); required with
+        I(uploads). C(~) is the home of the user the module runs as.
+    type: str
+  uploads:
+    description:
+      - Items of the upload bound read-write into the container, each C({src, dst}), C(src) an item's path
+        below I(upload_dir) (C(N) or C(N/NAME)), C(dst) an absolute container path. An item that is missing
+        or reached through a symlink is refused. I(volume_roots) does not apply (the folder is gpufleet's).
+    type: list
+    elements: dict
+    default: []
   user:
     description:
       - The user the container's process runs as (C(--user)), C(USER) or C(USER:GROUP), each a name or
@@ -424,6 +437,7 @@ def validate(module):
     mounts, skipped = list(p["volumes"] or []), []
     for volume in p["optional_volumes"] or []:
         (mounts if os.path.exists(volume.split(":", 1)[0]) else skipped).append(volume)
+    mounts += _upload_mounts(module, p.get("upload_dir"), p.get("uploads") or [])
     ports = _ports(module, p["ports"] or [])
     if ports and p["network"] == "host":
         module.fail_json(msg="ports: a container on the host's network (network=host) publishes nothing")
@@ -444,6 +458,30 @@ def validate(module):
             module.fail_json(msg=f"{key} must be > 0")
     return {"image": image, "command": list(command), "env": env, "labels": labels, "secret_env": secret_env,
             "ports": ports, "mounts": mounts, "skipped_volumes": skipped}
+
+
+def _upload_mounts(module, base, uploads):
+    """The `--volume` values of a run's uploaded items: each SRC below upload_dir at DST, read-write."""
+    if not uploads:
+        return []
+    base = os.path.expanduser(base or "")
+    if not os.path.isabs(base):
+        module.fail_json(msg=f"upload_dir: {base!r}: an absolute path is required with uploads")
+    base = os.path.realpath(base)
+    out = []
+    for item in uploads:
+        src, dst = item.get("src"), item.get("dst")
+        if not isinstance(src, str) or not re.match(r"^[0-9]+(/[^/:,\0]+)?$", src) or src.endswith(("/.", "/..")):
+            module.fail_json(msg=f"uploads: {src!r} is not an item of the upload (N or N/NAME)")
+        if not isinstance(dst, str) or not dst.startswith("/") or dst == "/" or re.search(r"[:,\0]", dst) or \
+                ".." in dst.split("/"):
+            module.fail_json(msg=f"uploads: {dst!r} is not an absolute container path (no ':', ',' or '..')")
+        path = os.path.join(base, src)
+        if not getattr(module, "check_mode", False) and (os.path.islink(path) or not os.path.exists(path) or
+                                      os.path.realpath(path) != path):
+            module.fail_json(msg=f"uploads: {src} is missing from {base}, or is reached through a symlink")
+        out.append(f"{path}:{dst}")
+    return out
 
 
 def _ports(module, items):
@@ -491,6 +529,8 @@ def config_run_id(p, spec):
     for key in ("optional_volumes", "user", "entrypoint", "shm_size_mib", "disk_limit_mib"):
         if p[key]:
             data[key] = p[key]
+    if p.get("uploads"):
+        data["uploads"] = p["uploads"]
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
     return "cfg-" + digest[:16]
 
@@ -619,6 +659,8 @@ def main():
             volumes=dict(type="list", elements="str", default=[]),
             optional_volumes=dict(type="list", elements="str", default=[]),
             workdir=dict(type="str"),
+            upload_dir=dict(type="str"),
+            uploads=dict(type="list", elements="dict", default=[]),
             user=dict(type="str"),
             entrypoint=dict(type="str"),
             stop_timeout=dict(type="int", default=gpufleet_inspect.STOP_TIMEOUT),
