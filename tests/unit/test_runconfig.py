@@ -326,7 +326,6 @@ def test_a_typo_in_a_run_gets_did_you_mean(tmp_path, text, message):
     ("task", "registry_auth: {username: u, password: p}", "; use an image the hosts can pull without credentials"),
     ("task", "groups: [{nodes: 1}]", "; use `nodes`"),
     ("task", "utilization_policy: {min_gpu_utilization: 10, time_window: 1h}", ""),
-    ("task", "schedule: {cron: '0 * * * *'}", "; start it from cron"),
     ("task", "spot_policy: auto", "; a dstack cloud field"),
     ("service", "model: llama", "; gpufleet has no gateway"),
     ("service", "auth: false", "; gpufleet has no gateway"),
