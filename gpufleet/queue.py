@@ -349,7 +349,8 @@ def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: 
     store.save_reservations([(r.run_id, r.at, list(r.blocks)) for r in decision.reservations])
     gone = {r.run_id for r in decision.refused} | {st.run.run_id for st in decision.starts}
     for name in sorted((now_or_never & (set(waits) | set(homeless))) - gone):
-        why = next((h.reason for h in decision.held if h.run_id == name), homeless.get(name) or "no capacity")
+        why = next((h.reason for h in decision.held if h.run_id == name), None) or homeless.get(name) or \
+            wait_reason(waits[name], hosts)
         store.finish_run(name, RunStatus.FAILED, None, f"not started at its scheduled time (retry: false): {why}")
         gone.add(name)
     reasons = {h.run_id: h.reason for h in decision.held if h.run_id not in gone}

@@ -996,7 +996,7 @@ class Store:
                 return True
             self._record_usage(c, name)
             c.execute(update(runs).where(runs.c.name == name).values(
-                status=str(status), exit_code=exit_code, message=message, updated_at=time.time()))
+                status=str(status), exit_code=exit_code, message=message, updated_at=time.time(), next_at=None))
             self._free(c, name)
             c.execute(delete(reservations).where(reservations.c.run == name))
             c.execute(delete(secrets).where(secrets.c.run == name))
@@ -1013,7 +1013,7 @@ class Store:
         (its old container is replaced, not adopted, when it starts again); its secrets stay sealed."""
         now = time.time()
         schedule = ScheduleSpec.model_validate(json.loads(row.spec)["schedule"])
-        at = schedule.next_start(now)
+        at = schedule.next_start(max(now, row.next_at + 1))  # the next time after the one it started at
         self._record_usage(c, name)
         reason = f"scheduled: next {utc_text(at)}"
         c.execute(update(runs).where(runs.c.name == name).values(
