@@ -991,7 +991,7 @@ class Store:
                             .where(runs.c.name == name)).first()
             if row is None or row.status not in LIVE:
                 return False
-            if row.next_at is not None and not final:
+            if row.next_at is not None and not final and json.loads(row.spec).get("schedule"):
                 self._reschedule(c, name, row, status, exit_code, message, actor)
                 return True
             self._record_usage(c, name)
