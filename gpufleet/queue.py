@@ -310,16 +310,17 @@ def cancel(store: Store, name: str, why: str = "cancelled by the user while wait
 # --------------------------------------------------------------------------- the scheduling pass
 
 def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: float | None = None,
-             half_life: float = HALF_LIFE_DEFAULT) -> None:
+             half_life: float = HALF_LIFE_DEFAULT) -> float | None:
     """Decide which waiting runs start now (scheduler.decide over the store's blocks and running
     runs), take their blocks, and hand each to ``launch`` (which starts its containers, usually on
     a worker thread). Refused runs end `failed` with why; the others get their reason and the
-    head its reservation."""
+    head its reservation. Returns the time the next scheduled run is due (None: none waits for one),
+    for the loop to be there on time."""
     now = time.time() if now is None else now
     pending = store.pending()
     if not pending:
         store.save_reservations([])
-        return
+        return None
     placing = Placing(store)
     waits, homeless, later, now_or_never = {}, {}, {}, set()
     for r in pending:
@@ -366,6 +367,7 @@ def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: 
                            else f"; next to start, expected by {time.strftime('%H:%M:%S', time.localtime(at))}")
             reasons[w.run_id] = reason
     store.set_waiting(reasons)
+    return min((r.next_at for r in pending if r.name in later), default=None)
 
 
 def positions(runs: list[Run], now: float | None = None, usage: Usage | None = None) -> dict[str, int]:

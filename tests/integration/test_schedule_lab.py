@@ -50,13 +50,14 @@ def test_every_minute_until_stopped(site, tmp_path):
     # kept across a restart of the server
     site("server", "stop", check=0)
     assert view(site, "minutely")["next_at"] == first["next_at"]
+    back = time.time()  # the server answers again (if it came back after the minute, it starts the run at once)
 
     # it starts at its time by itself, runs to its end, and waits for the next time
     def started() -> list[dict]:
         return [e for e in events(site, "minutely") if e["kind"] == "starting"]
 
     (start,) = wait_for("the scheduled start", started, timeout=first["next_at"] - time.time() + 45, every=1)
-    assert first["next_at"] <= start["ts"] < first["next_at"] + 20, (start, first["next_at"])
+    assert first["next_at"] <= start["ts"] < max(first["next_at"], back) + 5, (start, first["next_at"], back)
 
     def again() -> dict | None:
         v = view(site, "minutely")
