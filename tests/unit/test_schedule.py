@@ -3,6 +3,7 @@ from_crontab: 0 is Monday, every field must match), the scheduler's rule (a sche
 eligible before its time), and the queue on a real store: a scheduled run waits for its time,
 starts then, waits for the next time after it ends, until a user stops it."""
 
+# ruff: noqa: F811 (the fixtures imported from fakeapi are the tests' arguments)
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fakeapi import api, gf, server, write  # noqa: F401 (pytest fixtures)
 from test_scheduler import gpus, host, run
 
 from gpufleet import queue
@@ -280,3 +282,36 @@ def test_no_queue_and_a_schedule_are_refused_together(store):
     assert store.run("nightly") is None
 
 
+
+
+def test_the_pass_says_when_the_next_scheduled_run_is_due(store):
+    run_, _ = _submit(store)
+    assert queue.schedule(store, lambda r, p: None, now=run_.next_at - 30) == run_.next_at  # the loop wakes then
+    assert queue.schedule(store, lambda r, p: None, now=run_.next_at) is None  # started: nothing else due
+
+
+# ------------------------------------------------------------------ the CLI (against a real HTTP server on loopback)
+
+PLAN = {"never": "", "waits": "", "placements": [
+    {"fleet": "lab", "num": 1, "alias": "node-1", "blocks": [0, 1], "gpus": ["H100", "H100"], "cpus": 16,
+     "memory_mib": 65536, "note": ""}]}
+
+
+def test_apply_of_a_scheduled_run_says_when_it_starts_and_does_not_wait_for_it(gf, api, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "x")
+    path = write(tmp_path, "nightly.yml", RUN.replace("'* * * * *'", "['15 23 * * *', '0 8 * * mon-fri']"))
+    api.routes["POST", "/api/runs/plan"] = (200, PLAN)
+    code, out, err = gf("apply", "-f", str(path), "--dry-run")
+    assert code == 0, (out, err)
+    assert "nightly is scheduled (15 23 * * *, 0 8 * * mon-fri, UTC): it waits until " in out
+    assert " UTC, starts then and at each time after, until gpufleet stop nightly" in out
+    assert "--dry-run: nothing was submitted" in out
+    next_at = at("2026-12-03 23:15:00")
+    api.routes["POST", "/api/runs"] = (201, {
+        "name": "nightly", "run_id": "r1", "type": "task", "fleet": None, "instance_id": None, "alias": None,
+        "status": "pending", "message": f"scheduled: next {utc_text(next_at)}", "spec": {}, "container": "gpufleet-x",
+        "created_at": next_at - 3600, "updated_at": next_at - 3600, "next_at": next_at})
+    code, out, err = gf("apply", "-f", str(path), "-y")  # attached, yet back at once
+    assert code == 0, (out, err)
+    assert "nightly is scheduled: next 2026-12-03 23:15 UTC" in out
+    assert [p for m, p, _ in api.asked if m == "GET"] == []  # it did not poll for a start hours away
