@@ -15,7 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gpufleet import failpoints, hostpolicy
-from gpufleet.allocator import HostIndex, HostSlots, NoCapacity, Placement, Request, gpu_matches, place_gang
+from gpufleet.allocator import (
+    HostIndex,
+    HostSlots,
+    NoCapacity,
+    Placement,
+    Request,
+    gpu_matches,
+    host_refusal,
+    place_gang,
+)
 from gpufleet.errors import Forbidden, GpufleetError, NotFound
 from gpufleet.fairshare import HALF_LIFE_DEFAULT, Usage, decayed_usage
 from gpufleet.launch import container_name, start_nodes, stop_containers
@@ -104,7 +113,7 @@ def request_of(cfg: RunConfigType, fleets: tuple[str, ...] | None = None) -> Req
     r = cfg.resources
     if fleets is None:
         fleets = tuple(cfg.fleets) if cfg.fleets else None
-    return Request(gpu=r.gpu, cpu=r.cpu, memory_gb=r.memory, fleets=fleets)
+    return Request(gpu=r.gpu, cpu=r.cpu_count, memory_gb=r.memory, fleets=fleets, arch=r.cpu_arch, disk=r.disk)
 
 
 def cluster_fleets(store: Store) -> set[str]:
@@ -188,7 +197,11 @@ def wait_reason(run: Waiting, hosts: HostIndex, limit: int = 6) -> str:
     req = run.request
     considered = [h for h in hosts.hosts() if not req.fleets or h.fleet in req.fleets]
     parts = []
+    refused = {h.alias: why for h in considered if (why := host_refusal(h, req))}
     for h in considered[:limit]:
+        if h.alias in refused:
+            parts.append(refused[h.alias])
+            continue
         fit = [i for i, g in enumerate(h.gpus) if req.gpu is None or gpu_matches(g, req.gpu)]
         free = {g for b in h.blocks if b.free for g in b.gpus}
         parts.append(f"{h.alias} {len([i for i in fit if i in free])}/{len(fit)} free")

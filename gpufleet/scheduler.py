@@ -295,7 +295,8 @@ def _block(host: HostSlots, idx: int) -> BlockSlot | None:
 def _with(host: HostSlots, idxs: Collection[int], free: bool) -> HostSlots:
     blocks = [BlockSlot(b.idx, b.gpus, b.cpus, b.memory_mib, b.numa_node, free) if b.idx in idxs and b.free != free
               else b for b in host.blocks]
-    return HostSlots(host.instance_id, host.fleet, host.num, host.alias, host.gpus, blocks, host.shape)
+    return HostSlots(host.instance_id, host.fleet, host.num, host.alias, host.gpus, blocks, host.shape,
+                     traits=host.traits)
 
 
 class _View:
@@ -735,7 +736,7 @@ class _Decider:
             idle = _with(leader, [b.idx for b in leader.blocks], True)
             for _ in range(min(counts[key], nodes)):  # stand-ins: distinct numbers, never returned as a placement
                 out.append(HostSlots(-1 - len(out), idle.fleet, -1 - len(out), idle.alias, idle.gpus, idle.blocks,
-                                     idle.shape))
+                                     idle.shape, traits=idle.traits))
         return out
 
     def _check_never(self, run: Waiting) -> bool:
@@ -782,7 +783,7 @@ def _fleet_signature(index: HostIndex) -> frozenset:
 def _request_signature(req: Request) -> tuple:
     g = req.gpu
     gpu = None if g is None else (tuple(g.name) if g.name else None, g.vendor, g.count, g.memory)
-    return gpu, req.cpu, req.memory_gb, req.fleets
+    return gpu, req.cpu, req.memory_gb, req.fleets, req.arch, req.disk
 
 
 def never_fits(run: Waiting, hosts: HostIndex | Sequence[HostSlots],

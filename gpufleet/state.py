@@ -43,7 +43,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
 from gpufleet import migrations, paths
-from gpufleet.allocator import BlockSlot, HostIndex, HostSlots, Placement
+from gpufleet.allocator import BlockSlot, HostIndex, HostSlots, HostTraits, Placement
 from gpufleet.blocks import Block
 from gpufleet.errors import GpufleetError, NotFound
 from gpufleet.models import (
@@ -541,7 +541,8 @@ class Store:
         _, gpus, shape, variants = self._slot_cache[iid]
         if variants:
             self._index.put(HostSlots(iid, fleet, num, alias, gpus,
-                                      [busy if idx in taken else free for idx, free, busy in variants], shape))
+                                      [busy if idx in taken else free for idx, free, busy in variants], shape,
+                                      traits=shape[2]))
         else:
             self._index.remove(iid)
 
@@ -553,10 +554,11 @@ class Store:
             layout[b.instance_id].append((b.idx, tuple(json.loads(b.gpus)), b.cpus, b.memory_mib, b.numa_node))
         for r in c.execute(select(instances.c.id, instances.c.updated_at, instances.c.probe)
                            .where(instances.c.id.in_(ids))):
-            gpus = _GPUS.validate_python(json.loads(r.probe).get("gpus") or [])
+            probe = json.loads(r.probe)
+            gpus = _GPUS.validate_python(probe.get("gpus") or [])
             blist = layout[r.id]
             shape = (tuple((g.vendor, g.model, g.name, g.memory_mib) for g in gpus),
-                     tuple(blist))
+                     tuple(blist), HostTraits.of(probe))
             variants = [(idx, BlockSlot(idx, g, cp, mem, numa, True), BlockSlot(idx, g, cp, mem, numa, False))
                         for idx, g, cp, mem, numa in blist]
             self._slot_cache[r.id] = (r.updated_at, gpus, shape, variants)

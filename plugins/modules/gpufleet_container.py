@@ -52,7 +52,8 @@ options:
       - Identifies the run; stored as the label C(gpufleet.run_id).
       - Without it, I(state=started) uses C(cfg-) and a hash of the container's configuration
         (runtime, image, command, env, labels, devices, gpus, oci_runtime, cpuset_cpus, cpus,
-        memory_mib, network, ports, privileged, volumes, optional_volumes, workdir, user, entrypoint),
+        memory_mib, shm_size_mib, disk_limit_mib, network, ports, privileged, volumes, optional_volumes, workdir,
+        user, entrypoint),
         so that a changed configuration replaces the container. Which optional volumes were left out
         does not count.
     type: str
@@ -117,6 +118,16 @@ options:
     type: float
   memory_mib:
     description: Memory limit in MiB (C(--memory=NNNm)).
+    type: int
+  shm_size_mib:
+    description: The size of the container's C(/dev/shm) in MiB (C(--shm-size=NNNm)); omitted, the runtime's
+      default (64 MiB).
+    type: int
+  disk_limit_mib:
+    description:
+      - The most the container's writable layer may hold, in MiB (C(--storage-opt=size=NNNm)). The runtime
+        refuses it unless its storage can (overlay on xfs with project quotas); gpufleet checks that at
+        plan time from the probe's facts.
     type: int
   network:
     description:
@@ -428,6 +439,9 @@ def validate(module):
         module.fail_json(msg="cpus must be > 0")
     if p["memory_mib"] is not None and p["memory_mib"] <= 0:
         module.fail_json(msg="memory_mib must be > 0")
+    for key in ("shm_size_mib", "disk_limit_mib"):
+        if p[key] is not None and p[key] <= 0:
+            module.fail_json(msg=f"{key} must be > 0")
     return {"image": image, "command": list(command), "env": env, "labels": labels, "secret_env": secret_env,
             "ports": ports, "mounts": mounts, "skipped_volumes": skipped}
 
@@ -474,7 +488,7 @@ def config_run_id(p, spec):
     for key in ("runtime", "devices", "gpus", "oci_runtime", "cpuset_cpus", "cpus", "memory_mib", "network",
                 "privileged", "volumes", "workdir"):
         data[key] = p[key]
-    for key in ("optional_volumes", "user", "entrypoint"):
+    for key in ("optional_volumes", "user", "entrypoint", "shm_size_mib", "disk_limit_mib"):
         if p[key]:
             data[key] = p[key]
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
@@ -502,6 +516,10 @@ def run_argv(binary, p, spec, run_id):
         argv.append(f"--cpus={p['cpus']:g}")
     if p["memory_mib"] is not None:
         argv.append(f"--memory={p['memory_mib']}m")
+    if p["shm_size_mib"] is not None:
+        argv.append(f"--shm-size={p['shm_size_mib']}m")
+    if p["disk_limit_mib"] is not None:
+        argv.append(f"--storage-opt=size={p['disk_limit_mib']}m")
     if p["privileged"]:
         argv.append("--privileged")
     else:
@@ -592,6 +610,8 @@ def main():
             cpuset_cpus=dict(type="str"),
             cpus=dict(type="float"),
             memory_mib=dict(type="int"),
+            shm_size_mib=dict(type="int"),
+            disk_limit_mib=dict(type="int"),
             network=dict(type="str", default="host"),
             ports=dict(type="list", elements="str", default=[]),
             privileged=dict(type="bool", default=False),
