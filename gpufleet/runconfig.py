@@ -35,7 +35,6 @@ _COMMON = {
     "setup": "deprecated in dstack; put those lines first in `commands`",
     "dstack": "",
     "utilization_policy": "",
-    "schedule": "start it from cron with `gpufleet apply -y -d -f FILE`",
     "backends": _CLOUD, "regions": _CLOUD, "availability_zones": _CLOUD, "instance_types": _CLOUD,
     "reservation": _CLOUD, "max_price": _CLOUD, "creation_policy": _CLOUD,
     "idle_duration": _CLOUD, "instances": _CLOUD, "tags": _CLOUD, "backend_options": _CLOUD,

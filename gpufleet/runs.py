@@ -172,7 +172,8 @@ def _retried(store: Store, run: Run, s: Settlement) -> bool:
     if event not in (policy.get("on_events") or []):
         return False
     duration = policy.get("duration")
-    if duration is not None and time.time() - run.created_at > duration:
+    since = run.next_at if run.next_at is not None else run.created_at  # a scheduled run: from its time
+    if duration is not None and time.time() - since > duration:
         return False
     _record(store, run, Settlement(None, stop=s.stop))
     store.requeue(run.name, f"retrying after an {event} ({s.message}); waiting again")

@@ -76,11 +76,17 @@ def submit(args: argparse.Namespace, console: Console) -> int:
                 present.note(console, "note", f"{req.name} {p['note']}")
     else:
         present.plain(console, f"{req.name} ({req.config.type}) does not fit now: {plan['waits']}")
-        if not args.no_queue:
+        if not args.no_queue and req.config.schedule is None:
             present.plain(console, "It will wait in the queue and start when blocks are free.")
     if packed is not None:
         present.plain(console, packed.summary() if not args.dry_run else
                       packed.summary().replace("uploading", "would upload", 1))
+    if req.config.schedule is not None:
+        from gpufleet.models.cron import utc_text
+
+        first = utc_text(req.config.schedule.next_start(time.time()))
+        present.plain(console, f"{req.name} is scheduled ({', '.join(req.config.schedule.cron)}, UTC): it waits "
+                               f"until {first}, starts then and at each time after, until gpufleet stop {req.name}")
     if args.dry_run:
         present.dim(console, "--dry-run: nothing was submitted")
         return EXIT_OK
@@ -91,6 +97,9 @@ def submit(args: argparse.Namespace, console: Console) -> int:
     view = Run.model_validate(client.post("/api/runs", {"source": source, "text": text,
                                                                     "secrets": req.secrets,
                                                                     "no_queue": args.no_queue, **where, **sent}))
+    if view.status == RunStatus.PENDING and view.next_at is not None:  # scheduled: nothing to wait for now
+        present.plain(console, f"{view.name} is {view.message or 'scheduled'}")
+        return EXIT_OK
     if args.detach and view.status == RunStatus.PENDING and view.message:
         present.plain(console, f"{view.name} is queued (#{view.position}): {view.message}")
         return EXIT_OK

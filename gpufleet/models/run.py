@@ -43,6 +43,7 @@ from pydantic import (
 )
 
 from gpufleet.models.core import CoreModel, Range
+from gpufleet.models.cron import next_start, parse_cron
 from gpufleet.models.env import Env, split_env
 from gpufleet.models.fleet import Name
 
@@ -824,6 +825,38 @@ def _working_dir(value: Any) -> Any:
     return value
 
 
+def _crons(value: Any) -> Any:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ValueError("must be a cron expression ('15 23 * * *') or a list of them")
+    if not value:
+        raise ValueError("needs at least one cron expression (as in dstack)")
+    return value
+
+
+def _cron(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a cron expression in quotes, like '15 23 * * *' (got {value!r})")
+    parse_cron(value)
+    return value
+
+
+class ScheduleSpec(CoreModel):
+    """`schedule:` (dstack's Schedule): when the run starts, in UTC (gpufleet.models.cron)."""
+
+    cron: Annotated[list[Annotated[str, BeforeValidator(_cron)]], BeforeValidator(_crons)] = Field(
+        description="A cron expression or a list of them (five fields: minute hour day-of-month "
+                                  "month day-of-week, UTC; day of week 0-6 is Monday to Sunday, or mon-sun, as in "
+                                  "dstack); the run starts at each time any of them gives.")
+
+    def next_start(self, now: float) -> float:
+        """The first time at or after ``now`` (epoch seconds) that the run starts."""
+        found = next_start(self.cron, now)
+        assert found is not None  # parse_cron refuses an expression that never fires
+        return found
+
+
 class _Run(CoreModel):
     name: Name = Field(None, description="Run name (default: the file name).")
     image: str = Field(description="Container image, e.g. localhost/gpufleet-lab:latest.")
@@ -895,6 +928,11 @@ class _Run(CoreModel):
                           "once when it is `false` or leaves no-capacity out. Unlike dstack (whose default "
                           "is `false`), a run without `retry` waits for capacity with no time bound. "
                           "See `retry_policy`.")
+    schedule: ScheduleSpec | None = Field(
+        None, description="dstack's `schedule`: {cron: '15 23 * * *'} or {cron: [list]}: the run is accepted and "
+                          "waits (`pending`, `scheduled: next ... UTC`) until the next of these times, starts then "
+                          "(waiting for capacity as any run does), and when it ends (done, failed, or stopped by "
+                          "its max_duration) waits for the next time again, until `gpufleet stop`.")
 
     repos: list[RepoSpec] = Field(
         [], max_length=1, description="dstack's `repos`: at most one local git repo (`.`, `..:/my-repo`, "

@@ -322,7 +322,6 @@ def test_a_typo_in_a_run_gets_did_you_mean(tmp_path, text, message):
     ("task", "single_branch: true", "; gpufleet does not clone repos"),
     ("task", "registry_auth: {username: u, password: p}", "; use an image the hosts can pull without credentials"),
     ("task", "utilization_policy: {min_gpu_utilization: 10, time_window: 1h}", ""),
-    ("task", "schedule: {cron: '0 * * * *'}", "; start it from cron"),
     ("task", "max_price: 1.5", "; a dstack cloud field"),
     ("service", "model: llama", "; gpufleet has no gateway"),
     ("service", "auth: false", "; gpufleet has no gateway"),
