@@ -27,6 +27,64 @@ class BlockSlot:
     free: bool
 
 
+@dataclass(frozen=True)
+class HostTraits:
+    """What a host is, beyond its blocks, that a run may ask for (from its probe's facts): its CPU
+    architecture (dstack's names: x86, arm), the size in GB of its container storage (the file system of
+    the runtime's storage root), its runtime, and whether that storage can limit a container's writable
+    layer (``disk_why_not``: why not, e.g. `overlay on ext4`). None: not reported by the probe."""
+
+    arch: str | None = None
+    disk_gb: float | None = None
+    runtime: str | None = None
+    disk_limit: bool = False
+    disk_why_not: str | None = None
+
+    @classmethod
+    def of(cls, probe: dict) -> HostTraits:
+        """From a host's probe facts as the state keeps them (a dict; old ones lack the newer facts)."""
+        runtime = probe.get("runtime") or {}
+        storage = runtime.get("storage") or {}
+        total = (probe.get("disk") or {}).get("total_mib")
+        return cls(arch=(probe.get("cpu") or {}).get("arch"), disk_gb=None if not total else total / 1024,
+                   runtime=runtime.get("name"), disk_limit=bool(storage.get("size_limit")),
+                   disk_why_not=storage.get("why_not") if storage else None)
+
+
+_REPROBE = "apply its fleet again to probe it"
+
+
+def _gb(r: Range) -> str:
+    """A GB range as dstack writes it: `100GB`, `100GB..`, `..200GB`, `100GB..200GB`."""
+    def f(v: float | None) -> str:
+        return "" if v is None else f"{v:g}GB"
+    return f(r.min) if r.min == r.max else f"{f(r.min)}..{f(r.max)}"
+
+
+def host_refusal(host: HostSlots, req: Request) -> str | None:
+    """Why ``host`` can never take ``req`` whatever its free blocks (`ALIAS: why`), or None: the CPU
+    architecture asked for (a host whose probe did not report one is not matched), the minimum of
+    `disk` against the host's container storage, and a maximum of `disk` (the container's limit)
+    where the host's storage cannot limit a container's disk."""
+    t = host.traits or HostTraits()
+    if req.arch is not None:
+        if t.arch is None:
+            return f"{host.alias}: its CPU architecture is not known ({_REPROBE}); the run asks for {req.arch}"
+        if t.arch != req.arch:
+            return f"{host.alias}: its CPUs are {t.arch}, the run asks for {req.arch}"
+    if req.disk is not None and req.disk.min:
+        if t.disk_gb is None:
+            return f"{host.alias}: the size of its container storage is not known ({_REPROBE})"
+        if t.disk_gb < req.disk.min:
+            return (f"{host.alias}: resources.disk: {_gb(req.disk)}: its container storage is {t.disk_gb:.0f}GB, "
+                    f"less than {req.disk.min:g}GB")
+    if req.disk is not None and req.disk.max is not None and not t.disk_limit:
+        why = t.disk_why_not or f"its storage was not reported: {_REPROBE}"
+        return (f"resources.disk: {_gb(req.disk)}: {t.runtime or 'the runtime'} on {host.alias} cannot limit a "
+                f"container's disk ({why}); remove it or use a host with xfs project quotas")
+    return None
+
+
 @dataclass
 class HostSlots:
     instance_id: int
@@ -38,6 +96,7 @@ class HostSlots:
     # hosts with equal ``shape`` have the same GPU models and block layout (the state store sets it),
     # so which of their blocks suit a request is worked out once per shape; None: per host
     shape: object = None
+    traits: HostTraits | None = None  # None: nothing known (see host_refusal); part of ``shape`` when set
 
     @property
     def free_count(self) -> int:
@@ -120,6 +179,8 @@ class Request:
     cpu: Range | None = None
     memory_gb: Range | None = None
     fleets: tuple[str, ...] | None = None
+    arch: str | None = None  # a CPU architecture (x86, arm): only hosts that have it
+    disk: Range | None = None  # GB: its min against the host's storage, its max a limit (host_refusal)
 
     @property
     def gpu_min(self) -> int:
@@ -281,6 +342,8 @@ def place(req: Request, hosts: HostIndex | list[HostSlots]) -> Placement:
     for host in index.leaders():
         if req.fleets and host.fleet not in req.fleets:
             continue
+        if host_refusal(host, req):
+            continue
         known = by_shape.get(host.shape) if host.shape is not None else None
         if known is None:
             usable = _usable_blocks(host, req)
@@ -346,8 +409,13 @@ def place_gang(req: Request, hosts: HostIndex | list[HostSlots], nodes: int,
         if fleet not in cluster_fleets:
             reasons.append(f"fleet {fleet} is not placement: cluster")
             continue
+        refusals = [why for h in members if (why := host_refusal(h, req))]
+        if refusals:
+            members = [h for h in members if not host_refusal(h, req)]
+            reasons.extend(refusals)
         if len(members) < nodes:
-            reasons.append(f"fleet {fleet} has {len(members)} ready instance{'s' if len(members) != 1 else ''}, "
+            reasons.append(f"fleet {fleet} has {len(members)} ready instance{'s' if len(members) != 1 else ''}"
+                           f"{' that can take it' if refusals else ''}, "
                            f"the task needs {nodes}")
             continue
         options = []
@@ -398,8 +466,13 @@ def _refusal(req: Request, hosts: list[HostSlots]) -> str:
     if not considered:
         where = f" in fleets {', '.join(req.fleets)}" if req.fleets else ""
         return f"no ready instance{where} to run on (apply a fleet first: gpufleet apply -f FLEET.yml)"
+    refused = [why for h in considered if (why := host_refusal(h, req))]
+    if len(refused) == len(considered):
+        return "no host can take it: " + "; ".join(refused)
     parts = []
     for h in considered:
+        if host_refusal(h, req):
+            continue
         usable = _usable_blocks(h, req)
         if req.gpu_min:
             free = sum(len(b.gpus) for b in usable if b.free)
@@ -408,4 +481,4 @@ def _refusal(req: Request, hosts: list[HostSlots]) -> str:
         else:
             parts.append(f"{h.alias} {sum(b.free for b in usable)}/{len(usable)} blocks free")
     what = req.describe() if req.gpu_min else "CPU-only block"
-    return f"no instance has {what} free: " + ", ".join(parts)
+    return f"no instance has {what} free: " + ", ".join(parts) + "".join(f"; {why}" for why in refused)

@@ -87,7 +87,10 @@ class Client:
         target = self._parts.path + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
         headers = {"Accept": "application/json", **self.authorization()}
         data = None
-        if body is not None:
+        if isinstance(body, bytes):  # an upload (a run's code archive)
+            data = body
+            headers["Content-Type"] = "application/gzip"
+        elif body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
         conn = self._connection(timeout)

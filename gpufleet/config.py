@@ -32,6 +32,14 @@ def load_fleet(path: str | Path) -> Fleet:
     return parse_fleet(read_config_text(Path(path)), str(Path(path)))
 
 
+# dstack's configuration types that gpufleet has no counterpart for, with what to do instead
+_DSTACK_ONLY_TYPES = {
+    "volume": "gpufleet has no network volumes: mount a path of the hosts with a run's `volumes` "
+              "(instance_path: /data, path: /data)",
+    "gateway": "gpufleet has no gateway: a service is reached through `gpufleet attach` (its port forwarded)",
+}
+
+
 def parse_fleet(text: str, source: str) -> Fleet:
     """A fleet configuration's text, from file ``source`` (for messages, and the folder that
     relative identity files are read from)."""
@@ -40,6 +48,9 @@ def parse_fleet(text: str, source: str) -> Fleet:
     if not isinstance(src.data, dict):
         raise ConfigError([src.problem((), "a fleet configuration must be a mapping (type: fleet, ssh_config: ...)")])
     kind = src.data.get("type", "fleet")
+    if isinstance(kind, str) and kind in _DSTACK_ONLY_TYPES:
+        raise ConfigError([src.problem(("type",), f"{kind}: a dstack configuration type that gpufleet does not "
+                                                  f"support; {_DSTACK_ONLY_TYPES[kind]}")])
     if kind != "fleet":
         raise ConfigError([src.problem(("type",), f"must be fleet (or, for runs, task, service or "
                                                   f"dev-environment); got {kind!r}")])

@@ -23,10 +23,14 @@ name; gpufleet refuses every unknown namespace or name at load, with its line):
   name without a value, the secret's value from the submitter's environment), `secrets.NAME` (the
   submitter's environment variable NAME, taken and sealed as the run's secrets are), and run
   variables. A value that uses a secret is a secret itself.
-- ``commands``: `run.args` (empty: `gpufleet apply` takes no run arguments, dstack's value without
-  them) and run variables. `env` and `secrets` are refused there, as dstack does not fill them in
-  commands: the run's env is the container's environment (`$NAME`), and a secret must not be put
-  in a command line.
+- ``commands`` (a task's groups' too): `run.args` (empty: `gpufleet apply` takes no run arguments,
+  dstack's value without them), node addresses and run variables. `env` and `secrets` are refused
+  there, as dstack does not fill them in commands: the run's env is the container's environment
+  (`$NAME`), and a secret must not be put in a command line.
+- Node addresses, `groups[I].nodes[J].IP_ADDRESS` (dstack's grammar for them): the cluster address of
+  node J of group I of a multi-node task (its `groups`, or one group of all its `nodes`), in
+  `commands` only, filled per node when the run starts; a group or node the task does not have is a
+  load error. dstack's `groups[I].replicas[J]` (services) is refused.
 - Run variables, `dstack.NAME` or `gpufleet.NAME`: the node's values of the `GPUFLEET_*` variables
   the container gets (see RUN_VARIABLES), filled per node when the run starts. dstack's `job_num`
   is `node_rank`. `master_node_ip`, `nodes_ips` and `mpi_hostfile` exist for multi-node tasks only.
@@ -47,6 +51,10 @@ from gpufleet.yamlsource import Loc, YamlSource, format_loc
 
 OPEN, CLOSE = "${{", "}}"
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*")
+# dstack's node addresses of a multi-node task: `groups[I].nodes[J].IP_ADDRESS` (its nodes_interpolator's
+# grammar), kept as namespace `groups`, name `[I].nodes[J].IP_ADDRESS`
+_GROUPS_RE = re.compile(r"groups(\[(\d+)\]\.nodes\[(\d+)\]\.IP_ADDRESS)")
+GROUPS = "groups"
 
 RUN_NAMESPACES = ("dstack", "gpufleet")
 # run variable -> the node's variable (GPUFLEET_<it>, also DSTACK_<it>) whose value it is
@@ -68,7 +76,8 @@ class Ref:
     offset: int
 
     def __str__(self) -> str:
-        return f"${{{{ {self.namespace}.{self.name} }}}}"
+        dot = "" if self.name.startswith("[") else "."  # groups[0].nodes[1].IP_ADDRESS
+        return f"${{{{ {self.namespace}{dot}{self.name} }}}}"
 
 
 class InterpolationError(ValueError):
@@ -98,6 +107,14 @@ def parse(text: str) -> list[str | Ref]:
         if end < 0:
             raise InterpolationError("`${{` is not closed with `}}` (write `$${{` for a literal `${{`)", start)
         name = text[start + len(OPEN):end].strip()
+        if (m := _GROUPS_RE.fullmatch(name)) is not None:
+            parts += [text[pos:start], Ref(GROUPS, m.group(1), offset=start)]
+            pos = end + len(CLOSE)
+            continue
+        if name.startswith(GROUPS) and name[len(GROUPS):len(GROUPS) + 1] in ("[", "."):
+            shown = name if len(name) <= 60 else name[:57] + "..."
+            raise InterpolationError(f"`{shown}` is not a node address: write "
+                                     f"`${{{{ groups[I].nodes[J].IP_ADDRESS }}}}` (node J of group I)", start)
         if not _NAME_RE.fullmatch(name):
             shown = name if len(name) <= 60 else name[:57] + "..."
             raise InterpolationError(f"`{shown}` is not a name: a reference is `${{{{ namespace.name }}}}` (letters, "
@@ -158,13 +175,30 @@ def _in_env(ref: Ref, names: set[str], nodes: int) -> str | None:
         return None
     if ref.namespace in RUN_NAMESPACES:
         return _run_variable(ref, nodes)
+    if ref.namespace == GROUPS:
+        return f"{ref}: a node's address is filled in `commands` only (as in dstack), not in `env`"
     if ref.namespace == "run":
         return f"{ref}: `run.args` is filled in `commands` only" if ref.name == "args" else \
             f"{ref}: unknown name; `run.` has only `args` (in `commands`)"
     return _unknown_namespace(ref, "env, secrets, dstack and gpufleet")
 
 
-def _in_commands(ref: Ref, nodes: int) -> str | None:
+def _node_address(ref: Ref, sizes: list[int]) -> str | None:
+    """Why ``ref`` (`groups[I].nodes[J].IP_ADDRESS`) names no node of a task of groups of ``sizes`` nodes, or None."""
+    m = _GROUPS_RE.fullmatch(GROUPS + ref.name)
+    group, node = int(m.group(2)), int(m.group(3))
+    if sum(sizes) < 2:
+        return f"{ref} is set only on the nodes of a multi-node task (`nodes` 2 or more, or `groups`)"
+    if group >= len(sizes):
+        return f"{ref}: there is no group {group}: the task has {len(sizes)} group(s), 0..{len(sizes) - 1}"
+    if node >= sizes[group]:
+        return f"{ref}: group {group} has {sizes[group]} node(s), 0..{sizes[group] - 1}"
+    return None
+
+
+def _in_commands(ref: Ref, nodes: int, sizes: list[int] | None = None) -> str | None:
+    if ref.namespace == GROUPS:
+        return _node_address(ref, sizes if sizes is not None else [nodes])
     if ref.namespace == "run":
         return None if ref.name == "args" else f"{ref}: unknown name; `run.` has only `args`"
     if ref.namespace in RUN_NAMESPACES:
@@ -175,7 +209,7 @@ def _in_commands(ref: Ref, nodes: int) -> str | None:
     if ref.namespace == "secrets":
         return (f"{ref}: a secret is filled in `env` only (as in dstack), never in a command line: set "
                 f"`env: [NAME={ref}]` and use $NAME")
-    return _unknown_namespace(ref, "run, dstack and gpufleet")
+    return _unknown_namespace(ref, "run, dstack, gpufleet and groups")
 
 
 def _unknown_namespace(ref: Ref, known: str) -> str:
@@ -188,6 +222,7 @@ def check_run(src: YamlSource, cfg: Any, text: str | None = None) -> dict[str, C
     ConfigError with each bad one. Returns the names of the secrets referenced (`secrets.NAME`),
     each with how to point at its first use: ``problem(message)``."""
     nodes = getattr(cfg, "nodes", 1)
+    sizes = getattr(cfg, "group_sizes", [nodes])
     env = _env_items(cfg.env)
     names = {name for _, name, _ in env}
     problems: list[ConfigProblem] = []
@@ -211,8 +246,10 @@ def check_run(src: YamlSource, cfg: Any, text: str | None = None) -> dict[str, C
     for loc, _, value in env:
         if value is not None:
             look(loc, value, lambda r: _in_env(r, names, nodes))
-    for i, command in enumerate(cfg.commands):
-        look(("commands", i), command, lambda r: _in_commands(r, nodes))
+    items = cfg.command_items() if hasattr(cfg, "command_items") else [(("commands", i), c)
+                                                                       for i, c in enumerate(cfg.commands)]
+    for loc, command in items:
+        look(loc, command, lambda r: _in_commands(r, nodes, sizes))
     if problems:
         raise ConfigError(sorted(problems, key=lambda p: (p.line or 0, p.column or 0)))
     return secrets
@@ -254,20 +291,35 @@ def _locate(src: YamlSource, text: str, line: int, col: int, before: int) -> tup
 
 # ----------------------------------------------------------------- at start, on each node
 
+def group_addresses(sizes: list[int], ips: list[str]) -> dict[str, str]:
+    """The `groups` namespace of a multi-node task: `[I].nodes[J].IP_ADDRESS` -> the address of node J
+    of group I (``ips``: the nodes' addresses, rank order; ranks follow the groups' order)."""
+    out: dict[str, str] = {}
+    rank = 0
+    for group, size in enumerate(sizes):
+        for node in range(size):
+            if rank < len(ips):
+                out[f"[{group}].nodes[{node}].IP_ADDRESS"] = ips[rank]
+            rank += 1
+    return out
+
+
 def run_variables(node_env: Mapping[str, str]) -> dict[str, str]:
     """The run variables of a node, from the `GPUFLEET_*` variables its container gets."""
     return {name: node_env[f"GPUFLEET_{var}"] for name, var in RUN_VARIABLES.items() if f"GPUFLEET_{var}" in node_env}
 
 
 def fill_run(commands: list[str], env: Mapping[str, str], secret_names: list[str], secrets: Mapping[str, str],
-             variables: Mapping[str, str]) -> tuple[list[str], dict[str, str], dict[str, str]]:
+             variables: Mapping[str, str], addresses: Mapping[str, str] | None = None
+             ) -> tuple[list[str], dict[str, str], dict[str, str]]:
     """A node's commands and env filled: (commands, env values, env values that use a secret).
     ``env``: the run's env values as written; ``secret_names``: its env names without a value;
     ``secrets``: the run's secrets' values (those names and each `secrets.NAME` referenced);
-    ``variables``: the node's run variables. InterpolationError names the first reference that
+    ``variables``: the node's run variables; ``addresses``: the task's node addresses (group_addresses),
+    filled in commands. InterpolationError names the first reference that
     has no value (checked at load, so only a run stored before it was checked, or a lost secret)."""
     run_ns = {ns: variables for ns in RUN_NAMESPACES}
-    commands = [fill(c, {"run": {"args": RUN_ARGS}, **run_ns}) for c in commands]
+    commands = [fill(c, {"run": {"args": RUN_ARGS}, GROUPS: addresses or {}, **run_ns}) for c in commands]
     own = {**env, **{n: secrets[n] for n in secret_names if n in secrets}}
     namespaces = {"env": own, "secrets": secrets, **run_ns}
     plain: dict[str, str] = {}

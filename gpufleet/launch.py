@@ -13,8 +13,9 @@ import shlex
 from gpufleet import cluster, devssh
 from gpufleet.allocator import Placement
 from gpufleet.config import stored_fleet
+from gpufleet.containers import list_containers
 from gpufleet.errors import GpufleetError
-from gpufleet.interpolate import InterpolationError, fill_run, run_variables
+from gpufleet.interpolate import InterpolationError, fill_run, group_addresses, run_variables
 from gpufleet.models import (
     GPU,
     DevEnvironmentConfig,
@@ -23,12 +24,14 @@ from gpufleet.models import (
     RunConfigType,
     RunRequest,
     ServiceConfig,
+    TaskConfig,
     split_env,
 )
-from gpufleet.models.run import SSHD_PORT
+from gpufleet.models.run import SSHD_PORT, port_pair
 from gpufleet.paths import FleetFiles
 from gpufleet.runner import run_playbook
 from gpufleet.state import Store
+from gpufleet.upload import host_binds, upload_owner
 
 KEEP_ALIVE = "while :; do sleep 3600; done"
 STATE_LABEL = "gpufleet.state"  # which state store started the container (Store.identity)
@@ -81,9 +84,13 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
     run_env = cluster.run_env(run.name, indices)
     node = node_env if node_env is not None else cluster.node_env(0, [], len(gpus))
     secret_names = split_env(cfg.env)[1]
+    # a task's node runs its group's commands (`groups`), where `${{ groups[I].nodes[J].IP_ADDRESS }}` are the nodes'
+    ips = node["GPUFLEET_NODES_IPS"].split("\n") if "GPUFLEET_NODES_IPS" in node else []
+    own = cfg.node_commands(int(node["GPUFLEET_NODE_RANK"])) if isinstance(cfg, TaskConfig) else cfg.commands
+    addresses = group_addresses(cfg.group_sizes, ips) if isinstance(cfg, TaskConfig) and ips else {}
     try:
-        commands, run_values, run_sealed = fill_run(cfg.commands, cfg.env_dict, secret_names, run.secrets,
-                                                    run_variables({**run_env, **node}))
+        commands, run_values, run_sealed = fill_run(own, cfg.env_dict, secret_names, run.secrets,
+                                                    run_variables({**run_env, **node}), addresses)
     except InterpolationError as e:
         raise GpufleetError(f"run {run.name}: {e}") from None
     run_sealed |= {n: run.secrets[n] for n in secret_names if n in run.secrets}
@@ -100,6 +107,7 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
         prelude, secret_env[devssh.HOST_KEY_ENV] = dev_sshd(run, run_id, prelude)
     entrypoint, command = run_command(cfg, prelude, commands)
     gpu_list = ",".join(map(str, indices))
+    archive, binds = host_binds(cfg.uploads, run.name)  # `repos` and `files`, as the CLI uploaded them
     return {
         "workload_name": container_name(run.name),
         "workload_run_id": run_id,
@@ -115,13 +123,19 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
         "workload_cpuset_cpus": facts.cpuset(numa_nodes),
         "workload_cpus": float(cpus) if cpus else None,
         "workload_memory_mib": memory_mib or None,
+        "workload_shm_size_mib": cfg.resources.shm_size_mib,
+        "workload_disk_limit_mib": cfg.resources.disk_limit_mib,
         "workload_network": "host" if cfg.host_network else "bridge",
         "workload_ports": [] if cfg.host_network else published_ports(cfg),
         "workload_privileged": cfg.runs_privileged,
         "workload_volumes": [str(v) for v in cfg.volumes if not v.optional],
         "workload_optional_volumes": [str(v) for v in cfg.volumes if v.optional],
         "workload_volume_roots": None if volume_roots is None else list(volume_roots),
-        "workload_workdir": cfg.working_dir,
+        "workload_workdir": cfg.workdir,
+        "workload_upload_archive": archive,
+        "workload_uploads": binds,
+        "workload_upload_owner": upload_owner(cfg.user)[0] if archive else None,
+        "workload_upload_group": upload_owner(cfg.user)[1] if archive else None,
         "workload_user": cfg.user,
         "workload_entrypoint": entrypoint,
     }
@@ -166,14 +180,14 @@ def run_command(cfg: RunConfigType, prelude: str = "", commands: list[str] | Non
 
 def published_ports(cfg: RunConfigType) -> list[str]:
     """The container ports `gpufleet attach` forwards to (a service's `port`, then `ports`; of `8080:8000`
-    the 8000), to publish on the host's 127.0.0.1, each on a host port the runtime picks (two runs on
+    and `*:8000` the 8000), to publish on the host's 127.0.0.1, each on a host port the runtime picks (two runs on
     one host may both listen on 8000); `gpufleet attach` asks the runtime which."""
     ports = [str(p) for p in cfg.ports]
     if isinstance(cfg, ServiceConfig):
         ports.insert(0, str(cfg.port))
     if isinstance(cfg, DevEnvironmentConfig):
         ports.append(str(SSHD_PORT))  # its sshd, reached through the server's tunnel (ssh RUN-NAME)
-    return list(dict.fromkeys(p.partition(":")[2] or p for p in ports))
+    return list(dict.fromkeys(str(port_pair(p)[1]) for p in ports))
 
 
 def applied_fleet(store: Store, name: str) -> Fleet:
@@ -210,20 +224,60 @@ def start_nodes(store: Store, run: RunRequest, run_id: str, placements: list[Pla
     ips = node_addresses(store, fleet_name, [p.host.alias for p in placements]) if len(placements) > 1 else []
     prelude = cluster.hostfile_script(ips, gpus_per_node) if ips else ""
     files = FleetFiles.of(fleet_name).require()
-    for rank, p in enumerate(placements):
-        host = p.host
-        numa = {b.numa_node for b in host.blocks if b.idx in p.blocks}
-        variables = container_vars(run, run_id, values, facts[host.alias], [host.gpus[g] for g in p.gpus],
-                                   p.cpus, p.memory_mib, numa, cluster.node_env(rank, ips, gpus_per_node), prelude,
-                                   secrets, state=store.identity, volume_roots=volume_roots)
-        started.append(host.alias)
-        result = run_playbook("start", files.inventory, limit=[host.alias], unsafe_vars=variables)
-        if result.canceled:
-            raise KeyboardInterrupt
-        outcome = result.hosts.get(host.alias)
-        if outcome is None or outcome.status.bad:
-            prefix = f"node {rank} ({host.alias}): " if len(placements) > 1 else f"{host.alias}: "
-            raise StartError(prefix + (outcome.message if outcome else "no result from the start playbook"))
+    order = getattr(run.config, "startup_order", None)
+    stages = start_stages(order, len(placements))
+    for stage_num, stage in enumerate(stages):
+        for rank in stage:
+            p = placements[rank]
+            host = p.host
+            numa = {b.numa_node for b in host.blocks if b.idx in p.blocks}
+            variables = container_vars(run, run_id, values, facts[host.alias], [host.gpus[g] for g in p.gpus],
+                                       p.cpus, p.memory_mib, numa, cluster.node_env(rank, ips, gpus_per_node),
+                                       prelude, secrets, state=store.identity, volume_roots=volume_roots)
+            started.append(host.alias)
+            result = run_playbook("start", files.inventory, limit=[host.alias], unsafe_vars=variables)
+            if result.canceled:
+                raise KeyboardInterrupt
+            outcome = result.hosts.get(host.alias)
+            if outcome is None or outcome.status.bad:
+                prefix = f"node {rank} ({host.alias}): " if len(placements) > 1 else f"{host.alias}: "
+                raise StartError(prefix + (outcome.message if outcome else "no result from the start playbook"))
+        if stage_num < len(stages) - 1:
+            _require_running(store, fleet_name, files, run, run_id, placements, stage, order)
+
+
+def start_stages(order: str | None, nodes: int) -> list[list[int]]:
+    """The ranks to start, in stages: each stage's containers must be running before the next stage
+    starts (dstack's `startup_order`; rank 0 is the master). `any` (or none): one stage, rank 0 first."""
+    ranks = list(range(nodes))
+    if nodes < 2 or order in (None, "any"):
+        return [ranks]
+    if order == "master-first":
+        return [[0], ranks[1:]]
+    if order == "workers-first":
+        return [ranks[1:], [0]]
+    raise ValueError(f"unknown startup_order {order!r}")
+
+
+def _require_running(store: Store, fleet_name: str, files: FleetFiles, run: RunRequest, run_id: str,
+                     placements: list[Placement], stage: list[int], order: str) -> None:
+    """The containers of ``stage`` (ranks) must be running before the next stage starts: raise StartError
+    naming the first node whose container has exited (or cannot be seen) by now."""
+    state = store.fleet(fleet_name)
+    aliases = [placements[rank].host.alias for rank in stage]
+    answers = list_containers(files, {a: state.runtime_argv(a) for a in dict.fromkeys(aliases)})
+    name = container_name(run.name)
+    waiting = "the other nodes" if order == "master-first" else "the master (node 0)"
+    for rank, alias in zip(stage, aliases, strict=True):
+        a = answers.get(alias)
+        if a is None or a.containers is None:
+            raise StartError(f"node {rank} ({alias}): cannot check that its container runs before {waiting} "
+                             f"start (startup_order: {order}): {a.message if a else 'no answer'}")
+        c = a.find(name, run_id)
+        if c is None or c.ended:
+            what = "is gone" if c is None else f"exited with code {c.exit_code}"
+            raise StartError(f"node {rank} ({alias}): its container {what} before {waiting} started "
+                             f"(startup_order: {order})")
 
 
 def node_addresses(store: Store, fleet_name: str, aliases: list[str]) -> list[str]:

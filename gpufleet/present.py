@@ -195,6 +195,7 @@ def runs_json(views: list[Run]) -> str:
         "gpus": [g.model_dump(mode="json") for g in r.gpus], "blocks": r.blocks,
         "nodes": [n.model_dump(mode="json") for n in r.nodes], "created_at": r.created_at, "updated_at": r.updated_at,
         "priority": r.priority, "max_duration": r.max_duration, "started_at": r.started_at, "position": r.position,
+        "next_at": r.next_at,
     } for r in views], indent=2)
 
 

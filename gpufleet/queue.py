@@ -15,7 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gpufleet import failpoints, hostpolicy
-from gpufleet.allocator import HostIndex, HostSlots, NoCapacity, Placement, Request, gpu_matches, place_gang
+from gpufleet.allocator import (
+    HostIndex,
+    HostSlots,
+    NoCapacity,
+    Placement,
+    Request,
+    gpu_matches,
+    host_refusal,
+    place_gang,
+)
 from gpufleet.errors import Forbidden, GpufleetError, NotFound
 from gpufleet.fairshare import HALF_LIFE_DEFAULT, Usage, decayed_usage
 from gpufleet.launch import container_name, start_nodes, stop_containers
@@ -32,6 +41,7 @@ from gpufleet.models import (
     ServerRole,
     User,
 )
+from gpufleet.models.cron import utc_text
 from gpufleet.scheduler import PRIORITY_DEFAULT, Decision, Quota, Running, Waiting, decide, never_fits, ordered
 from gpufleet.state import Store
 
@@ -103,7 +113,7 @@ def request_of(cfg: RunConfigType, fleets: tuple[str, ...] | None = None) -> Req
     r = cfg.resources
     if fleets is None:
         fleets = tuple(cfg.fleets) if cfg.fleets else None
-    return Request(gpu=r.gpu, cpu=r.cpu, memory_gb=r.memory, fleets=fleets)
+    return Request(gpu=r.gpu, cpu=r.cpu_count, memory_gb=r.memory, fleets=fleets, arch=r.cpu_arch, disk=r.disk)
 
 
 def cluster_fleets(store: Store) -> set[str]:
@@ -138,13 +148,25 @@ class Policy:
 
 def waiting_of(run: Run | RunRequest, submitted_at: float = 0.0, fleets: tuple[str, ...] | None = None,
                who: Submitter | None = None) -> Waiting:
-    """The scheduler's view of a waiting run (or one being submitted, by ``who``)."""
+    """The scheduler's view of a waiting run (or one being submitted, by ``who``). A scheduled run
+    waiting for its time is not eligible before it (``not_before``)."""
     cfg = run.config if isinstance(run, RunRequest) else RUN_CONFIG.validate_python(run.spec)
     policy = Policy.of(cfg)
     user, project = (who.user, who.project) if who else (getattr(run, "user", ""), getattr(run, "project", ""))
     return Waiting(run_id=run.name, request=request_of(cfg, fleets), submitted_at=submitted_at,
                    nodes=getattr(cfg, "nodes", 1), priority=policy.priority, max_duration=policy.max_duration,
-                   user=user, project=project)
+                   user=user, project=project, not_before=None if isinstance(run, RunRequest) else run.next_at)
+
+
+def queued_since(run: Run) -> float:
+    """When a waiting run joined the queue: its submission, or for a scheduled run the time it was
+    due (its queue order, aging and retry window count from then, as dstack's do)."""
+    return run.next_at if run.next_at is not None else run.created_at
+
+
+def scheduled_text(at: float) -> str:
+    """Why a scheduled run waits before its time: `scheduled: next 2026-12-03 23:15 UTC`."""
+    return f"scheduled: next {utc_text(at)}"
 
 
 def running_of(store: Store) -> list[Running]:
@@ -175,7 +197,11 @@ def wait_reason(run: Waiting, hosts: HostIndex, limit: int = 6) -> str:
     req = run.request
     considered = [h for h in hosts.hosts() if not req.fleets or h.fleet in req.fleets]
     parts = []
+    refused = {h.alias: why for h in considered if (why := host_refusal(h, req))}
     for h in considered[:limit]:
+        if h.alias in refused:
+            parts.append(refused[h.alias])
+            continue
         fit = [i for i, g in enumerate(h.gpus) if req.gpu is None or gpu_matches(g, req.gpu)]
         free = {g for b in h.blocks if b.free for g in b.gpus}
         parts.append(f"{h.alias} {len([i for i in fit if i in free])}/{len(fit)} free")
@@ -232,6 +258,15 @@ def submit(store: Store, req: RunRequest, seal: Seal, no_queue: bool = False, wh
         raise GpufleetError(f"{req.name} {never}; not queued")
     spec = req.config.model_dump(mode="json")
     sealed = seal(req.secrets) if req.secrets else None
+    if req.config.schedule is not None:  # it waits for its first time (then as any run: scheduled())
+        if no_queue:
+            raise GpufleetError(f"{req.name}: --no-queue starts a run now or not at all; this one has a `schedule` "
+                                f"(for each start to be now-or-never, give it `retry: false`)")
+        at = req.config.schedule.next_start(time.time())
+        store.enqueue(req.name, uuid.uuid4().hex[:12], req.config.type, spec, container_name(req.name),
+                      priority=policy.priority, max_duration=policy.max_duration, retry=policy.as_json(),
+                      sealed=sealed, reason=scheduled_text(at), project=who.project, user=who.user, next_at=at)
+        return store.run(req.name), None
     if no_queue or not policy.queue:
         held = decide([waiting], hosts, running_of(store), time.time(), cluster_fleets=clusters,
                       quotas=quotas_of(store)).held
@@ -282,32 +317,38 @@ def _without(index: HostIndex, reserved: dict[int, set[int]]) -> list[HostSlots]
 
 def cancel(store: Store, name: str, why: str = "cancelled by the user while waiting",
            actor: str = SYSTEM_ACTOR) -> bool:
-    return store.finish_run(name, RunStatus.STOPPED, None, why, actor=actor)
+    return store.finish_run(name, RunStatus.STOPPED, None, why, actor=actor, final=True)
 
 
 # --------------------------------------------------------------------------- the scheduling pass
 
 def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: float | None = None,
-             half_life: float = HALF_LIFE_DEFAULT) -> None:
+             half_life: float = HALF_LIFE_DEFAULT) -> float | None:
     """Decide which waiting runs start now (scheduler.decide over the store's blocks and running
     runs), take their blocks, and hand each to ``launch`` (which starts its containers, usually on
     a worker thread). Refused runs end `failed` with why; the others get their reason and the
-    head its reservation."""
+    head its reservation. Returns the time the next scheduled run is due (None: none waits for one),
+    for the loop to be there on time."""
     now = time.time() if now is None else now
     pending = store.pending()
     if not pending:
         store.save_reservations([])
-        return
+        return None
     placing = Placing(store)
-    waits, homeless = {}, {}
+    waits, homeless, later, now_or_never = {}, {}, {}, set()
     for r in pending:
+        if r.next_at is not None and r.next_at > now:  # scheduled, not yet due: not eligible (decide)
+            later[r.name] = scheduled_text(r.next_at)
+            continue
         cfg = RUN_CONFIG.validate_python(r.spec)
         fleets, nowhere, _ = placing.choice(cfg, r.project, placing.role(r.user, r.project))
+        if r.next_at is not None and not cfg.retry_policy.queue:
+            now_or_never.add(r.name)  # `retry: false`: at its time it starts, or fails until the next
         if nowhere:
             homeless[r.name] = f"waiting: {nowhere}"
         else:
-            waits[r.name] = waiting_of(r, r.created_at, fleets)
-    store.set_waiting(homeless)
+            waits[r.name] = waiting_of(r, queued_since(r), fleets)
+    store.set_waiting(homeless | later)
     hosts = store.slots_snapshot()
     decision: Decision = decide(list(waits.values()), hosts, running_of(store), now,
                                 cluster_fleets=cluster_fleets(store), quotas=quotas_of(store),
@@ -321,7 +362,12 @@ def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: 
             launch(store.run(start.run.run_id), placements)
     store.save_reservations([(r.run_id, r.at, list(r.blocks)) for r in decision.reservations])
     gone = {r.run_id for r in decision.refused} | {st.run.run_id for st in decision.starts}
-    reasons = {h.run_id: h.reason for h in decision.held}
+    for name in sorted((now_or_never & (set(waits) | set(homeless))) - gone):
+        why = next((h.reason for h in decision.held if h.run_id == name), None) or homeless.get(name) or \
+            wait_reason(waits[name], hosts)
+        store.finish_run(name, RunStatus.FAILED, None, f"not started at its scheduled time (retry: false): {why}")
+        gone.add(name)
+    reasons = {h.run_id: h.reason for h in decision.held if h.run_id not in gone}
     left = [w for w in waits.values() if w.run_id not in gone and w.run_id not in reasons]
     if left:
         after = store.slots_snapshot()
@@ -334,12 +380,14 @@ def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: 
                            else f"; next to start, expected by {time.strftime('%H:%M:%S', time.localtime(at))}")
             reasons[w.run_id] = reason
     store.set_waiting(reasons)
+    return min((r.next_at for r in pending if r.name in later), default=None)
 
 
 def positions(runs: list[Run], now: float | None = None, usage: Usage | None = None) -> dict[str, int]:
     """Each waiting run's 1-based place in the queue's order (with fair share: ``usage``)."""
     now = time.time() if now is None else now
-    waits = [waiting_of(r, r.created_at) for r in runs if r.status == RunStatus.PENDING]
+    waits = [waiting_of(r, queued_since(r)) for r in runs if r.status == RunStatus.PENDING
+             and (r.next_at is None or r.next_at <= now)]  # a scheduled run has no place before its time
     return {w.run_id: i + 1 for i, w in enumerate(ordered(waits, now, usage=usage))}
 
 
@@ -387,7 +435,7 @@ def enforce_limits(store: Store, now: float | None = None) -> list[str]:
     for r in store.runs():
         if r.status == RunStatus.PENDING:
             duration = store.retry_policy(r.name).get("duration")
-            if duration and now - r.created_at > duration:
+            if duration and now - queued_since(r) > duration:
                 if store.finish_run(r.name, RunStatus.FAILED, None,
                                     f"no capacity within its retry duration ({_span(duration)})"):
                     ended.append(r.name)
@@ -399,13 +447,14 @@ def enforce_limits(store: Store, now: float | None = None) -> list[str]:
     return ended
 
 
-def _stopper(store: Store, run: Run, why: str, actor: str = SYSTEM_ACTOR) -> Callable[[], bool] | None:
+def _stopper(store: Store, run: Run, why: str, actor: str = SYSTEM_ACTOR, final: bool = False
+             ) -> Callable[[], bool] | None:
     """Mark an active run `stopping` (so its containers' exit is not read as a failure) and return
     the work that stops them within its grace and records it `stopped` (``why``): True when done,
     False when the runtime could not stop them (the run is `running` again, saying why). None if
-    the run is no longer active."""
+    the run is no longer active. ``final`` (a user's stop): a scheduled run is not started again."""
     grace = store.retry_policy(run.name).get("stop_duration")
-    if not store.begin_stop(run.name, why, actor):
+    if not store.begin_stop(run.name, why, actor, final=final):
         return None
 
     def work() -> bool:
@@ -436,7 +485,7 @@ def stop(store: Store, name: str, by: str = "the user", actor: str = SYSTEM_ACTO
         return run, None  # already being stopped
     if not run.active:
         raise GpufleetError(f"run {name} is not running ({run.status})")
-    work = _stopper(store, run, f"stopped by {by}", actor)
+    work = _stopper(store, run, f"stopped by {by}", actor, final=True)
     if work is None:
         raise GpufleetError(f"run {name} is not running ({store.run(name).status})")
     return store.run(name), work

@@ -12,6 +12,7 @@ from gpufleet.config import name_from_file, validate
 from gpufleet.errors import ConfigError
 from gpufleet.interpolate import check_run
 from gpufleet.models import DevEnvironmentConfig, RunRequest, RunType, ServiceConfig, TaskConfig
+from gpufleet.models.run import group_problems
 from gpufleet.secrets import run_secrets, take
 from gpufleet.yamlsource import load_yaml, read_config_text
 
@@ -28,25 +29,18 @@ _NO_GATEWAY = "gpufleet has no gateway: a service is reached through `gpufleet a
 _COMMON = {
     "python": f"{_IMAGE} (e.g. python:3.12-slim)",
     "nvcc": f"{_IMAGE} (a CUDA devel image, e.g. nvidia/cuda:12.4.1-devel-ubuntu22.04)",
-    "repos": "put the code in the image, or mount it from the hosts with `volumes` (paths the fleet's policy allows)",
-    "files": "put the files in the image, or mount them from the hosts with `volumes` "
-             "(paths the fleet's policy allows)",
-    "single_branch": "gpufleet does not clone repos; remove it",
+    "single_branch": "gpufleet does not clone repos (it uploads the local working tree); remove it",
     "registry_auth": "use an image the hosts can pull without credentials, or pull it on the hosts beforehand",
     "home_dir": "it has no effect in dstack either (deprecated); remove it",
     "setup": "deprecated in dstack; put those lines first in `commands`",
     "dstack": "",
     "utilization_policy": "",
-    "schedule": "start it from cron with `gpufleet apply -y -d -f FILE`",
     "backends": _CLOUD, "regions": _CLOUD, "availability_zones": _CLOUD, "instance_types": _CLOUD,
-    "reservation": _CLOUD, "spot_policy": _CLOUD, "max_price": _CLOUD, "creation_policy": _CLOUD,
+    "reservation": _CLOUD, "max_price": _CLOUD, "creation_policy": _CLOUD,
     "idle_duration": _CLOUD, "instances": _CLOUD, "tags": _CLOUD, "backend_options": _CLOUD,
 }
 UNSUPPORTED: dict[str, dict[str, str]] = {
     "task": {**_COMMON, **{
-        "groups": "use `nodes`: the same resources and commands on every node",
-        "startup_order": "every node starts at once: have workers wait for $GPUFLEET_MASTER_NODE_IP",
-        "stop_criteria": "a multi-node run ends when every node's container has exited (dstack's all-done)",
     }},
     "service": {**_COMMON, **{
         "model": _NO_GATEWAY, "gateway": _NO_GATEWAY, "https": _NO_GATEWAY, "auth": _NO_GATEWAY,
@@ -80,6 +74,9 @@ def parse_run(text: str, source: str, secrets: dict[str, str] | None = None, val
                                                   f"(got {src.data.get('type')!r})")])
     kind = src.data["type"]
     cfg = validate(_MODELS[kind], src, unsupported=UNSUPPORTED[kind])
+    if isinstance(cfg, TaskConfig) and (wrong := group_problems(cfg, set(src.data))):
+        problems = [src.problem(loc, why) for loc, why in wrong]
+        raise ConfigError(sorted(problems, key=lambda p: (p.line or 0, p.column or 0)))
     # `${{ ... }}` references: checked now, filled when each node starts (launch.container_vars); the
     # values of `${{ secrets.NAME }}` join the run's secrets (sealed, never in its spec)
     referenced = check_run(src, cfg, text)

@@ -8,6 +8,7 @@ of runs whose containers exist.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from gpufleet.models import (
     Run,
     RunStatus,
 )
+from gpufleet.models.run import port_pair
 from gpufleet.paths import FleetFiles
 from gpufleet.state import Store
 
@@ -49,8 +51,9 @@ def settle(run: Run, states: list[tuple[str, Container | None]], unknown: str) -
     """Decide a run's fate from its containers (``states``: each asked host and what it has, None
     when its container is gone; ``unknown``: why some host could not be asked).
 
-    Done when every node's container exited 0; failed as soon as one failed or vanished (the
-    others are then stopped, so no block is freed under a running container)."""
+    Done when every node's container exited 0, or (`stop_criteria: master-done`) as soon as the
+    master's (node 0's) did: the others are then stopped. Failed as soon as one failed or vanished
+    (the others are then stopped, so no block is freed under a running container)."""
     gone = [a for a, c in states if c is None]
     failed = [(a, c.exit_code) for a, c in states if c and c.ended and c.exit_code != 0]
     running = [a for a, c in states if c and not c.ended]
@@ -68,6 +71,9 @@ def settle(run: Run, states: list[tuple[str, Container | None]], unknown: str) -
         return Settlement(RunStatus.FAILED, code, reason, running)
     if not running and not unknown and states:
         return Settlement(RunStatus.DONE, 0)
+    if master_done(run, states):
+        return Settlement(RunStatus.DONE, 0, "the master (node 0) exited with code 0: the other nodes were "
+                                             "stopped (stop_criteria: master-done)", running)
     if unknown:
         return Settlement(run.status, None, unknown)
     if run.status == RunStatus.STARTING:
@@ -75,6 +81,15 @@ def settle(run: Run, states: list[tuple[str, Container | None]], unknown: str) -
     if run.message:  # its host answers again: the "cannot check" note is over
         return Settlement(run.status)
     return Settlement(None)
+
+
+def master_done(run: Run, states: list[tuple[str, Container | None]]) -> bool:
+    """A multi-node run with `stop_criteria: master-done` whose master's (node 0's) container exited 0."""
+    aliases = run.aliases
+    if len(aliases) < 2 or run.spec.get("stop_criteria") != "master-done":
+        return False
+    master = dict(states).get(aliases[0])
+    return master is not None and master.ended and master.exit_code == 0
 
 
 def _record(store: Store, run: Run, s: Settlement) -> None:
@@ -161,7 +176,8 @@ def _retried(store: Store, run: Run, s: Settlement) -> bool:
     if event not in (policy.get("on_events") or []):
         return False
     duration = policy.get("duration")
-    if duration is not None and time.time() - run.created_at > duration:
+    since = run.next_at if run.next_at is not None else run.created_at  # a scheduled run: from its time
+    if duration is not None and time.time() - since > duration:
         return False
     _record(store, run, Settlement(None, stop=s.stop))
     store.requeue(run.name, f"retrying after an {event} ({s.message}); waiting again")
@@ -226,15 +242,18 @@ def logs_argv(store: Store, name: str, follow: bool = False, node: int = 0) -> l
 
 def forwards(spec: dict) -> list[tuple[int, int]]:
     """The ports a run declares, as (local, remote): a service's `port` first, then its `ports`
-    (``8080:8000``: local 8080, remote 8000), each once."""
+    (``8080:8000``: local 8080, remote 8000; ``*:8000``: local 0, a port picked when attaching), each once."""
     ports = [str(p) for p in spec.get("ports") or []]
     if spec.get("type") == "service":
         ports.insert(0, str(spec["port"]))
-    pairs = []
-    for p in dict.fromkeys(ports):
-        local, _, remote = p.partition(":")
-        pairs.append((int(local), int(remote or local)))
-    return pairs
+    return [port_pair(p) for p in dict.fromkeys(ports)]
+
+
+def _free_local_port() -> int:
+    """A port free now on this machine's 127.0.0.1 (for a `*:PORT`, dstack's local port picked at attach)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def host_port(store: Store, run: Run, port: int) -> int:
@@ -321,13 +340,17 @@ def attach_plan(store: Store, name: str) -> dict:
     files = FleetFiles.of(run.fleet).require()
     spec = run.spec
     pairs = forwards(spec)
-    extra = [a for local, remote in pairs
+    # the ssh command's local ports: `*:PORT` (local 0) gets one free here, where the command runs; the
+    # declared pairs (0 kept) are for a client that carries the ports through the server and picks its own
+    bound = [(local or _free_local_port(), remote) for local, remote in pairs]
+    extra = [a for local, remote in bound
              for a in ("-L", f"127.0.0.1:{local}:127.0.0.1:{host_port(store, run, remote)}")]
     if spec.get("type") == "dev-environment":
         argv = ssh_argv(files, run.alias, _shell(store, run), tty=True, extra=extra)
     else:
         argv = ssh_argv(files, run.alias, None, extra=["-N", "-o", "ExitOnForwardFailure=yes", *extra])
     return {"ssh_config": str(files.ssh_config), "alias": run.alias, "forwards": [list(p) for p in pairs],
+            "bound": [list(p) for p in bound],
             "shell": spec.get("type") == "dev-environment", "argv": argv}
 
 

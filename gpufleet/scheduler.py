@@ -47,6 +47,10 @@ Rules
   the reservation's `at` is None and its blocks are those the head would take on the idle fleet
   (the same from one decision to the next). Runs without a limit are then kept off those blocks,
   runs with one may use them (each ends by its limit).
+- A scheduled run (dstack's `schedule`) is not eligible before its time: a run whose `not_before`
+  is after `now` is left out of the decision altogether (not started, not the head, not refused,
+  held or reserved for). From its time on it is a waiting run like any other; the caller gives
+  that time as its `submitted_at`, so it queues (and ages) from then.
 - A multi-node run (gang) is placed whole by `place_gang` or not at all; it waits, and reserves,
   as one.
 - A run that does not fit even on the idle fleet (more GPUs of a model than any ready host, more
@@ -109,6 +113,7 @@ class Waiting:
     max_duration: float | None = None
     user: str = ""
     project: str = ""
+    not_before: float | None = None  # a scheduled run's next start: not eligible before it
 
     def __post_init__(self) -> None:
         if not 0 <= self.priority <= 100:
@@ -244,6 +249,13 @@ def ordered(waiting: Sequence[Waiting], now: float, aging_s: float | None = AGIN
     return sorted(by_submission, key=lambda r: (-r.priority, shares[r.project, r.user]))
 
 
+def eligible(waiting: Sequence[Waiting], now: float) -> Sequence[Waiting]:
+    """``waiting`` less the scheduled runs whose time has not come (order kept)."""
+    if all(r.not_before is None or r.not_before <= now for r in waiting):
+        return waiting
+    return [r for r in waiting if r.not_before is None or r.not_before <= now]
+
+
 def decide(waiting: Sequence[Waiting], hosts: HostIndex | Sequence[HostSlots], running: Sequence[Running],
            now: float, *, cluster_fleets: Collection[str] = (), aging_s: float | None = AGING_S,
            in_order: bool = False, depth: int | None = BACKFILL_DEPTH, quotas: Sequence[Quota] = (),
@@ -259,6 +271,7 @@ def decide(waiting: Sequence[Waiting], hosts: HostIndex | Sequence[HostSlots], r
     GPU-hours for fair share (``fairshare.decayed_usage``; None: no fair share). Nothing given is
     changed (a HostIndex is copied before anything is tried on it)."""
     base = hosts if isinstance(hosts, HostIndex) else HostIndex(list(hosts))
+    waiting = eligible(waiting, now)
     queue = waiting if in_order else ordered(waiting, now, aging_s, usage)
     caps = _Caps(quotas, running) if quotas else None
     return _Decider(base, frozenset(cluster_fleets), now, caps).run(queue, running, depth)
@@ -282,7 +295,8 @@ def _block(host: HostSlots, idx: int) -> BlockSlot | None:
 def _with(host: HostSlots, idxs: Collection[int], free: bool) -> HostSlots:
     blocks = [BlockSlot(b.idx, b.gpus, b.cpus, b.memory_mib, b.numa_node, free) if b.idx in idxs and b.free != free
               else b for b in host.blocks]
-    return HostSlots(host.instance_id, host.fleet, host.num, host.alias, host.gpus, blocks, host.shape)
+    return HostSlots(host.instance_id, host.fleet, host.num, host.alias, host.gpus, blocks, host.shape,
+                     traits=host.traits)
 
 
 class _View:
@@ -722,7 +736,7 @@ class _Decider:
             idle = _with(leader, [b.idx for b in leader.blocks], True)
             for _ in range(min(counts[key], nodes)):  # stand-ins: distinct numbers, never returned as a placement
                 out.append(HostSlots(-1 - len(out), idle.fleet, -1 - len(out), idle.alias, idle.gpus, idle.blocks,
-                                     idle.shape))
+                                     idle.shape, traits=idle.traits))
         return out
 
     def _check_never(self, run: Waiting) -> bool:
@@ -769,7 +783,7 @@ def _fleet_signature(index: HostIndex) -> frozenset:
 def _request_signature(req: Request) -> tuple:
     g = req.gpu
     gpu = None if g is None else (tuple(g.name) if g.name else None, g.vendor, g.count, g.memory)
-    return gpu, req.cpu, req.memory_gb, req.fleets
+    return gpu, req.cpu, req.memory_gb, req.fleets, req.arch, req.disk
 
 
 def never_fits(run: Waiting, hosts: HostIndex | Sequence[HostSlots],

@@ -43,7 +43,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
 from gpufleet import migrations, paths
-from gpufleet.allocator import BlockSlot, HostIndex, HostSlots, Placement
+from gpufleet.allocator import BlockSlot, HostIndex, HostSlots, HostTraits, Placement
 from gpufleet.blocks import Block
 from gpufleet.errors import GpufleetError, NotFound
 from gpufleet.models import (
@@ -67,6 +67,8 @@ from gpufleet.models import (
     UsageRecord,
     User,
 )
+from gpufleet.models.cron import utc_text
+from gpufleet.models.run import ScheduleSpec
 
 metadata = MetaData()
 
@@ -134,6 +136,9 @@ runs = Table(
     Column("started_at", Float, nullable=True),  # when its blocks were taken
     Column("project", String(64), nullable=False, default=DEFAULT_PROJECT),
     Column("user", String(64), nullable=False, default=""),  # who submitted it
+    # a scheduled run (`schedule`): when it starts next (pending), or started last (active); NULL: not
+    # scheduled, or stopped by a user (no more starts)
+    Column("next_at", Float, nullable=True),
     Index("ix_runs_status", "status"),
 )
 
@@ -273,7 +278,7 @@ def _run(r) -> Run:
                blocks=json.loads(r.blocks), spec=json.loads(r.spec), container=r.container,
                nodes=json.loads(r.nodes), created_at=r.created_at, updated_at=r.updated_at, instance_num=r.num,
                owner=r.owner, priority=r.priority, max_duration=r.max_duration, started_at=r.started_at,
-               project=r.project, user=r.user)
+               project=r.project, user=r.user, next_at=r.next_at)
 
 
 def _event(r) -> Event:
@@ -536,7 +541,8 @@ class Store:
         _, gpus, shape, variants = self._slot_cache[iid]
         if variants:
             self._index.put(HostSlots(iid, fleet, num, alias, gpus,
-                                      [busy if idx in taken else free for idx, free, busy in variants], shape))
+                                      [busy if idx in taken else free for idx, free, busy in variants], shape,
+                                      traits=shape[2]))
         else:
             self._index.remove(iid)
 
@@ -548,10 +554,11 @@ class Store:
             layout[b.instance_id].append((b.idx, tuple(json.loads(b.gpus)), b.cpus, b.memory_mib, b.numa_node))
         for r in c.execute(select(instances.c.id, instances.c.updated_at, instances.c.probe)
                            .where(instances.c.id.in_(ids))):
-            gpus = _GPUS.validate_python(json.loads(r.probe).get("gpus") or [])
+            probe = json.loads(r.probe)
+            gpus = _GPUS.validate_python(probe.get("gpus") or [])
             blist = layout[r.id]
             shape = (tuple((g.vendor, g.model, g.name, g.memory_mib) for g in gpus),
-                     tuple(blist))
+                     tuple(blist), HostTraits.of(probe))
             variants = [(idx, BlockSlot(idx, g, cp, mem, numa, True), BlockSlot(idx, g, cp, mem, numa, False))
                         for idx, g, cp, mem, numa in blist]
             self._slot_cache[r.id] = (r.updated_at, gpus, shape, variants)
@@ -633,8 +640,9 @@ class Store:
     # the queue --------------------------------------------------------------------------------
     def enqueue(self, name: str, run_id: str, kind: str, spec: dict, container: str, *, priority: int,
                 max_duration: float | None, retry: dict, sealed: str | None, reason: str,
-                project: str = DEFAULT_PROJECT, user: str = "") -> None:
-        """Record a run that waits for blocks (`pending`), with its secrets sealed, and say why it waits."""
+                project: str = DEFAULT_PROJECT, user: str = "", next_at: float | None = None) -> None:
+        """Record a run that waits for blocks (`pending`), with its secrets sealed, and say why it waits;
+        ``next_at``: a scheduled run's first start (it waits for that time first)."""
         now = time.time()
         with self.engine.begin() as c:
             old = c.execute(_RUN_STATUS, {"name": name}).first()
@@ -646,7 +654,7 @@ class Store:
             c.execute(insert(runs), dict(
                 name=name, run_id=run_id, type=kind, status=PENDING, message=reason, spec=json.dumps(spec),
                 container=container, created_at=now, updated_at=now, priority=priority, max_duration=max_duration,
-                retry=json.dumps(retry), project=project, user=user))
+                retry=json.dumps(retry), project=project, user=user, next_at=next_at))
             if sealed is not None:
                 c.execute(insert(secrets).values(run=name, sealed=sealed, created_at=now))
             self._event(c, "submitted", f"submitted ({kind}, priority {priority})", run=name, ts=now,
@@ -974,18 +982,23 @@ class Store:
             return dict(row._mapping) if row else None
 
     def finish_run(self, name: str, status: RunStatus, exit_code: int | None = None, message: str = "",
-                   actor: str = SYSTEM_ACTOR) -> bool:
+                   actor: str = SYSTEM_ACTOR, final: bool = False) -> bool:
         """Record a run's end (an event says how, and who: ``actor``), free its blocks, forget its
         secrets and record the GPU time it used, in one transaction; False (nothing done) if it had
-        already ended."""
+        already ended. A scheduled run (dstack's `schedule`) that ends otherwise than by a user's stop
+        (``final``, or begin_stop's) waits for its next time instead, its secrets kept sealed."""
         with self.engine.begin() as c:
             self._serialize(c)
-            row = c.execute(select(runs.c.status, runs.c.fleet).where(runs.c.name == name)).first()
+            row = c.execute(select(runs.c.status, runs.c.fleet, runs.c.next_at, runs.c.spec)
+                            .where(runs.c.name == name)).first()
             if row is None or row.status not in LIVE:
                 return False
+            if row.next_at is not None and not final and json.loads(row.spec).get("schedule"):
+                self._reschedule(c, name, row, status, exit_code, message, actor)
+                return True
             self._record_usage(c, name)
             c.execute(update(runs).where(runs.c.name == name).values(
-                status=str(status), exit_code=exit_code, message=message, updated_at=time.time()))
+                status=str(status), exit_code=exit_code, message=message, updated_at=time.time(), next_at=None))
             self._free(c, name)
             c.execute(delete(reservations).where(reservations.c.run == name))
             c.execute(delete(secrets).where(secrets.c.run == name))
@@ -994,6 +1007,28 @@ class Store:
                 text_ = "finished: exit code 0" if not message else f"finished: {message}"
             self._event(c, str(status), text_, run=name, fleet=row.fleet, actor=actor)
             return True
+
+    def _reschedule(self, c, name: str, row, status: RunStatus, exit_code: int | None, message: str,
+                    actor: str) -> None:
+        """A scheduled run's end (``status``, as finish_run says it): its GPU time recorded, its blocks
+        freed, and it waits (`pending`) for the next time of its schedule after now, with a new run id
+        (its old container is replaced, not adopted, when it starts again); its secrets stay sealed."""
+        now = time.time()
+        schedule = ScheduleSpec.model_validate(json.loads(row.spec)["schedule"])
+        at = schedule.next_start(max(now, row.next_at + 1))  # the next time after the one it started at
+        self._record_usage(c, name)
+        reason = f"scheduled: next {utc_text(at)}"
+        c.execute(update(runs).where(runs.c.name == name).values(
+            run_id=uuid.uuid4().hex[:12], status=PENDING, fleet=None, instance_id=None, alias=None, gpus="[]",
+            blocks="[]", nodes="[]", owner="", started_at=None, exit_code=None, message=reason, next_at=at,
+            updated_at=now))
+        self._free(c, name)
+        c.execute(delete(reservations).where(reservations.c.run == name))
+        text_ = message or (f"exit code {exit_code}" if exit_code is not None else str(status))
+        if status == RunStatus.DONE:
+            text_ = "finished: exit code 0" if not message else f"finished: {message}"
+        self._event(c, str(status), text_, run=name, fleet=row.fleet, actor=actor)
+        self._event(c, "scheduled", reason, run=name, actor=SYSTEM_ACTOR)
 
     @staticmethod
     def _record_usage(c, name: str) -> None:
@@ -1015,16 +1050,17 @@ class Store:
             c.execute(update(blocks).where(blocks.c.run == name).values(run=None))
             self._changed(c, held)
 
-    def begin_stop(self, name: str, why: str, actor: str = SYSTEM_ACTOR) -> bool:
+    def begin_stop(self, name: str, why: str, actor: str = SYSTEM_ACTOR, final: bool = False) -> bool:
         """Mark an active run `stopping` (by this process, ``why``) before its containers are stopped,
-        so that their exit is not taken for a failure; False if it is not active."""
+        so that their exit is not taken for a failure; False if it is not active. ``final`` (a user's
+        stop): a scheduled run is not started again."""
         with self.engine.begin() as c:
             row = c.execute(select(runs.c.status, runs.c.fleet).where(runs.c.name == name)).first()
             if row is None or row.status not in ACTIVE:
                 return False
             c.execute(update(runs).where(runs.c.name == name).values(
                 status=str(RunStatus.STOPPING), message=why, owner=f"{socket.gethostname()}:{os.getpid()}",
-                updated_at=time.time()))
+                updated_at=time.time(), **({"next_at": None} if final else {})))
             self._event(c, "stopping", why, run=name, fleet=row.fleet, actor=actor)
             return True
 
@@ -1042,7 +1078,8 @@ class Store:
                 self._event(c, str(status), text_, run=name, fleet=row.fleet, actor=SYSTEM_ACTOR)
                 retry = json.loads(c.execute(select(runs.c.retry).where(runs.c.name == name)).scalar_one())
                 again = {"error", "interruption"} & set(retry.get("on_events") or [])
-                if status == RunStatus.RUNNING and not again:
+                scheduled = c.execute(select(runs.c.next_at).where(runs.c.name == name)).scalar() is not None
+                if status == RunStatus.RUNNING and not again and not scheduled:
                     # started: its secrets are on the host now, not kept here (a run that may be
                     # started again after an error or interruption keeps them, sealed, until it ends)
                     c.execute(delete(secrets).where(secrets.c.run == name))

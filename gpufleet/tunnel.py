@@ -99,7 +99,9 @@ class Forwarder:
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def listen(self) -> None:
-        """Bind every local port (all or none: a port in use is an error a user can act on)."""
+        """Bind every local port (all or none: a port in use is an error a user can act on); a local port 0
+        (dstack's `*:PORT`) is one the system picks, written back into ``forwards``."""
+        bound = []
         for local, remote in self.forwards:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -112,6 +114,8 @@ class Forwarder:
                                     f"another program, uses it)") from None
             sock.listen(64)
             self._listeners[sock] = remote
+            bound.append((sock.getsockname()[1], remote))
+        self.forwards = bound
 
     def serve(self) -> None:
         """Accept connections until ``stop()`` (or Ctrl-C, which propagates), each on a thread of its own."""

@@ -60,6 +60,7 @@ def submit(args: argparse.Namespace, console: Console) -> int:
     # checked here, with positions; takes its secrets from this environment (a dry run sends none,
     # so it needs none, as a fleet's)
     req = parse_run(text, str(path), values=not args.dry_run)
+    packed = _pack(req, text, path)  # before anything is sent: a missing path or too much is said now
     client = connect()
     source = str(path)
     where = _project_field(args, client)
@@ -75,17 +76,30 @@ def submit(args: argparse.Namespace, console: Console) -> int:
                 present.note(console, "note", f"{req.name} {p['note']}")
     else:
         present.plain(console, f"{req.name} ({req.config.type}) does not fit now: {plan['waits']}")
-        if not args.no_queue:
+        if not args.no_queue and req.config.schedule is None:
             present.plain(console, "It will wait in the queue and start when blocks are free.")
+    if packed is not None:
+        present.plain(console, packed.summary() if not args.dry_run else
+                      packed.summary().replace("uploading", "would upload", 1))
+    if req.config.schedule is not None:
+        from gpufleet.models.cron import utc_text
+
+        first = utc_text(req.config.schedule.next_start(time.time()))
+        present.plain(console, f"{req.name} is scheduled ({', '.join(req.config.schedule.cron)}, UTC): it waits "
+                               f"until {first}, starts then and at each time after, until gpufleet stop {req.name}")
     if args.dry_run:
         present.dim(console, "--dry-run: nothing was submitted")
         return EXIT_OK
     if not args.yes and not present.confirm(console, "Submit the run?"):
         console.print("Nothing was changed.")
         return EXIT_OK
+    sent = {"upload": client.post("/api/uploads", packed.data)["id"]} if packed is not None else {}
     view = Run.model_validate(client.post("/api/runs", {"source": source, "text": text,
                                                                     "secrets": req.secrets,
-                                                                    "no_queue": args.no_queue, **where}))
+                                                                    "no_queue": args.no_queue, **where, **sent}))
+    if view.status == RunStatus.PENDING and view.next_at is not None:  # scheduled: nothing to wait for now
+        present.plain(console, f"{view.name} is {view.message or 'scheduled'}")
+        return EXIT_OK
     if args.detach and view.status == RunStatus.PENDING and view.message:
         present.plain(console, f"{view.name} is queued (#{view.position}): {view.message}")
         return EXIT_OK
@@ -104,6 +118,20 @@ def submit(args: argparse.Namespace, console: Console) -> int:
     _follow_logs(client, view.name)
     view = _wait_ended(client, view.name)
     return _ended(view, console)
+
+
+def _pack(req, text: str, path: Path):
+    """The run's `repos` and `files` packed (gpufleet.upload), None without; a missing path is an error
+    with its line."""
+    from gpufleet.errors import ConfigError
+    from gpufleet.upload import pack
+    from gpufleet.yamlsource import load_yaml
+
+    uploads = req.config.uploads
+    if not uploads:
+        return None
+    src = load_yaml(text, str(path))
+    return pack(uploads, path.absolute().parent, lambda loc, msg: ConfigError([src.problem(loc, msg)]))
 
 
 def _wait_started(client, view, console: Console, detach: bool = False):

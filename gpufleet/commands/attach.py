@@ -51,7 +51,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
             return EXIT_OK
     if args.through_server or not has_fleet_files(plan["ssh_config"]):
         return _through_server(client, args.name, plan, console)
-    for local, remote in plan["forwards"]:
+    for local, remote in plan.get("bound", plan["forwards"]):  # `*:PORT`: the local port picked for it
         present.plain(console, f"forwarding localhost:{local} -> {plan['alias']}:{remote} (through the jump chain)")
     if plan["shell"]:
         return subprocess.run(plan["argv"]).returncode

@@ -29,6 +29,9 @@ class GPU(CoreModel):
 
 class CPU(CoreModel):
     count: int = 0
+    # dstack's name of the host's CPU architecture: x86 (x86_64), arm (aarch64), else the machine as
+    # uname says it; None: a host probed before gpufleet reported it (a run that names one is not placed there)
+    arch: str | None = None
     numa_nodes: dict[str, str] = Field(default_factory=dict)  # NUMA node -> its CPU list ("0-63,128-191")
 
 
@@ -38,6 +41,17 @@ class Disk(CoreModel):
     free_mib: int | None = None
 
 
+class Storage(CoreModel):
+    """The runtime's container storage: its driver (overlay, btrfs, vfs...), the file system under it
+    (xfs, ext4...) and whether a container's writable layer can be limited (--storage-opt size=): overlay
+    on xfs mounted with project quotas. ``why_not``: why it cannot, for messages (`overlay on ext4`)."""
+
+    driver: str | None = None
+    backing_fs: str | None = None
+    size_limit: bool = False
+    why_not: str | None = None
+
+
 class Runtime(CoreModel):
     name: str | None = None  # podman | docker; None: none installed
     version: str | None = None
@@ -45,6 +59,7 @@ class Runtime(CoreModel):
     via_sudo: bool = False
     root: str | None = None
     gpu_support: dict[str, str | bool | None] = Field(default_factory=dict)
+    storage: Storage | None = None  # None: a host probed before gpufleet reported it
 
     @property
     def become(self) -> bool:

@@ -38,6 +38,8 @@ def _no_bool_int(v: Any) -> Any:
 def _blocks(v: Any) -> int | str:
     if v == "auto":
         return v
+    if isinstance(v, str) and v.strip().isdigit():
+        v = int(v)  # dstack reads `blocks: '4'` as 4 (pydantic's lax int)
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f'must be "auto" or a whole number >= 1 (got {v!r})')
     return v

@@ -3,8 +3,9 @@
 `resources` takes every form of dstack's (its core/models/resources.py) with dstack's meaning: a
 single count or size is exact (`gpu: 24GB` is 24 GB GPUs), `a..b` a range; see the comment above
 parse_count. GPU requests: `4`, `2..4`, `H100:4`, `H100:80GB:4`, `A100,H100:2`, `amd:2`, `24GB..:1`,
-`16GB..32`, or a mapping {name, count, memory, total_memory, vendor}. What gpufleet cannot check (a
-CPU architecture, a compute capability) is refused at load, never accepted and ignored.
+`16GB..32`, or a mapping {name, count, memory, total_memory, vendor}. A CPU architecture (`x86:2`) is
+matched against the probe's; what gpufleet cannot check (a compute capability) is refused at load,
+never accepted and ignored. `shm_size` is the container's /dev/shm; `disk`: see ResourcesSpec.disk.
 
 `volumes`: dstack's instance volumes, as a string (`/host/path:/path`, gpufleet adds `:ro`) or a
 mapping {instance_path, path, optional} (gpufleet adds read_only), both read into one `Volume`;
@@ -21,6 +22,7 @@ Queueing fields, with dstack's meaning unless a field's description says otherwi
 from __future__ import annotations
 
 import math
+import posixpath
 import re
 import shlex
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ from pydantic import (
 )
 
 from gpufleet.models.core import CoreModel, Range
+from gpufleet.models.cron import next_start, parse_cron
 from gpufleet.models.env import Env, split_env
 from gpufleet.models.fleet import Name
 
@@ -74,15 +77,15 @@ _DURATION_FORMS = "seconds (90) or a number and one unit s, m, h, d or w (90s, 3
 # How dstack reads `resources` (dstack's core/models/resources.py, checked at dstack 511c318c8), and
 # what gpufleet makes of it. dstack's `Range` reads a single value as exact (min = max) and `a..b`,
 # `a..`, `..b` or {min, max} as a range; every count and size below is such a range:
-#   cpu        `8` exactly 8 CPUs; `4..`, `..64`, {min, max}; `x86:8`, `8..:arm`, {arch, count}: see _cpu
+#   cpu        `8` exactly 8 CPUs; `4..`, `..64`, {min, max}; `x86:8`, `8..:arm`, {arch, count}: CPUSpec
 #   memory     `32GB` exactly 32 GB (a bare number is GB; MB, GB, TB in any case, spaces allowed);
 #              `200GB..`, `512..1TB`, {min, max}
 #   gpu.count  `2` exactly 2; `1..8`; {min, max}; not given but a GPU is named or sized: 1.. (dstack's
 #              DEFAULT_GPU_COUNT)
 #   gpu.memory, gpu.total_memory  `24GB` exactly 24 GB per GPU (in total); `16GB..32` (16 to 32 GB)
 #   gpu.compute_capability  a minimum (`7.5`) in dstack; gpufleet cannot check it yet (see GPUSpec)
-#   disk       `100GB`, `100GB..`, {size: ...}: read here as a minimum (enforcing it is the runtime's
-#              part, see launch); shm_size: a size
+#   disk       `100GB` exactly, `100GB..`, {size: ...}: the minimum is matched against the host's storage,
+#              the maximum is the container's limit (see ResourcesSpec.disk); shm_size: a size
 # gpufleet gives a run whole blocks: a count or size decides how many blocks it needs (its minimum),
 # and where the blocks hold more than its maximum the placement says so (allocator.place's note), as
 # for GPUs. GPU memory per GPU is a property of the GPU itself and is matched as dstack matches it.
@@ -178,33 +181,32 @@ def parse_size_range(value: Any, what: str = "memory") -> Range:
 
 
 def _disk(value: Any) -> Range | None:
-    """`disk`: dstack's DiskSpec: a size, a range or {size: ...}; read as a minimum (a single size too)
-    until the runtime's limit (launch's part) says otherwise."""
+    """`disk`: dstack's DiskSpec: a size, a range or {size: ...}, read as dstack reads it (a single size is
+    exact: min = max). What gpufleet makes of it: see ResourcesSpec.disk."""
     if value is None or isinstance(value, Range):
         return value
     if isinstance(value, dict) and set(value) == {"size"}:
         value = value["size"]
-    r = parse_size_range(value, "disk")
-    return Range(r.min, None) if r.min is not None and r.min == r.max else r
+    return parse_size_range(value, "disk")
 
 
 def _shm_size(value: Any) -> str | None:
     """`shm_size`: dstack's Memory (`16GB`, `512MB`, a number of GB), kept as written; a number is
-    written `16GB`."""
+    written `16GB`. Checked to be at least 1 MB (the runtime's smallest /dev/shm)."""
     if value is None:
         return None
-    parse_size_gb(value, "shm_size")
+    if parse_size_gb(value, "shm_size") * 1024 < 1:
+        raise ValueError(f"shm_size {value!r} is less than 1MB")
     return f"{value:g}GB" if isinstance(value, (int, float)) else value
 
 
 CPU_ARCHS = ("x86", "arm")  # dstack's (gpuhunt's) CPUArchitecture, any case
 
 
-def _cpu(value: Any) -> Range | None:
+def _cpu(value: Any) -> Any:
     """`cpu`, dstack's CPUSpec: a count (`8` exactly 8, `4..`, {min, max}), `ARCH:COUNT` in either order
-    (`x86:2`, `2..:ARM`, `arm`) or {arch, count}. An architecture is refused: gpufleet's probe does not
-    report a host's CPU architecture, so it could not be honoured."""
-    if value is None or isinstance(value, Range):
+    (`x86:2`, `2..:ARM`, `arm`) or {arch, count}; read into CPUSpec (arch in lower case, or None)."""
+    if value is None or isinstance(value, (Range, CPUSpec)):
         return value
     arch = None
     if isinstance(value, dict) and not set(value) <= {"min", "max"}:
@@ -214,6 +216,7 @@ def _cpu(value: Any) -> Range | None:
         arch, value = value.get("arch"), value.get("count", "2..")  # dstack's DEFAULT_CPU_COUNT
         if arch is not None and (not isinstance(arch, str) or arch.lower() not in CPU_ARCHS):
             raise ValueError(f"arch {arch!r} is not a CPU architecture (x86 or arm)")
+        value = "2.." if value is None else value
     elif isinstance(value, str) and (":" in value or value.strip().lower() in CPU_ARCHS):
         tokens, value = value.replace(" ", "").split(":"), None
         for token in tokens:
@@ -230,10 +233,19 @@ def _cpu(value: Any) -> Range | None:
             else:
                 raise ValueError(f"{token!r} is neither a CPU count nor an architecture (x86, arm)")
         value = "2.." if value is None else value
-    if arch is not None:
-        raise ValueError(f"CPU architecture {arch!r}: gpufleet cannot check it yet (its probe does not report "
-                         f"a host's CPU architecture); remove it, and use `fleets` to choose the hosts")
-    return parse_count(value, "cpu", 4096)
+    count = parse_count(value, "cpu", 4096)
+    return count if arch is None else CPUSpec(arch=arch.lower(), count=count)
+
+
+class CPUSpec(CoreModel):
+    """dstack's CPUSpec with an architecture: `x86:8`, `2..:arm`, {arch, count}. A run is placed only on
+    hosts whose probe reported that architecture (a host probed before gpufleet reported it: not matched)."""
+
+    arch: Literal["x86", "arm"] = Field(description="x86 or arm (dstack's names; x86_64 and aarch64 hosts).")
+    count: Range = Field(Range(2, None), description="Number of CPUs, as a count without an architecture.")
+
+    def __str__(self) -> str:
+        return f"{self.arch}:{self.count}"
 
 
 class GPUSpec(CoreModel):
@@ -341,28 +353,81 @@ def _parse_gpu_string(text: str) -> dict:
 class ResourcesSpec(CoreModel):
     gpu: GPUSpec | None = Field(None, description="GPUs: 4, 2..4, H100:4, H100:80GB:4, 24GB, amd:2, "
                                                   "{name, count, memory, total_memory, vendor}.")
-    cpu: Annotated[Range | None, BeforeValidator(_cpu)] = Field(
-        None, description="CPU cores: 8 (exactly), 4.., {min, max}; an architecture (x86:8) is refused.")
+    cpu: Annotated[Range | CPUSpec | None, BeforeValidator(_cpu)] = Field(
+        None, description="CPU cores: 8 (exactly), 4.., {min, max}; with an architecture (dstack's forms x86:8, "
+                          "2..:arm, {arch, count}) only hosts whose probe reported it (x86_64: x86, aarch64: arm).")
     memory: Annotated[Range | None, BeforeValidator(lambda v: v if v is None else parse_size_range(v))] = Field(
         None, description="Memory: 64GB (exactly), 32GB.., {min, max}.")
     disk: Annotated[Range | None, BeforeValidator(_disk)] = Field(
-        None, description="Disk: 100GB.., 100GB (read as at least), {size: ...}.")
+        None, description="Disk (dstack's DiskSpec: 100GB exactly, 100GB.., 100GB..200GB, {size: ...}). Its minimum: "
+                          "the host's container storage (the file system of the runtime's storage root) must be "
+                          "at least that big. Its maximum (a single size is one): the container's writable layer "
+                          "is limited to it (the runtime's --storage-opt size=), only on hosts whose storage can "
+                          "(overlay on xfs with project quotas); elsewhere the run is refused at plan time, the "
+                          "host and the reason named.")
     shm_size: Annotated[str | None, BeforeValidator(_shm_size)] = Field(
-        None, description="Shared memory size, e.g. 16GB (a number is GB, as in dstack).")
+        None, description="The size of the container's /dev/shm (dstack's shm_size: 16GB, 512MB, a number is GB); "
+                          "omitted: the runtime's default, 64MB (as in dstack).")
+
+    @property
+    def cpu_count(self) -> Range | None:
+        """The CPU count asked for, with or without an architecture."""
+        return self.cpu.count if isinstance(self.cpu, CPUSpec) else self.cpu
+
+    @property
+    def cpu_arch(self) -> str | None:
+        """The CPU architecture asked for (x86, arm), or None."""
+        return self.cpu.arch if isinstance(self.cpu, CPUSpec) else None
+
+    @property
+    def shm_size_mib(self) -> int | None:
+        """shm_size in MiB (what the runtime's --shm-size gets), or None."""
+        return None if self.shm_size is None else max(1, round(parse_size_gb(self.shm_size) * 1024))
+
+    @property
+    def disk_limit_mib(self) -> int | None:
+        """The limit of the container's writable layer in MiB (disk's maximum), or None: no limit."""
+        if self.disk is None or self.disk.max is None:
+            return None
+        return max(1, round(self.disk.max * 1024))
+
+
+_PORT_FORMS = "8000, 8080:8000, *:8000 or {container_port, local_port}"
 
 
 def _port(v: Any) -> Any:
+    """dstack's port forms (its PortMapping): `8000` (local and container port 8000), `8080:8000` (local
+    8080, container 8000), `*:8000` (a local port `gpufleet attach` picks) and {container_port, local_port}
+    (local_port omitted or null: picked). Kept as written; the mapping is written as one of the strings."""
     if isinstance(v, bool):
         raise ValueError("a port must be a number")
-    if isinstance(v, str) and re.fullmatch(r"\d{1,5}(:\d{1,5})?", v):
-        numbers = [int(p) for p in v.split(":")]
+    if isinstance(v, dict):
+        unknown = set(v) - {"container_port", "local_port"}
+        if unknown:
+            raise ValueError(f"unknown field {sorted(unknown)[0]!r}: a port mapping takes container_port and "
+                             f"local_port")
+        container, local = v.get("container_port"), v.get("local_port")
+        if container is None:
+            raise ValueError("a port mapping needs container_port")
+        for what, n in (("container_port", container), ("local_port", local)):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
+                raise ValueError(f"{what} {n!r} must be a port number")
+        v = f"{'*' if local is None else local}:{container}"
+    if isinstance(v, str) and re.fullmatch(r"(\d{1,5}|\*):\d{1,5}|\d{1,5}", v):
+        numbers = [int(p) for p in v.split(":") if p != "*"]
     elif isinstance(v, int):
         numbers = [v]
     else:
-        raise ValueError(f"{v!r} is not a port (8000) or a mapping (8080:8000)")
+        raise ValueError(f"{v!r} is not a port: {_PORT_FORMS}")
     if not all(1 <= n <= 65535 for n in numbers):
         raise ValueError(f"{v!r}: a port must be between 1 and 65535")
     return v
+
+
+def port_pair(port: int | str) -> tuple[int, int]:
+    """(local, container) of a port as `ports` keeps it; local 0: `*`, a local port picked at attach."""
+    local, _, container = str(port).partition(":")
+    return (0 if local == "*" else int(local)), int(container or local)
 
 
 Port = Annotated[int | str, BeforeValidator(_port)]
@@ -557,6 +622,13 @@ def _retry_duration(value: Any) -> float | None:
     return seconds
 
 
+def _spot_policy(value: Any) -> Any:
+    if value == "spot":
+        raise ValueError("spot: gpufleet's hosts are SSH fleet hosts, never spot instances (dstack treats them "
+                         "as on-demand), so the run could never be placed: remove it, or write auto or on-demand")
+    return value
+
+
 def _priority(value: Any) -> Any:
     if value is None:
         return RUN_PRIORITY_DEFAULT  # dstack accepts `priority: null` for its default
@@ -621,6 +693,180 @@ Retry = Annotated[
 ]
 
 
+# Code upload (dstack's `repos`, `files`, `working_dir`): what gpufleet uploads and where it lands. The
+# CLI packs the local paths (gpufleet.upload), the hosts get the archive through the fleet's jump chain
+# and the container gets each item bound at its path. dstack's LEGACY_REPO_DIR: where a relative
+# `working_dir` is read from (as dstack still does), and gpufleet's working directory for a run that
+# uploads code and sets no `working_dir` (dstack 0.20 would use the image's; gpufleet does not read images).
+REPO_DIR = "/workflow"
+_NO_CLONE = ("gpufleet uploads local code and never clones on the hosts (they may have no internet): clone it "
+             "here and give its directory (`- local_path: DIR`)")
+
+
+def _upload_container_path(v: Any, what: str) -> str:
+    """A container path of `repos`/`files`: absolute, relative (to the working directory) or `~/...`."""
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"{what} must be a path in the container")
+    if re.match(r"^[A-Za-z]:[\\/]", v):
+        raise ValueError(f"{what} must be a Unix path: {v}")
+    if any(ord(c) < 32 or c == "\x7f" for c in v) or ":" in v or "," in v:
+        raise ValueError(f"{v!r}: {what} may not contain control characters, ':' or ','")
+    if v.startswith("~") and v.split("/")[0] != "~":
+        raise ValueError(f"{v!r}: `~username` is not supported (as in dstack): write an absolute path")
+    return v
+
+
+def _split_mapping(v: str, what: str) -> list[str]:
+    """dstack's `LOCAL[:PATH]` shorthand split on ':', a Windows drive letter kept with its path."""
+    parts = v.split(":")
+    if len(parts) > 1 and len(parts[0]) == 1 and parts[0].isalpha() and parts[1][:1] in ("\\", "/"):
+        parts = [f"{parts[0]}:{parts[1]}", *parts[2:]]
+    if len(parts) > 2:
+        raise ValueError(f"invalid {what}: {v!r} (write LOCAL or LOCAL:PATH)")
+    return parts
+
+
+class RepoSpec(CoreModel):
+    """One of `repos` (dstack's RepoSpec): a local git repo whose working tree is uploaded."""
+
+    local_path: str | None = Field(
+        None, description="The git repo on this machine (relative paths: from the configuration file's directory). "
+                          "Its working tree as it is (tracked files with uncommitted changes, untracked files "
+                          "that .gitignore does not exclude, less .dstackignore's patterns) is uploaded.")
+    url: str | None = Field(None, description="dstack's remote repo: refused (gpufleet never clones on the hosts).")
+    branch: str | None = Field(None, description="dstack's branch: refused (gpufleet uploads the working tree).")
+    hash: str | None = Field(None, description="dstack's commit hash: refused (gpufleet uploads the working tree).")
+    path: str = Field(".", description="Where the repo goes in the container; relative paths are from the working "
+                                       "directory (dstack's default `.`: the working directory itself).")
+    if_exists: Literal["error", "skip"] = Field(
+        "error", description="dstack's action when `path` is not empty in the image: only `error` (the default) is "
+                             "taken, and gpufleet does not check: the repo is mounted over the image's directory.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        parts = v.split(":")
+        if len(parts) > 1 and ("@" in parts[0] or parts[1].startswith("//")):  # git@host:x, https://...
+            raise ValueError(f"{v!r} is a remote repo: {_NO_CLONE}")
+        parts = _split_mapping(v, "repo")
+        return {"local_path": parts[0]} | ({"path": parts[1]} if len(parts) == 2 else {})
+
+    @field_validator("url")
+    @classmethod
+    def _no_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError(_NO_CLONE)
+        return v
+
+    @field_validator("branch", "hash")
+    @classmethod
+    def _no_revision(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError("gpufleet uploads the local working tree as it is: check the branch or commit out "
+                             "locally and remove this")
+        return v
+
+    @field_validator("if_exists")
+    @classmethod
+    def _only_error(cls, v: str) -> str:
+        if v != "error":
+            raise ValueError("gpufleet mounts the repo over the image's directory and does not look whether it is "
+                             "empty; remove `if_exists: skip`")
+        return v
+
+    _path = field_validator("path")(lambda v: _upload_container_path(v, "the repo's path"))
+
+    @model_validator(mode="after")
+    def _local(self) -> RepoSpec:
+        if not self.local_path:
+            raise ValueError("give `local_path` (the repo's directory on this machine)")
+        return self
+
+
+class FileMapping(CoreModel):
+    """One of `files` (dstack's FilePathMapping): a local file or directory uploaded to a container path."""
+
+    local_path: str = Field(description="The file or directory on this machine (relative paths: from the "
+                                        "configuration file's directory; `~` is your home). A directory's files "
+                                        "are uploaded less what .gitignore and .dstackignore exclude.")
+    path: str = Field(description="Where it goes in the container; relative paths are from the working directory, "
+                                  "`~` is /root.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        parts = _split_mapping(v, "file path mapping")
+        return {"local_path": parts[0], "path": parts[-1]}
+
+    @field_validator("local_path")
+    @classmethod
+    def _local(cls, v: str) -> str:
+        if not v or any(ord(c) < 32 for c in v):
+            raise ValueError("must be a path on this machine")
+        return v
+
+    _path = field_validator("path")(lambda v: _upload_container_path(v, "a container path"))
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded item: ``index`` (its folder in the archive), where it comes from (as written) and
+    the absolute container path it is bound at."""
+
+    index: int
+    kind: Literal["repo", "file"]
+    local_path: str
+    path: str
+
+
+def _working_dir(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value  # pydantic says what it should be
+    if not value:
+        raise ValueError("must be a path in the container")
+    if value.startswith("~"):
+        raise ValueError(f"{value!r}: write the absolute path (gpufleet does not read the home of the image's user)")
+    if any(ord(c) < 32 or c == "\x7f" for c in value):
+        raise ValueError(f"{value!r} may not contain control characters")
+    return value
+
+
+def _crons(value: Any) -> Any:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ValueError("must be a cron expression ('15 23 * * *') or a list of them")
+    if not value:
+        raise ValueError("needs at least one cron expression (as in dstack)")
+    return value
+
+
+def _cron(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a cron expression in quotes, like '15 23 * * *' (got {value!r})")
+    parse_cron(value)
+    return value
+
+
+class ScheduleSpec(CoreModel):
+    """`schedule:` (dstack's Schedule): when the run starts, in UTC (gpufleet.models.cron)."""
+
+    cron: Annotated[list[Annotated[str, BeforeValidator(_cron)]], BeforeValidator(_crons)] = Field(
+        description="A cron expression or a list of them (five fields: minute hour day-of-month "
+                                  "month day-of-week, UTC; day of week 0-6 is Monday to Sunday, or mon-sun, as in "
+                                  "dstack); the run starts at each time any of them gives.")
+
+    def next_start(self, now: float) -> float:
+        """The first time at or after ``now`` (epoch seconds) that the run starts."""
+        found = next_start(self.cron, now)
+        assert found is not None  # parse_cron refuses an expression that never fires
+        return found
+
+
 class _Run(CoreModel):
     name: Name = Field(None, description="Run name (default: the file name).")
     image: str = Field(description="Container image, e.g. localhost/gpufleet-lab:latest.")
@@ -631,13 +877,18 @@ class _Run(CoreModel):
                           "is a secret: its value comes from the environment of `gpufleet apply` and is "
                           "never stored, logged or shown.")
     resources: ResourcesSpec = Field(ResourcesSpec(), description="What the run needs.")
-    ports: list[Port] = Field([], description="Ports to forward with `gpufleet attach` (8000 or 8080:8000).")
+    ports: list[Port] = Field([], description="Ports to forward with `gpufleet attach`, dstack's forms: 8000 (local "
+                                              "8000 to the container's 8000), 8080:8000 (local 8080), *:8000 (a "
+                                              "free local port, picked by attach) or {container_port, local_port}.")
     fleets: list[str] | None = Field(None, description="Only place the run on these fleets.")
     volumes: list[Volume] = Field(
         [], description="Host paths bound into the container (dstack's instance volumes): /host/path:/path, "
                         "/host/path:/path:ro, or {instance_path, path, optional} (read_only: true for `:ro`). "
                         "A dstack network volume (a name, `name:`) is refused: gpufleet has instance volumes only.")
-    working_dir: str | None = Field(None, description="Working directory in the container.")
+    working_dir: Annotated[str | None, BeforeValidator(_working_dir)] = Field(
+        None, description="dstack's `working_dir`: the container's working directory, absolute; a relative one is "
+                          f"from {REPO_DIR} (as dstack reads it). Omitted: the image's, or {REPO_DIR} for a run with "
+                          "`repos` or `files` (dstack 0.20 would use the image's: gpufleet does not read images).")
     user: Annotated[str | None, BeforeValidator(_user)] = Field(
         None, description="dstack's `user`: the user the container runs as, USER[:GROUP] (a name or a number each, "
                           "e.g. ubuntu, 1000:1000); omitted: the image's user.")
@@ -662,6 +913,10 @@ class _Run(CoreModel):
                           "run gets its own network namespace, its `ports` (and a service's `port`) published "
                           "on the host's 127.0.0.1 for `gpufleet attach`. Multi-node runs always use the "
                           "host's network (NCCL between hosts needs it).")
+    spot_policy: Annotated[Literal["auto", "on-demand"] | None, BeforeValidator(_spot_policy)] = Field(
+        None, description="dstack's `spot_policy`: `auto` and `on-demand` are accepted and change nothing: "
+                          "gpufleet's hosts are SSH fleet hosts, which dstack treats as on-demand too. `spot` is "
+                          "refused: no host of an SSH fleet is a spot instance, so it could never be placed.")
     priority: Annotated[int, BeforeValidator(_priority)] = Field(
         RUN_PRIORITY_DEFAULT, ge=RUN_PRIORITY_MIN, le=RUN_PRIORITY_MAX,
         description=f"Priority from {RUN_PRIORITY_MIN} to {RUN_PRIORITY_MAX}; higher runs are started first. "
@@ -683,6 +938,56 @@ class _Run(CoreModel):
                           "once when it is `false` or leaves no-capacity out. Unlike dstack (whose default "
                           "is `false`), a run without `retry` waits for capacity with no time bound. "
                           "See `retry_policy`.")
+    schedule: ScheduleSpec | None = Field(
+        None, description="dstack's `schedule`: {cron: '15 23 * * *'} or {cron: [list]}: the run is accepted and "
+                          "waits (`pending`, `scheduled: next ... UTC`) until the next of these times, starts then "
+                          "(waiting for capacity as any run does), and when it ends (done, failed, or stopped by "
+                          "its max_duration) waits for the next time again, until `gpufleet stop`.")
+
+    repos: list[RepoSpec] = Field(
+        [], max_length=1, description="dstack's `repos`: at most one local git repo (`.`, `..:/my-repo`, "
+                                      "{local_path, path}), its working tree uploaded by `gpufleet apply` and put at "
+                                      "`path` (default: the working directory). No remote repos: gpufleet never "
+                                      "clones on the hosts.")
+    files: list[FileMapping] = Field(
+        [], description="dstack's `files`: local files or directories uploaded to the container, `LOCAL:PATH`, a lone "
+                        "`PATH` (the same relative path on both sides) or {local_path, path}.")
+
+    @field_validator("repos", "files")
+    @classmethod
+    def _home_is_root(cls, v: list, info) -> list:
+        user = info.data.get("user")
+        workdir = info.data.get("working_dir")
+        base = posixpath.join(REPO_DIR, workdir) if workdir else REPO_DIR
+        for i, item in enumerate(v):
+            if item.path.startswith("~") and user is not None and user.split(":")[0] not in ("root", "0"):
+                raise ValueError(f"[{i}] {item.path!r}: `~` in a container path is /root; with `user: {user}` "
+                                 "write the absolute path")
+            path = "/root" + item.path[1:] if item.path.startswith("~") else item.path
+            if posixpath.normpath(posixpath.join(base, path)) == "/":
+                raise ValueError(f"[{i}] {item.path!r} is the container's root directory: give a directory below it")
+        return v
+
+    @property
+    def workdir(self) -> str | None:
+        """The container's working directory (None: the image's): `working_dir` (a relative one from
+        /workflow, as dstack reads it), else /workflow for a run that uploads code."""
+        if self.working_dir is None:
+            return REPO_DIR if self.repos or self.files else None
+        return posixpath.normpath(posixpath.join(REPO_DIR, self.working_dir))
+
+    @property
+    def uploads(self) -> list[Upload]:
+        """What the run uploads, in archive order (the repo first), with absolute container paths:
+        relative ones from the working directory, `~` as /root."""
+        base = self.workdir or REPO_DIR
+        items = [("repo", r.local_path, r.path) for r in self.repos] + [("file", f.local_path, f.path)
+                                                                         for f in self.files]
+        out = []
+        for i, (kind, local, path) in enumerate(items):
+            path = "/root" + path[1:] if path.startswith("~") else path
+            out.append(Upload(i, kind, local or ".", posixpath.normpath(posixpath.join(base, path))))
+        return out
 
     @field_serializer("stop_duration", when_used="json")
     def _stop_duration_json(self, v: float | None) -> float | str | None:
@@ -739,12 +1044,146 @@ class _Run(CoreModel):
 
 
 
+class StartupOrder(StrEnum):
+    """dstack's `startup_order` of a multi-node task's containers (node 0 is the master)."""
+
+    ANY = "any"
+    MASTER_FIRST = "master-first"
+    WORKERS_FIRST = "workers-first"
+
+
+class StopCriteria(StrEnum):
+    """dstack's `stop_criteria`: when a multi-node task is over."""
+
+    ALL_DONE = "all-done"
+    MASTER_DONE = "master-done"
+
+
+_GROUP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")  # dstack's replica and node group names
+
+
+class NodeGroup(CoreModel):
+    """One of a multi-node task's `groups` (dstack's NodeGroup): its nodes run its own commands."""
+
+    name: str | None = Field(None, description="The group's name (lower-case letters, digits and -, up to 40); "
+                                               "omitted: its index, `0`, `1`, ... (as dstack).")
+    nodes: int = Field(1, ge=1, le=1024, description="How many nodes (hosts) of the task run this group's commands.")
+    resources: ResourcesSpec = Field(
+        ResourcesSpec(), description="What each node of the group needs (not inherited from the task, as in "
+                                     "dstack). gpufleet places every node of a task alike: every group must ask "
+                                     "for the same resources.")
+    commands: list[Annotated[str, BeforeValidator(_scalar_text)]] = Field(
+        [], description="The shell commands this group's nodes run; `${{ groups[I].nodes[J].IP_ADDRESS }}` is the "
+                        "cluster address of node J of group I.")
+    ports: list[Port] = Field([], description="Ports to forward with `gpufleet attach` (the first group's only: "
+                                              "attach reaches the master, node 0).")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not _GROUP_NAME_RE.fullmatch(v):
+            raise ValueError(f"{v!r}: a node group's name is 1 to 40 lower-case letters, digits and -, "
+                             "starting with a letter or digit")
+        return v
+
+
 class TaskConfig(_Run):
     """A batch job: runs its commands and ends."""
 
     type: Literal["task"]
     nodes: int = Field(1, ge=1, le=1024, description="Number of hosts, one container on each "
                                                      "(needs a `placement: cluster` fleet).")
+    startup_order: StartupOrder | None = Field(
+        None, description="dstack's `startup_order`, the order a multi-node task's containers start in: `any` "
+                          "(omitted: no order; gpufleet starts node 0 first, one node after the other), "
+                          "`master-first` (the other nodes start once the master's, node 0's, container is "
+                          "running) or `workers-first` (the master starts once every other node's container is "
+                          "running). A container that has exited by then fails the start, naming its node. No "
+                          "effect on a single node.")
+    stop_criteria: StopCriteria | None = Field(
+        None, description="dstack's `stop_criteria`, when a multi-node task is over: `all-done` (omitted: when "
+                          "every node's container has exited) or `master-done` (when the master's, node 0's, "
+                          "container exits with 0: the other nodes' containers are stopped by the server and "
+                          "the run is done). Either way a container that exits non-zero fails the run and the "
+                          "others are stopped. No effect on a single node.")
+    groups: list[NodeGroup] | None = Field(
+        None, description="dstack's node groups of a multi-node task, instead of `nodes`: each group's nodes run "
+                          "its own `commands`; node 0 (the master) is the first node of the first group, ranks "
+                          "follow the groups' order. The task's `nodes`, `resources` and `ports` are then the "
+                          "groups' (their total, the groups' common resources, the first group's ports); a top-level "
+                          "`nodes`, `commands`, `ports`, `entrypoint` or `resources` is refused. Unlike dstack, every "
+                          "group must ask for the same resources (one placement for all the nodes).")
+
+    @model_validator(mode="after")
+    def _from_groups(self) -> TaskConfig:
+        """With `groups`: their names (index when omitted), and the task's nodes, resources and ports as
+        the groups give them (the file may not set them: group_problems; a stored spec holds both, the
+        same)."""
+        if self.groups:
+            for i, g in enumerate(self.groups):
+                if g.name is None:
+                    g.name = str(i)
+            self.nodes = sum(g.nodes for g in self.groups)
+            self.resources = self.groups[0].resources
+            self.ports = list(self.groups[0].ports)
+        return self
+
+    def node_commands(self, rank: int) -> list[str]:
+        """The commands node ``rank`` runs: its group's, else the task's."""
+        if not self.groups:
+            return list(self.commands)
+        for g in self.groups:
+            if rank < g.nodes:
+                return list(g.commands)
+            rank -= g.nodes
+        raise ValueError(f"node {rank} is not a node of the task's groups")
+
+    @property
+    def group_sizes(self) -> list[int]:
+        """The number of nodes of each group (one group of all the nodes without `groups`, as dstack)."""
+        return [g.nodes for g in self.groups] if self.groups else [self.nodes]
+
+    def command_items(self) -> list[tuple[tuple, str]]:
+        """Every command line with where it is in the file: (("commands", i) or ("groups", g, "commands", i), line)."""
+        if not self.groups:
+            return [(("commands", i), c) for i, c in enumerate(self.commands)]
+        return [(("groups", g, "commands", i), c) for g, group in enumerate(self.groups)
+                for i, c in enumerate(group.commands)]
+
+
+def group_problems(cfg: TaskConfig, given: set[str]) -> list[tuple[tuple, str]]:
+    """What is wrong with a task's `groups` beside the rest of the file (``given``: the top-level fields the
+    file sets): (where, why) each, dstack's rules and gpufleet's one placement for all the nodes."""
+    if cfg.groups is None:
+        return []
+    if not cfg.groups:
+        return [(("groups",), "`groups` cannot be an empty list (as in dstack): omit it, or list the node groups")]
+    out: list[tuple[tuple, str]] = []
+    for key in ("nodes", "commands", "ports", "entrypoint", "resources"):
+        if key in given:
+            instead = {"nodes": "give each group its `nodes`", "entrypoint": "put `commands` in each group"}.get(
+                key, f"put `{key}` in each group")
+            out.append(((key,), f"a task with `groups` takes no top-level `{key}` (as in dstack): {instead}"))
+    if cfg.nodes > 1024:
+        out.append((("groups",), f"the groups have {cfg.nodes} nodes in all; at most 1024"))
+    seen: dict[str, int] = {}
+    first = cfg.groups[0].resources.model_dump(mode="json")
+    for i, g in enumerate(cfg.groups):
+        if g.name in seen:
+            out.append((("groups", i, "name"), f"{g.name!r} is also the name of groups[{seen[g.name]}]; "
+                                               "group names must be unique"))
+        seen.setdefault(g.name, i)
+        if not g.commands and "image" not in given:
+            out.append((("groups", i), "a node group needs `commands` (or the task an `image` to run as it is)"))
+        if i and g.resources.model_dump(mode="json") != first:
+            out.append((("groups", i, "resources"),
+                        "not the resources of groups[0]: gpufleet places every node of a multi-node task alike (one "
+                        "request for all its nodes), so every group must ask for the same resources; give each "
+                        "group the same ones, or split the task into runs"))
+        if i and g.ports:
+            out.append((("groups", i, "ports"), "`gpufleet attach` forwards the ports of the master (node 0, the first "
+                                                "group's first node) only: list ports in the first group"))
+    return out
 
 
 class ServiceConfig(_Run):
@@ -786,7 +1225,7 @@ class DevEnvironmentConfig(_Run):
     @field_validator("ports")
     @classmethod
     def _not_the_sshd_port(cls, v: list) -> list:
-        if any(str(p).rpartition(":")[2] == str(SSHD_PORT) for p in v):
+        if any(port_pair(p)[1] == SSHD_PORT for p in v):
             raise ValueError(f"port {SSHD_PORT} is the dev environment's SSH server's (ssh RUN-NAME); "
                              f"use another port")
         return v

@@ -113,6 +113,7 @@ class Run(CoreModel):
     position: int | None = None  # pending runs: 1-based place in the queue's order (set by the server)
     project: str = DEFAULT_PROJECT
     user: str = ""  # who submitted it
+    next_at: float | None = None  # a scheduled run: its next start (pending) or its last (active); else None
 
     @property
     def active(self) -> bool:

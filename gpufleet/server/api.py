@@ -27,7 +27,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from gpufleet import __version__, devssh, queue, runs
+from gpufleet import __version__, devssh, queue, runs, upload
 from gpufleet.apply import apply_fleet, make_plan
 from gpufleet.config import parse_fleet
 from gpufleet.errors import ConfigError, Forbidden, GpufleetError, NotFound, Unauthorized, UsageError
@@ -53,6 +53,7 @@ class Context:
     failures: FailedLogins = field(default_factory=FailedLogins)
     half_life: float = 7 * 86400.0  # fair share: seconds for past GPU time to count half
     token_file: Path | None = None  # the bootstrap admin's token, rewritten when it is rotated
+    upload_limit: int = upload.DEFAULT_LIMIT  # bytes a run's code upload may hold (settings.upload_limit)
 
     def caller(self, token: str | None, client: str) -> Caller:
         who = authenticate(self.store, token, client, self.failures)
@@ -80,6 +81,8 @@ class ConfigText(Body):
 class Submission(ConfigText):
     secrets: dict[str, str] = Field(default_factory=dict, description="Values of the env names given without one.")
     no_queue: bool = Field(False, description="Refuse at once if it does not fit now, instead of waiting.")
+    upload: str | None = Field(None, description="A run's code upload (its `repos` and `files`): the id "
+                                                 "POST /api/uploads gave.")
 
 
 class SshKey(Body):
@@ -142,12 +145,26 @@ def create_app(ctx: Context) -> FastAPI:
         req = parse_run(body.text, body.source, values=False)
         return _plan_json(req, queue.plan(ctx.store, req, by))
 
+    @api.post("/uploads", tags=["runs"], status_code=201)
+    async def upload_code(request: Request, who: Me) -> dict:
+        """A run's code (its `repos` and `files`, packed by `gpufleet apply`), kept an hour for its
+        run's submission (POST /api/runs with `upload`), then as long as the run lives."""
+        body = b"".join([chunk async for chunk in _limited(request, ctx.upload_limit)])
+        upload_id, size = await asyncio.to_thread(upload.receive, [body], ctx.upload_limit)
+        return {"id": upload_id, "size": size}
+
     @api.post("/runs", tags=["runs"], status_code=201)
     def submit_run(body: Submission, who: Me) -> dict:
         by = submitter(who, body.project)
         req = parse_run(body.text, body.source, secrets=body.secrets)
         if req.type == "dev-environment":  # its sshd's host key, made here and kept sealed with its secrets
             req = req.model_copy(update={"secrets": {**req.secrets, devssh.HOST_KEY_ENV: devssh.new_host_key()[0]}})
+        uploads = req.config.uploads
+        if uploads and not body.upload:
+            raise UsageError(f"{req.name} has repos or files: submit it with gpufleet apply, which uploads them")
+        live = ctx.store.run(req.name)
+        if uploads and (live is None or not live.live):  # else the submission is refused below, as it was
+            upload.place(body.upload, req.name, len(uploads), ctx.upload_limit)
         run, placements = queue.submit(ctx.store, req, ctx.seal, no_queue=body.no_queue, who=by)
         if placements is not None:  # it took its blocks at once (it may not wait): start it
             ctx.launch(run, placements)
@@ -312,6 +329,18 @@ def create_app(ctx: Context) -> FastAPI:
 
     tunnel.add_routes(app, ctx, ctx.authorize_run)
     return app
+
+
+async def _limited(request: Request, limit: int):
+    """The request's body, refused (413) past ``limit`` bytes without reading the rest."""
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise upload.UploadError(f"the upload is over this server's limit of {upload.human(limit)} "
+                                     "(upload_limit in its server.yml): exclude files with .gitignore or "
+                                     ".dstackignore")
+        yield chunk
 
 
 def _status(e: GpufleetError) -> int:

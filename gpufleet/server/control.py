@@ -8,7 +8,7 @@ dies. No home-made consensus.
 
 The loops (leader only):
 - schedule: start waiting runs where gpufleet.scheduler.decide puts them; kicked at once by a
-  submission or a run's end, else every `schedule_interval`;
+  submission or a run's end, else every `schedule_interval` (and when a scheduled run is due);
 - reconcile: ask the hosts what became of the containers (runs.refresh with the sweep), every
   `reconcile_interval`; note hosts that stop answering and come back;
 - limits: max_duration and retry windows (queue.enforce_limits), every `limits_interval`.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from gpufleet import queue, runs
+from gpufleet import queue, runs, upload
 from gpufleet.allocator import Placement
 from gpufleet.errors import GpufleetError
 from gpufleet.models import Run, RunStatus
@@ -125,6 +125,7 @@ class Controller:
         self._threads: list[threading.Thread] = []
         self._unreachable: dict[tuple[str, str], str] = {}
         self._swept = 0.0  # monotonic time of the last sweep (0: sweep at the first pass)
+        self._due: float | None = None  # when the next scheduled run (dstack's `schedule`) is due
         self.last_activity = time.monotonic()
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -167,11 +168,18 @@ class Controller:
 
     def _schedule_loop(self) -> None:
         while not self._stop.is_set():
-            self._kick.wait(self.settings.schedule_interval)
+            wait = self.settings.schedule_interval
+            if self._due is not None:  # a scheduled run is due before the next tick: be there then
+                wait = min(wait, max(0.0, self._due - time.time()))
+            self._kick.wait(wait)
             self._kick.clear()
             if self._stop.is_set() or not self.leading:
                 continue
-            self._safely(lambda: queue.schedule(self.store, self.launch, half_life=self.settings.fair_share_half_life))
+            self._due = None
+            self._safely(self._schedule_pass)
+
+    def _schedule_pass(self) -> None:
+        self._due = queue.schedule(self.store, self.launch, half_life=self.settings.fair_share_half_life)
 
     def _reconcile_loop(self) -> None:
         while not self._stop.wait(self.settings.reconcile_interval):
@@ -211,6 +219,8 @@ class Controller:
                      on_answer=lambda f, a, why: answers.__setitem__((f, a), why))
         for note in notes:
             self.store.add_event("orphan", note)
+        if sweep:  # the code uploads of runs that ended
+            upload.sweep({r.name for r in self.store.runs() if r.live})
         for (fleet, alias), why in answers.items():
             key = (fleet, alias)
             if why and key not in self._unreachable:

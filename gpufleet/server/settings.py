@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, ValidationError
+from pydantic import BeforeValidator, Field, ValidationError
 
 from gpufleet import paths
 from gpufleet.config import validate
@@ -22,6 +22,20 @@ from gpufleet.yamlsource import format_loc, load_yaml, read_config_text
 
 SETTINGS_FILE = "server.yml"
 DATABASE_URL_ENV = "GPUFLEET_DATABASE_URL"
+
+
+DEFAULT_UPLOAD_LIMIT = 100 * 2**20  # gpufleet.upload.DEFAULT_LIMIT
+
+
+def _size(value: Any) -> Any:
+    from gpufleet.upload import UploadError, parse_limit
+
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError("must be a size: a number of bytes or 100MB, 1GB")
+    try:
+        return parse_limit(value, "upload_limit")
+    except UploadError as e:
+        raise ValueError(str(e)) from None
 
 
 def _seconds(default: float, what: str, zero: bool = False) -> Any:
@@ -53,6 +67,9 @@ class ServerSettings(CoreModel):
     leader_retry: float = _seconds(1.0, "how often a server that does not run the loops tries to become "
                                         "their leader.")
     workers: int = Field(8, ge=1, le=1024, strict=True, description="Threads that start and stop containers.")
+    upload_limit: Annotated[int, BeforeValidator(_size)] = Field(
+        DEFAULT_UPLOAD_LIMIT, ge=0, description="The most a run's code upload (its `repos` and `files`) may hold, "
+                                                "in bytes or with a unit (100MB, 1GB); default 100 MiB.")
     fair_share_half_life: float = _seconds(7 * 86400.0, "fair share: how long before a GPU-hour used counts "
                                                         "half as much (as Slurm's PriorityDecayHalfLife); "
                                                         "default 7 days.")

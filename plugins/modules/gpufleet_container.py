@@ -52,7 +52,8 @@ options:
       - Identifies the run; stored as the label C(gpufleet.run_id).
       - Without it, I(state=started) uses C(cfg-) and a hash of the container's configuration
         (runtime, image, command, env, labels, devices, gpus, oci_runtime, cpuset_cpus, cpus,
-        memory_mib, network, ports, privileged, volumes, optional_volumes, workdir, user, entrypoint),
+        memory_mib, shm_size_mib, disk_limit_mib, network, ports, privileged, volumes, optional_volumes, workdir,
+        user, entrypoint),
         so that a changed configuration replaces the container. Which optional volumes were left out
         does not count.
     type: str
@@ -118,6 +119,16 @@ options:
   memory_mib:
     description: Memory limit in MiB (C(--memory=NNNm)).
     type: int
+  shm_size_mib:
+    description: The size of the container's C(/dev/shm) in MiB (C(--shm-size=NNNm)); omitted, the runtime's
+      default (64 MiB).
+    type: int
+  disk_limit_mib:
+    description:
+      - The most the container's writable layer may hold, in MiB (C(--storage-opt=size=NNNm)). The runtime
+        refuses it unless its storage can (overlay on xfs with project quotas); gpufleet checks that at
+        plan time from the probe's facts.
+    type: int
   network:
     description:
       - The network (C(--network)), e.g. C(host) (the host's network) or C(bridge) (a network
@@ -171,6 +182,19 @@ options:
   workdir:
     description: The working directory inside the container (C(--workdir)).
     type: str
+  upload_dir:
+    description:
+      - The host folder a run's code upload was unpacked in (the workload role does it); required with
+        I(uploads). C(~) is the home of the user the module runs as.
+    type: str
+  uploads:
+    description:
+      - Items of the upload bound read-write into the container, each C({src, dst}), C(src) an item's path
+        below I(upload_dir) (C(N) or C(N/NAME)), C(dst) an absolute container path. An item that is missing
+        or reached through a symlink is refused. I(volume_roots) does not apply (the folder is gpufleet's).
+    type: list
+    elements: dict
+    default: []
   user:
     description:
       - The user the container's process runs as (C(--user)), C(USER) or C(USER:GROUP), each a name or
@@ -413,6 +437,7 @@ def validate(module):
     mounts, skipped = list(p["volumes"] or []), []
     for volume in p["optional_volumes"] or []:
         (mounts if os.path.exists(volume.split(":", 1)[0]) else skipped).append(volume)
+    mounts += _upload_mounts(module, p.get("upload_dir"), p.get("uploads") or [])
     ports = _ports(module, p["ports"] or [])
     if ports and p["network"] == "host":
         module.fail_json(msg="ports: a container on the host's network (network=host) publishes nothing")
@@ -428,8 +453,35 @@ def validate(module):
         module.fail_json(msg="cpus must be > 0")
     if p["memory_mib"] is not None and p["memory_mib"] <= 0:
         module.fail_json(msg="memory_mib must be > 0")
+    for key in ("shm_size_mib", "disk_limit_mib"):
+        if p[key] is not None and p[key] <= 0:
+            module.fail_json(msg=f"{key} must be > 0")
     return {"image": image, "command": list(command), "env": env, "labels": labels, "secret_env": secret_env,
             "ports": ports, "mounts": mounts, "skipped_volumes": skipped}
+
+
+def _upload_mounts(module, base, uploads):
+    """The `--volume` values of a run's uploaded items: each SRC below upload_dir at DST, read-write."""
+    if not uploads:
+        return []
+    base = os.path.expanduser(base or "")
+    if not os.path.isabs(base):
+        module.fail_json(msg=f"upload_dir: {base!r}: an absolute path is required with uploads")
+    base = os.path.realpath(base)
+    out = []
+    for item in uploads:
+        src, dst = item.get("src"), item.get("dst")
+        if not isinstance(src, str) or not re.match(r"^[0-9]+(/[^/:,\0]+)?$", src) or src.endswith(("/.", "/..")):
+            module.fail_json(msg=f"uploads: {src!r} is not an item of the upload (N or N/NAME)")
+        if not isinstance(dst, str) or not dst.startswith("/") or dst == "/" or re.search(r"[:,\0]", dst) or \
+                ".." in dst.split("/"):
+            module.fail_json(msg=f"uploads: {dst!r} is not an absolute container path (no ':', ',' or '..')")
+        path = os.path.join(base, src)
+        if not getattr(module, "check_mode", False) and (os.path.islink(path) or not os.path.exists(path) or
+                                      os.path.realpath(path) != path):
+            module.fail_json(msg=f"uploads: {src} is missing from {base}, or is reached through a symlink")
+        out.append(f"{path}:{dst}")
+    return out
 
 
 def _ports(module, items):
@@ -474,9 +526,11 @@ def config_run_id(p, spec):
     for key in ("runtime", "devices", "gpus", "oci_runtime", "cpuset_cpus", "cpus", "memory_mib", "network",
                 "privileged", "volumes", "workdir"):
         data[key] = p[key]
-    for key in ("optional_volumes", "user", "entrypoint"):
+    for key in ("optional_volumes", "user", "entrypoint", "shm_size_mib", "disk_limit_mib"):
         if p[key]:
             data[key] = p[key]
+    if p.get("uploads"):
+        data["uploads"] = p["uploads"]
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
     return "cfg-" + digest[:16]
 
@@ -502,6 +556,10 @@ def run_argv(binary, p, spec, run_id):
         argv.append(f"--cpus={p['cpus']:g}")
     if p["memory_mib"] is not None:
         argv.append(f"--memory={p['memory_mib']}m")
+    if p["shm_size_mib"] is not None:
+        argv.append(f"--shm-size={p['shm_size_mib']}m")
+    if p["disk_limit_mib"] is not None:
+        argv.append(f"--storage-opt=size={p['disk_limit_mib']}m")
     if p["privileged"]:
         argv.append("--privileged")
     else:
@@ -592,6 +650,8 @@ def main():
             cpuset_cpus=dict(type="str"),
             cpus=dict(type="float"),
             memory_mib=dict(type="int"),
+            shm_size_mib=dict(type="int"),
+            disk_limit_mib=dict(type="int"),
             network=dict(type="str", default="host"),
             ports=dict(type="list", elements="str", default=[]),
             privileged=dict(type="bool", default=False),
@@ -599,6 +659,8 @@ def main():
             volumes=dict(type="list", elements="str", default=[]),
             optional_volumes=dict(type="list", elements="str", default=[]),
             workdir=dict(type="str"),
+            upload_dir=dict(type="str"),
+            uploads=dict(type="list", elements="dict", default=[]),
             user=dict(type="str"),
             entrypoint=dict(type="str"),
             stop_timeout=dict(type="int", default=gpufleet_inspect.STOP_TIMEOUT),

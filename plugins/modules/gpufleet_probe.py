@@ -80,9 +80,10 @@ ansible_facts:
           type: dict
           sample: {nvidia: 565.57.01}
         cpu:
-          description: Number of CPUs, and the CPU list of each NUMA node (empty without NUMA information).
+          description: Number of CPUs, the CPU list of each NUMA node (empty without NUMA information), and the
+            architecture in dstack's names (x86 for x86_64, arm for aarch64, else uname's machine).
           type: dict
-          sample: {count: 256, numa_nodes: {"0": "0-63,128-191", "1": "64-127,192-255"}}
+          sample: {count: 256, numa_nodes: {"0": "0-63,128-191", "1": "64-127,192-255"}, arch: x86}
         memory_mib:
           description: Total memory (MemTotal).
           type: int
@@ -100,9 +101,13 @@ ansible_facts:
               nvidia.com/gpu exists), C(nvidia-container-toolkit) (toolkit installed, no CDI spec) or null;
               amd (/dev/kfd exists), intel (habana-container-runtime installed) and tenstorrent
               (/dev/tenstorrent exists) are booleans.
+            - storage (null when not usable), the runtime's storage driver, the file system under its root (backing_fs),
+              whether a container's writable layer can be limited (size_limit, overlay on xfs with project
+              quotas) and why not (why_not, e.g. C(overlay on ext4)).
           type: dict
           sample: {name: podman, version: 4.9.3, usable: true, via_sudo: true,
-                   root: /var/lib/containers/storage, gpu_support: {nvidia: cdi}}
+                   root: /var/lib/containers/storage, gpu_support: {nvidia: cdi},
+                   storage: {driver: overlay, backing_fs: ext4, size_limit: false, why_not: overlay on ext4}}
         problems:
           description: What stops the host from running GPU containers, each with what, reason and fix.
           type: list
@@ -150,7 +155,18 @@ def cpu_facts(node_dir=NODE_DIR):
                 nodes[os.path.basename(os.path.dirname(path))[4:]] = f.read().strip()
         except OSError:
             continue
-    return {"count": os.cpu_count() or 0, "numa_nodes": dict(sorted(nodes.items(), key=lambda kv: int(kv[0])))}
+    return {"count": os.cpu_count() or 0, "numa_nodes": dict(sorted(nodes.items(), key=lambda kv: int(kv[0]))),
+            "arch": cpu_arch(os.uname().machine)}
+
+
+# uname's machine names of dstack's two CPU architectures (gpuhunt's CPUArchitecture)
+ARCHS = {"x86_64": "x86", "amd64": "x86", "i386": "x86", "i686": "x86", "aarch64": "arm", "arm64": "arm"}
+
+
+def cpu_arch(machine):
+    """dstack's name of a CPU architecture (x86, arm) from uname's machine; another machine as it is."""
+    machine = (machine or "").lower()
+    return ARCHS.get(machine, machine or None)
 
 
 def memory_mib(meminfo=MEMINFO):
@@ -179,6 +195,56 @@ def disk_facts(path):
 
 
 # --------------------------------------------------------------------------- container runtime
+
+MOUNTINFO = "/proc/self/mountinfo"
+# the file system names under the runtime's storage: /proc's (ext4, xfs) or the runtime's (extfs)
+_FS_NAMES = {"extfs": "ext4"}
+
+
+def mount_of(path, mountinfo=MOUNTINFO):
+    """(file system type, mount and super options) of the mount that holds ``path``, or (None, set())."""
+    path = os.path.abspath(path or "/")
+    best = None
+    try:
+        with open(mountinfo) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None, set()
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if not sep or len(fields) < 6 or len(tail) < 3:
+            continue
+        point = fields[4].replace("\\040", " ")
+        if path == point or path.startswith(point.rstrip("/") + "/"):
+            if best is None or len(point) >= len(best[0]):
+                best = (point, tail[0], set(fields[5].split(",")) | set(tail[2].split(",")))
+    return (best[1], best[2]) if best else (None, set())
+
+
+def storage_facts(name, info, root, mountinfo=MOUNTINFO):
+    """The runtime's storage: driver, the file system under it, and whether a container's writable layer
+    can be limited (--storage-opt size=): overlay on xfs mounted with project quotas."""
+    driver = status = None
+    if isinstance(info, dict):
+        if name == "docker":
+            driver = info.get("Driver")
+            status = dict(p for p in info.get("DriverStatus") or [] if isinstance(p, list) and len(p) == 2)
+        else:
+            store = info.get("store") or {}
+            driver, status = store.get("graphDriverName"), store.get("graphStatus")
+    fs, options = mount_of(root, mountinfo) if root else (None, set())
+    backing = (status or {}).get("Backing Filesystem") if isinstance(status, dict) else None
+    if driver in ("overlay", "overlay2") and backing:
+        fs = _FS_NAMES.get(backing, backing) if fs in (None, "overlay") else fs
+    quota = bool(options & {"prjquota", "pquota"})
+    limit = driver in ("overlay", "overlay2") and fs == "xfs" and quota
+    why_not = None
+    if not limit:
+        why_not = f"{driver or 'unknown storage'} on {fs or 'an unknown file system'}" + \
+            (" without project quotas" if fs == "xfs" else "")
+    return {"driver": driver, "backing_fs": fs, "size_limit": limit, "why_not": why_not}
+
 
 def parse_runtime_info(name, text):
     """(version, storage root, info) from `podman info --format json` / `docker info --format '{{json .}}'`.
@@ -330,6 +396,7 @@ def probe_host(run, which, runtimes, runtime_root=None):
         runtime["root"] = runtime_root
     vendors = set(gpu["vendor"] for gpu in gpu_facts["gpus"])
     runtime["gpu_support"], support_problems = gpu_support(vendors, runtime, info, which)
+    runtime["storage"] = storage_facts(runtime["name"], info, runtime["root"]) if runtime["usable"] else None
     return {
         "hostname": socket.gethostname(),
         "gpus": gpu_facts["gpus"],

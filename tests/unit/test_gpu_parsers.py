@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -492,3 +493,36 @@ def test_host_facts(module, tmp_path):
     assert module.memory_mib(str(meminfo)) == 24105
     disk = module.disk_facts(str(tmp_path / "no" / "such" / "dir"))
     assert disk["path"] == str(tmp_path) and disk["total_mib"] > 0
+
+
+def test_cpu_arch_in_dstacks_names(module):
+    assert [module.cpu_arch(m) for m in ("x86_64", "AMD64", "aarch64", "arm64", "ppc64le", "")] == \
+        ["x86", "x86", "arm", "arm", "ppc64le", None]
+    assert module.cpu_facts("/nonexistent")["arch"] == module.cpu_arch(os.uname().machine)
+
+
+MOUNTINFO = """\
+22 1 253:0 / / rw,relatime shared:1 - ext4 /dev/vda rw,discard
+30 22 253:1 / /var/lib/containers rw,relatime shared:2 - xfs /dev/vdb rw,attr2,inode64,prjquota
+31 22 253:2 / /srv/plain rw,relatime shared:3 - xfs /dev/vdc rw,attr2,inode64,noquota
+"""
+
+
+@pytest.mark.parametrize("name,info,root,expected", [
+    ("podman", {"store": {"graphDriverName": "overlay", "graphStatus": {"Backing Filesystem": "extfs"}}},
+     "/var/lib/other", ("overlay", "ext4", False, "overlay on ext4")),
+    ("podman", {"store": {"graphDriverName": "overlay", "graphStatus": {"Backing Filesystem": "xfs"}}},
+     "/var/lib/containers/storage", ("overlay", "xfs", True, None)),
+    ("podman", {"store": {"graphDriverName": "overlay", "graphStatus": {"Backing Filesystem": "xfs"}}},
+     "/srv/plain/storage", ("overlay", "xfs", False, "overlay on xfs without project quotas")),
+    ("podman", {"store": {"graphDriverName": "vfs", "graphStatus": {}}}, "/var/lib/containers/storage",
+     ("vfs", "xfs", False, "vfs on xfs without project quotas")),
+    ("docker", {"Driver": "overlay2", "DriverStatus": [["Backing Filesystem", "xfs"]]}, "/var/lib/containers/d",
+     ("overlay2", "xfs", True, None)),
+    ("docker", None, None, (None, None, False, "unknown storage on an unknown file system")),
+])
+def test_storage_facts(module, tmp_path, name, info, root, expected):
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(MOUNTINFO)
+    got = module.storage_facts(name, info, root, str(mountinfo))
+    assert (got["driver"], got["backing_fs"], got["size_limit"], got["why_not"]) == expected

@@ -286,6 +286,6 @@ def test_role_probes_standins_through_ansible(tmp_path):
     assert facts["drivers"] == {"nvidia": DRIVERS["nvidia"]}
     assert set(facts) == {"hostname", "gpus", "drivers", "cpu", "memory_mib", "disk", "runtime", "problems"}
     assert facts["cpu"]["count"] >= 1 and facts["memory_mib"] > 0 and facts["disk"]["total_mib"] > 0
-    assert set(facts["runtime"]) == {"name", "version", "usable", "via_sudo", "root", "gpu_support"}
+    assert set(facts["runtime"]) == {"name", "version", "usable", "via_sudo", "root", "gpu_support", "storage"}
     assert set(facts["runtime"]["gpu_support"]) == {"nvidia"}
     assert re.search(r"TASK \[gpu_probe : Probe GPUs[^\n]*\n+ok: \[localhost\]", p.stdout), p.stdout  # not changed

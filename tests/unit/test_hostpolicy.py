@@ -211,6 +211,7 @@ class FakeModule:
                        "oci_runtime": None, "cpuset_cpus": None, "gpus": None, "workdir": None, "cpus": None,
                        "memory_mib": None, "runtime": "podman", "ports": [], "privileged": False,
                        "volume_roots": None, "optional_volumes": [], "user": None, "entrypoint": None,
+                       "shm_size_mib": None, "disk_limit_mib": None,
                        **params}
 
     def fail_json(self, msg, **_):

@@ -59,7 +59,8 @@ def test_references_and_their_offsets():
     ("${{ password. }}", 0, "is not a name"),
     ("${{ secrets.password.hash }}", 0, "is not a name"),
     ("${{ secrets.007 }}", 0, "is not a name"),
-    ("${{ groups[0].nodes[0].IP_ADDRESS }}", 0, "is not a name"),
+    ("${{ groups[0].replicas[0].IP_ADDRESS }}", 0, "is not a node address"),
+    ("${{ groups.x }}", 0, "is not a node address"),
     ("${{}}", 0, "is not a name"),
 ])
 def test_grammar_errors(text, offset, message):

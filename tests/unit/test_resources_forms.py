@@ -20,19 +20,24 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpufleet.allocator import BlockSlot, HostSlots, NoCapacity, Request, place
+from gpufleet.allocator import BlockSlot, HostSlots, HostTraits, NoCapacity, Request, place
 from gpufleet.models import GPU, Range
 from gpufleet.models.run import ResourcesSpec
 
 DSTACK_CONFIGS = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "dstack-configs"
 
 
+EXT4 = HostTraits(arch="x86", disk_gb=500, runtime="podman", disk_why_not="overlay on ext4")
+XFS = HostTraits(arch="x86", disk_gb=1000, runtime="podman", disk_limit=True)
+
+
 def _host(num: int, alias: str, n: int, model: str | None, mib: int, vendor: str = "nvidia",
-          blocks: int | None = None) -> HostSlots:
-    """``n`` GPUs, one per block (or ``blocks`` GPU-less blocks); every block 8 CPUs and 64000 MiB."""
+          blocks: int | None = None, traits: HostTraits = EXT4) -> HostSlots:
+    """``n`` GPUs, one per block (or ``blocks`` GPU-less blocks); every block 8 CPUs and 64000 MiB; x86
+    CPUs and 500 GB of container storage that cannot limit a container's disk (``traits``)."""
     gpus = [GPU(index=g, vendor=vendor, model=model, name=f"{vendor} {model}", memory_mib=mib) for g in range(n)]
     slots = [BlockSlot(b, (b,) if n else (), 8, 64000, 0, True) for b in range(n or blocks or 1)]
-    return HostSlots(num, "f", num, alias, gpus, slots)
+    return HostSlots(num, "f", num, alias, gpus, slots, traits=traits)
 
 
 HOSTS = [
@@ -40,7 +45,7 @@ HOSTS = [
     _host(1, "a100", 8, "A100", 40960),  # 40 GB each
     _host(2, "rtx", 4, "RTX4090", 24564),  # 24 GB each
     _host(3, "mi300x", 8, "MI300X", 196592, vendor="amd"),  # 192 GB each
-    _host(4, "cpu", 0, None, 0, blocks=4),  # no GPUs: 4 blocks of 8 CPUs, 62.5 GB
+    _host(4, "cpu", 0, None, 0, blocks=4, traits=XFS),  # no GPUs: 4 blocks of 8 CPUs, 62.5 GB; 1000 GB on xfs
 ]
 
 R = Range
@@ -58,12 +63,16 @@ ROWS = [
     ("cpu: {min: 4}", "4 CPUs or more", {"cpu": R(4, None)}, ("cpu", 0, "")),
     ("cpu: {count: '4..8'}", "4 to 8 CPUs, any architecture", {"cpu": R(4, 8)}, ("cpu", 0, "")),
     ("cpu: {count: {min: 2, max: 8}}", "2 to 8 CPUs", {"cpu": R(2, 8)}, ("cpu", 0, "")),
-    ("cpu: 'x86:2'", "x86, exactly 2 CPUs", "CPU architecture 'x86': gpufleet cannot check it", N),
-    ("cpu: '2..:ARM'", "arm, 2 CPUs or more", "CPU architecture 'ARM': gpufleet cannot check it", N),
-    ("cpu: 'arm:4..8'", "arm, 4 to 8 CPUs", "CPU architecture 'arm'", N),
-    ("cpu: x86", "x86, 2.. CPUs (DEFAULT_CPU_COUNT)", "CPU architecture 'x86'", N),
-    ("cpu: {arch: arm, count: {min: 1, max: 2}}", "arm, 1 to 2 CPUs", "CPU architecture 'arm'", N),
-    ("cpu: {arch: x86}", "x86, 2.. CPUs", "CPU architecture 'x86'", N),
+    # an architecture: only hosts whose probe reported it (every host here is x86)
+    ("cpu: 'x86:2'", "x86, exactly 2 CPUs", {"cpu_arch": "x86", "cpu_count": R(2, 2)},
+     ("cpu", 0, "gets 8 CPUs (asked 2)")),
+    ("cpu: '2..:ARM'", "arm, 2 CPUs or more", {"cpu_arch": "arm", "cpu_count": R(2, None)}, N),
+    ("cpu: 'arm:4..8'", "arm, 4 to 8 CPUs", {"cpu_arch": "arm", "cpu_count": R(4, 8)}, N),
+    ("cpu: x86", "x86, 2.. CPUs (DEFAULT_CPU_COUNT)", {"cpu_arch": "x86", "cpu_count": R(2, None)}, ("cpu", 0, "")),
+    ("cpu: {arch: arm, count: {min: 1, max: 2}}", "arm, 1 to 2 CPUs", {"cpu_arch": "arm", "cpu_count": R(1, 2)}, N),
+    ("cpu: {arch: x86}", "x86, 2.. CPUs", {"cpu_arch": "x86", "cpu_count": R(2, None)}, ("cpu", 0, "")),
+    ("cpu: {arch: X86, count: 16}", "x86, exactly 16", {"cpu_arch": "x86", "cpu_count": R(16, 16)}, ("cpu", 0, "")),
+    ("cpu: {arch: mips}", "refused: Invalid CPU architecture", "is not a CPU architecture", N),
     ("cpu: 'mips:2'", "refused: Invalid CPU architecture", "neither a CPU count nor an architecture", N),
     ("cpu: '8:8'", "refused: CPU spec count conflict", "gives the count twice", N),
     ("cpu: '4..2'", "refused: Invalid range order", "is empty", N),
@@ -148,13 +157,19 @@ ROWS = [
     ("gpu: H100::2", "refused: GPU spec contains empty token", "has an empty part", N),
     ("gpu: 'A100,:2'", "refused: GPU name can not be empty", "empty model name", N),
     ("gpu: {name: H100, cores: 4}", "refused: extra field", "Extra inputs are not permitted", N),
-    # ---- shm_size and disk: parsed here; applied by the launch (not the allocator)
-    ("shm_size: 16GB", "16 GB", {"shm_size": "16GB"}, ("cpu", 0, "")),
+    # ---- shm_size (the launch's: the container's /dev/shm) and disk: the minimum against the host's
+    # container storage, the maximum (a single size is one) the container's limit, only where it can be
+    ("shm_size: 16GB", "16 GB", {"shm_size": "16GB", "shm_size_mib": 16384}, ("cpu", 0, "")),
     ("shm_size: 16", "16 GB (a number is GB)", {"shm_size": "16GB"}, ("cpu", 0, "")),
+    ("shm_size: 512MB", "512 MB", {"shm_size_mib": 512}, ("cpu", 0, "")),
     ("shm_size: big", "refused: not a size", "is not a size", N),
-    ("disk: 100GB..", "100 GB or more", {"disk": R(100, None)}, ("cpu", 0, "")),
-    ("disk: 150Gb", "exactly 150 GB; gpufleet: at least (the launch's part)", {"disk": R(150, None)}, ("cpu", 0, "")),
-    ("disk: {size: 2TB..}", "2048 GB or more ({size})", {"disk": R(2048, None)}, ("cpu", 0, "")),
+    ("disk: 100GB..", "100 GB or more", {"disk": R(100, None), "disk_limit_mib": None}, ("cpu", 0, "")),
+    ("disk: 600GB..", "600 GB or more: only the 1000 GB host", {"disk": R(600, None)}, ("cpu", 0, "")),
+    ("disk: 150Gb", "exactly 150 GB: limited to 150 GB, on the host that can", {"disk": R(150, 150),
+                                                                               "disk_limit_mib": 153600},
+     ("cpu", 0, "")),
+    ("disk: {size: 2TB..}", "2048 GB or more ({size}): no host has it", {"disk": R(2048, None)}, N),
+    ("disk: ..200GB", "at most 200 GB: a limit", {"disk": R(None, 200)}, ("cpu", 0, "")),
     ("disk: 200GB..100GB", "refused: Invalid range order", "is empty", N),
     # ---- together
     ("{gpu: 'H100:2', cpu: 16, memory: 100GB..}", "2 H100, exactly 16 CPUs, 100 GB or more",
@@ -182,7 +197,7 @@ def test_every_form_of_dstack_resources(text: str, dstack: str, model, placed) -
     assert got == model, f"{text} ({dstack})"
     # read back as the server stores it (model_dump(mode="json")): the same
     assert ResourcesSpec.model_validate(spec.model_dump(mode="json")) == spec
-    req = Request(gpu=spec.gpu, cpu=spec.cpu, memory_gb=spec.memory)
+    req = Request(gpu=spec.gpu, cpu=spec.cpu_count, memory_gb=spec.memory, arch=spec.cpu_arch, disk=spec.disk)
     if placed is None:
         with pytest.raises(NoCapacity):
             place(req, HOSTS)
@@ -244,24 +259,50 @@ def _real_resources() -> list[tuple[str, object]]:
     return out
 
 
-def _has_cpu_arch(resources: dict) -> bool:
-    cpu = resources.get("cpu")
-    if isinstance(cpu, dict):
-        return cpu.get("arch") is not None
-    return isinstance(cpu, str) and any(t.lower() in ("x86", "arm") for t in cpu.replace(" ", "").split(":"))
-
-
 def test_every_resources_block_of_the_real_dstack_files_parses() -> None:
-    """Every `resources:` of the real run files dstack accepts parses, except those that name a CPU
-    architecture: refused, saying gpufleet cannot check it (its probe does not report one)."""
+    """Every `resources:` of the real run files dstack accepts parses (those naming a CPU architecture too)."""
     assert DSTACK_CONFIGS.is_dir(), f"{DSTACK_CONFIGS} is missing (real dstack files, read from shared/)"
     blocks = _real_resources()
-    parsed, refused = [], []
-    for ident, resources in blocks:
-        try:
-            ResourcesSpec.model_validate(resources)
-            parsed.append(ident)
-        except ValueError as e:
-            assert _has_cpu_arch(resources) and "CPU architecture" in str(e), f"{ident}: {resources}: {e}"
-            refused.append(ident)
-    assert len(blocks) == 190 and (len(parsed), len(refused)) == (186, 4), (len(blocks), len(parsed), refused)
+    archs = 0
+    for _ident, resources in blocks:
+        spec = ResourcesSpec.model_validate(resources)
+        archs += spec.cpu_arch is not None
+    assert (len(blocks), archs) == (190, 4)
+
+
+def _traits_host(alias: str, traits: HostTraits | None) -> HostSlots:
+    return HostSlots(0, "f", 0, alias, [], [BlockSlot(0, (), 8, 64000, 0, True)], traits=traits)
+
+
+def test_a_cpu_architecture_places_only_on_hosts_that_have_it() -> None:
+    arm = HostTraits(arch="arm", disk_gb=100)
+    spec = ResourcesSpec.model_validate({"cpu": "2..:arm"})
+    req = Request(cpu=spec.cpu_count, arch=spec.cpu_arch)
+    assert place(req, [_traits_host("graviton", arm), HOSTS[4]]).host.alias == "graviton"
+    with pytest.raises(NoCapacity) as e:
+        place(req, [HOSTS[4], _traits_host("old", None)])
+    assert str(e.value) == ("no host can take it: old: its CPU architecture is not known (apply its fleet again "
+                            "to probe it); the run asks for arm; cpu: its CPUs are x86, the run asks for arm")
+
+
+def test_disk_reasons_name_the_host() -> None:
+    spec = ResourcesSpec.model_validate({"disk": "100GB"})
+    req = Request(disk=spec.disk)
+    with pytest.raises(NoCapacity) as e:
+        place(req, [_traits_host("198.19.0.10", EXT4)])
+    assert str(e.value) == ("no host can take it: resources.disk: 100GB: podman on 198.19.0.10 cannot limit a "
+                            "container's disk (overlay on ext4); remove it or use a host with xfs project quotas")
+    with pytest.raises(NoCapacity) as e:
+        place(Request(disk=ResourcesSpec.model_validate({"disk": "800GB.."}).disk), [_traits_host("small", EXT4)])
+    assert "small: resources.disk: 800GB..: its container storage is 500GB, less than 800GB" in str(e.value)
+    with pytest.raises(NoCapacity) as e:
+        place(req, [_traits_host("old", None)])
+    assert "old: the size of its container storage is not known" in str(e.value)
+
+
+def test_host_traits_from_probe_facts() -> None:
+    probe = {"cpu": {"count": 8, "arch": "arm"}, "disk": {"total_mib": 512000},
+             "runtime": {"name": "podman", "storage": {"driver": "overlay", "backing_fs": "ext4",
+                                                       "size_limit": False, "why_not": "overlay on ext4"}}}
+    assert HostTraits.of(probe) == HostTraits("arm", 500.0, "podman", False, "overlay on ext4")
+    assert HostTraits.of({"cpu": {"count": 8}}) == HostTraits()  # probed before these facts

@@ -197,7 +197,8 @@ def test_container_vars_carry_volumes_user_and_entrypoint():
 
 def test_the_role_passes_every_new_option_to_the_module():
     root = Path(__file__).resolve().parents[2] / "roles" / "workload"
-    start = yaml.safe_load((root / "tasks" / "main.yml").read_text())[0]["gpufleet_container"]
+    start = next(t for t in yaml.safe_load((root / "tasks" / "main.yml").read_text())
+                 if "gpufleet_container" in t)["gpufleet_container"]
     spec = yaml.safe_load((root / "meta" / "argument_specs.yml").read_text())["argument_specs"]["main"]["options"]
     defaults = yaml.safe_load((root / "defaults" / "main.yml").read_text())
     for option in ("optional_volumes", "user", "entrypoint"):

@@ -1,0 +1,96 @@
+"""`resources` on the lab, in real podman containers: `shm_size` is the container's /dev/shm (podman's
+64 MB without it, as dstack's default); `disk` with a maximum is refused on the lab's hosts (podman's
+vfs storage on ext4 cannot limit a container's disk), the host named, while a minimum the host's storage
+has places; a CPU architecture places on the lab's x86 hosts and `arm` is refused, saying why; a
+`*:8000` port gets a local port picked by `gpufleet attach`."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, Cli, wait_for
+from test_tunnel_lab import http_get, read_until
+
+from gpufleet.lab import core
+
+pytestmark = pytest.mark.lab
+IMAGE = core.LAB_IMAGE
+
+
+@pytest.fixture(scope="module")
+def site(lab_factory, tmp_path_factory):
+    lab = lab_factory(nodes=1, gpus=1, vendor="nvidia")
+    cli = Cli(tmp_path_factory.mktemp("containeropts-home") / "home")
+    cli("apply", "-f", str(lab.fleet_file), "-y", check=0)
+    return cli
+
+
+def apply(cli: Cli, tmp_path: Path, name: str, body: str):
+    """Submit task ``name`` attached (its output followed to its end)."""
+    path = tmp_path / f"{name}.yml"
+    path.write_text(f"type: task\nname: {name}\nimage: {IMAGE}\n{body}")
+    return cli("apply", "-f", str(path), "-y", timeout=240)
+
+
+def shm_kib(out: str) -> int:
+    """The size column of busybox's `df -k /dev/shm`."""
+    line = next(line for line in out.splitlines() if line.rstrip().endswith("/dev/shm"))
+    return int(line.split()[1])
+
+
+def test_shm_size_is_the_containers_dev_shm(site, tmp_path):
+    p = apply(site, tmp_path, "shm", "resources: {shm_size: 256MB, cpu: 'x86:1'}\ncommands: [df -k /dev/shm]\n")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert shm_kib(p.stdout) == 256 * 1024
+    p = apply(site, tmp_path, "noshm", "commands: [df -k /dev/shm]\n")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert shm_kib(p.stdout) == 64000  # podman's default, 64 MB (65536000 bytes); dstack leaves docker's 64 MiB
+
+
+def test_a_disk_limit_the_hosts_cannot_enforce_is_refused_naming_the_host(site, tmp_path):
+    p = apply(site, tmp_path, "disk", "resources: {disk: 100GB}\ncommands: [echo never]\n")
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "Traceback" not in out, out
+    # the lab's podman keeps its storage with vfs on the machine's file system (ext4 here)
+    assert re.search(r"resources\.disk: 100GB: podman on 198\.19\.\d+\.\d+ cannot limit a container's disk "
+                     r"\((vfs|overlay) on [a-z0-9]+\); remove it or use a host with xfs project quotas", out), out
+    p = apply(site, tmp_path, "mindisk", "resources: {disk: 1GB..}\ncommands: [echo placed]\n")
+    assert p.returncode == 0 and "placed" in p.stdout, p.stdout + p.stderr
+
+
+def test_a_cpu_architecture_the_hosts_lack_is_refused_saying_why(site, tmp_path):
+    p = apply(site, tmp_path, "arm", "resources: {cpu: '1..:arm'}\ncommands: [echo never]\n")
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "Traceback" not in out, out
+    assert "its CPUs are x86, the run asks for arm" in out, out
+
+
+def test_star_port_gets_a_free_local_port_at_attach(site, tmp_path):
+    """`*:8000` (dstack's form): attach binds a local port it picks, forwarded to the container's 8000."""
+    path = tmp_path / "star.yml"
+    path.write_text(f"type: task\nname: star\nimage: {IMAGE}\nports: ['*:8000']\ncommands:\n"
+                    "  - mkdir -p /www && echo star-port > /www/index.html\n"
+                    "  - exec httpd -f -p 8000 -h /www\n")
+    site("apply", "-f", str(path), "-y", "-d", check=0)
+    env = {**os.environ, "GPUFLEET_HOME": str(site.home), "COLUMNS": "200", "TERM": "dumb"}
+    attach = subprocess.Popen([sys.executable, "-m", "gpufleet", "attach", "star"], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        printed = read_until(attach, "Ctrl-C", timeout=60)
+        m = re.search(r"forwarding localhost:(\d+) -> \S+:8000", printed)
+        assert m and int(m.group(1)) > 0, printed
+        body = wait_for("the task's answer on the picked port", lambda: http_get(int(m.group(1))), timeout=30)
+        assert body.strip() == "star-port"
+    finally:
+        attach.send_signal(signal.SIGINT)
+        try:
+            attach.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            attach.kill()
+        site("stop", "star", check=None)
