@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 import shlex
 
-from gpufleet import cluster
+from gpufleet import cluster, images
 from gpufleet.allocator import Placement
 from gpufleet.config import stored_fleet
 from gpufleet.errors import GpufleetError
-from gpufleet.interpolate import InterpolationError, fill_run, run_variables
+from gpufleet.interpolate import InterpolationError, fill, fill_run, run_variables
 from gpufleet.models import (
     GPU,
     DevEnvironmentConfig,
@@ -26,6 +26,7 @@ from gpufleet.models import (
     split_env,
 )
 from gpufleet.paths import FleetFiles
+from gpufleet.runconfig import REGISTRY_PASSWORD
 from gpufleet.runner import run_playbook
 from gpufleet.state import Store
 
@@ -44,7 +45,7 @@ def container_name(run_name: str) -> str:
 def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], facts: HostFacts, gpus: list[GPU],
                    cpus: int, memory_mib: int, numa_nodes: set, node_env: dict[str, str] | None = None,
                    prelude: str = "", secrets: dict[str, str] | None = None, state: str | None = None,
-                   volume_roots: list[str] | None = None) -> dict:
+                   volume_roots: list[str] | None = None, image: str | None = None) -> dict:
     """Everything the `workload` role needs to start the run's container, per GPU vendor.
 
     The container is privileged only for `privileged: true` or `docker: true` (else no-new-privileges,
@@ -52,7 +53,9 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
     else in a network namespace of its own with its ports published on the host's 127.0.0.1 (where
     `gpufleet attach` forwards to). `volumes` go as strings (/host:/path[:ro]), the optional ones apart:
     the host leaves one out when its path is missing. ``volume_roots``: the host paths the submitter may mount
-    (hostpolicy.volume_roots), checked again on the host with symlinks resolved; None: not checked."""
+    (hostpolicy.volume_roots), checked again on the host with symlinks resolved; None: not checked.
+    ``image``: the image chosen for the run's fleet (images.choose); None: the run's `image`. With
+    `registry_auth`, its username and password (their `${{ secrets.NAME }}` filled) go as a secret."""
     cfg = run.config
     support = facts.runtime.gpu_support
     devices: list[str] = []
@@ -100,7 +103,8 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
     return {
         "workload_name": container_name(run.name),
         "workload_run_id": run_id,
-        "workload_image": cfg.image,
+        "workload_image": image or cfg.image,
+        "workload_registry_auth": registry_auth(run),
         "workload_command": command,
         "workload_env": env,
         "workload_secret_env": secret_env,
@@ -122,6 +126,23 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
         "workload_user": cfg.user,
         "workload_entrypoint": entrypoint,
     }
+
+
+def registry_auth(run: RunRequest) -> dict[str, str] | None:
+    """The run's `registry_auth` as the container module takes it ({username, password}), its
+    `${{ secrets.NAME }}` filled from the run's secrets; None without one."""
+    auth = run.config.registry_auth
+    if auth is None:
+        return None
+    password = run.secrets.get(REGISTRY_PASSWORD, auth.password)
+    if password is None:
+        raise GpufleetError(f"run {run.name}: registry_auth has no password (its sealed secrets are lost): submit "
+                            "it again")
+    try:
+        return {key: fill(value, {"secrets": run.secrets}) for key, value in
+                (("username", auth.username), ("password", password))}
+    except InterpolationError as e:
+        raise GpufleetError(f"run {run.name}: registry_auth: {e}") from None
 
 
 def run_command(cfg: RunConfigType, prelude: str = "", commands: list[str] | None = None
@@ -190,16 +211,21 @@ def start_nodes(store: Store, run: RunRequest, run_id: str, placements: list[Pla
     fleet_name = placements[0].host.fleet
     values, secrets = fleet_config_env(store, fleet_name, fleet_secrets)
     facts = store.fleet(fleet_name).facts()
+    chosen = images.for_fleet(store, run.config, fleet_name)  # once, for every node (NoImage: not started)
+    if chosen.shell and run.config.shell is None:  # dstack's own images run `commands` with bash
+        run = run.model_copy(update={"config": run.config.model_copy(update={"shell": chosen.shell})})
     gpus_per_node = len(placements[0].gpus)
     ips = node_addresses(store, fleet_name, [p.host.alias for p in placements]) if len(placements) > 1 else []
     prelude = cluster.hostfile_script(ips, gpus_per_node) if ips else ""
+    if run.config.entrypoint is None and chosen.prelude():  # dstack makes its venv unless an entrypoint is given
+        prelude = "\n".join(p for p in (chosen.prelude(), prelude) if p)
     files = FleetFiles.of(fleet_name).require()
     for rank, p in enumerate(placements):
         host = p.host
         numa = {b.numa_node for b in host.blocks if b.idx in p.blocks}
         variables = container_vars(run, run_id, values, facts[host.alias], [host.gpus[g] for g in p.gpus],
                                    p.cpus, p.memory_mib, numa, cluster.node_env(rank, ips, gpus_per_node), prelude,
-                                   secrets, state=store.identity, volume_roots=volume_roots)
+                                   secrets, state=store.identity, volume_roots=volume_roots, image=chosen.image)
         started.append(host.alias)
         result = run_playbook("start", files.inventory, limit=[host.alias], unsafe_vars=variables)
         if result.canceled:

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gpufleet import failpoints, hostpolicy
+from gpufleet import failpoints, hostpolicy, images
 from gpufleet.allocator import HostIndex, HostSlots, NoCapacity, Placement, Request, gpu_matches, place_gang
 from gpufleet.errors import Forbidden, GpufleetError, NotFound
 from gpufleet.fairshare import HALF_LIFE_DEFAULT, Usage, decayed_usage
@@ -70,8 +70,9 @@ class Placing:
             why = f"project {project} has no fleet yet (a project admin applies one: gpufleet apply -f FLEET.yml)"
             return (), why, False
         allowed, why = hostpolicy.allowed_fleets(cfg, policies, role)
-        if allowed:
-            return tuple(allowed), "", False
+        if allowed:  # of those, the fleets that have an image for it (its `python`, `nvcc`)
+            fits, no_image = images.usable(self._store, cfg, allowed)
+            return (tuple(fits), "", False) if fits else ((), no_image, False)
         named = [f for f in policies if cfg.fleets is None or f in cfg.fleets]
         if not named:
             return (), (f"none of the fleets it names ({', '.join(cfg.fleets or [])}) is a fleet of project {project} "

@@ -317,13 +317,10 @@ def test_a_typo_in_a_run_gets_did_you_mean(tmp_path, text, message):
 
 
 @pytest.mark.parametrize("kind,line,hint", [
-    ("task", "python: '3.12'", "; set `image` to one that has it (e.g. python:3.12-slim)"),
-    ("task", "nvcc: true", "; set `image` to one that has it (a CUDA devel image"),
     ("task", "repos: [.]", "; put the code in the image, or mount it from the hosts with `volumes`"),
     ("task", "files: [train.py]", "; put the files in the image"),
     ("task", "startup_order: workers-first", "; every node starts at once"),
     ("task", "stop_criteria: master-done", "; a multi-node run ends when every node's container has exited"),
-    ("task", "registry_auth: {username: u, password: p}", "; use an image the hosts can pull without credentials"),
     ("task", "groups: [{nodes: 1}]", "; use `nodes`"),
     ("task", "utilization_policy: {min_gpu_utilization: 10, time_window: 1h}", ""),
     ("task", "schedule: {cron: '0 * * * *'}", "; start it from cron"),
