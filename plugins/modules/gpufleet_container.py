@@ -606,7 +606,7 @@ def pull(module, runtime, image, auth):
         reason = error_message(err or out)
         for prefix in ("Error: ", "Error response from daemon: ", "error: "):
             reason = reason[len(prefix):] if reason.startswith(prefix) else reason
-        module.fail_json(msg=f"pulling {image} failed: {reason}", stderr=err, rc=rc)
+        module.fail_json(msg=f"pulling {image} failed: {reason}", rc=rc)  # the reason is the whole of it
 
 
 # --------------------------------------------------------------------------- module
