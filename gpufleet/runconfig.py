@@ -104,8 +104,8 @@ def _registry_auth(src: YamlSource, cfg) -> dict[str, Callable[[str], ConfigProb
     if auth is None:
         return {}
     if auth.password is None:
-        raise ConfigError([src.problem(("registry_auth",), "registry_auth needs a password (or an access token; "
-                                                           "e.g. password: ${{ secrets.REGISTRY_TOKEN }})")])
+        raise ConfigError([src.problem(("registry_auth",), "needs a password (or an access token), e.g. "
+                                                           "password: ${{ secrets.REGISTRY_TOKEN }}")])
     problems, used = [], {}
     for key in ("username", "password"):
         value = getattr(auth, key)

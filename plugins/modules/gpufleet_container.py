@@ -576,7 +576,7 @@ def _auth_file(directory, runtime, image, auth):
     registry = registry_of(image)
     if runtime == "docker" and registry == "docker.io":
         registry = "https://index.docker.io/v1/"
-    token = base64.b64encode(f"{auth['username']}:{auth['password']}".encode("utf-8")).decode("ascii")
+    token = base64.b64encode(f"{auth['username']}:{auth['password']}".encode()).decode("ascii")
     path = os.path.join(directory, "config.json" if runtime == "docker" else "auth.json")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
