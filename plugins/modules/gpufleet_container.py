@@ -588,13 +588,13 @@ def _auth_file(directory, runtime, image, auth):
 
 def pull(module, runtime, image, auth):
     """Pull ``image`` when the host lacks it, or always with ``auth`` (credentials only in a 0600 file
-    removed after the pull); fail with the runtime's reason."""
+    removed after the pull). None when done; else (why, rc): the image and the runtime's reason."""
     binary = runtime.binary
     if auth is None:
         exists = [binary, "image", "exists", image] if module.params["runtime"] == "podman" \
             else [binary, "image", "inspect", "--format", "{{.Id}}", image]
         if runtime.run(exists)[0] == 0:
-            return
+            return None
     directory = tempfile.mkdtemp(prefix="gpufleet-pull-")  # 0700
     try:
         argv, environ = _auth_file(directory, module.params["runtime"], image, auth) if auth else ([], {})
@@ -602,11 +602,12 @@ def pull(module, runtime, image, auth):
                                           expand_user_and_vars=False, environ_update=environ)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    if rc != 0:
-        reason = error_message(err or out)
-        for prefix in ("Error: ", "Error response from daemon: ", "error: "):
-            reason = reason[len(prefix):] if reason.startswith(prefix) else reason
-        module.fail_json(msg=f"pulling {image} failed: {reason}", rc=rc)  # the reason is the whole of it
+    if rc == 0:
+        return None
+    reason = error_message(err or out)
+    for prefix in ("Error: ", "Error response from daemon: ", "error: "):
+        reason = reason[len(prefix):] if reason.startswith(prefix) else reason
+    return f"pulling {image} failed: {reason}", rc
 
 
 # --------------------------------------------------------------------------- module
@@ -737,7 +738,9 @@ def main():
             runtime.remove(name)
         elif action == "create":
             result["changed"] = i > 0  # until it succeeds, only what was done before counts
-            pull(module, runtime, spec["image"], spec["registry_auth"])
+            failed = pull(module, runtime, spec["image"], spec["registry_auth"])
+            if failed:  # the reason is the whole of it (no stderr: podman's retries would repeat it)
+                module.fail_json(msg=failed[0], rc=failed[1], container=runtime.inspect(name), **result)
             argv = run_argv(runtime.binary, p, spec, run_id)
             rc, out, err = module.run_command(argv, expand_user_and_vars=False, environ_update=spec["secret_env"])
             if rc != 0:
