@@ -10,7 +10,7 @@ run was placed on, and the `workload` role runs that image.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from gpufleet.errors import GpufleetError
@@ -117,12 +117,14 @@ def for_fleet(store, cfg: RunConfigType, fleet: str) -> Choice:
     return choose(cfg, fleet_images(store.fleet_config(fleet)), server_images(), fleet)
 
 
-def usable(store, cfg: RunConfigType, fleets: Iterable[str]) -> tuple[list[str], str]:
-    """Of ``fleets``, those where the run has an image; and why none, when none has."""
+def usable(cfg: RunConfigType, fleets: Iterable[str], configured: Mapping[str, Sequence[ImageSpec] | None]
+           ) -> tuple[list[str], str]:
+    """Of ``fleets`` (each with its `images` in ``configured``), those where the run has an image; and
+    why none, when none has."""
     ok, why = [], []
     for f in fleets:
         try:
-            for_fleet(store, cfg, f)
+            choose(cfg, configured.get(f), server_images(), f)
             ok.append(f)
         except NoImage as e:
             why.append(str(e))

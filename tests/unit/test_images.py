@@ -233,3 +233,11 @@ def test_pull_only_when_missing_and_a_failure_names_the_image(monkeypatch):
                                             ("10.0.0.1:5000/x", "10.0.0.1:5000")])
 def test_registry_of(monkeypatch, image, registry):
     assert container_module(monkeypatch).registry_of(image) == registry
+
+
+def test_usable_keeps_the_fleets_that_have_an_image():
+    configured = {"a": LIST, "b": IMAGE_LIST.validate_python([{"image": "x:1", "python": "3.10"}])}
+    assert images.usable(cfg(python="3.10"), ["a", "b"], configured) == (["b"], "")
+    assert images.usable(cfg(python="3.11"), ["a", "b"], configured) == (["a"], "")
+    fits, why = images.usable(cfg(python="3.9"), ["a", "b"], configured)
+    assert fits == [] and "on fleet a (configured:" in why and "on fleet b (configured: x:1 (3.10))" in why
