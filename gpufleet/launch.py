@@ -104,7 +104,7 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
         "workload_name": container_name(run.name),
         "workload_run_id": run_id,
         "workload_image": image or cfg.image,
-        "workload_registry_auth": registry_auth(run),
+        "workload_registry_auth": registry_auth(run, {**run_values, **run_sealed}),
         "workload_command": command,
         "workload_env": env,
         "workload_secret_env": secret_env,
@@ -128,9 +128,10 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
     }
 
 
-def registry_auth(run: RunRequest) -> dict[str, str] | None:
+def registry_auth(run: RunRequest, env: dict[str, str] | None = None) -> dict[str, str] | None:
     """The run's `registry_auth` as the container module takes it ({username, password}), its
-    `${{ secrets.NAME }}` filled from the run's secrets; None without one."""
+    `${{ secrets.NAME }}` filled from the run's secrets and `${{ env.NAME }}` from ``env`` (the run's env
+    as filled for the node, secrets among it); None without one."""
     auth = run.config.registry_auth
     if auth is None:
         return None
@@ -139,7 +140,7 @@ def registry_auth(run: RunRequest) -> dict[str, str] | None:
         raise GpufleetError(f"run {run.name}: registry_auth has no password (its sealed secrets are lost): submit "
                             "it again")
     try:
-        return {key: fill(value, {"secrets": run.secrets}) for key, value in
+        return {key: fill(value, {"secrets": run.secrets, "env": env or {}}) for key, value in
                 (("username", auth.username), ("password", password))}
     except InterpolationError as e:
         raise GpufleetError(f"run {run.name}: registry_auth: {e}") from None

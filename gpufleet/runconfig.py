@@ -12,7 +12,7 @@ from pathlib import Path
 from gpufleet.config import name_from_file, validate
 from gpufleet.errors import ConfigError, ConfigProblem
 from gpufleet.interpolate import InterpolationError, check_run, refs
-from gpufleet.models import DevEnvironmentConfig, RunRequest, RunType, ServiceConfig, TaskConfig
+from gpufleet.models import DevEnvironmentConfig, RunRequest, RunType, ServiceConfig, TaskConfig, split_env
 from gpufleet.secrets import run_secrets, take
 from gpufleet.yamlsource import YamlSource, load_yaml, read_config_text
 
@@ -98,8 +98,10 @@ REGISTRY_PASSWORD = "registry_auth.password"
 
 
 def _registry_auth(src: YamlSource, cfg) -> dict[str, Callable[[str], ConfigProblem]]:
-    """Check `registry_auth`: a password is given, and its `${{ }}` references are secrets (what dstack
-    fills there); the names of the secrets it uses, each with how to point at it."""
+    """Check `registry_auth`: a password is given, and its `${{ }}` references are what dstack fills
+    there: `secrets.NAME`, and `env.NAME` of a name in the run's `env` (its value, or for a name without
+    one the secret's value from the environment). The names of the secrets it uses, each with how to
+    point at it."""
     auth = cfg.registry_auth
     if auth is None:
         return {}
@@ -107,6 +109,8 @@ def _registry_auth(src: YamlSource, cfg) -> dict[str, Callable[[str], ConfigProb
         raise ConfigError([src.problem(("registry_auth",), "needs a password (or an access token), e.g. "
                                                            "password: ${{ secrets.REGISTRY_TOKEN }}")])
     problems, used = [], {}
+    values, secret_names = split_env(cfg.env)
+    env_names = set(values) | set(secret_names)
     for key in ("username", "password"):
         value = getattr(auth, key)
         loc = ("registry_auth", key)
@@ -116,11 +120,15 @@ def _registry_auth(src: YamlSource, cfg) -> dict[str, Callable[[str], ConfigProb
             problems.append(src.problem(loc, str(e)))
             continue
         for ref in found:
-            if ref.namespace != "secrets":
-                problems.append(src.problem(loc, f"{ref}: only secrets are filled in registry_auth (as in dstack): "
-                                                 "${{ secrets.NAME }}"))
-            else:
+            if ref.namespace == "secrets":
                 used.setdefault(ref.name, lambda message, loc=loc: src.problem(loc, message))
+            elif ref.namespace != "env":
+                problems.append(src.problem(loc, f"{ref}: registry_auth is filled with env and secrets only (as in "
+                                                 "dstack): ${{ env.NAME }}, ${{ secrets.NAME }}"))
+            elif ref.name not in env_names:
+                problems.append(src.problem(loc, f"{ref}: {ref.name} is not in the run's `env` (list it: "
+                                                 f"`- {ref.name}` takes its value from your environment, as a "
+                                                 "secret, or give it a value)"))
     if problems:
         raise ConfigError(problems)
     return used

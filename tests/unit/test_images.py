@@ -116,7 +116,9 @@ def test_a_bad_images_list_is_refused(items, message):
     ("nvcc: 1\n", "2:7: nvcc:"),
     ("image: r.io/x:1\nregistry_auth: {username: u}\n", "3:16: registry_auth: needs a password (or an access token)"),
     ("image: r.io/x:1\nregistry_auth: {username: u, password: '${{ env.PW }}'}\n",
-     "registry_auth.password: ${{ env.PW }}: only secrets are filled in registry_auth"),
+     "registry_auth.password: ${{ env.PW }}: PW is not in the run's `env`"),
+    ("image: r.io/x:1\nregistry_auth: {username: '${{ run.args }}', password: p}\n",
+     "registry_auth.username: ${{ run.args }}: registry_auth is filled with env and secrets only"),
     ("image: r.io/x:1\nregistry_auth: {username: u, password: '${{ secrets.NOPE }}'}\n",
      "registry_auth.password: ${{ secrets.NOPE }}: NOPE is not set in the environment"),
 ])
@@ -241,3 +243,16 @@ def test_usable_keeps_the_fleets_that_have_an_image():
     assert images.usable(cfg(python="3.11"), ["a", "b"], configured) == (["a"], "")
     fits, why = images.usable(cfg(python="3.9"), ["a", "b"], configured)
     assert fits == [] and "on fleet a (configured:" in why and "on fleet b (configured: x:1 (3.10))" in why
+
+
+def test_registry_auth_takes_the_runs_env_as_dstacks_cli_does():
+    """dstack's own test file (its CLI fills `env.NAME` in registry_auth from the run's env)."""
+    path = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "dstack-configs" / \
+        "corpus" / "unit-edge" / "unit-edge-031" / "registry-auth-env-interpolation.yml"
+    req = parse_run(path.read_text(), str(path))
+    assert _vars(req)["workload_registry_auth"] == {"username": "test_user", "password": "test_password"}
+    # an env name without a value: a secret from the environment, sealed
+    text = ("type: task\nimage: r.io/x:1\nenv: [NGC_API_KEY]\n"
+            "registry_auth: {username: $oauthtoken, password: '${{ env.NGC_API_KEY }}'}\n")
+    req = parse_run(text, "r.yml", secrets={"NGC_API_KEY": "ngc-1"})
+    assert _vars(req)["workload_registry_auth"] == {"username": "$oauthtoken", "password": "ngc-1"}
