@@ -128,6 +128,17 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
     }
 
 
+def on_image(run: RunRequest, chosen: images.Choice, prelude: str = "") -> tuple[RunRequest, str]:
+    """The run and its ``prelude`` as they start on the ``chosen`` image: on dstack's own images, as dstack
+    runs them, `commands` run with bash (unless `shell` says otherwise) after the Python venv is made
+    (unless an `entrypoint` replaces the shell)."""
+    if chosen.shell and run.config.shell is None:
+        run = run.model_copy(update={"config": run.config.model_copy(update={"shell": chosen.shell})})
+    if run.config.entrypoint is None and chosen.prelude():
+        prelude = "\n".join(p for p in (chosen.prelude(), prelude) if p)
+    return run, prelude
+
+
 def registry_auth(run: RunRequest, env: dict[str, str] | None = None) -> dict[str, str] | None:
     """The run's `registry_auth` as the container module takes it ({username, password}), its
     `${{ secrets.NAME }}` filled from the run's secrets and `${{ env.NAME }}` from ``env`` (the run's env
@@ -213,13 +224,10 @@ def start_nodes(store: Store, run: RunRequest, run_id: str, placements: list[Pla
     values, secrets = fleet_config_env(store, fleet_name, fleet_secrets)
     facts = store.fleet(fleet_name).facts()
     chosen = images.for_fleet(store, run.config, fleet_name)  # once, for every node (NoImage: not started)
-    if chosen.shell and run.config.shell is None:  # dstack's own images run `commands` with bash
-        run = run.model_copy(update={"config": run.config.model_copy(update={"shell": chosen.shell})})
     gpus_per_node = len(placements[0].gpus)
     ips = node_addresses(store, fleet_name, [p.host.alias for p in placements]) if len(placements) > 1 else []
     prelude = cluster.hostfile_script(ips, gpus_per_node) if ips else ""
-    if run.config.entrypoint is None and chosen.prelude():  # dstack makes its venv unless an entrypoint is given
-        prelude = "\n".join(p for p in (chosen.prelude(), prelude) if p)
+    run, prelude = on_image(run, chosen, prelude)
     files = FleetFiles.of(fleet_name).require()
     for rank, p in enumerate(placements):
         host = p.host

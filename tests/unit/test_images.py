@@ -256,3 +256,22 @@ def test_registry_auth_takes_the_runs_env_as_dstacks_cli_does():
             "registry_auth: {username: $oauthtoken, password: '${{ env.NGC_API_KEY }}'}\n")
     req = parse_run(text, "r.yml", secrets={"NGC_API_KEY": "ngc-1"})
     assert _vars(req)["workload_registry_auth"] == {"username": "$oauthtoken", "password": "ngc-1"}
+
+
+def test_on_dstacks_image_commands_run_with_bash_after_the_venv():
+    from gpufleet.launch import on_image
+
+    req = RunRequest(name="r", source="r", config=cfg(python="3.11", commands=["python -V"]))
+    run, prelude = on_image(req, images.choose(req.config, None, None, "f"), "HOSTFILE")
+    v = _vars(run, image="dstackai/base:0.15-base-ubuntu24.04")
+    script = container_vars(run, "r1", {}, HostFacts(runtime={"name": "podman"}), [], 1, 0, set(),
+                            prelude=prelude)["workload_command"]
+    assert script[:2] == ["/bin/bash", "-c"] and v["workload_command"][0] == "/bin/bash"
+    assert script[2].index("uv venv -q --prompt dstack -p 3.11") < script[2].index("HOSTFILE") < \
+        script[2].index("python -V")
+    # a configured image: the run as it is; `shell` given: kept; an entrypoint: no venv
+    assert on_image(req, images.Choice("localhost/x:1"), "P") == (req, "P")
+    shell = RunRequest(name="r", source="r", config=cfg(shell="sh"))
+    assert on_image(shell, images.choose(shell.config, None, None, "f"))[0].config.shell_path == "/bin/sh"
+    entry = RunRequest(name="r", source="r", config=cfg(entrypoint="python"))
+    assert on_image(entry, images.choose(entry.config, None, None, "f"))[1] == ""
