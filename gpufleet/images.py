@@ -40,18 +40,20 @@ def default_python() -> str:
 class Choice:
     """The image a run gets. ``venv_python``: on dstack's base images, the Python that `uv venv` makes
     at start (as dstack does; None: none made). ``shell``: the shell `commands` run with when the run
-    names none (dstack runs them with bash on its own images); None: the run's."""
+    names none (dstack runs them with bash on its own images); None: the run's. ``setup``: what dstack
+    runs first on that image."""
 
     image: str
     venv_python: str | None = None
     shell: str | None = None
+    setup: tuple[str, ...] = ()  # lines run before the run's own (dstack's dind: start-dockerd)
 
     def prelude(self) -> str:
-        """The shell lines that make dstack's Python venv (at DSTACK_VENV_DIR) and activate it; ''
-        when there is none to make."""
+        """The shell lines run before the run's commands: ``setup``, and those that make dstack's Python
+        venv (at DSTACK_VENV_DIR) and activate it; '' when there are none."""
         if self.venv_python is None:
-            return ""
-        return "\n".join([
+            return "\n".join(self.setup)
+        return "\n".join([*self.setup,
             f"export DSTACK_VENV_DIR={DSTACK_VENV_DIR}",
             'if [ "$(id -u)" = 0 ]; then _s=; else _s=sudo; fi',
             '$_s rm -rf "$DSTACK_VENV_DIR" && $_s mkdir -p "$DSTACK_VENV_DIR" && '
@@ -89,8 +91,8 @@ def choose(cfg: RunConfigType, fleet_images: Sequence[ImageSpec] | None, server:
     ``server``). Raise NoImage, saying what is configured, when no configured image fits."""
     if cfg.image is not None:
         return Choice(cfg.image)
-    if cfg.docker:
-        return Choice(DSTACK_DIND_IMAGE)  # dstack's image for `docker: true` (it takes no python/nvcc)
+    if cfg.docker:  # dstack's image for `docker: true` (it takes no python/nvcc), its daemon started first
+        return Choice(DSTACK_DIND_IMAGE, shell="bash", setup=("start-dockerd",))
     configured, where = (fleet_images, f"fleet {fleet}'s `images`") if fleet_images else \
         (server, "the server's `images` (server.yml)")
     if not configured:

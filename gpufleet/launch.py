@@ -131,10 +131,11 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
 def on_image(run: RunRequest, chosen: images.Choice, prelude: str = "") -> tuple[RunRequest, str]:
     """The run and its ``prelude`` as they start on the ``chosen`` image: on dstack's own images, as dstack
     runs them, `commands` run with bash (unless `shell` says otherwise) after the Python venv is made
-    (unless an `entrypoint` replaces the shell)."""
+    (unless an `entrypoint` replaces the shell, or there are no commands: the image's own then run)."""
     if chosen.shell and run.config.shell is None:
         run = run.model_copy(update={"config": run.config.model_copy(update={"shell": chosen.shell})})
-    if run.config.entrypoint is None and chosen.prelude():
+    shell_lines = run.config.commands or isinstance(run.config, DevEnvironmentConfig)
+    if run.config.entrypoint is None and shell_lines and chosen.prelude():
         prelude = "\n".join(p for p in (chosen.prelude(), prelude) if p)
     return run, prelude
 

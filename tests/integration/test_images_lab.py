@@ -44,6 +44,9 @@ def site(lab_factory, tmp_path_factory):
                      f"  - {{image: {IMAGE}, python: '3.12', default: true}}\n"
                      f"  - {{image: {OTHER}, python: '3.11'}}\n")
     cli = Cli(tmp_path_factory.mktemp("images-home") / "home")
+    # the server's images (its settings file), for a fleet without its own
+    cli.home.mkdir(parents=True)
+    (cli.home / "server.yml").write_text(f"images:\n  - {{image: {OTHER}, python: '3.13'}}\n")
     cli("apply", "-f", str(fleet), "-y", check=0)
     return lab, node, cli
 
@@ -82,6 +85,18 @@ def test_python_chooses_among_the_fleets_images_and_none_fitting_is_refused(site
     assert "python: 3.10: no image for Python 3.10 on fleet" in p.stderr, p.stderr
     assert f"(configured: {IMAGE} (3.12), {OTHER} (3.11))" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_a_fleet_without_images_takes_the_servers(site, tmp_path):
+    lab, _, cli = site
+    py313 = _task(tmp_path, "py313", "python: '3.13'\ncommands: [echo hi]\n")
+    p = cli("apply", "-f", str(py313), "--dry-run")  # the fleet's list wins, and has no 3.13
+    assert p.returncode != 0 and "no image for Python 3.13 on fleet" in p.stderr, p.stderr
+    cli("apply", "-f", str(lab.fleet_file), "-y", check=0)  # the same fleet, without `images`
+    assert f"image: {OTHER}" in cli("apply", "-f", str(py313), "--dry-run", check=0).stdout
+    p = cli("apply", "-f", str(_task(tmp_path, "py39", "python: '3.9'\ncommands: [echo hi]\n")), "--dry-run")
+    assert p.returncode != 0 and f"(configured: {OTHER} (3.13)); add one to the server's `images` (server.yml)" \
+        in p.stderr, p.stderr
 
 
 def test_a_host_that_cannot_pull_the_image_fails_the_start_naming_it(site, tmp_path):

@@ -80,7 +80,8 @@ def test_the_fleets_list_wins_over_the_servers_and_dstacks_is_last():
     assert choose(fleet=None).venv_python == images.default_python()
     # an image given, or docker: true (dstack's dind image), is not chosen
     assert choose(image="busybox").image == "busybox"
-    assert choose(docker=True).image == "dstackai/dind"
+    dind = choose(docker=True)
+    assert (dind.image, dind.shell, dind.prelude()) == ("dstackai/dind", "bash", "start-dockerd")
 
 
 def test_the_fleets_stored_config_and_the_servers_settings_carry_images(tmp_path):
