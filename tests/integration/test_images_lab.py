@@ -1,8 +1,9 @@
 """Images on the lab, in real podman containers: a run without `image` gets the fleet's image for its
-`python` (the server's, from its server.yml, when the fleet has none); a host that cannot pull the image fails the start naming the host, the image and podman's
-reason; `registry_auth` pulls from a real registry (distribution's `docker-registry`, htpasswd) whose
-password is in no process list, log, state file or API response, and a wrong one fails naming the
-host and the registry's refusal (issue 14)."""
+`python` (the server's, from its server.yml, when the fleet has none); a host that cannot pull the
+image fails the start naming the host, the image and podman's reason; `registry_auth` pulls from a
+real registry (distribution's `docker-registry`, htpasswd) whose password is in no process list, log,
+state file or API response, and a wrong one fails naming the host and the registry's refusal
+(issue 14)."""
 
 from __future__ import annotations
 
