@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 import shlex
 
-from gpufleet import cluster, devssh
+from gpufleet import cluster, devssh, images
 from gpufleet.allocator import Placement
 from gpufleet.config import stored_fleet
 from gpufleet.containers import list_containers
 from gpufleet.errors import GpufleetError
-from gpufleet.interpolate import InterpolationError, fill_run, group_addresses, run_variables
+from gpufleet.interpolate import InterpolationError, fill, fill_run, group_addresses, run_variables
 from gpufleet.models import (
     GPU,
     DevEnvironmentConfig,
@@ -29,6 +29,7 @@ from gpufleet.models import (
 )
 from gpufleet.models.run import SSHD_PORT, port_pair
 from gpufleet.paths import FleetFiles
+from gpufleet.runconfig import REGISTRY_PASSWORD
 from gpufleet.runner import run_playbook
 from gpufleet.state import Store
 from gpufleet.upload import host_binds, upload_owner
@@ -48,7 +49,7 @@ def container_name(run_name: str) -> str:
 def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], facts: HostFacts, gpus: list[GPU],
                    cpus: int, memory_mib: int, numa_nodes: set, node_env: dict[str, str] | None = None,
                    prelude: str = "", secrets: dict[str, str] | None = None, state: str | None = None,
-                   volume_roots: list[str] | None = None) -> dict:
+                   volume_roots: list[str] | None = None, image: str | None = None) -> dict:
     """Everything the `workload` role needs to start the run's container, per GPU vendor.
 
     The container is privileged only for `privileged: true` or `docker: true` (else no-new-privileges,
@@ -56,7 +57,9 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
     else in a network namespace of its own with its ports published on the host's 127.0.0.1 (where
     `gpufleet attach` forwards to). `volumes` go as strings (/host:/path[:ro]), the optional ones apart:
     the host leaves one out when its path is missing. ``volume_roots``: the host paths the submitter may mount
-    (hostpolicy.volume_roots), checked again on the host with symlinks resolved; None: not checked."""
+    (hostpolicy.volume_roots), checked again on the host with symlinks resolved; None: not checked.
+    ``image``: the image chosen for the run's fleet (images.choose); None: the run's `image`. With
+    `registry_auth`, its username and password (their `${{ secrets.NAME }}` filled) go as a secret."""
     cfg = run.config
     support = facts.runtime.gpu_support
     devices: list[str] = []
@@ -111,7 +114,8 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
     return {
         "workload_name": container_name(run.name),
         "workload_run_id": run_id,
-        "workload_image": cfg.image,
+        "workload_image": image or cfg.image,
+        "workload_registry_auth": registry_auth(run, {**run_values, **run_sealed}),
         "workload_command": command,
         "workload_env": env,
         "workload_secret_env": secret_env,
@@ -150,6 +154,36 @@ def dev_sshd(run: RunRequest, run_id: str, prelude: str = "") -> tuple[str, str]
     script = devssh.sshd_script(devssh.public_of(key), devssh.sshd_port(cfg.host_network, run_id),
                                 loopback=cfg.host_network, required=cfg.ide is not None)
     return (f"{prelude}\n{script}" if prelude else script), key
+
+
+def on_image(run: RunRequest, chosen: images.Choice, prelude: str = "") -> tuple[RunRequest, str]:
+    """The run and its ``prelude`` as they start on the ``chosen`` image: on dstack's own images, as dstack
+    runs them, `commands` run with bash (unless `shell` says otherwise) after the Python venv is made
+    (unless an `entrypoint` replaces the shell, or there are no commands: the image's own then run)."""
+    if chosen.shell and run.config.shell is None:
+        run = run.model_copy(update={"config": run.config.model_copy(update={"shell": chosen.shell})})
+    shell_lines = run.config.commands or isinstance(run.config, DevEnvironmentConfig)
+    if run.config.entrypoint is None and shell_lines and chosen.prelude():
+        prelude = "\n".join(p for p in (chosen.prelude(), prelude) if p)
+    return run, prelude
+
+
+def registry_auth(run: RunRequest, env: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The run's `registry_auth` as the container module takes it ({username, password}), its
+    `${{ secrets.NAME }}` filled from the run's secrets and `${{ env.NAME }}` from ``env`` (the run's env
+    as filled for the node, secrets among it); None without one."""
+    auth = run.config.registry_auth
+    if auth is None:
+        return None
+    password = run.secrets.get(REGISTRY_PASSWORD, auth.password)
+    if password is None:
+        raise GpufleetError(f"run {run.name}: registry_auth has no password (its sealed secrets are lost): submit "
+                            "it again")
+    try:
+        return {key: fill(value, {"secrets": run.secrets, "env": env or {}}) for key, value in
+                (("username", auth.username), ("password", password))}
+    except InterpolationError as e:
+        raise GpufleetError(f"run {run.name}: registry_auth: {e}") from None
 
 
 def run_command(cfg: RunConfigType, prelude: str = "", commands: list[str] | None = None
@@ -220,9 +254,11 @@ def start_nodes(store: Store, run: RunRequest, run_id: str, placements: list[Pla
     fleet_name = placements[0].host.fleet
     values, secrets = fleet_config_env(store, fleet_name, fleet_secrets)
     facts = store.fleet(fleet_name).facts()
+    chosen = images.for_fleet(store, run.config, fleet_name)  # once, for every node (NoImage: not started)
     gpus_per_node = len(placements[0].gpus)
     ips = node_addresses(store, fleet_name, [p.host.alias for p in placements]) if len(placements) > 1 else []
     prelude = cluster.hostfile_script(ips, gpus_per_node) if ips else ""
+    run, prelude = on_image(run, chosen, prelude)
     files = FleetFiles.of(fleet_name).require()
     order = getattr(run.config, "startup_order", None)
     stages = start_stages(order, len(placements))
@@ -233,7 +269,8 @@ def start_nodes(store: Store, run: RunRequest, run_id: str, placements: list[Pla
             numa = {b.numa_node for b in host.blocks if b.idx in p.blocks}
             variables = container_vars(run, run_id, values, facts[host.alias], [host.gpus[g] for g in p.gpus],
                                        p.cpus, p.memory_mib, numa, cluster.node_env(rank, ips, gpus_per_node),
-                                       prelude, secrets, state=store.identity, volume_roots=volume_roots)
+                                       prelude, secrets, state=store.identity, volume_roots=volume_roots,
+                                       image=chosen.image)
             started.append(host.alias)
             result = run_playbook("start", files.inventory, limit=[host.alias], unsafe_vars=variables)
             if result.canceled:

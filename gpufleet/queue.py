@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gpufleet import failpoints, hostpolicy
+from gpufleet import failpoints, hostpolicy, images
 from gpufleet.allocator import (
     HostIndex,
     HostSlots,
@@ -64,12 +64,16 @@ class Submitter:
 class Placing:
     """The fleets of each project and their policies, read once per pass: a run is placed only on
     its project's fleets, of those only the ones its `fleets` names, and of those only the ones
-    whose policy lets its submitter's role run it (gpufleet.hostpolicy)."""
+    whose policy lets its submitter's role run it (gpufleet.hostpolicy), and of those only the ones
+    that have an image for it (gpufleet.images)."""
 
     def __init__(self, store: Store):
         self.by_project: dict[str, dict[str, FleetPolicy]] = {}
+        self.images: dict[str, list | None] = {}  # each fleet's `images` (gpufleet.images)
         for fleet, project in sorted(store.fleet_projects().items()):
-            self.by_project.setdefault(project, {})[fleet] = hostpolicy.policy_of(store.fleet_config(fleet))
+            config = store.fleet_config(fleet)
+            self.by_project.setdefault(project, {})[fleet] = hostpolicy.policy_of(config)
+            self.images[fleet] = images.fleet_images(config)
         self._users: dict[str, User] | None = None
         self._store = store
 
@@ -80,8 +84,9 @@ class Placing:
             why = f"project {project} has no fleet yet (a project admin applies one: gpufleet apply -f FLEET.yml)"
             return (), why, False
         allowed, why = hostpolicy.allowed_fleets(cfg, policies, role)
-        if allowed:
-            return tuple(allowed), "", False
+        if allowed:  # of those, the fleets that have an image for it (its `python`, `nvcc`)
+            fits, no_image = images.usable(cfg, allowed, self.images)
+            return (tuple(fits), "", False) if fits else ((), no_image, False)
         named = [f for f in policies if cfg.fleets is None or f in cfg.fleets]
         if not named:
             return (), (f"none of the fleets it names ({', '.join(cfg.fleets or [])}) is a fleet of project {project} "

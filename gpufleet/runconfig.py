@@ -6,15 +6,16 @@ file:line:column errors as fleets, and reads its secrets' values from the enviro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from gpufleet.config import name_from_file, validate
-from gpufleet.errors import ConfigError
-from gpufleet.interpolate import check_run
-from gpufleet.models import DevEnvironmentConfig, RunRequest, RunType, ServiceConfig, TaskConfig
+from gpufleet.errors import ConfigError, ConfigProblem
+from gpufleet.interpolate import InterpolationError, check_run, refs
+from gpufleet.models import DevEnvironmentConfig, RunRequest, RunType, ServiceConfig, TaskConfig, split_env
 from gpufleet.models.run import group_problems
 from gpufleet.secrets import run_secrets, take
-from gpufleet.yamlsource import load_yaml, read_config_text
+from gpufleet.yamlsource import YamlSource, load_yaml, read_config_text
 
 RUN_TYPES = tuple(t.value for t in RunType)
 _MODELS = {"task": TaskConfig, "service": ServiceConfig, "dev-environment": DevEnvironmentConfig}
@@ -23,14 +24,10 @@ _MODELS = {"task": TaskConfig, "service": ServiceConfig, "dev-environment": DevE
 # gpufleet does not take, each with what to do instead ("" where there is nothing to suggest). A field
 # gpufleet takes is a field of the model and never looked up here. The error names them as dstack's,
 # so that a dstack user's file is refused with a reason rather than a bare "unknown field".
-_IMAGE = "set `image` to one that has it"
 _CLOUD = "a dstack cloud field; gpufleet runs on the hosts of SSH fleets: choose them with `fleets`"
 _NO_GATEWAY = "gpufleet has no gateway: a service is reached through `gpufleet attach`"
 _COMMON = {
-    "python": f"{_IMAGE} (e.g. python:3.12-slim)",
-    "nvcc": f"{_IMAGE} (a CUDA devel image, e.g. nvidia/cuda:12.4.1-devel-ubuntu22.04)",
     "single_branch": "gpufleet does not clone repos (it uploads the local working tree); remove it",
-    "registry_auth": "use an image the hosts can pull without credentials, or pull it on the hosts beforehand",
     "home_dir": "it has no effect in dstack either (deprecated); remove it",
     "setup": "deprecated in dstack; put those lines first in `commands`",
     "dstack": "",
@@ -80,13 +77,58 @@ def parse_run(text: str, source: str, secrets: dict[str, str] | None = None, val
     # `${{ ... }}` references: checked now, filled when each node starts (launch.container_vars); the
     # values of `${{ secrets.NAME }}` join the run's secrets (sealed, never in its spec)
     referenced = check_run(src, cfg, text)
+    referenced |= _registry_auth(src, cfg)
     taken = run_secrets(src, cfg, secrets) if values else {}
     if values:
         taken |= take([n for n in referenced if n not in taken], lambda n: referenced[n](
             f"${{{{ secrets.{n} }}}}: {n} is not set in the environment: export {n}=... before gpufleet apply"),
             secrets)
+    if values and cfg.registry_auth is not None:
+        taken[REGISTRY_PASSWORD] = cfg.registry_auth.password  # as written: filled when it is used (launch)
     return RunRequest(name=cfg.name or name_from_file(path, "run", limit=41), source=source, config=cfg,
                       secrets=taken)
+
+
+# where a run's `registry_auth.password` (as written, `${{ secrets.NAME }}` unfilled) is kept among its
+# sealed secrets: not an env name, so never one of the container's variables
+REGISTRY_PASSWORD = "registry_auth.password"
+
+
+def _registry_auth(src: YamlSource, cfg) -> dict[str, Callable[[str], ConfigProblem]]:
+    """Check `registry_auth`: a password is given, and its `${{ }}` references are what dstack fills
+    there: `secrets.NAME`, and `env.NAME` of a name in the run's `env` (its value, or for a name without
+    one the secret's value from the environment). The names of the secrets it uses, each with how to
+    point at it."""
+    auth = cfg.registry_auth
+    if auth is None:
+        return {}
+    if auth.password is None:
+        raise ConfigError([src.problem(("registry_auth",), "needs a password (or an access token), e.g. "
+                                                           "password: ${{ secrets.REGISTRY_TOKEN }}")])
+    problems, used = [], {}
+    values, secret_names = split_env(cfg.env)
+    env_names = set(values) | set(secret_names)
+    for key in ("username", "password"):
+        value = getattr(auth, key)
+        loc = ("registry_auth", key)
+        try:
+            found = refs(value)
+        except InterpolationError as e:
+            problems.append(src.problem(loc, str(e)))
+            continue
+        for ref in found:
+            if ref.namespace == "secrets":
+                used.setdefault(ref.name, lambda message, loc=loc: src.problem(loc, message))
+            elif ref.namespace != "env":
+                problems.append(src.problem(loc, f"{ref}: registry_auth is filled with env and secrets only (as in "
+                                                 "dstack): ${{ env.NAME }}, ${{ secrets.NAME }}"))
+            elif ref.name not in env_names:
+                problems.append(src.problem(loc, f"{ref}: {ref.name} is not in the run's `env` (list it: "
+                                                 f"`- {ref.name}` takes its value from your environment, as a "
+                                                 "secret, or give it a value)"))
+    if problems:
+        raise ConfigError(problems)
+    return used
 
 
 def config_type(path: str | Path) -> str | None:

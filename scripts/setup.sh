@@ -4,10 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# docker-registry and apache2-utils (htpasswd): a real private registry for registry_auth's lab test
+# (test_images_lab.py runs the binary itself, with its own config; the package's service plays no part)
 # containernetworking-plugins and iptables: podman's bridge network, which single-node runs get (their
 # own network namespace, ports published on the host's 127.0.0.1 by CNI's portmap)
 PACKAGES=(python3 python3-venv python3-pip openssh-server openssh-client iproute2 util-linux
-          podman runc containernetworking-plugins iptables busybox-static sudo passwd git postgresql)
+          podman runc containernetworking-plugins iptables busybox-static sudo passwd git postgresql
+          docker-registry apache2-utils)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -71,6 +71,8 @@ def submit(args: argparse.Namespace, console: Console) -> int:
         raise GpufleetError(plan["never"] + ("; it would be refused" if args.dry_run else "; not queued"))
     if plan["placements"]:
         console.print(present.run_plan_table(req.name, req.config.type, present.run_plan_rows(plan)))
+        for image in dict.fromkeys(p.get("image") for p in plan["placements"] if p.get("image")):
+            present.plain(console, f"image: {image}")
         for p in plan["placements"]:
             if p["note"]:
                 present.note(console, "note", f"{req.name} {p['note']}")

@@ -12,6 +12,7 @@ from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, StrictB
 
 from gpufleet.models.core import CoreModel
 from gpufleet.models.env import Env
+from gpufleet.models.images import ImageList
 from gpufleet.sshkeys import check_private_key
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.:%\[\]-]+$")
@@ -234,6 +235,10 @@ class FleetConfig(CoreModel):
     policy: FleetPolicy = Field(
         FleetPolicy(), description="gpufleet's extension: what runs on this fleet may touch on its hosts (host "
                                    "paths, privileged containers, host networking). Default: nothing.")
+    images: ImageList | None = Field(
+        None, description="gpufleet's extension: the images a run without `image` may get on this fleet, each "
+                          "{image, python, nvcc, default}; a run's `python` and `nvcc` choose among them (none "
+                          "fits: the run is refused). Omitted: the server's `images`, else dstack's default images.")
     plugin: str | None = Field(None, description="Set by Ansible's inventory plugin loader; ignored here.")
 
 

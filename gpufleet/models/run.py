@@ -37,6 +37,7 @@ from pydantic import (
     StrictBool,
     Tag,
     TypeAdapter,
+    ValidationInfo,
     field_serializer,
     field_validator,
     model_validator,
@@ -46,6 +47,7 @@ from gpufleet.models.core import CoreModel, Range
 from gpufleet.models.cron import next_start, parse_cron
 from gpufleet.models.env import Env, split_env
 from gpufleet.models.fleet import Name
+from gpufleet.models.images import PythonVersion
 
 
 class RunType(StrEnum):
@@ -867,9 +869,32 @@ class ScheduleSpec(CoreModel):
         return found
 
 
+class RegistryAuth(CoreModel):
+    """dstack's `registry_auth`: credentials for pulling a private image."""
+
+    username: str = Field(min_length=1, description="The registry user.")
+    # never in a run's stored spec (exclude): runconfig seals it with the run's secrets
+    password: str | None = Field(None, min_length=1, exclude=True, repr=False,
+                                 description="The password or access token (usually `${{ secrets.NAME }}`).")
+
+
 class _Run(CoreModel):
     name: Name = Field(None, description="Run name (default: the file name).")
-    image: str = Field(description="Container image, e.g. localhost/gpufleet-lab:latest.")
+    image: str | None = Field(
+        None, description="Container image, e.g. localhost/gpufleet-lab:latest. Omitted: a default image, chosen "
+                          "on the fleet the run is placed on by `python` and `nvcc` among the fleet's `images` "
+                          "(else the server's; else dstack's own, dstackai/base).")
+    python: PythonVersion = Field(
+        None, description="dstack's `python`: the Python version (3.9 to 3.14) of the default image; not with "
+                          "`image` (as in dstack). With configured `images`: one that has it (none: refused at "
+                          "submit); with dstack's image, made with `uv venv` at start, as dstack does.")
+    nvcc: StrictBool | None = Field(
+        None, description="dstack's `nvcc`: `true` gets a default image with CUDA's compiler (dstack's -devel "
+                          "image, or a configured image marked `nvcc: true`); not with `image`.")
+    registry_auth: RegistryAuth | None = Field(
+        None, description="dstack's `registry_auth`: {username, password} to pull a private `image`; each may "
+                          "use `${{ secrets.NAME }}`. The password is kept sealed as secrets are, and reaches the "
+                          "host's runtime only in a 0600 auth file that is removed after the pull.")
     commands: list[Annotated[str, BeforeValidator(_scalar_text)]] = Field(
         [], description="Shell commands, run in order in the container.")
     env: Env = Field(
@@ -995,9 +1020,33 @@ class _Run(CoreModel):
 
     @field_validator("image")
     @classmethod
-    def _image(cls, v: str) -> str:
-        if not _IMAGE_RE.match(v) or len(v) > 255:
+    def _image(cls, v: str | None) -> str | None:
+        if v is not None and (not _IMAGE_RE.match(v) or len(v) > 255):
             raise ValueError(f"{v!r} is not an image reference (no leading '-', spaces or shell characters)")
+        return v
+
+    @field_validator("python")
+    @classmethod
+    def _python_not_with_image(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("image"):
+            raise ValueError("`image` and `python` are mutually exclusive fields (as in dstack): python chooses a "
+                             "default image")
+        return v
+
+    @field_validator("nvcc")
+    @classmethod
+    def _nvcc_not_with_image(cls, v: bool | None, info: ValidationInfo) -> bool | None:
+        if v and info.data.get("image"):
+            raise ValueError("`image` and `nvcc` are mutually exclusive fields (as in dstack): nvcc chooses a "
+                             "default image")
+        return v
+
+    @field_validator("docker")
+    @classmethod
+    def _docker_takes_no_python(cls, v: bool, info: ValidationInfo) -> bool:
+        for name in ("python", "nvcc"):
+            if v and info.data.get(name):
+                raise ValueError(f"`{name}` and `docker` are mutually exclusive fields (as in dstack)")
         return v
 
     @property

@@ -27,7 +27,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from gpufleet import __version__, devssh, queue, runs, upload
+from gpufleet import __version__, devssh, images, queue, runs, upload
 from gpufleet.apply import apply_fleet, make_plan
 from gpufleet.config import parse_fleet
 from gpufleet.errors import ConfigError, Forbidden, GpufleetError, NotFound, Unauthorized, UsageError
@@ -143,7 +143,7 @@ def create_app(ctx: Context) -> FastAPI:
     def plan_run(body: ConfigText, who: Me) -> dict:
         by = submitter(who, body.project)
         req = parse_run(body.text, body.source, values=False)
-        return _plan_json(req, queue.plan(ctx.store, req, by))
+        return _plan_json(req, queue.plan(ctx.store, req, by), ctx.store)
 
     @api.post("/uploads", tags=["runs"], status_code=201)
     async def upload_code(request: Request, who: Me) -> dict:
@@ -383,9 +383,10 @@ def _run_json(run) -> dict:
     return run.model_dump(mode="json")
 
 
-def _plan_json(req, plan: queue.Plan) -> dict:
+def _plan_json(req, plan: queue.Plan, store) -> dict:
     return {"name": req.name, "type": req.config.type, "waits": plan.waits, "never": plan.never,
             "placements": [{"fleet": p.host.fleet, "num": p.host.num, "alias": p.host.alias,
                             "blocks": list(p.blocks), "gpus": [p.host.gpus[g].label for g in p.gpus],
-                            "cpus": p.cpus, "memory_mib": p.memory_mib, "note": p.note}
+                            "cpus": p.cpus, "memory_mib": p.memory_mib, "note": p.note,
+                            "image": images.for_fleet(store, req.config, p.host.fleet).image}
                            for p in plan.placements]}

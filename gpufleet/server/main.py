@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 
-from gpufleet import __version__, paths
+from gpufleet import __version__, images, paths
 from gpufleet.errors import GpufleetError
 from gpufleet.server import tokens
 from gpufleet.server.settings import ServerSettings
@@ -57,6 +57,7 @@ def serve(settings: ServerSettings, local: bool = False) -> int:
         sealed = store.sealed(fleet=fleet)
         return vault.open(sealed) if sealed else {}
 
+    images.set_server_images(settings.images)  # for fleets without `images` of their own
     controller = Controller(store, settings, vault.open, fleet_secrets, url)
     servers: list = []
 

@@ -18,6 +18,7 @@ from gpufleet import paths
 from gpufleet.config import validate
 from gpufleet.errors import ConfigError, ConfigProblem
 from gpufleet.models.core import CoreModel
+from gpufleet.models.images import ImageList
 from gpufleet.yamlsource import format_loc, load_yaml, read_config_text
 
 SETTINGS_FILE = "server.yml"
@@ -70,6 +71,10 @@ class ServerSettings(CoreModel):
     upload_limit: Annotated[int, BeforeValidator(_size)] = Field(
         DEFAULT_UPLOAD_LIMIT, ge=0, description="The most a run's code upload (its `repos` and `files`) may hold, "
                                                 "in bytes or with a unit (100MB, 1GB); default 100 MiB.")
+    images: ImageList | None = Field(
+        None, description="The images a run without `image` may get on a fleet that has no `images` of its own, "
+                          "each {image, python, nvcc, default} (see the fleet's `images`). Omitted: dstack's default "
+                          "images (dstackai/base), pulled from Docker Hub.")
     fair_share_half_life: float = _seconds(7 * 86400.0, "fair share: how long before a GPU-hour used counts "
                                                         "half as much (as Slurm's PriorityDecayHalfLife); "
                                                         "default 7 days.")

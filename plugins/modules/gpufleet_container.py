@@ -23,6 +23,8 @@ description:
     that exited stays exited so that its exit code can be read); one with another run id is
     removed and created anew. A container of that name without the label (not made by gpufleet)
     is never replaced (the module fails).
+  - An image the host does not have is pulled first; when that fails, the module fails with
+    C(pulling IMAGE failed:) and the runtime's reason.
   - When the runtime fails to start the container (image missing, unknown device, OCI runtime
     error), the module fails with the runtime's own error message, and no half-created container
     of that name remains.
@@ -205,6 +207,14 @@ options:
       - The program that replaces the image's entrypoint (C(--entrypoint); podman gets it as a JSON
         array of one word, so it is never split). Its arguments are I(command).
     type: str
+  registry_auth:
+    description:
+      - Credentials to pull I(image) from a private registry, C({username, password}) (dstack's
+        C(registry_auth)). The option is C(no_log). Given, the image is pulled before the container is
+        created (even when the host has it, so that the credentials are checked), with the credentials in
+        an auth file made for the pull (mode 0600, in a private temporary directory) and removed right
+        after it, and never on the runtime's command line.
+    type: dict
   stop_timeout:
     description:
       - Seconds the runtime waits, after the stop signal (SIGTERM unless the image sets another), for
@@ -318,10 +328,13 @@ stderr:
 """
 
 # Ansible wants the imports after DOCUMENTATION, EXAMPLES and RETURN.
+import base64  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
@@ -457,7 +470,20 @@ def validate(module):
         if p[key] is not None and p[key] <= 0:
             module.fail_json(msg=f"{key} must be > 0")
     return {"image": image, "command": list(command), "env": env, "labels": labels, "secret_env": secret_env,
-            "ports": ports, "mounts": mounts, "skipped_volumes": skipped}
+            "ports": ports, "mounts": mounts, "skipped_volumes": skipped,
+            "registry_auth": _registry_auth(module, p.get("registry_auth"))}
+
+
+def _registry_auth(module, auth):
+    """{username, password} (both non-empty strings), or None; the values are never shown."""
+    if auth is None:
+        return None
+    if set(auth) != {"username", "password"} or not all(isinstance(v, str) and v and "\0" not in v
+                                                         for v in auth.values()):
+        module.fail_json(msg="registry_auth must be {username, password}, each a non-empty string")
+    if ":" in auth["username"]:
+        module.fail_json(msg="registry_auth: the username cannot contain ':'")
+    return {"username": auth["username"], "password": auth["password"]}
 
 
 def _upload_mounts(module, base, uploads):
@@ -518,7 +544,7 @@ def _check_volume_roots(module, volumes, roots):
 
 def config_run_id(p, spec):
     # what was asked, not which optional volumes this host has now (mounts, skipped_volumes)
-    data = dict((k, v) for k, v in spec.items() if k not in ("mounts", "skipped_volumes"))
+    data = dict((k, v) for k, v in spec.items() if k not in ("mounts", "skipped_volumes", "registry_auth"))
     data["secret_env"] = sorted(spec["secret_env"])  # names only: no digest of a secret leaves the host
     # privileged is hashed even when false: a container made before no-new-privileges was the default
     # gets another id, so it is replaced; the options added later only when set, so that the id of a
@@ -590,6 +616,56 @@ def error_message(stderr):
             start = i
     text = "\n".join(lines[start:] if start is not None else lines).strip()
     return text or stderr.strip()
+
+
+# --------------------------------------------------------------------------- pulling
+
+def registry_of(image):
+    """The registry an image reference is pulled from (its first part when that names a host, else Docker Hub)."""
+    first, slash, _ = image.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return "docker.io"
+
+
+def _auth_file(directory, runtime, image, auth):
+    """Write the credentials for ``image``'s registry into ``directory`` (private, the caller removes
+    it) as the runtime reads them: (extra argv for the pull, extra environment)."""
+    registry = registry_of(image)
+    if runtime == "docker" and registry == "docker.io":
+        registry = "https://index.docker.io/v1/"
+    token = base64.b64encode(f"{auth['username']}:{auth['password']}".encode()).decode("ascii")
+    path = os.path.join(directory, "config.json" if runtime == "docker" else "auth.json")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"auths": {registry: {"auth": token}}}, f)
+    if runtime == "docker":
+        return [], {"DOCKER_CONFIG": directory}
+    return ["--authfile=" + path], {}
+
+
+def pull(module, runtime, image, auth):
+    """Pull ``image`` when the host lacks it, or always with ``auth`` (credentials only in a 0600 file
+    removed after the pull). None when done; else (why, rc): the image and the runtime's reason."""
+    binary = runtime.binary
+    if auth is None:
+        exists = [binary, "image", "exists", image] if module.params["runtime"] == "podman" \
+            else [binary, "image", "inspect", "--format", "{{.Id}}", image]
+        if runtime.run(exists)[0] == 0:
+            return None
+    directory = tempfile.mkdtemp(prefix="gpufleet-pull-")  # 0700
+    try:
+        argv, environ = _auth_file(directory, module.params["runtime"], image, auth) if auth else ([], {})
+        rc, out, err = module.run_command([binary, "pull", "--quiet"] + argv + ["--", image],
+                                          expand_user_and_vars=False, environ_update=environ)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    if rc == 0:
+        return None
+    reason = error_message(err or out)
+    for prefix in ("Error: ", "Error response from daemon: ", "error: "):
+        reason = reason[len(prefix):] if reason.startswith(prefix) else reason
+    return f"pulling {image} failed: {reason}", rc
 
 
 # --------------------------------------------------------------------------- module
@@ -664,6 +740,7 @@ def main():
             user=dict(type="str"),
             entrypoint=dict(type="str"),
             stop_timeout=dict(type="int", default=gpufleet_inspect.STOP_TIMEOUT),
+            registry_auth=dict(type="dict", no_log=True),
         ),
         required_if=[("state", "started", ("image",))],
         supports_check_mode=True,
@@ -723,6 +800,9 @@ def main():
             runtime.remove(name)
         elif action == "create":
             result["changed"] = i > 0  # until it succeeds, only what was done before counts
+            failed = pull(module, runtime, spec["image"], spec["registry_auth"])
+            if failed:  # the reason is the whole of it (no stderr: podman's retries would repeat it)
+                module.fail_json(msg=failed[0], rc=failed[1], container=runtime.inspect(name), **result)
             argv = run_argv(runtime.binary, p, spec, run_id)
             rc, out, err = module.run_command(argv, expand_user_and_vars=False, environ_update=spec["secret_env"])
             if rc != 0:

@@ -86,7 +86,8 @@ def test_repo_and_files_are_in_the_container(site, tmp_path):
 def test_the_containers_user_owns_the_code(site, tmp_path):
     repo = make_repo(tmp_path)
     (repo / "run.yml").write_text(
-        f"type: task\nname: upload-user\nimage: {IMAGE}\nuser: '1234:2345'\nrepos: [.]\nfiles: ['../note.txt:note.txt']\n"
+        f"type: task\nname: upload-user\nimage: {IMAGE}\nuser: '1234:2345'\nrepos: [.]\n"
+        "files: ['../note.txt:note.txt']\n"
         "commands:\n  - stat -c 'owner=%u:%g' . committed.txt\n  - cat note.txt\n"
         "  - echo more >> committed.txt && mkdir made && echo user-writes\n")
     (tmp_path / "note.txt").write_text("note-for-user\n")

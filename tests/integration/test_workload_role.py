@@ -285,7 +285,8 @@ def test_failures_give_podmans_message_and_leave_no_container(nvidia):
     assert missing.rc != 0 and missing.recap["failed"] == 1
     fatal = missing.module("container")
     assert fatal.status == "fatal"
-    assert fatal.result["msg"].startswith("Error: initializing source docker://localhost/gpufleet-missing:latest")
+    assert fatal.result["msg"].startswith("pulling localhost/gpufleet-missing:latest failed: initializing source "
+                                          "docker://localhost/gpufleet-missing:latest")
     assert not exists(nvidia, "wl-noimage")
 
     # podman creates the container before it resolves CDI devices: it must not be left behind
