@@ -81,7 +81,8 @@ def test_module_applies_shm_size_and_the_disk_limit(monkeypatch):
 
 def test_the_role_passes_shm_size_and_the_disk_limit():
     root = ROOT / "roles" / "workload"
-    start = yaml.safe_load((root / "tasks" / "main.yml").read_text())[0]["gpufleet_container"]
+    start = next(t["gpufleet_container"] for t in yaml.safe_load((root / "tasks" / "main.yml").read_text())
+                 if "gpufleet_container" in t)
     spec = yaml.safe_load((root / "meta" / "argument_specs.yml").read_text())["argument_specs"]["main"]["options"]
     defaults = yaml.safe_load((root / "defaults" / "main.yml").read_text())
     for option in ("shm_size_mib", "disk_limit_mib"):
