@@ -94,3 +94,39 @@ def test_star_port_gets_a_free_local_port_at_attach(site, tmp_path):
         except subprocess.TimeoutExpired:
             attach.kill()
         site("stop", "star", check=None)
+
+
+def test_two_runs_on_one_host_both_listening_on_8000_both_answer(site, tmp_path):
+    """Single-node runs each have their own network namespace: two of them on the lab's one host both
+    listen on 8000, and `gpufleet attach` reaches each one's own server."""
+    names = ("porta", "portb")
+    for name in names:
+        path = tmp_path / f"{name}.yml"
+        path.write_text(f"type: task\nname: {name}\nimage: {IMAGE}\nresources: {{gpu: 0}}\nports: ['*:8000']\n"
+                        f"commands:\n  - mkdir -p /www && echo I-am-{name} > /www/index.html\n"
+                        "  - exec httpd -f -p 8000 -h /www\n")
+        site("apply", "-f", str(path), "-y", "-d", check=0)
+    rows = {r["name"]: r for r in site.json("ps")}
+    assert rows["porta"]["status"] == rows["portb"]["status"] == "running", rows
+    assert rows["porta"]["alias"] == rows["portb"]["alias"], rows  # one host
+    env = {**os.environ, "GPUFLEET_HOME": str(site.home), "COLUMNS": "200", "TERM": "dumb"}
+    attaches = []
+    try:
+        for name in names:
+            attach = subprocess.Popen([sys.executable, "-m", "gpufleet", "attach", name], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            attaches.append(attach)
+            printed = read_until(attach, "Ctrl-C", timeout=60)
+            m = re.search(r"forwarding localhost:(\d+) -> \S+:8000", printed)
+            assert m, printed
+            body = wait_for(f"{name}'s answer", lambda port=int(m.group(1)): http_get(port), timeout=30)
+            assert body.strip() == f"I-am-{name}"
+    finally:
+        for attach in attaches:
+            attach.send_signal(signal.SIGINT)
+            try:
+                attach.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                attach.kill()
+        for name in names:
+            site("stop", name, check=None)
