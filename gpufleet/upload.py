@@ -24,6 +24,7 @@ import os
 import posixpath
 import re
 import secrets
+import shlex
 import shutil
 import stat
 import subprocess
@@ -469,9 +470,34 @@ def sweep(live_names: set[str], now: float | None = None) -> list[Path]:
     return gone
 
 
+# where a repo with `if_exists: skip` is bound; place_repo's lines copy it to its path at start
+REPO_STAGING = "/.gpufleet-repo"
+
+
+def place_repo(uploads: list, workdir: str | None = None) -> str:
+    """The start script's lines (sh) that put a repo with `if_exists: skip` in place, as dstack's runner
+    does: its path a file: the run fails; not empty (a `lost+found` alone is empty): left as it is,
+    with a message; else (missing or empty) the repo is copied there from REPO_STAGING. Then into
+    ``workdir`` (made if missing: the container starts in /, as podman makes no missing working
+    directory and nothing is bound there now). "" for none."""
+    for u in uploads:
+        if u.kind == "repo" and getattr(u, "if_exists", "error") == "skip":
+            t, q = shlex.quote(u.path), lambda text: shlex.quote(f"gpufleet: {text}")
+            return "\n".join([
+                f"if [ -e {t} ] && [ ! -d {t} ]; then echo {q(f'the repo path {u.path} is not a directory')} >&2; "
+                "exit 1; fi",
+                f'if [ -n "$(ls -A {t} 2>/dev/null | grep -vx lost+found)" ]; then '
+                f"echo {q(f'{u.path} is not empty: the repo is not put there (if_exists: skip)')}",
+                f"else mkdir -p {t} || {{ echo {q(f'cannot make the repo path {u.path}')} >&2; exit 1; }}; "
+                f"cp -a {REPO_STAGING}/. {t}/; fi",
+                *([f"mkdir -p {shlex.quote(workdir)} && cd {shlex.quote(workdir)}"] if workdir else [])])
+    return ""
+
+
 def host_binds(uploads: list, name: str) -> tuple[str | None, list[dict[str, str]]]:
     """For the workload role: the run's archive on this server (None: nothing to upload) and each item's
-    bind: its path in the unpacked folder and its container path."""
+    bind: its path in the unpacked folder and its container path (REPO_STAGING for a repo with
+    `if_exists: skip`: place_repo puts it in place)."""
     if not uploads:
         return None, []
     archive = run_archive(name)
@@ -480,7 +506,8 @@ def host_binds(uploads: list, name: str) -> tuple[str | None, list[dict[str, str
     items = manifest_items(archive)
     if len(items) != len(uploads):
         raise UploadError(f"run {name}: its upload holds {len(items)} items, its repos and files are {len(uploads)}")
-    return str(archive), [{"src": src, "dst": u.path} for src, u in zip(items, uploads, strict=True)]
+    return str(archive), [{"src": src, "dst": REPO_STAGING if place_repo([u]) else u.path}
+                          for src, u in zip(items, uploads, strict=True)]
 
 
 def manifest_items(path: Path) -> list[str]:

@@ -27,7 +27,7 @@ import re
 import shlex
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BeforeValidator,
@@ -766,8 +766,11 @@ class RepoSpec(CoreModel):
     path: str = Field(".", description="Where the repo goes in the container; relative paths are from the working "
                                        "directory (dstack's default `.`: the working directory itself).")
     if_exists: Literal["error", "skip"] = Field(
-        "error", description="dstack's action when `path` is not empty in the image: only `error` (the default) is "
-                             "taken, and gpufleet does not check: the repo is mounted over the image's directory.")
+        "error", description="dstack's action when `path` is not empty when the run starts (the image's files, a "
+                             "volume's): `skip` leaves it as it is and does not put the repo there (the start "
+                             "script copies the repo into `path` when it is missing or empty, before `commands`; "
+                             "so `skip` needs `commands` or an `entrypoint`). `error` (the default): gpufleet does "
+                             "not check, it mounts the repo over `path` (what the image has there is hidden).")
 
     @model_validator(mode="before")
     @classmethod
@@ -799,14 +802,6 @@ class RepoSpec(CoreModel):
             raise ValueError(f"{v!r} is not a git {info.field_name}")
         if info.field_name == "hash" and not re.fullmatch(r"[0-9a-fA-F]{4,64}", v):
             raise ValueError(f"{v!r} is not a commit hash (4 to 64 hex digits)")
-        return v
-
-    @field_validator("if_exists")
-    @classmethod
-    def _only_error(cls, v: str) -> str:
-        if v != "error":
-            raise ValueError("gpufleet mounts the repo over the image's directory and does not look whether it is "
-                             "empty; remove `if_exists: skip`")
         return v
 
     _path = field_validator("path")(lambda v: _upload_container_path(v, "the repo's path"))
@@ -859,6 +854,7 @@ class Upload:
     url: str | None = None  # a remote repo, cloned by `gpufleet apply` (local_path is then "")
     branch: str | None = None
     hash: str | None = None
+    if_exists: Literal["error", "skip"] = "error"  # a repo's: `skip`: copied into place at start (upload.place_repo)
 
 
 def _working_dir(value: Any) -> Any:
@@ -1028,6 +1024,11 @@ class _Run(CoreModel):
             path = "/root" + item.path[1:] if item.path.startswith("~") else item.path
             if posixpath.normpath(posixpath.join(base, path)) == "/":
                 raise ValueError(f"[{i}] {item.path!r} is the container's root directory: give a directory below it")
+            dev_environment = "dev-environment" in get_args(cls.model_fields["type"].annotation)
+            if getattr(item, "if_exists", "error") == "skip" and not info.data.get("commands") and \
+                    info.data.get("entrypoint") is None and not dev_environment:
+                raise ValueError(f"[{i}] `if_exists: skip` needs `commands` (or an `entrypoint`): gpufleet puts the "
+                                 "repo in place in the script that starts them")
         return v
 
     @property
@@ -1048,9 +1049,10 @@ class _Run(CoreModel):
         out = []
         for i, (kind, local, path) in enumerate(items):
             path = "/root" + path[1:] if path.startswith("~") else path
-            remote = self.repos[i] if kind == "repo" and self.repos[i].url else None
+            spec = self.repos[i] if kind == "repo" else None
+            remote = {"url": spec.url, "branch": spec.branch, "hash": spec.hash} if spec and spec.url else {}
             out.append(Upload(i, kind, "" if remote else local or ".", posixpath.normpath(posixpath.join(base, path)),
-                              *((remote.url, remote.branch, remote.hash) if remote else ())))
+                              **remote, **({"if_exists": spec.if_exists} if spec else {})))
         return out
 
     @field_serializer("stop_duration", when_used="json")
