@@ -32,7 +32,7 @@ from gpufleet.paths import FleetFiles
 from gpufleet.runconfig import REGISTRY_PASSWORD
 from gpufleet.runner import run_playbook
 from gpufleet.state import Store
-from gpufleet.upload import host_binds, upload_owner
+from gpufleet.upload import host_binds, place_repo, upload_owner
 
 KEEP_ALIVE = "while :; do sleep 3600; done"
 STATE_LABEL = "gpufleet.state"  # which state store started the container (Store.identity)
@@ -135,7 +135,7 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
         "workload_volumes": [str(v) for v in cfg.volumes if not v.optional],
         "workload_optional_volumes": [str(v) for v in cfg.volumes if v.optional],
         "workload_volume_roots": None if volume_roots is None else list(volume_roots),
-        "workload_workdir": cfg.workdir,
+        "workload_workdir": "/" if place_repo(cfg.uploads) else cfg.workdir,  # `if_exists: skip`: the script's cd
         "workload_upload_archive": archive,
         "workload_uploads": binds,
         "workload_upload_owner": upload_owner(cfg.user)[0] if archive else None,
@@ -197,6 +197,7 @@ def run_command(cfg: RunConfigType, prelude: str = "", commands: list[str] | Non
     `commands` are its arguments, one each, with no shell in between (dstack's docker-like form); a
     ``prelude`` is then run by /bin/sh first, which execs the entrypoint."""
     commands = list(cfg.commands) if commands is None else commands
+    prelude = "\n".join(p for p in (place_repo(cfg.uploads, cfg.workdir), prelude) if p)  # `if_exists: skip`
     if cfg.entrypoint is not None:
         words = shlex.split(cfg.entrypoint) + commands
         if not prelude:

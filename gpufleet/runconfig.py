@@ -27,7 +27,8 @@ _MODELS = {"task": TaskConfig, "service": ServiceConfig, "dev-environment": DevE
 _CLOUD = "a dstack cloud field; gpufleet runs on the hosts of SSH fleets: choose them with `fleets`"
 _NO_GATEWAY = "gpufleet has no gateway: a service is reached through `gpufleet attach`"
 _COMMON = {
-    "single_branch": "gpufleet does not clone repos (it uploads the local working tree); remove it",
+    "single_branch": "gpufleet uploads a repo's working tree without its .git folder, so which branches a clone "
+                     "tracks makes no difference in the container; remove it",
     "home_dir": "it has no effect in dstack either (deprecated); remove it",
     "setup": "deprecated in dstack; put those lines first in `commands`",
     "dstack": "",

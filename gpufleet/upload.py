@@ -17,12 +17,15 @@ to a per-run folder on the host, unpacks it and binds each item at its container
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import posixpath
 import re
 import secrets
+import shlex
+import shutil
 import stat
 import subprocess
 import tarfile
@@ -136,20 +139,126 @@ def _entries(root: Path, rels: Iterable[str]) -> list[tuple[str, Path]]:
     return out
 
 
+# --------------------------------------------------------------------------- remote repos (the CLI)
+
+CLONE_TIMEOUT_ENV = "GPUFLEET_CLONE_TIMEOUT"
+CLONE_TIMEOUT = 600.0  # seconds for each git command of a clone
+
+
+def mask_url(text: str) -> str:
+    """``text`` with the credentials of any URL in it masked (`https://user:***@host`, a lone user of
+    https as `***`: a token)."""
+    def one(m: re.Match) -> str:
+        scheme, user, password = m.group(1), m.group(2), m.group(3)
+        if password is not None:
+            return f"{scheme}{user}:***@"
+        return f"{scheme}***@" if scheme.lower().startswith("http") else m.group(0)
+    return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/@\s:]*)(?::([^/@\s]*))?@", one, text)
+
+
+def _clone_env() -> dict[str, str]:
+    """git's environment for a clone: no prompt (a terminal or a GUI askpass), only the transports
+    a repo URL may use (also for what git follows from there)."""
+    from gpufleet.models.run import GIT_PROTOCOLS
+
+    env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_ALLOW_PROTOCOL=":".join(GIT_PROTOCOLS), LC_ALL="C")
+    env.pop("GIT_ASKPASS", None)
+    env.pop("SSH_ASKPASS", None)
+    return env
+
+
+def _clone_git(args: list[str], url: str, timeout: float) -> subprocess.CompletedProcess:
+    try:
+        # a session of its own: no terminal for ssh to ask a password on; stdin closed
+        return subprocess.run(["git", *args], capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout,
+                              env=_clone_env(), start_new_session=True, check=False)
+    except FileNotFoundError:
+        raise UploadError(f"cannot clone {mask_url(url)}: git is not installed here") from None
+    except subprocess.TimeoutExpired:
+        raise UploadError(f"cannot clone {mask_url(url)}: git took more than {timeout:.0f} s "
+                          f"({CLONE_TIMEOUT_ENV} sets the limit)") from None
+
+
+def _clone_error(url: str, what: str, p: subprocess.CompletedProcess) -> UploadError:
+    err = mask_url(p.stderr.decode(errors="replace").strip()) or f"git exited with {p.returncode}"
+    return UploadError(f"cannot clone {mask_url(url)}{what}: {err}")
+
+
+def clone(url: str, dest: Path, branch: str | None = None, commit: str | None = None,
+          timeout: float | None = None) -> str:
+    """Clone ``url`` into the new folder ``dest`` as dstack's runner checks a remote repo out: ``branch``
+    (else the remote's default branch), at ``commit`` when given (else the branch's head); only the
+    working tree matters (gpufleet uploads no .git), so it fetches as little as it can: the branch's head
+    (`--depth 1`), or the commit alone, else (a short hash, a server that will not give a commit by
+    hash) the history to find it in. The commit checked out (its full hash); an UploadError with git's
+    message, the URL's credentials masked."""
+    if timeout is None:
+        timeout = float(os.environ.get(CLONE_TIMEOUT_ENV) or CLONE_TIMEOUT)
+    what = "".join([f" (branch {branch})" if branch else "", f" (commit {commit})" if commit else ""])
+    at = ["--branch", branch] if branch else []
+    if commit is None:
+        p = _clone_git(["clone", "--quiet", "--depth", "1", *at, "--", url, str(dest)], url, timeout)
+        if p.returncode != 0:
+            raise _clone_error(url, what, p)
+    else:
+        p = _clone_git(["init", "--quiet", str(dest)], url, timeout)
+        refs = [commit, f"refs/heads/{branch}"] if branch else [commit]  # the branch must exist, as in dstack
+        if p.returncode == 0 and re.fullmatch(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}", commit):
+            p = _clone_git(["-C", str(dest), "fetch", "--quiet", "--depth", "1", "--", url, *refs], url, timeout)
+        else:
+            p = subprocess.CompletedProcess([], 1)
+        if p.returncode == 0:
+            p = _clone_git(["-C", str(dest), "checkout", "--quiet", "--detach", commit], url, timeout)
+        if p.returncode != 0:  # a short hash, or a server that does not give a commit by its hash
+            shutil.rmtree(dest, ignore_errors=True)
+            p = _clone_git(["clone", "--quiet", "--no-checkout", *at, "--", url, str(dest)], url, timeout)
+            if p.returncode != 0:
+                raise _clone_error(url, what, p)
+            p = _clone_git(["-C", str(dest), "checkout", "--quiet", "--detach", commit], url, timeout)
+            if p.returncode != 0:
+                raise _clone_error(url, what, p)
+    p = _clone_git(["-C", str(dest), "rev-parse", "HEAD"], url, timeout)
+    if p.returncode != 0:
+        raise _clone_error(url, what, p)
+    return p.stdout.decode().strip()
+
+
 def pack(uploads: list, config_dir: Path, problem: Callable[[tuple, str], Exception],
-         limit: int | None = None) -> Packed | None:
+         limit: int | None = None, clone_repos: bool = True) -> Packed | None:
     """The archive of a run's ``uploads`` (RunConfig.uploads), local paths read from ``config_dir``
     (the configuration file's folder); None when there are none. ``problem(loc, message)``: the error
     for an item (a config error with its line). Over ``limit`` bytes of files, an UploadError naming
-    the largest."""
+    the largest. A remote repo (``url``) is cloned into a temporary folder and packed as a local
+    one; ``clone_repos=False`` (a dry run): not cloned, an empty item in its place."""
     if not uploads:
         return None
+    with contextlib.ExitStack() as stack:
+        return _pack(uploads, config_dir, problem, limit, clone_repos, stack)
+
+
+def _pack(uploads: list, config_dir: Path, problem: Callable[[tuple, str], Exception],
+          limit: int | None, clone_repos: bool, stack: contextlib.ExitStack) -> Packed:
     limit = parse_limit(os.environ.get(LIMIT_ENV)) if limit is None else limit
     n_repos = sum(1 for u in uploads if u.kind == "repo")
     items: list[tuple[str, list[tuple[str, Path]]]] = []  # (its path in the archive, [(name, local)])
     lines = []
     for u in uploads:
         loc = ("repos", u.index) if u.kind == "repo" else ("files", u.index - n_repos)
+        if getattr(u, "url", None):
+            at = "".join([f", branch {u.branch}" if u.branch else "", f", commit {u.hash}" if u.hash else ""])
+            if not clone_repos:
+                items.append((str(u.index), []))
+                lines.append(f"repo {mask_url(u.url)}{at} to {u.path} (cloned here first; not in a dry run)")
+                continue
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpufleet-clone-")))
+            try:
+                commit = clone(u.url, tmp / "repo", u.branch, u.hash)
+            except UploadError as e:
+                raise problem(loc, str(e)) from None
+            items.append((str(u.index), _entries(tmp / "repo", listing(tmp / "repo"))))
+            lines.append(f"repo {mask_url(u.url)}{f', branch {u.branch}' if u.branch else ''} at commit "
+                         f"{commit[:12]} (cloned here) to {u.path}")
+            continue
         local = (config_dir / Path(u.local_path).expanduser()).absolute()
         if u.kind == "repo":
             if not local.is_dir():
@@ -361,9 +470,34 @@ def sweep(live_names: set[str], now: float | None = None) -> list[Path]:
     return gone
 
 
+# where a repo with `if_exists: skip` is bound; place_repo's lines copy it to its path at start
+REPO_STAGING = "/.gpufleet-repo"
+
+
+def place_repo(uploads: list, workdir: str | None = None) -> str:
+    """The start script's lines (sh) that put a repo with `if_exists: skip` in place, as dstack's runner
+    does: its path a file: the run fails; not empty (a `lost+found` alone is empty): left as it is,
+    with a message; else (missing or empty) the repo is copied there from REPO_STAGING. Then into
+    ``workdir`` (made if missing: the container starts in /, as podman makes no missing working
+    directory and nothing is bound there now). "" for none."""
+    for u in uploads:
+        if u.kind == "repo" and getattr(u, "if_exists", "error") == "skip":
+            t, q = shlex.quote(u.path), lambda text: shlex.quote(f"gpufleet: {text}")
+            return "\n".join([
+                f"if [ -e {t} ] && [ ! -d {t} ]; then echo {q(f'the repo path {u.path} is not a directory')} >&2; "
+                "exit 1; fi",
+                f'if [ -n "$(ls -A {t} 2>/dev/null | grep -vx lost+found)" ]; then '
+                f"echo {q(f'{u.path} is not empty: the repo is not put there (if_exists: skip)')}",
+                f"else mkdir -p {t} || {{ echo {q(f'cannot make the repo path {u.path}')} >&2; exit 1; }}; "
+                f"cp -a {REPO_STAGING}/. {t}/; fi",
+                *([f"mkdir -p {shlex.quote(workdir)} && cd {shlex.quote(workdir)}"] if workdir else [])])
+    return ""
+
+
 def host_binds(uploads: list, name: str) -> tuple[str | None, list[dict[str, str]]]:
     """For the workload role: the run's archive on this server (None: nothing to upload) and each item's
-    bind: its path in the unpacked folder and its container path."""
+    bind: its path in the unpacked folder and its container path (REPO_STAGING for a repo with
+    `if_exists: skip`: place_repo puts it in place)."""
     if not uploads:
         return None, []
     archive = run_archive(name)
@@ -372,7 +506,8 @@ def host_binds(uploads: list, name: str) -> tuple[str | None, list[dict[str, str
     items = manifest_items(archive)
     if len(items) != len(uploads):
         raise UploadError(f"run {name}: its upload holds {len(items)} items, its repos and files are {len(uploads)}")
-    return str(archive), [{"src": src, "dst": u.path} for src, u in zip(items, uploads, strict=True)]
+    return str(archive), [{"src": src, "dst": REPO_STAGING if place_repo([u]) else u.path}
+                          for src, u in zip(items, uploads, strict=True)]
 
 
 def manifest_items(path: Path) -> list[str]:

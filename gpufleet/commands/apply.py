@@ -60,7 +60,8 @@ def submit(args: argparse.Namespace, console: Console) -> int:
     # checked here, with positions; takes its secrets from this environment (a dry run sends none,
     # so it needs none, as a fleet's)
     req = parse_run(text, str(path), values=not args.dry_run)
-    packed = _pack(req, text, path)  # before anything is sent: a missing path or too much is said now
+    # before anything is sent: a missing path or too much is said now (a dry run clones no remote repo)
+    packed = _pack(req, text, path, clone=not args.dry_run)
     client = connect()
     source = str(path)
     where = _project_field(args, client)
@@ -122,9 +123,9 @@ def submit(args: argparse.Namespace, console: Console) -> int:
     return _ended(view, console)
 
 
-def _pack(req, text: str, path: Path):
+def _pack(req, text: str, path: Path, clone: bool = True):
     """The run's `repos` and `files` packed (gpufleet.upload), None without; a missing path is an error
-    with its line."""
+    with its line. A remote repo is cloned here first (``clone=False``, a dry run: not)."""
     from gpufleet.errors import ConfigError
     from gpufleet.upload import pack
     from gpufleet.yamlsource import load_yaml
@@ -133,7 +134,8 @@ def _pack(req, text: str, path: Path):
     if not uploads:
         return None
     src = load_yaml(text, str(path))
-    return pack(uploads, path.absolute().parent, lambda loc, msg: ConfigError([src.problem(loc, msg)]))
+    return pack(uploads, path.absolute().parent, lambda loc, msg: ConfigError([src.problem(loc, msg)]),
+                clone_repos=clone)
 
 
 def _wait_started(client, view, console: Console, detach: bool = False):

@@ -27,7 +27,7 @@ import re
 import shlex
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BeforeValidator,
@@ -701,8 +701,33 @@ Retry = Annotated[
 # `working_dir` is read from (as dstack still does), and gpufleet's working directory for a run that
 # uploads code and sets no `working_dir` (dstack 0.20 would use the image's; gpufleet does not read images).
 REPO_DIR = "/workflow"
-_NO_CLONE = ("gpufleet uploads local code and never clones on the hosts (they may have no internet): clone it "
-             "here and give its directory (`- local_path: DIR`)")
+# dstack's remote repos: `gpufleet apply` clones them (gpufleet.upload.clone) on the user's machine, which
+# has the network and the user's git credentials; the hosts never clone. The transports git may use.
+GIT_PROTOCOLS = ("https", "http", "ssh", "git", "file")
+_SCP_URL = re.compile(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[^/\\]")  # git@github.com:org/repo.git
+
+
+def _repo_url(v: Any) -> Any:
+    """dstack's `url`: a URL git clones (https://, http://, ssh://, git://, file://) or git's
+    `user@host:path`. No password or token in it: the URL is kept with the run; git's credential
+    helper or SSH key gives them. The error never repeats the URL (it may hold one)."""
+    if not isinstance(v, str):
+        return v
+    if not v or v.startswith("-") or any(ord(c) < 33 or c == "\x7f" for c in v):
+        raise ValueError("must be a git URL (https://host/org/repo.git, git@host:org/repo.git), with no spaces")
+    scheme, sep, rest = v.partition("://")
+    if not sep:
+        if not _SCP_URL.match(v):
+            raise ValueError("must be a git URL (https://host/org/repo.git, git@host:org/repo.git)")
+        return v
+    if scheme.lower() not in GIT_PROTOCOLS:
+        raise ValueError(f"the URL's scheme must be one of {', '.join(GIT_PROTOCOLS)} (got {scheme[:20]!r})")
+    userinfo = rest.split("/", 1)[0].rpartition("@")[0]
+    if ":" in userinfo or (userinfo and scheme.lower() in ("https", "http")):
+        raise ValueError("the URL holds a password or token, which would be kept with the run: remove it and let "
+                         "git's credential helper (or an SSH key) give it; `gpufleet apply` clones with your git "
+                         "setup")
+    return v
 
 
 def _upload_container_path(v: Any, what: str) -> str:
@@ -729,20 +754,33 @@ def _split_mapping(v: str, what: str) -> list[str]:
 
 
 class RepoSpec(CoreModel):
-    """One of `repos` (dstack's RepoSpec): a local git repo whose working tree is uploaded."""
+    """One of `repos` (dstack's RepoSpec): a local git repo whose working tree is uploaded, or a remote one
+    (`url`) that `gpufleet apply` clones on this machine and uploads the same way."""
 
     local_path: str | None = Field(
         None, description="The git repo on this machine (relative paths: from the configuration file's directory). "
                           "Its working tree as it is (tracked files with uncommitted changes, untracked files "
-                          "that .gitignore does not exclude, less .dstackignore's patterns) is uploaded.")
-    url: str | None = Field(None, description="dstack's remote repo: refused (gpufleet never clones on the hosts).")
-    branch: str | None = Field(None, description="dstack's branch: refused (gpufleet uploads the working tree).")
-    hash: str | None = Field(None, description="dstack's commit hash: refused (gpufleet uploads the working tree).")
+                          "that .gitignore does not exclude, less .dstackignore's patterns) is uploaded. Not "
+                          "with `url`.")
+    url: Annotated[str | None, BeforeValidator(_repo_url)] = Field(
+        None, description="dstack's remote repo (https://, ssh://, git@host:org/repo.git; not with `local_path`). "
+                          "`gpufleet apply` clones it on this machine (with your git credentials; no prompt, "
+                          "a timeout), and uploads its working tree as it uploads a local repo (the hosts need "
+                          "no internet). No `.git` folder goes with it; submodules are not cloned.")
+    branch: str | None = Field(None, description="With `url`: the branch to clone (default: the remote's default "
+                                                 "branch), as dstack's. Not with `local_path` (its working tree is "
+                                                 "uploaded as it is).")
+    hash: str | None = Field(None, description="With `url`: the commit to check out (a full or short hash; with "
+                                               "`branch`, the branch must exist too), as dstack's. Not with "
+                                               "`local_path`.")
     path: str = Field(".", description="Where the repo goes in the container; relative paths are from the working "
                                        "directory (dstack's default `.`: the working directory itself).")
     if_exists: Literal["error", "skip"] = Field(
-        "error", description="dstack's action when `path` is not empty in the image: only `error` (the default) is "
-                             "taken, and gpufleet does not check: the repo is mounted over the image's directory.")
+        "error", description="dstack's action when `path` is not empty when the run starts (the image's files, a "
+                             "volume's): `skip` leaves it as it is and does not put the repo there (the start "
+                             "script copies the repo into `path` when it is missing or empty, before `commands`; "
+                             "so `skip` needs `commands` or an `entrypoint`). `error` (the default): gpufleet does "
+                             "not check, it mounts the repo over `path` (what the image has there is hidden).")
 
     @model_validator(mode="before")
     @classmethod
@@ -751,39 +789,39 @@ class RepoSpec(CoreModel):
             return v
         parts = v.split(":")
         if len(parts) > 1 and ("@" in parts[0] or parts[1].startswith("//")):  # git@host:x, https://...
-            raise ValueError(f"{v!r} is a remote repo: {_NO_CLONE}")
+            # URL[:PATH], as dstack splits it; a scheme URL's user, password and port are part of the URL
+            head, sep, tail = v.partition("://")
+            start = v.index(":") + 1 if not sep else len(head) + 3 + (tail.find("/") if "/" in tail else len(tail))
+            rest, colon, path = v[start:].partition(":")
+            if ":" in path:
+                raise ValueError("invalid repo (write URL or URL:PATH)")
+            url = v[:start] + rest
+            return {"url": url} | ({"path": path} if colon else {})
         parts = _split_mapping(v, "repo")
         return {"local_path": parts[0]} | ({"path": parts[1]} if len(parts) == 2 else {})
 
-    @field_validator("url")
-    @classmethod
-    def _no_url(cls, v: str | None) -> str | None:
-        if v is not None:
-            raise ValueError(_NO_CLONE)
-        return v
-
     @field_validator("branch", "hash")
     @classmethod
-    def _no_revision(cls, v: str | None) -> str | None:
-        if v is not None:
+    def _revision(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        if info.data.get("local_path"):
             raise ValueError("gpufleet uploads the local working tree as it is: check the branch or commit out "
                              "locally and remove this")
-        return v
-
-    @field_validator("if_exists")
-    @classmethod
-    def _only_error(cls, v: str) -> str:
-        if v != "error":
-            raise ValueError("gpufleet mounts the repo over the image's directory and does not look whether it is "
-                             "empty; remove `if_exists: skip`")
+        if not v or v.startswith("-") or any(ord(c) < 33 or c == "\x7f" for c in v):
+            raise ValueError(f"{v!r} is not a git {info.field_name}")
+        if info.field_name == "hash" and not re.fullmatch(r"[0-9a-fA-F]{4,64}", v):
+            raise ValueError(f"{v!r} is not a commit hash (4 to 64 hex digits)")
         return v
 
     _path = field_validator("path")(lambda v: _upload_container_path(v, "the repo's path"))
 
     @model_validator(mode="after")
     def _local(self) -> RepoSpec:
-        if not self.local_path:
-            raise ValueError("give `local_path` (the repo's directory on this machine)")
+        if self.local_path and self.url:
+            raise ValueError("give `local_path` or `url`, not both (as in dstack)")
+        if not self.local_path and not self.url:
+            raise ValueError("give `local_path` (the repo's directory on this machine) or `url`")
         return self
 
 
@@ -823,6 +861,10 @@ class Upload:
     kind: Literal["repo", "file"]
     local_path: str
     path: str
+    url: str | None = None  # a remote repo, cloned by `gpufleet apply` (local_path is then "")
+    branch: str | None = None
+    hash: str | None = None
+    if_exists: Literal["error", "skip"] = "error"  # a repo's: `skip`: copied into place at start (upload.place_repo)
 
 
 def _working_dir(value: Any) -> Any:
@@ -970,10 +1012,11 @@ class _Run(CoreModel):
                           "its max_duration) waits for the next time again, until `gpufleet stop`.")
 
     repos: list[RepoSpec] = Field(
-        [], max_length=1, description="dstack's `repos`: at most one local git repo (`.`, `..:/my-repo`, "
-                                      "{local_path, path}), its working tree uploaded by `gpufleet apply` and put at "
-                                      "`path` (default: the working directory). No remote repos: gpufleet never "
-                                      "clones on the hosts.")
+        [], max_length=1, description="dstack's `repos`: at most one git repo, local (`.`, `..:/my-repo`, "
+                                      "{local_path, path}) or remote (`https://host/org/repo.git`, {url, branch, "
+                                      "hash, path}), its working tree uploaded by `gpufleet apply` (which clones a "
+                                      "remote one on this machine) and put at `path` (default: the working "
+                                      "directory). The hosts never clone.")
     files: list[FileMapping] = Field(
         [], description="dstack's `files`: local files or directories uploaded to the container, `LOCAL:PATH`, a lone "
                         "`PATH` (the same relative path on both sides) or {local_path, path}.")
@@ -991,6 +1034,11 @@ class _Run(CoreModel):
             path = "/root" + item.path[1:] if item.path.startswith("~") else item.path
             if posixpath.normpath(posixpath.join(base, path)) == "/":
                 raise ValueError(f"[{i}] {item.path!r} is the container's root directory: give a directory below it")
+            dev_environment = "dev-environment" in get_args(cls.model_fields["type"].annotation)
+            if getattr(item, "if_exists", "error") == "skip" and not info.data.get("commands") and \
+                    info.data.get("entrypoint") is None and not dev_environment:
+                raise ValueError(f"[{i}] `if_exists: skip` needs `commands` (or an `entrypoint`): gpufleet puts the "
+                                 "repo in place in the script that starts them")
         return v
 
     @property
@@ -1011,7 +1059,10 @@ class _Run(CoreModel):
         out = []
         for i, (kind, local, path) in enumerate(items):
             path = "/root" + path[1:] if path.startswith("~") else path
-            out.append(Upload(i, kind, local or ".", posixpath.normpath(posixpath.join(base, path))))
+            spec = self.repos[i] if kind == "repo" else None
+            remote = {"url": spec.url, "branch": spec.branch, "hash": spec.hash} if spec and spec.url else {}
+            out.append(Upload(i, kind, "" if remote else local or ".", posixpath.normpath(posixpath.join(base, path)),
+                              **remote, **({"if_exists": spec.if_exists} if spec else {})))
         return out
 
     @field_serializer("stop_duration", when_used="json")

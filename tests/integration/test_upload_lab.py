@@ -1,7 +1,9 @@
 """dstack's `repos` and `files` on the lab: `gpufleet apply` packs a git working tree (its uncommitted
 change and untracked file in, its .gitignore'd and .dstackignore'd files out) and a folder and a file
 of `files`, a real local server keeps the archive, the hosts get it through the fleet's jump chain and
-the container finds each item at its path, in /workflow; over the limit, nothing is submitted."""
+the container finds each item at its path, in /workflow; over the limit, nothing is submitted. A remote
+repo (`url`, `branch`) is cloned by `gpufleet apply` on this machine, never on the hosts. `if_exists:
+skip`: the repo lands in a missing path, and a path the image fills is left as it is."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def site(lab_factory, tmp_path_factory):
     cli("apply", "-f", str(lab.fleet_file), "-y", check=0)
     yield cli
     # the lab's hosts share this machine's disk: the folder a finished run's container keeps goes too
-    for name in ("upload-ok", "upload-user"):
+    for name in ("upload-ok", "upload-user", "upload-url", "upload-skip", "upload-skipped"):
         shutil.rmtree(f"/var/lib/gpufleet/uploads/gpufleet-{name}", ignore_errors=True)
 
 
@@ -110,3 +112,46 @@ def test_a_missing_local_path_is_refused_with_its_line(site, tmp_path):
     (tmp_path / "run.yml").write_text(f"type: task\nimage: {IMAGE}\nfiles:\n  - nope.txt\ncommands: [true]\n")
     p = site("apply", "-f", str(tmp_path / "run.yml"), "-y")
     assert p.returncode == 2 and f"{tmp_path / 'run.yml'}:4:" in p.stderr and "no such file" in p.stderr, p.stderr
+
+
+def test_a_remote_repos_branch_is_cloned_by_apply_and_in_the_container(site, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    git(work, "init", "-q", "-b", "main")
+    (work / "main.txt").write_text("on-main\n")
+    git(work, "add", "-A")
+    git(work, "commit", "-qm", "main")
+    git(work, "checkout", "-q", "-b", "dev")
+    (work / "dev.txt").write_text("on-dev-branch\n")
+    git(work, "add", "-A")
+    git(work, "commit", "-qm", "dev")
+    git(tmp_path, "clone", "-q", "--bare", str(work), "origin.git")
+    url = f"file://{tmp_path}/origin.git"
+    (tmp_path / "run.yml").write_text(
+        f"type: task\nname: upload-url\nimage: {IMAGE}\n"
+        f"repos:\n  - url: {url}\n    branch: dev\n    path: /workflow/x\n"
+        "commands:\n  - cat /workflow/x/dev.txt /workflow/x/main.txt\n"
+        "  - test -e /workflow/x/.git && echo HAS-GIT || echo no-git\n")
+    p = site("apply", "-f", str(tmp_path / "run.yml"), "-y", timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr + site.server_log()
+    assert f"repo {url}, branch dev at commit " in p.stdout and "(cloned here) to /workflow/x" in p.stdout
+    assert "on-dev-branch" in p.stdout and "on-main" in p.stdout and "no-git" in p.stdout
+
+
+def test_if_exists_skip_puts_the_repo_in_a_missing_path_and_leaves_the_images_alone(site, tmp_path):
+    repo = make_repo(tmp_path)
+    (repo / "run.yml").write_text(
+        f"type: task\nname: upload-skip\nimage: {IMAGE}\n"
+        "repos:\n  - local_path: .\n    path: /my-repo\n    if_exists: skip\n"
+        "commands:\n  - cat /my-repo/committed.txt /my-repo/untracked.txt\n")
+    p = site("apply", "-f", str(repo / "run.yml"), "-y", timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr + site.server_log()
+    assert "committed-content" in p.stdout and "untracked-content" in p.stdout
+    (repo / "run.yml").write_text(  # the image's /etc is not empty: skipped, the image's files stay
+        f"type: task\nname: upload-skipped\nimage: {IMAGE}\n"
+        "repos:\n  - local_path: .\n    path: /etc\n    if_exists: skip\n"
+        "commands:\n  - test -e /etc/committed.txt && echo PUT || echo not-put\n  - test -s /etc/passwd && echo kept\n")
+    p = site("apply", "-f", str(repo / "run.yml"), "-y", timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "/etc is not empty: the repo is not put there (if_exists: skip)" in p.stdout + p.stderr
+    assert "not-put" in p.stdout and "kept" in p.stdout and "PUT" not in p.stdout

@@ -6,7 +6,9 @@ as a dry run: no secret values needed; config.load_fleet for fleets), (2) for a 
 server's plan (POST /api/runs/plan) against a small fleet in a real state store, served by the real
 API (create_app on uvicorn, loopback), and (3) the CLI's own entry point (gpufleet.cli.main, in this
 process) with `apply -f FILE --dry-run` against that server, to prove that no traceback reaches the
-user and that the CLI refuses exactly what the load refuses.
+user and that the CLI refuses exactly what the load refuses. A run is checked where its user would have
+it (``_workspace``): a copy in a git repository, deep enough that its relative `repos` and `files`
+paths stay inside, with those local paths made (empty), as the dry run packs them.
 
 It reports counts per type (accepted / refused, the refusals by field): printed (pytest -s shows it)
 and written as JSON to dstack_conformance.json in pytest's base temporary folder. It asserts that
@@ -26,6 +28,7 @@ import json
 import os
 import re
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter, defaultdict
@@ -61,7 +64,7 @@ class Entry:
     id: str
     type: str  # dstack_type of the manifest
     ssh: str  # ssh | cloud | -
-    path: Path
+    path: Path  # for a run: its copy in a workspace (``_workspace``), where it is checked
     accepted: bool = False
     problems: list = field(default_factory=list)  # ConfigProblem of a refusal
     refusal: str = ""  # a refusal that is not a ConfigError (GpufleetError's text)
@@ -192,7 +195,47 @@ def _cli(*argv: str) -> tuple[int, str]:
     return code, out.getvalue() + err.getvalue()
 
 
-def _check(e: Entry, url: str) -> None:
+def _escapes(local: str) -> int:
+    """How many folders above the configuration's folder a relative local path reaches."""
+    depth = lowest = 0
+    for part in Path(local).parts:
+        depth += -1 if part == ".." else 0 if part == "." else 1
+        lowest = min(lowest, depth)
+    return -lowest
+
+
+def _workspace(e: Entry, base: Path) -> Path:
+    """A copy of run file ``e`` as its user would have it: in a git repository (a new one under
+    ``base``), in folders deep enough that its relative `repos` and `files` paths stay inside, with
+    each local path it names made (an empty file where the name has a suffix or is in ~, else an
+    empty folder; paths outside ``base`` and HOME are left alone). The copy's path."""
+    try:
+        uploads = [u for u in parse_run(e.path.read_text(), str(e.path), values=False).config.uploads if not u.url]
+    except GpufleetError:
+        uploads = []  # refused at load, before any path is looked at
+    relative = [u.local_path for u in uploads if not Path(u.local_path).expanduser().is_absolute()]
+    repo = base / e.id / "repo"
+    where = repo.joinpath(*[f"d{i}" for i in range(max(map(_escapes, relative), default=0))])
+    where.mkdir(parents=True)
+    copy = where / e.path.name
+    copy.write_text(e.path.read_text())
+    subprocess.run(["git", "init", "-q", str(repo)], check=True, capture_output=True)
+    home = Path.home()
+    for u in uploads:
+        local = (where / Path(u.local_path).expanduser()).resolve()
+        if local.exists() or not (local.is_relative_to(repo) or local.is_relative_to(home)):
+            continue
+        if u.kind == "file" and (local.suffix or u.local_path.startswith("~")):
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.touch()
+        else:
+            local.mkdir(parents=True)
+    return copy
+
+
+def _check(e: Entry, url: str, base: Path) -> None:
+    if e.type in RUN_TYPES:
+        e.path = _workspace(e, base)
     text = e.path.read_text()
     try:
         if e.type in RUN_TYPES:
@@ -223,8 +266,9 @@ def _check(e: Entry, url: str) -> None:
 @pytest.fixture(scope="module")
 def report(server, tmp_path_factory) -> list[Entry]:
     entries = corpus()
+    base = tmp_path_factory.mktemp("workspaces")
     for e in entries:
-        _check(e, server)
+        _check(e, server, base)
     kinds = sorted({(e.type, e.ssh) for e in entries}, key=lambda k: (k[0] not in RUN_TYPES, k))
     table: dict = {}
     lines = ["", f"dstack conformance ({DSTACK_CONFIGS}): unique files that dstack accepts",

@@ -26,7 +26,7 @@ def cfg(**fields):
 
 
 def where(**fields) -> list[tuple[str, str, str]]:
-    return [(u.kind, u.local_path, u.path) for u in cfg(**fields).uploads]
+    return [(u.kind, u.url or u.local_path, u.path) for u in cfg(**fields).uploads]
 
 
 # --------------------------------------------------------------------------- forms
@@ -48,6 +48,11 @@ def where(**fields) -> list[tuple[str, str, str]]:
     ({"files": [{"local_path": "a", "path": "/x/a"}]}, [("file", "a", "/x/a")]),
     ({"repos": ["."], "files": ["c.yaml"]}, [("repo", ".", "/workflow"), ("file", "c.yaml", "/workflow/c.yaml")]),
     ({"files": ["C:\\data:/data"]}, [("file", "C:\\data", "/data")]),
+    ({"repos": ["https://github.com/dstackai/dstack"]}, [("repo", "https://github.com/dstackai/dstack", "/workflow")]),
+    ({"repos": ["https://github.com/x/y.git:/r"]}, [("repo", "https://github.com/x/y.git", "/r")]),
+    ({"repos": ["git@github.com:x/y.git:sub"]}, [("repo", "git@github.com:x/y.git", "/workflow/sub")]),
+    ({"repos": [{"url": "ssh://git@host/x/y", "branch": "dev", "hash": "abc123", "path": "/r"}]},
+     [("repo", "ssh://git@host/x/y", "/r")]),
 ])
 def test_forms_and_where_each_item_lands(fields, expected):
     assert where(**fields) == expected
@@ -64,13 +69,22 @@ def test_working_dir(fields, workdir):
 
 
 @pytest.mark.parametrize(("fields", "needle"), [
-    ({"repos": ["https://github.com/dstackai/dstack"]}, "never clones"),
-    ({"repos": ["git@github.com:dstackai/dstack.git"]}, "never clones"),
-    ({"repos": [{"url": "https://github.com/x/y", "path": "/r"}]}, "never clones"),
+    ({"repos": ["https://user:s3cret@github.com/x/y"]}, "password or token"),
+    ({"repos": ["https://ghp_s3cret@github.com/x/y"]}, "password or token"),
+    ({"repos": [{"url": "ssh://git:s3cret@host/x/y"}]}, "password or token"),
+    ({"repos": [{"url": "ftp://host/x/y"}]}, "scheme"),
+    ({"repos": [{"url": "--upload-pack=touch /tmp/x"}]}, "git URL"),
+    ({"repos": [{"url": "ext::sh -c touch% /tmp/x"}]}, "git URL"),
+    ({"repos": [{"url": "https://h/x", "local_path": "."}]}, "not both"),
+    ({"repos": [{"url": "https://h/x", "hash": "main"}]}, "commit hash"),
+    ({"repos": [{"url": "https://h/x", "branch": "--force"}]}, "not a git branch"),
     ({"repos": [{"local_path": ".", "branch": "main"}]}, "working tree"),
-    ({"repos": [{"local_path": ".", "if_exists": "skip"}]}, "if_exists"),
+    ({"repos": [{"local_path": ".", "hash": "abcd"}]}, "working tree"),
+    ({"repos": [{"local_path": ".", "if_exists": "skip"}], "commands": []}, "`if_exists: skip` needs `commands`"),
+    ({"repos": [{"local_path": ".", "if_exists": "keep"}]}, "if_exists"),
     ({"repos": [".", ".."]}, "at most 1"),
     ({"repos": [{"path": "/r"}]}, "local_path"),
+    ({"repos": [{"path": "/r"}]}, "url"),
     ({"files": ["a:b:c"]}, "LOCAL:PATH"),
     ({"files": ["..:/"]}, "root directory"),
     ({"files": [{"local_path": "a", "path": "C:\\x"}]}, "Unix path"),
@@ -85,11 +99,12 @@ def test_refused_forms(fields, needle):
 
 
 def test_refusals_name_the_line_and_field(tmp_path):
-    text = "type: task\nimage: busybox\ncommands: [true]\nrepos:\n  - https://github.com/x/y\n"
+    text = "type: task\nimage: busybox\ncommands: [true]\nrepos:\n  - https://u:s3cret@github.com/x/y\n"
     with pytest.raises(ConfigError) as e:
         parse_run(text, str(tmp_path / "t.yml"))
     p = e.value.problems[0]
-    assert p.line == 5 and "repos[0]" in p.field and "never clones" in p.message
+    assert p.line == 5 and "repos[0]" in p.field and "password or token" in p.message
+    assert "s3cret" not in str(e.value) and "s3cret" not in p.message
 
 
 def test_repos_and_files_are_no_longer_listed_as_unsupported():
@@ -97,7 +112,7 @@ def test_repos_and_files_are_no_longer_listed_as_unsupported():
         assert "repos" not in kind and "files" not in kind and "single_branch" in kind
 
 
-def test_every_corpus_file_with_repos_or_files_loads_or_is_refused_for_a_remote_repo_or_if_exists():
+def test_every_corpus_file_with_repos_or_files_loads_or_is_refused_for_if_exists():
     manifest = CORPUS / "manifest.tsv"
     if not manifest.exists():
         pytest.skip("no dstack corpus next to the checkout")
@@ -116,8 +131,7 @@ def test_every_corpus_file_with_repos_or_files_loads_or_is_refused_for_a_remote_
             loaded += 1
         except ConfigError as e:
             for p in e.problems:  # refused, if at all, for another field or for a remote repo only
-                assert not p.field.startswith(("repos", "files", "working_dir")) or "never clones" in p.message \
-                    or p.field.endswith("if_exists"), p
+                assert not p.field.startswith(("repos", "files", "working_dir")) or p.field.endswith("if_exists"), p
     assert seen >= 10 and loaded >= 1
 
 
