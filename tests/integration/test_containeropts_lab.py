@@ -119,7 +119,8 @@ def test_two_runs_on_one_host_both_listening_on_8000_both_answer(site, tmp_path)
             printed = read_until(attach, "Ctrl-C", timeout=60)
             m = re.search(r"forwarding localhost:(\d+) -> \S+:8000", printed)
             assert m, printed
-            body = wait_for(f"{name}'s answer", lambda port=int(m.group(1)): http_get(port), timeout=30)
+            port = int(m.group(1))
+            body = wait_for(f"{name}'s answer", lambda: http_get(port), timeout=30)  # noqa: B023 (used at once)
             assert body.strip() == f"I-am-{name}"
     finally:
         for attach in attaches:
