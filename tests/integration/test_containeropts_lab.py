@@ -6,11 +6,13 @@ has places; a CPU architecture places on the lab's x86 hosts and `arm` is refuse
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -71,28 +73,42 @@ def test_a_cpu_architecture_the_hosts_lack_is_refused_saying_why(site, tmp_path)
     assert "its CPUs are x86, the run asks for arm" in out, out
 
 
-def test_star_port_gets_a_free_local_port_at_attach(site, tmp_path):
-    """`*:8000` (dstack's form): attach binds a local port it picks, forwarded to the container's 8000."""
-    path = tmp_path / "star.yml"
-    path.write_text(f"type: task\nname: star\nimage: {IMAGE}\nports: ['*:8000']\ncommands:\n"
-                    "  - mkdir -p /www && echo star-port > /www/index.html\n"
-                    "  - exec httpd -f -p 8000 -h /www\n")
-    site("apply", "-f", str(path), "-y", "-d", check=0)
-    env = {**os.environ, "GPUFLEET_HOME": str(site.home), "COLUMNS": "200", "TERM": "dumb"}
-    attach = subprocess.Popen([sys.executable, "-m", "gpufleet", "attach", "star"], env=env, cwd=ROOT,
+@contextmanager
+def attached(cli: Cli, name: str):
+    """`gpufleet attach NAME` running, and the local port it forwards to the container's 8000."""
+    env = {**os.environ, "GPUFLEET_HOME": str(cli.home), "COLUMNS": "200", "TERM": "dumb"}
+    attach = subprocess.Popen([sys.executable, "-m", "gpufleet", "attach", name], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         printed = read_until(attach, "Ctrl-C", timeout=60)
         m = re.search(r"forwarding localhost:(\d+) -> \S+:8000", printed)
         assert m and int(m.group(1)) > 0, printed
-        body = wait_for("the task's answer on the picked port", lambda: http_get(int(m.group(1))), timeout=30)
-        assert body.strip() == "star-port"
+        yield int(m.group(1))
     finally:
         attach.send_signal(signal.SIGINT)
         try:
             attach.wait(timeout=15)
         except subprocess.TimeoutExpired:
             attach.kill()
+
+
+def web_task(tmp_path: Path, name: str, extra: str = "") -> Path:
+    """A task serving ``name`` on the container's 8000, published as `*:8000`."""
+    path = tmp_path / f"{name}.yml"
+    path.write_text(f"type: task\nname: {name}\nimage: {IMAGE}\n{extra}ports: ['*:8000']\ncommands:\n"
+                    f"  - mkdir -p /www && echo I-am-{name} > /www/index.html\n"
+                    "  - exec httpd -f -p 8000 -h /www\n")
+    return path
+
+
+def test_star_port_gets_a_free_local_port_at_attach(site, tmp_path):
+    """`*:8000` (dstack's form): attach binds a local port it picks, forwarded to the container's 8000."""
+    site("apply", "-f", str(web_task(tmp_path, "star")), "-y", "-d", check=0)
+    try:
+        with attached(site, "star") as port:
+            body = wait_for("the task's answer on the picked port", lambda: http_get(port), timeout=30)
+            assert body.strip() == "I-am-star"
+    finally:
         site("stop", "star", check=None)
 
 
@@ -101,33 +117,16 @@ def test_two_runs_on_one_host_both_listening_on_8000_both_answer(site, tmp_path)
     listen on 8000, and `gpufleet attach` reaches each one's own server."""
     names = ("porta", "portb")
     for name in names:
-        path = tmp_path / f"{name}.yml"
-        path.write_text(f"type: task\nname: {name}\nimage: {IMAGE}\nresources: {{gpu: 0}}\nports: ['*:8000']\n"
-                        f"commands:\n  - mkdir -p /www && echo I-am-{name} > /www/index.html\n"
-                        "  - exec httpd -f -p 8000 -h /www\n")
-        site("apply", "-f", str(path), "-y", "-d", check=0)
-    rows = {r["name"]: r for r in site.json("ps")}
-    assert rows["porta"]["status"] == rows["portb"]["status"] == "running", rows
-    assert rows["porta"]["alias"] == rows["portb"]["alias"], rows  # one host
-    env = {**os.environ, "GPUFLEET_HOME": str(site.home), "COLUMNS": "200", "TERM": "dumb"}
-    attaches = []
+        site("apply", "-f", str(web_task(tmp_path, name, "resources: {gpu: 0}\n")), "-y", "-d", check=0)
     try:
-        for name in names:
-            attach = subprocess.Popen([sys.executable, "-m", "gpufleet", "attach", name], env=env, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            attaches.append(attach)
-            printed = read_until(attach, "Ctrl-C", timeout=60)
-            m = re.search(r"forwarding localhost:(\d+) -> \S+:8000", printed)
-            assert m, printed
-            port = int(m.group(1))
-            body = wait_for(f"{name}'s answer", lambda: http_get(port), timeout=30)  # noqa: B023 (used at once)
-            assert body.strip() == f"I-am-{name}"
+        rows = {r["name"]: r for r in json.loads(site("ps", "--json", check=0).stdout)}
+        assert rows["porta"]["status"] == rows["portb"]["status"] == "running", rows
+        assert rows["porta"]["host"] == rows["portb"]["host"], rows  # one host
+        with attached(site, "porta") as port_a, attached(site, "portb") as port_b:
+            assert port_a != port_b
+            for name, port in (("porta", port_a), ("portb", port_b)):
+                body = wait_for(f"{name}'s answer", lambda port=port: http_get(port), timeout=30)
+                assert body.strip() == f"I-am-{name}"
     finally:
-        for attach in attaches:
-            attach.send_signal(signal.SIGINT)
-            try:
-                attach.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                attach.kill()
         for name in names:
             site("stop", name, check=None)
