@@ -27,7 +27,7 @@ IMAGE = core.LAB_IMAGE
 
 @pytest.fixture(scope="module")
 def site(lab_factory, tmp_path_factory):
-    lab = lab_factory(nodes=1, gpus=1, vendor="nvidia")
+    lab = lab_factory(nodes=1, gpus=2, vendor="nvidia")
     cli = Cli(tmp_path_factory.mktemp("containeropts-home") / "home")
     cli("apply", "-f", str(lab.fleet_file), "-y", check=0)
     return cli
@@ -109,7 +109,7 @@ def test_star_port_gets_a_free_local_port_at_attach(site, tmp_path):
             body = wait_for("the task's answer on the picked port", lambda: http_get(port), timeout=30)
             assert body.strip() == "I-am-star"
     finally:
-        site("stop", "star", check=None)
+        site("stop", "star", "-y", check=0)
 
 
 def test_two_runs_on_one_host_both_listening_on_8000_both_answer(site, tmp_path):
@@ -117,10 +117,13 @@ def test_two_runs_on_one_host_both_listening_on_8000_both_answer(site, tmp_path)
     listen on 8000, and `gpufleet attach` reaches each one's own server."""
     names = ("porta", "portb")
     for name in names:
-        site("apply", "-f", str(web_task(tmp_path, name, "resources: {gpu: 0}\n")), "-y", "-d", check=0)
+        site("apply", "-f", str(web_task(tmp_path, name, "resources: {gpu: 1, cpu: 1..}\n")), "-y", "-d", check=0)
     try:
-        rows = {r["name"]: r for r in json.loads(site("ps", "--json", check=0).stdout)}
-        assert rows["porta"]["status"] == rows["portb"]["status"] == "running", rows
+        def both_running():  # the earlier tests' runs may still be giving their blocks back
+            rows = {r["name"]: r for r in json.loads(site("ps", "--json", check=0).stdout)}
+            return rows if rows["porta"]["status"] == rows["portb"]["status"] == "running" else None
+
+        rows = wait_for("both runs running", both_running, timeout=90)
         assert rows["porta"]["host"] == rows["portb"]["host"], rows  # one host
         with attached(site, "porta") as port_a, attached(site, "portb") as port_b:
             assert port_a != port_b
@@ -129,4 +132,4 @@ def test_two_runs_on_one_host_both_listening_on_8000_both_answer(site, tmp_path)
                 assert body.strip() == f"I-am-{name}"
     finally:
         for name in names:
-            site("stop", name, check=None)
+            site("stop", name, "-y", check=0)
