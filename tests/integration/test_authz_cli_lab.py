@@ -191,12 +191,13 @@ class Bench:
         finally:
             relay.close()
 
-    def cli(self, role: str, argv: list[str], timeout: float = 120) -> Out:
+    def cli(self, role: str, argv: list[str], timeout: float = 120, stdin: str | None = None) -> Out:
         with self.url(role) as url:
             args = [url if a == "{server}" else a for a in argv]
             start = time.monotonic()
+            given = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
             p = subprocess.run([sys.executable, "-m", "gpufleet", *args], capture_output=True, text=True,
-                               env=self.env(role, url), cwd=ROOT, timeout=timeout, stdin=subprocess.DEVNULL)
+                               env=self.env(role, url), cwd=ROOT, timeout=timeout, **given)
             return Out(args, p.returncode, p.stdout, p.stderr, time.monotonic() - start)
 
     def attach(self, role: str, argv: list[str]) -> Out:
@@ -326,6 +327,7 @@ class Row:
     check: Check | None = None
     last: bool = False  # after every other row (it changes tokens)
     attach: bool = False  # runs until Ctrl-C: Bench.attach
+    stdin: str | None = None  # what the call reads on its stdin (else none: /dev/null)
 
 
 def fixed(*argv: str) -> Argv:
@@ -364,6 +366,16 @@ def check_attach(bench: Bench, role: str, out: Out) -> None:
     assert f"forwarding localhost:{bench.web_port} -> {bench.web}:8000 (through the gpufleet server" in out.said, \
         out.said
     assert f"[page: {ATTACH_TEXT}]" in out.stdout, out.stdout
+
+
+# `gpufleet ssh-proxy NAME PORT`: the ProxyCommand of a dev environment's ssh entry, a stdio proxy to
+# the run's port through the server's tunnel (as attach's): asked here of alice's service, its stdin
+# an HTTP request, its stdout the page
+PROXIED_REQUEST = "GET / HTTP/1.0\r\n\r\n"
+
+
+def check_ssh_proxy(bench: Bench, role: str, out: Out) -> None:
+    assert out.stdout.startswith("HTTP/1.") and ATTACH_TEXT in out.stdout, out.stdout[:300]
 
 
 def apply_run_argv(bench: Bench, role: str) -> list[str]:
@@ -593,6 +605,8 @@ ROWS = [
     Row("logs", "logs", roles(**ONE_OWN_RUN), lambda b, r: ["logs", b.team.run("a-main")], check_logs),
     Row("stop", "stop", roles(**ONE_OWN_RUN), stop_argv, check_stop),
     Row("attach", "attach", roles(**ONE_OWN_RUN), lambda b, r: ["attach", b.web], check_attach, attach=True),
+    Row("ssh-proxy", "ssh-proxy", roles(**ONE_OWN_RUN), lambda b, r: ["ssh-proxy", b.web, "8000"], check_ssh_proxy,
+        stdin=PROXIED_REQUEST),
     Row("events", "events", roles(**MEMBERS), fixed("events", "--project", "ml", "-n", "5", "--json"), check_events),
     # fleets
     Row("fleet-list", "fleet list", roles(**MEMBERS), fixed("fleet", "list", "--project", "ml", "--json"),
@@ -665,7 +679,7 @@ def run_cell(bench: Bench, row: Row, role: str) -> Cell:
     try:
         argv = row.argv(bench, role)
         known = [*bench.team.issued, BAD_TOKEN_VALUE]
-        out = cell.out = bench.attach(role, argv) if row.attach else bench.cli(role, argv)
+        out = cell.out = bench.attach(role, argv) if row.attach else bench.cli(role, argv, stdin=row.stdin)
         printed = out.stdout + out.stderr
         leaked = [t for t in known if t in printed]
         if leaked:
