@@ -234,7 +234,10 @@ class ApiServer:
         if raw_auth is not None:
             headers["Authorization"] = raw_auth
         data = None
-        if body is not None:
+        if isinstance(body, bytes):  # as it is (a run's code upload, POST /api/uploads)
+            data = body
+            headers["Content-Type"] = "application/gzip"
+        elif body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout,

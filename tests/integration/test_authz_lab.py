@@ -13,8 +13,12 @@ A route without a row fails the test that compares CASES with the schema.
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import json
+import re
+import subprocess
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +27,7 @@ import pytest
 import yaml
 from conftest import ApiServer, Reply, pg_test_database, start_server, wait_for
 
+from gpufleet import upload
 from gpufleet.lab import core
 
 pytestmark = pytest.mark.lab
@@ -224,6 +229,12 @@ MEMBERS = dict(other=NOT_MEMBER, member=allow(), padmin=allow(), sadmin=allow())
 PROJECT_ADMINS = dict(other=NOT_IN_ML, member=MEMBER_NOT_ADMIN, padmin=allow(), sadmin=allow())
 SERVER_ADMINS = dict(other=SERVER_ADMIN, member=SERVER_ADMIN, padmin=SERVER_ADMIN, sadmin=allow())
 ONE_OWN_RUN = dict(other=NOT_MEMBER, member=NOT_SUBMITTER, submitter=allow(), padmin=allow(), sadmin=allow())
+ANY_USER = dict(other=allow(201), member=allow(201), padmin=allow(201), sadmin=allow(201))
+# POST /api/runs/NAME/ssh, allowed: the dev environment of the bench has no sshd (the lab's image has
+# none), so those who may attach to it get past authorization to the container, which says so (409);
+# on a task, the route says only a dev environment has an SSH server (400)
+NO_SSHD = Expect((409,), ("has no SSH server running", "no /usr/sbin/sshd"))
+NOT_DEV = Expect((400,), ("is a task, not a dev environment",))
 
 Request = tuple[str, object, dict | None]  # (path, body, query)
 
@@ -287,6 +298,62 @@ def check_logs(team: Team, role: str, reply: Reply) -> None:
 def check_attach(team: Team, role: str, reply: Reply) -> None:
     plan = reply.json()
     assert plan["alias"] and plan["argv"] and plan["shell"] is False, plan
+
+
+def upload_archive(role: str) -> bytes:
+    """A run's code upload as `gpufleet apply` packs it: the manifest first, then its one item, a
+    folder (`0/`) holding a file that names who sent it."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        def add(name: str, data: bytes | None) -> None:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+            else:
+                info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+        add(upload.MANIFEST, json.dumps({"items": ["0"]}).encode())
+        add("0", None)
+        add("0/hello.txt", f"uploaded-by-{role}\n".encode())
+    return buf.getvalue()
+
+
+def upload_req(team: Team, role: str) -> Request:
+    return "/api/uploads", upload_archive(role), None
+
+
+def check_upload(team: Team, role: str, reply: Reply) -> None:
+    got = reply.json()
+    sent = upload_archive(role)
+    assert re.fullmatch(r"[0-9a-f]{32}", got["id"]) and got["size"] == len(sent), got
+    kept = team.server.home / "uploads" / "pending" / f"{got['id']}.tar.gz"
+    assert kept.read_bytes() == sent and kept.stat().st_mode & 0o777 == 0o600, kept
+
+
+def public_key(team: Team) -> str:
+    """A real ssh public key (ssh-keygen's, made once in the bench's folder)."""
+    key = team.workdir / "id_ed25519"
+    if not key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "authz", "-f", str(key)], check=True)
+    return key.with_suffix(".pub").read_text().strip()
+
+
+def dev_req(team: Team, role: str) -> Request:
+    """Alice's dev environment (made by the first role that asks, on the lab's busybox image: it has
+    no sshd and no package manager to install one, so, without `ide`, it runs without an SSH server)."""
+    name = team.run("a-dev")
+    if team.call("admin", "GET", f"/api/runs/{name}").status == 404:
+        text = (f"type: dev-environment\nname: {name}\nimage: {IMAGE}\nresources:\n  gpu: 1\nstop_duration: 1s\n"
+                "commands:\n  - echo dev-up\n")
+        made = team.ok("alice", "POST", "/api/runs", {"source": f"{team.workdir}/{name}.yml", "project": "ml",
+                                                       "text": text})
+        assert made["user"] == "alice", made
+        team.wait_running(name)
+    return f"/api/runs/{name}/ssh", {"public_key": public_key(team)}, None
+
+
+def task_ssh_req(team: Team, role: str) -> Request:
+    return f"/api/runs/{team.run('a-main')}/ssh", {"public_key": public_key(team)}, None
 
 
 def apply_req(team: Team, role: str) -> Request:
@@ -424,6 +491,13 @@ CASES = [
     Case("run-stop", "POST", "/api/runs/{name}/stop", roles(**ONE_OWN_RUN), stop_req, check_stop),
     Case("run-attach", "GET", "/api/runs/{name}/attach", roles(**ONE_OWN_RUN), a_main("/attach"), check_attach),
     Case("run-logs", "GET", "/api/runs/{name}/logs", roles(**ONE_OWN_RUN), a_main("/logs"), check_logs),
+    # who may attach to a run may let their key into its sshd (run-ssh: a dev environment's)
+    Case("run-ssh", "POST", "/api/runs/{name}/ssh",
+         roles(**{**ONE_OWN_RUN, "submitter": NO_SSHD, "padmin": NO_SSHD, "sadmin": NO_SSHD}), dev_req),
+    Case("run-ssh-task", "POST", "/api/runs/{name}/ssh",
+         roles(**{**ONE_OWN_RUN, "submitter": NOT_DEV, "padmin": NOT_DEV, "sadmin": NOT_DEV}), task_ssh_req),
+    # any user may upload code (it has no project yet); the run's submission checks the project
+    Case("upload", "POST", "/api/uploads", roles(**ANY_USER), upload_req, check_upload),
     Case("fleets-list", "GET", "/api/fleets", roles(**MEMBERS), plain("/api/fleets", query={"project": "ml"})),
     Case("fleet-apply", "POST", "/api/fleets", roles(**{**PROJECT_ADMINS, "other": NOT_MEMBER}), apply_req,
          check_apply),
@@ -499,6 +573,17 @@ def test_the_authorization_matrix(team, case):
 
 
 # ---------------------------------------------------------------------- what each one sees
+
+def test_a_refused_upload_stores_nothing(team):
+    """POST /api/uploads asks for the token before it reads the body: anonymous and a bad token get
+    401 and the server keeps no byte of what they sent."""
+    pending = team.server.home / "uploads" / "pending"
+    before = sorted(pending.iterdir()) if pending.exists() else []
+    for role in (ANON, BAD):
+        reply = team.call(role, "POST", "/api/uploads", upload_archive(role))
+        assert reply.status == 401 and "id" not in reply.json(), reply.text
+    assert (sorted(pending.iterdir()) if pending.exists() else []) == before
+
 
 def test_a_user_lists_only_the_runs_of_their_projects(team):
     def names(who, **query):
