@@ -188,7 +188,7 @@ options:
     description:
       - The host folder a run's code upload was unpacked in (the workload role does it); required with
         I(uploads). C(~) is the home of the user the module runs as.
-    type: str
+    type: path
   uploads:
     description:
       - Items of the upload bound read-write into the container, each C({src, dst}), C(src) an item's path
@@ -478,8 +478,8 @@ def _registry_auth(module, auth):
     """{username, password} (both non-empty strings), or None; the values are never shown."""
     if auth is None:
         return None
-    if set(auth) != {"username", "password"} or not all(isinstance(v, str) and v and "\0" not in v
-                                                         for v in auth.values()):
+    fine = all(isinstance(v, str) and v and "\0" not in v for v in auth.values())
+    if set(auth) != {"username", "password"} or not fine:
         module.fail_json(msg="registry_auth must be {username, password}, each a non-empty string")
     if ":" in auth["username"]:
         module.fail_json(msg="registry_auth: the username cannot contain ':'")
@@ -490,7 +490,7 @@ def _upload_mounts(module, base, uploads):
     """The `--volume` values of a run's uploaded items: each SRC below upload_dir at DST, read-write."""
     if not uploads:
         return []
-    base = os.path.expanduser(base or "")
+    base = base or ""
     if not os.path.isabs(base):
         module.fail_json(msg=f"upload_dir: {base!r}: an absolute path is required with uploads")
     base = os.path.realpath(base)
@@ -503,8 +503,8 @@ def _upload_mounts(module, base, uploads):
                 ".." in dst.split("/"):
             module.fail_json(msg=f"uploads: {dst!r} is not an absolute container path (no ':', ',' or '..')")
         path = os.path.join(base, src)
-        if not getattr(module, "check_mode", False) and (os.path.islink(path) or not os.path.exists(path) or
-                                      os.path.realpath(path) != path):
+        bad = os.path.islink(path) or not os.path.exists(path) or os.path.realpath(path) != path
+        if not getattr(module, "check_mode", False) and bad:
             module.fail_json(msg=f"uploads: {src} is missing from {base}, or is reached through a symlink")
         out.append(f"{path}:{dst}")
     return out
@@ -622,7 +622,7 @@ def error_message(stderr):
 
 def registry_of(image):
     """The registry an image reference is pulled from (its first part when that names a host, else Docker Hub)."""
-    first, slash, _ = image.partition("/")
+    first, slash, _rest = image.partition("/")
     if slash and ("." in first or ":" in first or first == "localhost"):
         return first
     return "docker.io"
@@ -735,7 +735,7 @@ def main():
             volumes=dict(type="list", elements="str", default=[]),
             optional_volumes=dict(type="list", elements="str", default=[]),
             workdir=dict(type="str"),
-            upload_dir=dict(type="str"),
+            upload_dir=dict(type="path"),
             uploads=dict(type="list", elements="dict", default=[]),
             user=dict(type="str"),
             entrypoint=dict(type="str"),
