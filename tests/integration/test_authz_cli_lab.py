@@ -20,7 +20,7 @@ so the fixture stays as it was for the other cells; `user rotate-token` runs las
 
 Speed: each call is a Python start-up; the rows run in a pool of threads (the cells of one row one
 after another, so a row's set-ups and targets never race): the whole file takes about 1.5 minutes on
-an idle 2-core machine (the about 216 calls about 65 s of it), 2 CPU-minutes in all.
+an idle 2-core machine (its about 216 calls about 65 s of it), 2 CPU-minutes in all.
 """
 
 from __future__ import annotations
