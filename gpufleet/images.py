@@ -19,10 +19,12 @@ from gpufleet.models.images import IMAGE_LIST, PYTHON_VERSIONS, ImageSpec
 
 # dstack's defaults (its settings.py and version.py at 511c318c8): DSTACK_DOCKER_BASE_IMAGE,
 # docker_base_image, docker_base_image_ubuntu_version; `-devel-` for nvcc; DSTACK_DIND_IMAGE for `docker: true`
-DSTACK_BASE_IMAGE = "dstackai/base"
+# written in full (docker.io/...): Docker reads a short name as Docker Hub's, but podman refuses one unless
+# the host's registries.conf has unqualified-search registries (Debian's has none)
+DSTACK_BASE_IMAGE = "docker.io/dstackai/base"
 DSTACK_BASE_VERSION = "0.15"
 DSTACK_UBUNTU = "24.04"
-DSTACK_DIND_IMAGE = "dstackai/dind"
+DSTACK_DIND_IMAGE = "docker.io/dstackai/dind"
 DSTACK_VENV_DIR = "/dstack/venv"
 
 

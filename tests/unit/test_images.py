@@ -73,15 +73,15 @@ def test_the_fleets_list_wins_over_the_servers_and_dstacks_is_last():
     assert choose(fleet=LIST, server=server).image == "localhost/py312:1"
     assert choose(fleet=None, server=server).image == "srv:1"
     dstack = choose(fleet=None, server=None, python="3.10")
-    assert dstack.image == "dstackai/base:0.15-base-ubuntu24.04"
+    assert dstack.image == "docker.io/dstackai/base:0.15-base-ubuntu24.04"
     assert dstack.venv_python == "3.10" and dstack.shell == "bash"
     assert "uv venv -q --prompt dstack -p 3.10 --seed" in dstack.prelude()
-    assert choose(fleet=None, nvcc=True).image == "dstackai/base:0.15-devel-ubuntu24.04"
+    assert choose(fleet=None, nvcc=True).image == "docker.io/dstackai/base:0.15-devel-ubuntu24.04"
     assert choose(fleet=None).venv_python == images.default_python()
     # an image given, or docker: true (dstack's dind image), is not chosen
     assert choose(image="busybox").image == "busybox"
     dind = choose(docker=True)
-    assert (dind.image, dind.shell, dind.prelude()) == ("dstackai/dind", "bash", "start-dockerd")
+    assert (dind.image, dind.shell, dind.prelude()) == ("docker.io/dstackai/dind", "bash", "start-dockerd")
 
 
 def test_the_fleets_stored_config_and_the_servers_settings_carry_images(tmp_path):
@@ -264,7 +264,7 @@ def test_on_dstacks_image_commands_run_with_bash_after_the_venv():
 
     req = RunRequest(name="r", source="r", config=cfg(python="3.11", commands=["python -V"]))
     run, prelude = on_image(req, images.choose(req.config, None, None, "f"), "HOSTFILE")
-    v = _vars(run, image="dstackai/base:0.15-base-ubuntu24.04")
+    v = _vars(run, image="docker.io/dstackai/base:0.15-base-ubuntu24.04")
     script = container_vars(run, "r1", {}, HostFacts(runtime={"name": "podman"}), [], 1, 0, set(),
                             prelude=prelude)["workload_command"]
     assert script[:2] == ["/bin/bash", "-c"] and v["workload_command"][0] == "/bin/bash"
