@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import container_module
+from runforms import problems, run
 from test_hostpolicy import Failed, FakeModule
 
 from gpufleet import runs
-from gpufleet.errors import ConfigError
 from gpufleet.launch import container_vars, published_ports
 from gpufleet.models import GPU, RUN_CONFIG, HostFacts, RunRequest
 from gpufleet.queue import request_of
@@ -24,16 +24,6 @@ from gpufleet.tunnel import Forwarder
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(kind: str = "task", **fields):
-    extra = {"port": 8000} if kind == "service" else {}
-    return RUN_CONFIG.validate_python({"type": kind, "image": "localhost/x:1", **extra, **fields})
-
-
-def problems(tmp_path: Path, text: str) -> str:
-    path = tmp_path / "run.yml"
-    with pytest.raises(ConfigError) as e:
-        parse_run(text, str(path))
-    return "\n".join(map(str, e.value.problems))
 
 
 def vars_of(cfg) -> dict:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 from conftest import container_module
+from runforms import problems
 from test_hostpolicy import Failed, FakeModule
 
 from gpufleet import images
-from gpufleet.errors import ConfigError
 from gpufleet.launch import container_vars
 from gpufleet.models import GPU, RUN_CONFIG, FleetConfig, HostFacts, RunRequest
 from gpufleet.models.images import IMAGE_LIST
@@ -34,11 +34,6 @@ def cfg(**fields):
 def choose(fleet=LIST, server=None, **fields):
     return images.choose(cfg(**fields), fleet, server, "lab")
 
-
-def problems(tmp_path: Path, text: str, env: dict | None = None) -> str:
-    with pytest.raises(ConfigError) as e:
-        parse_run(text, str(tmp_path / "run.yml"), secrets=env)
-    return "\n".join(map(str, e.value.problems))
 
 
 # ------------------------------------------------------------------------------------------ choosing
