@@ -32,7 +32,6 @@ _COMMON = {
     "home_dir": "it has no effect in dstack either (deprecated); remove it",
     "setup": "deprecated in dstack; put those lines first in `commands`",
     "dstack": "",
-    "utilization_policy": "",
     "backends": _CLOUD, "regions": _CLOUD, "availability_zones": _CLOUD, "instance_types": _CLOUD,
     "reservation": _CLOUD, "max_price": _CLOUD, "creation_policy": _CLOUD,
     "idle_duration": _CLOUD, "instances": _CLOUD, "tags": _CLOUD, "backend_options": _CLOUD,

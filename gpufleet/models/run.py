@@ -642,6 +642,29 @@ def _priority(value: Any) -> Any:
     return value
 
 
+UTILIZATION_WINDOW_MIN = 300.0  # dstack's minimum time_window (5m)
+
+
+def _time_window(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds < UTILIZATION_WINDOW_MIN:
+        raise ValueError(f"must be at least 5m, as in dstack (got {value!r}): GPUs are sampled every few "
+                         f"seconds and a shorter window would stop runs that are only loading data")
+    return seconds
+
+
+class UtilizationPolicy(CoreModel):
+    """dstack's `utilization_policy`: stop a run that leaves a GPU idle."""
+
+    min_gpu_utilization: int = Field(
+        ge=0, le=100, description="Percent. If any of the run's GPUs stayed below it in every sample of the "
+                                  "last `time_window`, the run is stopped (as dstack).")
+    time_window: Annotated[float, BeforeValidator(_time_window)] = Field(
+        description="Seconds or dstack's forms (5m, 30m, 1h, 1d); at least 5m. A run is judged only once it has "
+                    "been sampled for the whole window (from its start, and again after a server restart loses "
+                    "nothing: samples are in the database).")
+
+
 class RetryEvent(StrEnum):
     """dstack's retry events."""
 
@@ -1005,6 +1028,11 @@ class _Run(CoreModel):
                           "once when it is `false` or leaves no-capacity out. Unlike dstack (whose default "
                           "is `false`), a run without `retry` waits for capacity with no time bound. "
                           "See `retry_policy`.")
+    utilization_policy: UtilizationPolicy | None = Field(
+        None, description="dstack's `utilization_policy`: {min_gpu_utilization: 10, time_window: 30m}: the run is "
+                          "stopped when any of its GPUs stayed below min_gpu_utilization percent in every metrics "
+                          "sample of the last time_window (the server samples each host every 10 s; past an hour "
+                          "it keeps 1-minute means). An event says which GPU and how idle it was.")
     schedule: ScheduleSpec | None = Field(
         None, description="dstack's `schedule`: {cron: '15 23 * * *'} or {cron: [list]}: the run is accepted and "
                           "waits (`pending`, `scheduled: next ... UTC`) until the next of these times, starts then "

@@ -64,8 +64,8 @@ def test_dry_run_of_a_run_that_can_never_fit_fails(gf, api: Api, tmp_path: Path)
 
 @pytest.mark.parametrize("text,message", [
     ("type: task\nimage: busybox\ncomands: [x]\n", "comands: unknown field 'comands'; did you mean 'commands'?"),
-    ("type: task\nutilization_policy: {min_gpu_utilization: 10, time_window: 1h}\ncommands: [x]\n",
-     "utilization_policy: a dstack field that gpufleet does not support"),
+    ("type: task\nutilization_policy: {min_gpu_utilization: 10, time_window: 1m}\ncommands: [x]\n",
+     "utilization_policy.time_window: must be at least 5m"),
 ])
 def test_dry_run_of_a_bad_run_is_refused_before_the_server_is_asked(gf, api: Api, tmp_path: Path, text, message):
     path = write(tmp_path, "bad.yml", text)

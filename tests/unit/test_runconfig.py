@@ -318,7 +318,7 @@ def test_a_typo_in_a_run_gets_did_you_mean(tmp_path, text, message):
 
 @pytest.mark.parametrize("kind,line,hint", [
     ("task", "single_branch: true", "; gpufleet uploads a repo's working tree without its .git folder"),
-    ("task", "utilization_policy: {min_gpu_utilization: 10, time_window: 1h}", ""),
+    ("task", "dstack: \">=0.19\"", ""),
     ("task", "max_price: 1.5", "; a dstack cloud field"),
     ("service", "model: llama", "; gpufleet has no gateway"),
     ("service", "auth: false", "; gpufleet has no gateway"),
