@@ -106,6 +106,7 @@ def fleets_json(views: list[FleetState]) -> str:
                 "instance": i.num, "alias": i.alias, "hostname": i.hostname, "port": i.port,
                 "status": i.status, "reason": i.reason, "status_text": i.status_text,
                 "resources": i.resources, "blocks": {"total": i.blocks_total, "busy": i.blocks_busy},
+                "withheld": i.withheld,
                 "gpus": [g.model_dump(mode="json") for g in i.facts.gpus] if i.facts else [],
                 "cpus": i.facts.cpu.count if i.facts else None,
                 "memory_mib": i.facts.memory_mib if i.facts else None,

@@ -111,6 +111,19 @@ blocks = Table(
     Column("run", String(128), nullable=True),  # the run holding the block; NULL when free
 )
 
+# GPUs kept from new runs: a process outside gpufleet holds one (someone ran a job on the host by hand),
+# or it reports a hardware fault. Written by the metrics loop from each sample (Store.withhold); a
+# block with such a GPU is busy to the allocator until the row goes.
+withheld_gpus = Table(
+    "withheld_gpus", metadata,
+    Column("instance_id", Integer, ForeignKey("instances.id", ondelete="CASCADE"), primary_key=True),
+    Column("vendor", String(16), primary_key=True),
+    Column("gpu", Integer, primary_key=True),  # the vendor tool's index (GPU.index)
+    Column("kind", String(16), nullable=False),  # outside | unhealthy
+    Column("reason", Text, nullable=False),
+    Column("since", Float, nullable=False),
+)
+
 runs = Table(
     "runs", metadata,
     Column("name", String(64), primary_key=True),
@@ -264,12 +277,16 @@ KEEP_EVENTS = 100_000  # events beyond this many are pruned, oldest first
 _GPUS = TypeAdapter(list[GPU])
 
 
-def _instance(r, blocks_total: int = 0, blocks_busy: int = 0) -> Instance:
+def _instance(r, blocks_total: int = 0, blocks_busy: int = 0, withheld: list[str] | None = None) -> Instance:
     facts = json.loads(r.probe)
     return Instance(fleet=r.fleet, num=r.num, alias=r.alias, hostname=r.hostname, port=r.port, status=r.status,
                     reason=r.reason, resources=r.resources, facts=HostFacts.model_validate(facts) if facts else None,
                     created_at=r.created_at, updated_at=r.updated_at, blocks_total=blocks_total,
-                    blocks_busy=blocks_busy)
+                    blocks_busy=blocks_busy, withheld=withheld or [])
+
+
+def _withheld_row(iid: int, key: tuple[str, int]) -> tuple:
+    return (withheld_gpus.c.instance_id == iid, withheld_gpus.c.vendor == key[0], withheld_gpus.c.gpu == key[1])
 
 
 def _run(r) -> Run:
@@ -394,10 +411,14 @@ class Store:
             if name is not None:
                 q = q.where(instances.c.fleet == name)
             counts = self._block_counts(c)
+            held: dict[int, list[str]] = {}
+            for w in c.execute(select(withheld_gpus).order_by(withheld_gpus.c.vendor, withheld_gpus.c.gpu)):
+                what = "used outside gpufleet" if w.kind == "outside" else "unhealthy"
+                held.setdefault(w.instance_id, []).append(f"GPU {w.gpu} {what}: {w.reason}")
             for r in c.execute(q):
                 if r.fleet in out:
                     total, busy = counts.get(r.id, (0, 0))
-                    out[r.fleet].instances.append(_instance(r, total, busy))
+                    out[r.fleet].instances.append(_instance(r, total, busy, held.get(r.id, [])))
         return list(out.values())
 
     @staticmethod
@@ -463,6 +484,57 @@ class Store:
                 c.execute(delete(blocks).where(blocks.c.instance_id == iid))
             self._changed(c, [iid])
             return iid
+
+    def withhold(self, fleet: str, alias: str, found: dict[tuple[str, int], tuple[str, str]]) -> list[str]:
+        """Set which GPUs of host ``alias`` are kept from new runs: ``found`` maps (vendor, index) to
+        (kind, reason), kind `outside` (a process no gpufleet run owns holds it) or `unhealthy` (a
+        hardware fault), as the latest sample of the host says. GPUs no longer in ``found`` are
+        released. Changes are events (`gpu-withheld`, `gpu-released`); returns their messages."""
+        now = time.time()
+        messages: list[str] = []
+        with self.engine.begin() as c:
+            iid = c.execute(select(instances.c.id).where(instances.c.fleet == fleet,
+                                                         instances.c.alias == alias)).scalar()
+            if iid is None:
+                return messages
+            had = {(r.vendor, r.gpu): r for r in c.execute(select(withheld_gpus)
+                                                           .where(withheld_gpus.c.instance_id == iid))}
+            if not had and not found:
+                return messages
+            self._serialize(c)
+            for key, (kind, reason) in sorted(found.items()):
+                old = had.get(key)
+                if old is not None and (old.kind, old.reason) == (kind, reason):
+                    continue
+                if old is None:
+                    c.execute(insert(withheld_gpus).values(instance_id=iid, vendor=key[0], gpu=key[1], kind=kind,
+                                                           reason=reason, since=now))
+                else:
+                    c.execute(update(withheld_gpus).where(*_withheld_row(iid, key)).values(kind=kind, reason=reason))
+                if old is None or old.kind != kind:
+                    what = "used outside gpufleet" if kind == "outside" else "unhealthy"
+                    messages.append(f"GPU {key[1]} on {alias} is {what}: {reason}; no new run is placed on it "
+                                    f"until it is {'free' if kind == 'outside' else 'healthy'} again")
+                    self._event(c, "gpu-withheld", messages[-1], fleet=fleet, host=alias)
+            for key, old in sorted(had.items()):
+                if key not in found:
+                    c.execute(delete(withheld_gpus).where(*_withheld_row(iid, key)))
+                    what = "free" if old.kind == "outside" else "healthy"
+                    messages.append(f"GPU {key[1]} on {alias} is {what} again")
+                    self._event(c, "gpu-released", messages[-1], fleet=fleet, host=alias)
+            if set(had) != set(found):
+                self._changed(c, [iid])
+        return messages
+
+    def withheld(self) -> dict[tuple[str, str], dict[tuple[str, int], tuple[str, str, float]]]:
+        """Every withheld GPU: (fleet, alias) -> (vendor, index) -> (kind, reason, since)."""
+        out: dict[tuple[str, str], dict[tuple[str, int], tuple[str, str, float]]] = {}
+        with self._reads.connect() as c:
+            q = select(instances.c.fleet, instances.c.alias, withheld_gpus).join(
+                withheld_gpus, withheld_gpus.c.instance_id == instances.c.id)
+            for r in c.execute(q):
+                out.setdefault((r.fleet, r.alias), {})[(r.vendor, r.gpu)] = (r.kind, r.reason, r.since)
+        return out
 
     def remove_instance(self, fleet: str, alias: str) -> None:
         with self.engine.begin() as c:
@@ -531,10 +603,24 @@ class Store:
         for chunk in [None] if ids is None else _chunks(ids):
             for b in c.execute(q if chunk is None else q.where(blocks.c.instance_id.in_(chunk))):
                 busy.setdefault(b.instance_id, set()).add(b.idx)
+        held: dict[int, set[tuple[str, int]]] = {}  # GPUs withheld (Store.withhold): their blocks are busy too
+        q = select(withheld_gpus.c.instance_id, withheld_gpus.c.vendor, withheld_gpus.c.gpu)
+        for chunk in [None] if ids is None else _chunks(ids):
+            for w in c.execute(q if chunk is None else q.where(withheld_gpus.c.instance_id.in_(chunk))):
+                held.setdefault(w.instance_id, set()).add((w.vendor, w.gpu))
         for r in rows:
-            self._index_put(r.id, r.fleet, r.num, r.alias, busy.get(r.id, ()))
+            taken = busy.get(r.id, set())
+            if r.id in held and r.id in self._slot_cache:
+                taken = taken | self._blocks_holding(r.id, held[r.id])
+            self._index_put(r.id, r.fleet, r.num, r.alias, taken)
         self._seen = top
         return self._index
+
+    def _blocks_holding(self, iid: int, keys: set[tuple[str, int]]) -> set[int]:
+        """The blocks of instance ``iid`` that hold any of the GPUs ``keys`` ((vendor, index))."""
+        _, gpus, _, variants = self._slot_cache[iid]
+        positions = {p for p, g in enumerate(gpus) if (g.vendor, g.index) in keys}
+        return {idx for idx, free, _ in variants if positions.intersection(free.gpus)}
 
     def _index_put(self, iid: int, fleet: str, num: int, alias: str, taken) -> None:
         """Put a ready instance in the view, its blocks ``taken`` (indices) busy, the rest free."""

@@ -32,14 +32,15 @@ class Instance(CoreModel):
     updated_at: float
     blocks_total: int = 0
     blocks_busy: int = 0
+    withheld: list[str] = Field(default_factory=list)  # GPUs kept from new runs, each with why (Store.withhold)
 
     @property
     def status_text(self) -> str:
         if self.status != InstanceStatus.READY:
             return f"{self.status}: {self.reason}" if self.reason else str(self.status)
-        if self.blocks_total <= 1:
-            return "busy" if self.blocks_busy else "idle"
-        return f"{self.blocks_busy}/{self.blocks_total} busy"
+        text = ("busy" if self.blocks_busy else "idle") if self.blocks_total <= 1 else \
+            f"{self.blocks_busy}/{self.blocks_total} busy"
+        return "; ".join([text, *self.withheld])
 
 
 class FleetState(CoreModel):

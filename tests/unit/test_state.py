@@ -555,3 +555,33 @@ def test_a_fleets_env_is_read_from_state_even_when_its_key_files_are_gone(tmp_pa
     assert fleet_config_env(store, "f", {"TOKEN": "s3cret", "OTHER": "x"}) == ({"A": "1"}, {"TOKEN": "s3cret"})
     with pytest.raises(GpufleetError, match="fleet f: secret TOKEN has no value: export it and apply the fleet"):
         fleet_config_env(store, "f", {})
+
+
+def test_withheld_gpus_are_not_allocated_and_come_back(db_url):
+    """A GPU held by a process outside gpufleet, or faulty, keeps its block from new runs (seen by
+    another long-lived store too), with events; released, it is allocated again."""
+    a, b = Store(db_url), Store(db_url)
+    add_host(a, "f", "x", n=2)  # blocks of one GPU each
+    b.slots_snapshot()  # b has a view before the change
+    messages = a.withhold("f", "x", {("nvidia", 0): ("outside", "pid 4242 (/usr/bin/python3, 30 GiB) in no run")})
+    assert messages == ["GPU 0 on x is used outside gpufleet: pid 4242 (/usr/bin/python3, 30 GiB) in no run; "
+                        "no new run is placed on it until it is free again"]
+    assert a.withhold("f", "x", {("nvidia", 0): ("outside", "pid 4242 (/usr/bin/python3, 30 GiB) in no run")}) == []
+    [p] = b.allocate("r1", "r1", "task", {}, "c1", _one_gpu)
+    assert p.gpus == (1,)
+    assert b.fleet("f").instances[0].status_text == ("1/2 busy; GPU 0 used outside gpufleet: pid 4242 "
+                                                     "(/usr/bin/python3, 30 GiB) in no run")
+    with pytest.raises(NoCapacity):
+        b.allocate("r2", "r2", "task", {}, "c2", _one_gpu)
+    assert a.withheld() == {("f", "x"): {("nvidia", 0): ("outside", "pid 4242 (/usr/bin/python3, 30 GiB) in no run",
+                                                         pytest.approx(time.time(), abs=60))}}
+    # the same GPU turns faulty: one event; then healthy and free: released, allocatable again
+    assert a.withhold("f", "x", {("nvidia", 0): ("unhealthy", "2 uncorrected ECC errors")})[0].startswith(
+        "GPU 0 on x is unhealthy: 2 uncorrected ECC errors")
+    assert a.withhold("f", "x", {}) == ["GPU 0 on x is healthy again"]
+    [p] = b.allocate("r2", "r2", "task", {}, "c2", _one_gpu)
+    assert p.gpus == (0,)
+    kinds = [e.kind for e in a.events() if e.kind.startswith("gpu-")]
+    assert kinds == ["gpu-withheld", "gpu-withheld", "gpu-released"]
+    assert a.withheld() == {}
+    assert a.withhold("f", "nohost", {("nvidia", 0): ("outside", "x")}) == []
