@@ -453,11 +453,15 @@ def _make_devices(d: Path, gpus: list[dict]) -> None:
         devices.append({"name": "all", "containerEdits": {"deviceNodes": [
             e for d_ in devices if d_["name"].isdigit() for e in d_["containerEdits"]["deviceNodes"]]}})
         # the driver's state goes into every container given a GPU, as nvidia-ctk's specs mount the
-        # driver's files: there gpu-burn registers what it holds and the host's nvidia-smi reads it
-        driver = {"hostPath": str(gputools.driver_dir(d / "bin")), "containerPath": gputools.CONTAINER_DRIVER_DIR,
-                  "options": ["rw", "nosuid", "nodev", "bind"]}
+        # driver's files (read-only): gpu-burn registers what it holds in holders/ (writable), and the
+        # host's nvidia-smi reads it there
+        driver = gputools.driver_dir(d / "bin")
+        mounts = [{"hostPath": str(driver), "containerPath": gputools.CONTAINER_DRIVER_DIR,
+                   "options": ["ro", "nosuid", "nodev", "bind"]},
+                  {"hostPath": str(driver / "holders"), "containerPath": f"{gputools.CONTAINER_DRIVER_DIR}/holders",
+                   "options": ["rw", "nosuid", "nodev", "noexec", "bind"]}]
         spec.write_text(json.dumps({"cdiVersion": "0.5.0", "kind": "nvidia.com/gpu", "devices": devices,
-                                    "containerEdits": {"deviceNodes": common, "mounts": [driver]}},
+                                    "containerEdits": {"deviceNodes": common, "mounts": mounts}},
                                    indent=2) + "\n")
     else:
         spec.unlink(missing_ok=True)

@@ -66,6 +66,9 @@ def test_a_run_and_a_stray_job_make_their_gpus_busy(site, tmp_path):
     cid = container["Id"]
     seen = core.host_exec(lab, node, ["podman", "exec", cid, "sh", "-c", "ls /dev; ls /run/gpufleet-lab-gpu"]).stdout
     assert re.findall(r"^nvidia\d+$", seen, re.M) == [f"nvidia{index}"] and "holders" in seen
+    tamper = core.host_exec(lab, node, ["podman", "exec", cid, "sh", "-c", "echo x > /run/gpufleet-lab-gpu/gpus"],
+                            check=False)
+    assert tamper.returncode != 0 and "Read-only" in tamper.stderr  # a run may not change the host's GPUs
     [[app_uuid, pid, mib, name]] = apps(lab, cli)
     assert app_uuid == uuid and name == "/usr/bin/gpu-burn" and int(mib) == 81559 * 9 // 10
     assert cid in Path(f"/proc/{pid}/cgroup").read_text()  # a host PID, in the run's container
