@@ -218,9 +218,17 @@ def test_gpu_burn_without_a_gpu_says_so(make, tmp_path):
     assert p.returncode == 1 and "no GPU found" in p.stderr
 
 
-def test_gpu_burn_under_busybox_sh_parses():
-    p = subprocess.run(["busybox", "sh", "-n", "-c", gputools.GPU_BURN], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
+def test_gpu_burn_runs_under_busybox_sh(make):
+    """The lab image's shell is busybox's: its body (after the re-exec that adds the token) runs there."""
+    host = make([GpuSpec("nvidia", "H100", 2)])
+    token = f"{gputools.HOLDER_PREFIX}11111111-2222-3333-4444-555555555555"
+    p = subprocess.Popen(["busybox", "sh", str(host.bin / "gpu-burn"), "--gpufleet-lab-holder", token, "--gpus=1",
+                          "--percent=25", "--seconds=2"], env=host.env, stdout=subprocess.PIPE, text=True)
+    wait_for("gpu-burn under busybox to register", lambda: host.holders() == [token], timeout=10)
+    assert [r[2] for r in host.rows()] == ["0", "25"]
+    assert host.out(APPS).split(", ")[1] == str(p.pid)
+    out, _ = p.communicate(timeout=15)
+    assert p.returncode == 0 and "holding GPU 1" in out and host.holders() == []
 
 
 # --------------------------------------------------------------------------- faults
