@@ -44,7 +44,7 @@ REQUIREMENTS = [
     ("podman", "podman"), ("runc", "runc"), ("busybox-static", "busybox"), ("sudo", "sudo"),
     # podman's bridge network (single-node runs' own network namespace, ports published by CNI's portmap)
     ("containernetworking-plugins", "/usr/lib/cni/bridge"), ("iptables", "/usr/sbin/iptables"),
-    ("passwd", "useradd"),
+    ("passwd", "useradd"), ("util-linux", "runuser"),  # runuser: gpu-burn started by hand as the lab's user
 ]
 
 
@@ -587,6 +587,18 @@ class GpuBurn:
             self.process.wait()
 
 
+def _descends(pid: int, ancestor: int) -> bool:
+    for _ in range(8):
+        if pid == ancestor:
+            return True
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+        pid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+    return False
+
+
 def start_gpu_burn(lab: Lab, host: LabHost, *args: str, timeout: float = 10) -> GpuBurn:
     """Start ``gpu-burn ARGS`` on lab node ``host`` as the lab's plain user, in the host's namespaces
     with the environment a login there gets, as a person would by hand; return once it holds its
@@ -607,7 +619,9 @@ def start_gpu_burn(lab: Lab, host: LabHost, *args: str, timeout: float = 10) -> 
         for token in set(os.listdir(holders)) - before:
             if token.startswith(gputools.HOLDER_PREFIX):  # on the host, the $$ it recorded is the host's PID
                 record = (holders / token).read_text().splitlines()
-                return GpuBurn(proc, token, int(next(x for x in record if x.startswith("pid "))[4:]))
+                pid = int(next(x for x in record if x.startswith("pid "))[4:])
+                if _descends(pid, proc.pid):  # not one that something else started meanwhile
+                    return GpuBurn(proc, token, pid)
         if proc.poll() is not None:
             raise GpufleetError(f"lab: gpu-burn on {host.hostname} exited {proc.returncode}: {proc.stdout.read()}")
         time.sleep(0.05)
