@@ -16,10 +16,11 @@ import os
 import secrets
 import shlex
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from gpufleet import ssherrors
+from gpufleet import probe, ssherrors
 from gpufleet.containers import commands, ssh_argv
 from gpufleet.metrics import hostcmd, parse
 from gpufleet.models import InstanceStatus
@@ -190,7 +191,22 @@ def outside(sample: HostSample) -> dict[int, list[GpuProcess]]:
     return found
 
 
-def sample_host(files: FleetFiles, fleet: str, alias: str, runtime: list[str], at: float) -> HostSample:
+def _diagnose(files: FleetFiles, alias: str) -> str | None:
+    """The login node's own reason why ``alias`` cannot be reached, which a multiplexed jump hides
+    (probe.diagnose_through); None when there is no jump or no answer."""
+    try:
+        p = subprocess.run(["ssh", "-F", str(files.ssh_config), "-G", alias], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=10)
+    except subprocess.TimeoutExpired:
+        return None
+    jump = next((line.split(None, 1)[1] for line in p.stdout.splitlines() if line.startswith("proxyjump ")), None)
+    if not jump or "," in jump:  # the generated ssh_config names one alias, the last hop
+        return None
+    return probe.diagnose_through(str(files.ssh_config), jump, alias)
+
+
+def sample_host(files: FleetFiles, fleet: str, alias: str, runtime: list[str], at: float,
+                diagnoses: threading.Semaphore | None = None) -> HostSample:
     marker = f"@@gpufleet-sample-{secrets.token_hex(6)}"
     argv = ssh_argv(files, alias, None) + ["--", host_script(runtime, marker)]
     try:
@@ -198,8 +214,13 @@ def sample_host(files: FleetFiles, fleet: str, alias: str, runtime: list[str], a
     except subprocess.TimeoutExpired:
         return HostSample(fleet=fleet, alias=alias, at=at, error=f"{alias}: no answer within {SAMPLE_TIMEOUT}s")
     if p.returncode != 0:  # the script itself always exits 0: this is ssh failing (255) or the shell
-        cause = ssherrors.explain(p.stderr, alias, str(files.known_hosts)) if p.returncode == 255 \
-            else f"the sample script failed (exit {p.returncode}): {_last_line(p.stderr)}"
+        if p.returncode == 255:
+            raw = p.stderr
+            if ssherrors.hides_cause(raw) and (diagnoses or threading.Semaphore()).acquire(blocking=False):
+                raw = _diagnose(files, alias) or raw  # not released: a few per round (probe.MAX_DIAGNOSES)
+            cause = ssherrors.explain(raw, alias, str(files.known_hosts))
+        else:
+            cause = f"the sample script failed (exit {p.returncode}): {_last_line(p.stderr)}"
         return HostSample(fleet=fleet, alias=alias, at=at, error=f"{alias}: {cause}")
     return host_sample(fleet, alias, at, p.stdout, marker)
 
@@ -213,8 +234,9 @@ def sample_fleet(files: FleetFiles, fleet: str, runtimes: dict[str, list[str]],
         return []
     at = time.time() if now is None else now
     aliases = list(runtimes)
+    diagnoses = threading.Semaphore(probe.MAX_DIAGNOSES)  # hosts whose hidden cause is asked for, this round
     with ThreadPoolExecutor(min(len(aliases), MAX_THREADS)) as pool:
-        return list(pool.map(lambda a: sample_host(files, fleet, a, runtimes[a], at), aliases))
+        return list(pool.map(lambda a: sample_host(files, fleet, a, runtimes[a], at, diagnoses), aliases))
 
 
 def sample_all(store) -> list[HostSample]:
