@@ -17,6 +17,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gpufleet.errors import NotFound
 from gpufleet.metrics import export
 from gpufleet.metrics import store as metrics
 from gpufleet.server.auth import Me
@@ -36,11 +37,13 @@ def router(ctx: Any) -> APIRouter:
         return metrics.gpu_rows(ctx.store, who.visible(), project=project, interval=ctx.metrics_interval)
 
     @r.get("/runs/{name}/metrics", tags=["metrics"])
-    def run_metrics(name: str, who: Me, since: float | None = None) -> dict:
+    def run_metrics(name: str, who: Me, since: float | None = None, project: str | None = None) -> dict:
         """A run's GPUs, their latest numbers, their utilization and memory since ``since`` (unix
         time; default: the run's submission) and its containers' CPU and memory: raw samples where
-        kept, else 1-minute means (``resolution``)."""
+        kept, else 1-minute means (``resolution``). ``project``: the run must be of it."""
         run = who.sees_run(ctx.store, name)
+        if project and run.project != project:
+            raise NotFound(f"no run named {name!r} in project {project} (it is of project {run.project})")
         who.need_run(run, f"reading the metrics of run {name}")
         return metrics.run_metrics(ctx.store, run, since, raw_retention=ctx.metrics_raw_retention)
 
