@@ -212,13 +212,16 @@ class Controller:
         from gpufleet.metrics import store as metrics
 
         def one_pass() -> None:
-            if self.sample is None:
-                from gpufleet.metrics.sample import sample_all
-
-                self.sample = sample_all
             metrics.tick(self.store, self.sample, self.settings.metrics_raw_retention,
                          self.settings.metrics_retention)
 
+        if self.sample is None:
+            try:
+                from gpufleet.metrics.sample import sample_all
+            except ImportError as e:  # a gpufleet without the sampler: no metrics, the rest as ever
+                log.warning("no metrics: %s", e)
+                return
+            self.sample = sample_all
         while not self._stop.wait(self.settings.metrics_interval):
             if self.leading:
                 self._safely(one_pass)
