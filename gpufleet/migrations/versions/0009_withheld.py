@@ -7,8 +7,8 @@ block holding one as busy.
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008_withheld"
-down_revision = "0007_schedule"
+revision = "0009_withheld"
+down_revision = "0008_metrics"
 branch_labels = None
 depends_on = None
 
