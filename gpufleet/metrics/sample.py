@@ -182,12 +182,14 @@ def outside(sample: HostSample) -> dict[int, list[GpuProcess]]:
     runtime could not list its containers, only processes in no container at all are counted (one in a
     container may be a run's)."""
     known = CONTAINERS_FAILED not in sample.error
+    by_uuid = {g.uuid: g.index for g in sample.gpus if g.uuid}
     found: dict[int, list[GpuProcess]] = {}
     for p in sample.processes:
-        if p.gpu_index is None:
+        index = p.gpu_index if p.gpu_index is not None else by_uuid.get(p.gpu_uuid or "")
+        if index is None:
             continue
         if p.container is None or (known and p.container not in sample.container_ids):
-            found.setdefault(p.gpu_index, []).append(p)
+            found.setdefault(index, []).append(p)
     return found
 
 

@@ -8,8 +8,8 @@ raw rows of minutes that have passed into 1-minute means and prunes what is past
 a bounded amount of work per pass.
 
 Read here, once, for everyone: which GPU is whose and in what state (``gpu_rows``: /api/gpus, the
-console, the CLI, /metrics), which GPUs the scheduler must not give (``withheld``), a run's own
-series (``run_metrics``).
+console, the CLI, /metrics) and a run's own series (``run_metrics``). Which GPUs the scheduler
+must not give is the state store's (Store.withhold, written by gpufleet.metrics.protect).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, func, insert, select
 
+from gpufleet.metrics.protect import withheld_of
+from gpufleet.metrics.sample import outside
 from gpufleet.models import Run
 from gpufleet.models.metrics import GpuProcess, HostSample
 from gpufleet.state import (
@@ -68,41 +70,18 @@ def holders(store: Store, active: Iterable[Run] | None = None) -> Holders:
     return Holders(gpus, containers)
 
 
-def _in_container(p: GpuProcess, container_ids: dict[str, str]) -> str | None:
-    """The name of the gpufleet container holding process ``p`` (None: in none of them)."""
-    if not p.container:
-        return None
-    for cid, name in container_ids.items():
-        if cid == p.container or cid.startswith(p.container) or p.container.startswith(cid):
-            return name
-    return None
-
-
-def _gpu_of(p: GpuProcess, sample: HostSample) -> int | None:
-    if p.gpu_index is not None:
-        return p.gpu_index
-    return next((g.index for g in sample.gpus if p.gpu_uuid and g.uuid == p.gpu_uuid), None)
-
-
 def processes_by_gpu(sample: HostSample) -> dict[int, list[tuple[GpuProcess, str | None]]]:
-    """Per GPU index, its processes, each with the gpufleet container holding it (None: outside gpufleet)."""
+    """Per GPU index, its processes, each with the name of the gpufleet container holding it (None:
+    outside gpufleet, as gpufleet.metrics.sample.outside decides)."""
+    stray = {id(p) for procs in outside(sample).values() for p in procs}
+    by_uuid = {g.uuid: g.index for g in sample.gpus if g.uuid}
     out: dict[int, list[tuple[GpuProcess, str | None]]] = {}
     for p in sample.processes:
-        idx = _gpu_of(p, sample)
-        if idx is not None:
-            out.setdefault(idx, []).append((p, _in_container(p, sample.container_ids)))
+        index = p.gpu_index if p.gpu_index is not None else by_uuid.get(p.gpu_uuid or "")
+        if index is not None:
+            name = None if id(p) in stray else sample.container_ids.get(p.container or "")
+            out.setdefault(index, []).append((p, name))
     return out
-
-
-def _size(mib: int | None) -> str:
-    if mib is None:
-        return "memory not reported"
-    return f"{mib / 1024:.0f} GiB" if mib >= 1024 else f"{mib} MiB"
-
-
-def outside_reason(procs: list[GpuProcess]) -> str:
-    """`pid 4242 (/usr/bin/python3, 30 GiB) in no gpufleet run`, one clause per process."""
-    return "; ".join(f"pid {p.pid} ({p.name or '?'}, {_size(p.memory_mib)}) in no gpufleet run" for p in procs)
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -280,6 +259,7 @@ def gpu_rows(store: Store, visible: set[str] | None = None, project: str | None 
             sample = None
         measured = {g.index: g for g in sample.gpus} if sample else {}
         procs = processes_by_gpu(sample) if sample else {}
+        kept = withheld_of(sample, outside(sample)) if sample else {}
         names = held.containers.get((host.fleet, host.alias), {})
         for gpu in host.gpus:
             idx = gpu["index"]
@@ -287,7 +267,8 @@ def gpu_rows(store: Store, visible: set[str] | None = None, project: str | None 
             run = runs.get(block_run) if block_run else held.gpus.get((host.fleet, host.alias), {}).get(idx)
             shown = run is not None and (visible is None or run.project in visible)
             m = measured.get(idx)
-            status, reason = _status(host, sample, m, procs.get(idx, []), run is not None or block_run is not None)
+            status, reason = _status(host, sample, m, kept, gpu.get("vendor"), idx,
+                                     run is not None or block_run is not None)
             out.append({
                 "fleet": host.fleet, "host": host.alias, "instance_id": host.instance_id, "index": idx,
                 "vendor": gpu.get("vendor"), "model": gpu.get("model") or gpu.get("name"),
@@ -310,16 +291,14 @@ def _process(p: GpuProcess, run: Run | None, visible: set[str] | None) -> dict:
             "run": run.name if run is not None and not hidden else None}
 
 
-def _status(host: HostView, sample: HostSample | None, m, procs: list, held: bool) -> tuple[str, str]:
+def _status(host: HostView, sample: HostSample | None, m, kept: dict[tuple[str, int], tuple[str, str]],
+            vendor: str | None, idx: int, held: bool) -> tuple[str, str]:
     if host.status != "ready":
         return "unreachable", host.reason or f"the host is {host.status}"
     if sample is not None and sample.error and m is None:
         return "unreachable", sample.error
-    if m is not None and m.faults:
-        return "unhealthy", "; ".join(m.faults)
-    stray = [p for p, cname in procs if cname is None]
-    if stray:
-        return "outside", outside_reason(stray)
+    if (vendor, idx) in kept:  # faulty, or used outside gpufleet: kept from new runs (protect.withheld_of)
+        return kept[(vendor, idx)]
     if held:
         return "busy", ""
     if m is None:
@@ -327,25 +306,18 @@ def _status(host: HostView, sample: HostSample | None, m, procs: list, held: boo
     return "free", ""
 
 
-def withheld(store: Store, interval: float = 10.0, now: float | None = None) -> dict[tuple[str, str], dict[int, str]]:
-    """(fleet, alias) -> GPU index -> why the scheduler must not give that GPU: a hardware fault, or
-    a process no gpufleet run owns, as the host's latest (not stale) sample says."""
+def utilization_series(store: Store, run: str, since: float, raw_retention: float = 3600.0,
+                       now: float | None = None) -> dict[tuple[str, int], list[tuple[float, float | None]]]:
+    """(host, GPU index) -> [(at, utilization)] of run ``run`` since ``since``: raw samples where they are
+    kept, else 1-minute means (what a utilization_policy is judged on)."""
     now = time.time() if now is None else now
-    out: dict[tuple[str, str], dict[int, str]] = {}
-    for key, sample in latest(store).items():
-        if now - sample.at > stale_after(interval):
-            continue
-        procs = processes_by_gpu(sample)
-        for g in sample.gpus:
-            stray = [p for p, cname in procs.get(g.index, []) if cname is None]
-            if g.faults:
-                out.setdefault(key, {})[g.index] = "; ".join(g.faults)
-            elif stray:
-                out.setdefault(key, {})[g.index] = outside_reason(stray)
-        for idx, found in procs.items():  # a process on a GPU the tool did not list (it cannot read it)
-            stray = [p for p, cname in found if cname is None]
-            if stray and idx not in out.get(key, {}) and all(g.index != idx for g in sample.gpus):
-                out.setdefault(key, {})[idx] = outside_reason(stray)
+    res = RAW if since >= now - raw_retention else MINUTE
+    g = gpu_samples.c
+    out: dict[tuple[str, int], list[tuple[float, float | None]]] = {}
+    with store._reads.connect() as c:
+        for r in c.execute(select(g.host, g.idx, g.at, g.utilization)
+                           .where(g.run == run, g.res == res, g.at >= since).order_by(g.host, g.idx, g.at)):
+            out.setdefault((r.host, r.idx), []).append((r.at, r.utilization))
     return out
 
 

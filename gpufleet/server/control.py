@@ -13,7 +13,9 @@ The loops (leader only):
   `reconcile_interval`; note hosts that stop answering and come back;
 - limits: max_duration and retry windows (queue.enforce_limits), every `limits_interval`;
 - metrics: sample every host's GPUs and run containers (gpufleet.metrics.sample, hosts in
-  parallel) and keep the samples (gpufleet.metrics.store), every `metrics_interval`.
+  parallel) and keep the samples (gpufleet.metrics.store), every `metrics_interval`; then withhold
+  faulty GPUs and GPUs used outside gpufleet, and stop runs that break their utilization_policy
+  (gpufleet.metrics.protect).
 Containers are started on a pool of worker threads, so a slow start holds up nothing else.
 """
 
@@ -209,11 +211,19 @@ class Controller:
     def _metrics_loop(self) -> None:
         """Sample every host and keep the samples (gpufleet.metrics.store.tick), on a thread of its
         own: a slow host holds up no other loop (and no other host: the sampler asks them at once)."""
+        from gpufleet.metrics import protect
         from gpufleet.metrics import store as metrics
 
         def one_pass() -> None:
-            metrics.tick(self.store, self.sample, self.settings.metrics_raw_retention,
-                         self.settings.metrics_retention)
+            from gpufleet.metrics.sample import outside
+
+            raw = self.settings.metrics_raw_retention
+            samples = metrics.tick(self.store, self.sample, raw, self.settings.metrics_retention)
+            if protect.withhold(self.store, samples, outside):
+                self.kick()  # a GPU came back (or went): the queue may move
+            for work in protect.idle_runs(self.store, lambda run, since: metrics.utilization_series(
+                    self.store, run, since, raw)):
+                self.background(work)
 
         if self.sample is None:
             try:

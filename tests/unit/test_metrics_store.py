@@ -19,8 +19,9 @@ from sqlalchemy import create_engine, func, inspect, select, text
 from gpufleet import migrations
 from gpufleet.allocator import Request, place
 from gpufleet.blocks import split
-from gpufleet.metrics import export
+from gpufleet.metrics import export, protect
 from gpufleet.metrics import store as metrics
+from gpufleet.metrics.sample import outside
 from gpufleet.models import GPU, GPUSpec, HostFacts, ProjectRole, RunStatus, ServerRole
 from gpufleet.models.metrics import ContainerUsage, GpuProcess, GpuSample, HostSample
 from gpufleet.server.api import Context, create_app
@@ -169,7 +170,7 @@ def test_the_gpu_view_and_what_the_scheduler_withholds(db_url):
                       "temperature_c", "power_w", "at", "processes"}
     stray = rows[("f", "a", stray_gpu)]
     assert stray["status"] == "outside"
-    assert stray["reason"] == "pid 4242 (/usr/bin/python3, 30 GiB) in no gpufleet run"
+    assert stray["reason"] == "pid 4242 (/usr/bin/python3) in no gpufleet run"
     assert (rows[("f", "a", sick_gpu)]["status"], rows[("f", "a", sick_gpu)]["reason"]) == (
         "unhealthy", "XID 79: GPU has fallen off the bus")
     assert rows[("g", "b", theirs)]["status"] == "busy"  # never sampled, but held
@@ -177,10 +178,11 @@ def test_the_gpu_view_and_what_the_scheduler_withholds(db_url):
     # a member of `default` only: fleet g is not listed; with a run of `other` on a shared fleet, unnamed
     seen = metrics.gpu_rows(store, {"default"}, now=now)
     assert {r["fleet"] for r in seen} == {"f"}
-    assert metrics.withheld(store, now=now) == {("f", "a"): {
-        stray_gpu: "pid 4242 (/usr/bin/python3, 30 GiB) in no gpufleet run",
-        sick_gpu: "XID 79: GPU has fallen off the bus"}}
-    assert metrics.withheld(store, now=now + 3600) == {}  # a stale sample withholds nothing
+    # what the scheduler is told: the same state, kept in the store (gpufleet.metrics.protect)
+    protect.withhold(store, [a], outside)
+    assert {k: v[:2] for k, v in store.withheld()[("f", "a")].items()} == {
+        ("nvidia", stray_gpu): ("outside", "pid 4242 (/usr/bin/python3) in no gpufleet run"),
+        ("nvidia", sick_gpu): ("unhealthy", "XID 79: GPU has fallen off the bus")}
     assert {r["status"] for r in metrics.gpu_rows(store, None, now=now + 3600) if r["fleet"] == "f"} == {"busy",
                                                                                                           "unknown"}
     # the host stops answering
