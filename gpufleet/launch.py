@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import shlex
+from collections.abc import Callable
 
 from gpufleet import cluster, devssh, images
 from gpufleet.allocator import Placement
@@ -247,9 +248,11 @@ def fleet_config_env(store: Store, fleet: str, given: dict[str, str]) -> tuple[d
 
 
 def start_nodes(store: Store, run: RunRequest, run_id: str, placements: list[Placement], started: list[str],
-                fleet_secrets: dict[str, str], volume_roots: list[str] | None = None) -> None:
+                fleet_secrets: dict[str, str], volume_roots: list[str] | None = None,
+                before_node: Callable[[], None] | None = None) -> None:
     """Start the run's container on each node, rank 0 first; ``started`` collects the hosts tried.
-    ``volume_roots``: see container_vars.
+    ``volume_roots``: see container_vars. ``before_node``: called before each node is started (it
+    raises to start no further one: a stop began).
     Raise StartError (or another GpufleetError: a missing secret, an unknown cluster address) on
     the first node that fails."""
     fleet_name = placements[0].host.fleet
@@ -272,6 +275,8 @@ def start_nodes(store: Store, run: RunRequest, run_id: str, placements: list[Pla
                                        p.cpus, p.memory_mib, numa, cluster.node_env(rank, ips, gpus_per_node),
                                        prelude, secrets, state=store.identity, volume_roots=volume_roots,
                                        image=chosen.image)
+            if before_node is not None:
+                before_node()
             started.append(host.alias)
             result = run_playbook("start", files.inventory, limit=[host.alias], unsafe_vars=variables)
             if result.canceled:

@@ -322,7 +322,10 @@ def _without(index: HostIndex, reserved: dict[int, set[int]]) -> list[HostSlots]
 
 def cancel(store: Store, name: str, why: str = "cancelled by the user while waiting",
            actor: str = SYSTEM_ACTOR) -> bool:
-    return store.finish_run(name, RunStatus.STOPPED, None, why, actor=actor, final=True)
+    """End a waiting run; False if it no longer waits (the scheduler may have just started it: then
+    its containers are being started and it must be stopped, not cancelled)."""
+    return store.finish_run(name, RunStatus.STOPPED, None, why, actor=actor, final=True,
+                            expect=(RunStatus.PENDING,))
 
 
 # --------------------------------------------------------------------------- the scheduling pass
@@ -399,7 +402,12 @@ def positions(runs: list[Run], now: float | None = None, usage: Usage | None = N
 def launch(store: Store, run: Run, placements: list[Placement], unseal: Unseal,
            fleet_secrets: Callable[[str], dict[str, str]]) -> None:
     """Start the containers of a run the scheduler placed (its blocks are taken, it is `starting`):
-    running when every node started, else failed with the node and the cause (its blocks freed)."""
+    running when every node started, else failed with the node and the cause (its blocks freed).
+
+    A stop that lands during the start (begin_stop: `stopping`, the run still this start's) is done
+    here, where it is known which containers exist: before the first node and between nodes no
+    further one is started, and once the start is over (started, or failed) the containers started
+    are removed and the run ends `stopped` as its stop says (who, why)."""
     cfg = RUN_CONFIG.validate_python(run.spec)
     sealed = store.sealed(run=run.name)
     req = RunRequest(name=run.name, source=f"run {run.name}", config=cfg, secrets=unseal(sealed) if sealed else {})
@@ -409,7 +417,12 @@ def launch(store: Store, run: Run, placements: list[Placement], unseal: Unseal,
     role = "server-admin" if not run.user else role_of(store.user(run.user), run.project)
     roots = hostpolicy.volume_roots(hostpolicy.policy_of(store.fleet_config(fleet)), role)
     try:
-        start_nodes(store, req, run.run_id, placements, started, fleet_secrets(fleet), volume_roots=roots)
+        failpoints.reach("before-start")
+        start_nodes(store, req, run.run_id, placements, started, fleet_secrets(fleet), volume_roots=roots,
+                    before_node=lambda: _still_starting(store, run.name))
+    except StartCut:  # a stop began: no further node was started
+        _release(store, run, started, "")
+        return
     except GpufleetError as e:
         _release(store, run, started, str(e))
         return
@@ -417,17 +430,45 @@ def launch(store: Store, run: Run, placements: list[Placement], unseal: Unseal,
         _release(store, run, started, "interrupted while starting")
         raise
     failpoints.reach("after-start")
-    store.set_run_status(run.name, RunStatus.RUNNING)
+    # running only if it is still `starting`: a stop that began meanwhile is not undone
+    if not store.set_run_status(run.name, RunStatus.RUNNING, expect=(RunStatus.STARTING,)):
+        _release(store, run, started, "")
+
+
+def _still_starting(store: Store, name: str) -> None:
+    """Before each node of a start: StartCut if the run is no longer `starting` (a stop began)."""
+    now = store.run(name)
+    if now is None or now.status != RunStatus.STARTING:
+        raise StartCut(f"run {name} is {now.status if now else 'gone'}: its start stops here")
+
+
+class StartCut(GpufleetError):
+    """A start that stopped before its next node: the run is no longer `starting` (a stop began)."""
 
 
 def _release(store: Store, run: Run, started: list[str], why: str) -> None:
-    """A start that failed: remove what was started (best effort), mark the run failed, free its blocks."""
+    """A start that is over without the run running: remove what was started (best effort), and end
+    the run (start_over): failed (``why``: how the start failed; "": it did not, a stop cut it short)
+    if it is still `starting`, else as the stop that began during the start says."""
+    grace = store.retry_policy(run.name).get("stop_duration")
+    removal = ""
     try:
         if started:
-            stop_containers(run.fleet, run.container, run.run_id, started, remove=True)
-    except GpufleetError:
-        pass  # the reconcile loop's sweep stops what is left
-    store.finish_run(run.name, RunStatus.FAILED, None, why)
+            stop_containers(run.fleet, run.container, run.run_id, started, remove=True, timeout=grace)
+    except GpufleetError as e:
+        removal = f"removing its containers failed: {e}; the sweep stops what is left"
+    start_over(store, run.name, why, removal)
+
+
+def start_over(store: Store, name: str, why: str, removal: str = "") -> None:
+    """A start that ended without the run running (its containers removed, or ``removal``: why not):
+    the run ends failed (``why``) if it is still `starting`; if a stop began meanwhile, `stopped` as
+    that stop says (by whom, why), with what became of the start noted (one transaction each, each
+    only from the status it expects: whichever the run is in, exactly one of them ends it)."""
+    if why and store.finish_run(name, RunStatus.FAILED, None, why + (f" ({removal})" if removal else ""),
+                                expect=(RunStatus.STARTING,)):
+        return
+    store.finish_stop(name, "; ".join(n for n in (f"its start failed: {why}" if why else "", removal) if n))
 
 
 # --------------------------------------------------------------------------- limits
@@ -442,7 +483,8 @@ def enforce_limits(store: Store, now: float | None = None) -> list[str]:
             duration = store.retry_policy(r.name).get("duration")
             if duration and now - queued_since(r) > duration:
                 if store.finish_run(r.name, RunStatus.FAILED, None,
-                                    f"no capacity within its retry duration ({_span(duration)})"):
+                                    f"no capacity within its retry duration ({_span(duration)})",
+                                    expect=(RunStatus.PENDING,)):  # not one the scheduler just started
                     ended.append(r.name)
         elif r.status == RunStatus.RUNNING and r.max_duration and r.started_at and \
                 now - r.started_at > r.max_duration:
@@ -457,18 +499,22 @@ def _stopper(store: Store, run: Run, why: str, actor: str = SYSTEM_ACTOR, final:
     """Mark an active run `stopping` (so its containers' exit is not read as a failure) and return
     the work that stops them within its grace and records it `stopped` (``why``): True when done,
     False when the runtime could not stop them (the run is `running` again, saying why). None if
-    the run is no longer active. ``final`` (a user's stop): a scheduled run is not started again."""
+    the run is no longer active. ``final`` (a user's stop): a scheduled run is not started again.
+    A run that was `starting` is stopped by its start (launch): the work returned does nothing."""
     grace = store.retry_policy(run.name).get("stop_duration")
-    if not store.begin_stop(run.name, why, actor, final=final):
+    was = store.begin_stop(run.name, why, actor, final=final)
+    if was is None:
         return None
+    if was == RunStatus.STARTING:
+        return lambda: False  # launch removes what it started when its current step ends, and ends it
 
     def work() -> bool:
         try:
             stop_containers(run.fleet, run.container, run.run_id, run.aliases, timeout=grace)
         except GpufleetError as e:
-            store.set_run_status(run.name, RunStatus.RUNNING, f"could not stop it: {e}")
+            store.set_run_status(run.name, RunStatus.RUNNING, f"could not stop it: {e}", expect=(RunStatus.STOPPING,))
             return False
-        return store.finish_run(run.name, RunStatus.STOPPED, None, why, actor=actor)
+        return store.finish_run(run.name, RunStatus.STOPPED, None, why, actor=actor, expect=(RunStatus.STOPPING,))
 
     return work
 

@@ -93,6 +93,8 @@ def master_done(run: Run, states: list[tuple[str, Container | None]]) -> bool:
 
 
 def _record(store: Store, run: Run, s: Settlement) -> None:
+    """Record ``s``, decided from ``run`` as it was read: only if the run is still in that status (a
+    stop that began since, whose stopper kills the containers, is not taken for their failure)."""
     if s.stop:
         try:
             stop_containers(run.fleet, run.container, run.run_id, s.stop)
@@ -100,10 +102,12 @@ def _record(store: Store, run: Run, s: Settlement) -> None:
             pass  # the run ends all the same; the next sweep stops what is left
     if s.status is None:
         return
-    if s.status.active:
-        store.set_run_status(run.name, s.status, s.message)
+    if s.status == RunStatus.STOPPED and run.status == RunStatus.STOPPING:
+        store.finish_stop(run.name)  # its stopper died: the stop it began ends as it said (by whom)
+    elif s.status.active:
+        store.set_run_status(run.name, s.status, s.message, expect=(run.status,))
     else:
-        store.finish_run(run.name, s.status, s.exit_code, s.message)
+        store.finish_run(run.name, s.status, s.exit_code, s.message, expect=(run.status,))
 
 
 def refresh(store: Store, names: list[str] | None = None, sweep: bool = False,
@@ -157,7 +161,8 @@ def refresh(store: Store, names: list[str] | None = None, sweep: bool = False,
                 # its server died while starting it, before any container ran to an end: it waits
                 # again (its secrets are kept until it runs), on blocks the scheduler chooses anew
                 _record(store, r, Settlement(None, stop=s.stop))
-                store.requeue(r.name, "its start was interrupted (the server stopped); waiting again")
+                store.requeue(r.name, "its start was interrupted (the server stopped); waiting again",
+                              expect=(RunStatus.STARTING,))
                 continue
             if s.status == RunStatus.FAILED and _retried(store, r, s):
                 continue
@@ -180,7 +185,7 @@ def _retried(store: Store, run: Run, s: Settlement) -> bool:
     if duration is not None and time.time() - since > duration:
         return False
     _record(store, run, Settlement(None, stop=s.stop))
-    store.requeue(run.name, f"retrying after an {event} ({s.message}); waiting again")
+    store.requeue(run.name, f"retrying after an {event} ({s.message}); waiting again", expect=(run.status,))
     return True
 
 

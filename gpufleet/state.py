@@ -810,12 +810,17 @@ class Store:
         self._taken(placements, seen)
         return True
 
-    def requeue(self, name: str, why: str) -> None:
+    def requeue(self, name: str, why: str, expect: tuple[RunStatus, ...] | None = None) -> bool:
         """A run whose start was cut short (its server died before any container ran): back to
         waiting, its blocks freed, its place in the queue kept; a new run id, so that a container
-        left from the first try is replaced, not adopted."""
+        left from the first try is replaced, not adopted. ``expect``: only if the run is still in one
+        of these statuses (a stop that began meanwhile is not undone); False when nothing was done."""
         with self.engine.begin() as c:
             self._serialize(c)
+            if expect is not None:
+                now_ = c.execute(_RUN_STATUS, {"name": name}).first()
+                if now_ is None or now_.status not in expect:
+                    return False
             self._record_usage(c, name)
             c.execute(update(runs).where(runs.c.name == name).values(
                 run_id=uuid.uuid4().hex[:12], status=PENDING, fleet=None, instance_id=None, alias=None, gpus="[]",
@@ -823,6 +828,7 @@ class Store:
                 owner="", started_at=None, message=why, updated_at=time.time()))
             self._free(c, name)
             self._event(c, "queued", why, run=name, actor=SYSTEM_ACTOR)
+        return True
 
     def pending(self) -> list[Run]:
         """The waiting runs, oldest first."""
@@ -1115,16 +1121,18 @@ class Store:
             return dict(row._mapping) if row else None
 
     def finish_run(self, name: str, status: RunStatus, exit_code: int | None = None, message: str = "",
-                   actor: str = SYSTEM_ACTOR, final: bool = False) -> bool:
+                   actor: str = SYSTEM_ACTOR, final: bool = False, expect: tuple[RunStatus, ...] | None = None
+                   ) -> bool:
         """Record a run's end (an event says how, and who: ``actor``), free its blocks, forget its
         secrets and record the GPU time it used, in one transaction; False (nothing done) if it had
         already ended. A scheduled run (dstack's `schedule`) that ends otherwise than by a user's stop
-        (``final``, or begin_stop's) waits for its next time instead, its secrets kept sealed."""
+        (``final``, or begin_stop's) waits for its next time instead, its secrets kept sealed.
+        ``expect``: only if the run is still in one of these statuses (what the caller decided from)."""
         with self.engine.begin() as c:
             self._serialize(c)
             row = c.execute(select(runs.c.status, runs.c.fleet, runs.c.next_at, runs.c.spec)
                             .where(runs.c.name == name)).first()
-            if row is None or row.status not in LIVE:
+            if row is None or row.status not in LIVE or (expect is not None and row.status not in expect):
                 return False
             if row.next_at is not None and not final and json.loads(row.spec).get("schedule"):
                 self._reschedule(c, name, row, status, exit_code, message, actor)
@@ -1183,26 +1191,49 @@ class Store:
             c.execute(update(blocks).where(blocks.c.run == name).values(run=None))
             self._changed(c, held)
 
-    def begin_stop(self, name: str, why: str, actor: str = SYSTEM_ACTOR, final: bool = False) -> bool:
-        """Mark an active run `stopping` (by this process, ``why``) before its containers are stopped,
-        so that their exit is not taken for a failure; False if it is not active. ``final`` (a user's
-        stop): a scheduled run is not started again."""
+    def begin_stop(self, name: str, why: str, actor: str = SYSTEM_ACTOR, final: bool = False) -> RunStatus | None:
+        """Mark an active run `stopping` (``why``, by ``actor``) before its containers are stopped,
+        so that their exit is not taken for a failure; the status it had (None: not active, nothing
+        done). ``final`` (a user's stop): a scheduled run is not started again.
+
+        A `running` run becomes this process's to stop. A `starting` one stays its starter's (its
+        owner is kept): the start is the one that knows which containers exist, so it does the stop
+        when its current step ends (queue.launch) and no one else changes the run meanwhile."""
         with self.engine.begin() as c:
+            self._serialize(c)  # one transaction at a time reads and changes a run's status
             row = c.execute(select(runs.c.status, runs.c.fleet).where(runs.c.name == name)).first()
             if row is None or row.status not in ACTIVE:
-                return False
+                return None
+            owner = {} if row.status == RunStatus.STARTING else {"owner": f"{socket.gethostname()}:{os.getpid()}"}
             c.execute(update(runs).where(runs.c.name == name).values(
-                status=str(RunStatus.STOPPING), message=why, owner=f"{socket.gethostname()}:{os.getpid()}",
-                updated_at=time.time(), **({"next_at": None} if final else {})))
+                status=str(RunStatus.STOPPING), message=why, updated_at=time.time(), **owner,
+                **({"next_at": None} if final else {})))
             self._event(c, "stopping", why, run=name, fleet=row.fleet, actor=actor)
-            return True
+            return RunStatus(row.status)
 
-    def set_run_status(self, name: str, status: RunStatus, message: str = "") -> None:
-        """A live run's new status (or note); an event when the status changes."""
+    def finish_stop(self, name: str, note: str = "") -> bool:
+        """End a `stopping` run `stopped` as its stop said (its message, and the event names who
+        began it), ``note`` added (what else happened meanwhile); False if it is not `stopping`."""
         with self.engine.begin() as c:
+            self._serialize(c)
+            row = c.execute(select(runs.c.status, runs.c.message).where(runs.c.name == name)).first()
+            if row is None or row.status != RunStatus.STOPPING:
+                return False
+            actor = c.execute(select(events.c.actor).where(events.c.run == name, events.c.kind == "stopping")
+                              .order_by(events.c.id.desc()).limit(1)).scalar() or SYSTEM_ACTOR
+        why = row.message + (f" ({note})" if note else "")
+        return self.finish_run(name, RunStatus.STOPPED, None, why, actor=actor, expect=(RunStatus.STOPPING,))
+
+    def set_run_status(self, name: str, status: RunStatus, message: str = "",
+                       expect: tuple[RunStatus, ...] | None = None) -> bool:
+        """A live run's new status (or note); an event when the status changes. ``expect``: only if
+        the run is still in one of these statuses (what the caller decided from), else nothing is
+        done (a stop that began meanwhile is not undone). False when nothing was done."""
+        with self.engine.begin() as c:
+            self._serialize(c)
             row = c.execute(select(runs.c.status, runs.c.fleet, runs.c.nodes).where(runs.c.name == name)).first()
-            if row is None or row.status not in LIVE:
-                return
+            if row is None or row.status not in LIVE or (expect is not None and row.status not in expect):
+                return False
             c.execute(update(runs).where(runs.c.name == name).values(status=str(status), message=message,
                                                                      updated_at=time.time()))
             if row.status != str(status):
@@ -1216,6 +1247,7 @@ class Store:
                     # started: its secrets are on the host now, not kept here (a run that may be
                     # started again after an error or interruption keeps them, sealed, until it ends)
                     c.execute(delete(secrets).where(secrets.c.run == name))
+            return True
 
     def runs(self, include_finished: bool = False, name: str | None = None,
              projects: set[str] | None = None) -> list[Run]:

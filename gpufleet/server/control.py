@@ -35,7 +35,7 @@ from sqlalchemy import create_engine, text
 from gpufleet import queue, runs, upload
 from gpufleet.allocator import Placement
 from gpufleet.errors import GpufleetError
-from gpufleet.models import Run, RunStatus
+from gpufleet.models import Run
 from gpufleet.state import Store
 
 log = logging.getLogger("gpufleet.server")
@@ -274,7 +274,7 @@ class Controller:
             except Exception as e:  # never lose a worker to one run: it is failed with the cause
                 log.exception("starting %s", run.name)
                 why = f"start failed: {e}"
-                self._safely(lambda: self.store.finish_run(run.name, RunStatus.FAILED, None, why))
+                self._safely(lambda: queue.start_over(self.store, run.name, why))  # failed, or stopped if a stop began
             self.kick()
 
         self._workers.submit(work)
