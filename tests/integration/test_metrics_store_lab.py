@@ -88,13 +88,32 @@ def test_busy_outside_and_unhealthy_gpus_are_seen_everywhere(lab, home, tmp_path
         assert (labels["gpu"], labels["run"], labels["host"]) == (str(mine), "burn", host.address)
         assert value("gpufleet_gpu_outside", stray_gpu) == 1 and value("gpufleet_gpu_healthy", sick_gpu) == 0
         assert [s.value for s in fams["gpufleet_run_memory_bytes"].samples if s.labels["run"] == "burn"][0] > 0
-        # what the scheduler is told
-        monkeypatch.setenv("GPUFLEET_HOME", str(home))
-        from gpufleet.metrics.store import withheld
-        from gpufleet.state import Store
+        # the scheduler: a new 1-GPU run gets the one GPU that is free, never the stray's or the faulty one;
+        # the next waits; the fault cleared, it starts on that GPU
+        fleets = json.loads(get(home, "/api/fleets"))
+        [inst] = [i for f in fleets for i in f["instances"]]
+        assert len(inst["withheld"]) == 2, inst
+        for name in ("next", "waits"):
+            spec = tmp_path / f"{name}.yml"
+            spec.write_text(f"type: task\nname: {name}\nimage: {IMAGE}\nresources:\n  gpu: 1\n  cpu: 1..\n"
+                            "stop_duration: 1s\ncommands:\n  - sleep 300\n")
+            cli("apply", "-f", str(spec), "-y", "-d", check=0)
 
-        held = withheld(Store())
-        assert set(held[(run["fleet"], host.address)]) == {stray_gpu, sick_gpu}
+        def status(name: str) -> dict:
+            return next(r for r in json.loads(cli("ps", "-a", "--json", check=0).stdout) if r["name"] == name)
+
+        placed = wait_for("next to start", lambda: status("next") if status("next")["status"] == "running" else None,
+                          timeout=120)
+        [free] = [i for i in range(4) if i not in (mine, stray_gpu, sick_gpu)]
+        assert [g["index"] for g in placed["nodes"][0]["gpus"]] == [free]
+        assert status("waits")["status"] == "pending"
+        core.fault(lab, host, sick_gpu, None)
+        placed = wait_for("waits to start on the GPU that is healthy again",
+                          lambda: status("waits") if status("waits")["status"] == "running" else None, timeout=120)
+        assert [g["index"] for g in placed["nodes"][0]["gpus"]] == [sick_gpu]
+        events = [e for e in json.loads(cli("events", "--json", check=0).stdout) if e["kind"].startswith("gpu-")]
+        assert [e["kind"] for e in events].count("gpu-withheld") == 2, events
+        assert any(e["kind"] == "gpu-released" and f"GPU {sick_gpu} " in e["message"] for e in events), events
         # the CLI
         got = json.loads(cli("metrics", "burn", "--json", check=0).stdout)
         assert got["gpus"][0]["index"] == mine and got["latest"][0]["utilization"] == 80
@@ -104,4 +123,5 @@ def test_busy_outside_and_unhealthy_gpus_are_seen_everywhere(lab, home, tmp_path
     finally:
         by_hand.stop()
         core.fault(lab, host, sick_gpu, None)
-        cli("stop", "burn", "-y")
+        for name in ("burn", "next", "waits"):
+            cli("stop", name, "-y", check=0)
