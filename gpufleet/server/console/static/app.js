@@ -68,6 +68,11 @@ function runColour(name) {
   return `hsl(${h % 360}, 70%, 84%)`;
 }
 
+// a form control with its label (the label holds only its text: its name for assistive technology)
+function field(label, control) {
+  return el("div", { class: "field" }, el("label", { for: control.id, text: label }), control);
+}
+
 function statusBadge(status) {
   return el("span", { class: `badge s-${status}`, text: status });
 }
@@ -115,7 +120,9 @@ async function optional(path, feature) {
 }
 
 function logout(reason) {
+  const had = token() !== null;
   sessionStorage.removeItem(TOKEN_KEY);
+  if (!had) return;  // another request's 401 came first: its reason shows
   if (reason) sessionStorage.setItem(REASON_KEY, reason);
   if (location.hash !== "#/login") location.hash = "#/login";
   else route();
@@ -479,8 +486,7 @@ function eventsPage() {
   const count = el("caption");
   setMain("Events",
     el("form", { class: "filters", role: "search", onsubmit: (e) => e.preventDefault() },
-      el("label", { for: "ev-kind" }, "Kind", kind), el("label", { for: "ev-run" }, "Run", run),
-      el("label", { for: "ev-fleet" }, "Fleet", fleet), el("label", { for: "ev-text" }, "Text", text)),
+      field("Kind", kind), field("Run", run), field("Fleet", fleet), field("Text", text)),
     el("div", { class: "scroll" }, el("table", { id: "events" }, count,
       el("thead", {}, el("tr", {}, ["Time", "Kind", "Run", "Fleet", "Host", "Project", "Who", "Message"]
         .map((h) => el("th", { scope: "col", text: h })))), body)));
