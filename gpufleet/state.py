@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter
 from sqlalchemy import (
+    BigInteger,
     Column,
     Float,
     ForeignKey,
@@ -245,6 +246,52 @@ changes = Table(
     Column("instance_id", Integer, nullable=False),
     sqlite_autoincrement=True,  # never reuse a seq
 )
+# Metrics (gpufleet.metrics.store): GPU samples, raw (res 0, kept metrics_raw_retention) and folded
+# into 1-minute means (res 60, kept metrics_retention); each row names the run that held the GPU
+# when it was taken, so a run's series outlives it. Per-run container CPU and memory likewise. The
+# latest sample of each host, whole, for the live views (/api/gpus, /metrics, the scheduler).
+gpu_samples = Table(
+    "gpu_samples", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("res", Integer, nullable=False),  # 0: raw; 60: the mean of a minute (at: its start)
+    Column("at", Float, nullable=False),
+    Column("fleet", String(64), nullable=False),
+    Column("host", String(300), nullable=False),
+    Column("idx", Integer, nullable=False),  # the vendor tool's GPU index
+    Column("uuid", String(128), nullable=True),
+    Column("utilization", Float, nullable=True),
+    Column("memory_used_mib", Integer, nullable=True),
+    Column("memory_total_mib", Integer, nullable=True),
+    Column("temperature_c", Float, nullable=True),
+    Column("power_w", Float, nullable=True),
+    Column("run", String(64), nullable=True),
+    Index("ix_gpu_samples_run", "run", "res", "at"),
+    Index("ix_gpu_samples_res_at", "res", "at"),
+)
+
+container_samples = Table(
+    "container_samples", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("res", Integer, nullable=False),
+    Column("at", Float, nullable=False),
+    Column("fleet", String(64), nullable=False),
+    Column("host", String(300), nullable=False),
+    Column("run", String(64), nullable=False),
+    Column("cpu_percent", Float, nullable=True),
+    Column("memory_bytes", BigInteger, nullable=True),
+    Column("memory_limit_bytes", BigInteger, nullable=True),
+    Index("ix_container_samples_run", "run", "res", "at"),
+    Index("ix_container_samples_res_at", "res", "at"),
+)
+
+latest_samples = Table(
+    "latest_samples", metadata,
+    Column("fleet", String(64), primary_key=True),
+    Column("host", String(300), primary_key=True),
+    Column("at", Float, nullable=False),
+    Column("sample", Text, nullable=False),  # the HostSample, JSON
+)
+
 KEEP_CHANGES = 100_000
 PRUNE_EVERY = 1000  # the old rows are dropped by whichever writer's seqs cross a multiple of this
 ALLOCATION_LOCK = 7405324  # PostgreSQL advisory lock: one writer of blocks at a time

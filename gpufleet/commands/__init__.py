@@ -14,6 +14,7 @@ from gpufleet.commands import (
     login,
     logout,
     logs,
+    metrics,
     project,
     ps,
     quota,
@@ -25,7 +26,7 @@ from gpufleet.commands import (
 )
 
 COMMANDS = (apply, ps, logs, stop, attach, events, fleet, inventory, login, logout, whoami, user, project, quota,
-            usage, server, lab)
+            usage, metrics, server, lab)
 
 
 def register_all(sub) -> None:

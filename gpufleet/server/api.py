@@ -54,6 +54,8 @@ class Context:
     half_life: float = 7 * 86400.0  # fair share: seconds for past GPU time to count half
     token_file: Path | None = None  # the bootstrap admin's token, rewritten when it is rotated
     upload_limit: int = upload.DEFAULT_LIMIT  # bytes a run's code upload may hold (settings.upload_limit)
+    metrics_interval: float = 10.0  # settings.metrics_interval: a host's sample older than 3 of these is stale
+    metrics_raw_retention: float = 3600.0  # settings.metrics_raw_retention: raw samples kept this long
 
     def caller(self, token: str | None, client: str) -> Caller:
         who = authenticate(self.store, token, client, self.failures)
@@ -325,6 +327,10 @@ def create_app(ctx: Context) -> FastAPI:
     from gpufleet.server import teams
 
     api.include_router(teams.router(ctx))
+    from gpufleet.server import metrics_api
+
+    api.include_router(metrics_api.router(ctx))
+    app.include_router(metrics_api.prometheus_router(ctx))
     app.include_router(api)
 
     tunnel.add_routes(app, ctx, ctx.authorize_run)

@@ -11,7 +11,9 @@ The loops (leader only):
   submission or a run's end, else every `schedule_interval` (and when a scheduled run is due);
 - reconcile: ask the hosts what became of the containers (runs.refresh with the sweep), every
   `reconcile_interval`; note hosts that stop answering and come back;
-- limits: max_duration and retry windows (queue.enforce_limits), every `limits_interval`.
+- limits: max_duration and retry windows (queue.enforce_limits), every `limits_interval`;
+- metrics: sample every host's GPUs and run containers (gpufleet.metrics.sample, hosts in
+  parallel) and keep the samples (gpufleet.metrics.store), every `metrics_interval`.
 Containers are started on a pool of worker threads, so a slow start holds up nothing else.
 """
 
@@ -128,12 +130,13 @@ class Controller:
         self._due: float | None = None  # when the next scheduled run (dstack's `schedule`) is due
         self.last_activity = time.monotonic()
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
+        self.sample = None  # the metrics loop's sampler, (store) -> [HostSample]; None: gpufleet.metrics.sample's
 
     # --------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
         for name, target in (("leader", self._lead), ("schedule", self._schedule_loop),
                              ("reconcile", self._reconcile_loop), ("limits", self._limits_loop),
-                             ("inactivity", self._inactivity_loop)):
+                             ("inactivity", self._inactivity_loop), ("metrics", self._metrics_loop)):
             t = threading.Thread(target=target, name=f"gpufleet-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -202,6 +205,26 @@ class Controller:
                 self._safely(lambda i=inactivity: [self.background(work) for work in i.check(self.store)])
             else:
                 inactivity = Inactivity()  # a leader again later counts anew
+
+    def _metrics_loop(self) -> None:
+        """Sample every host and keep the samples (gpufleet.metrics.store.tick), on a thread of its
+        own: a slow host holds up no other loop (and no other host: the sampler asks them at once)."""
+        from gpufleet.metrics import store as metrics
+
+        def one_pass() -> None:
+            metrics.tick(self.store, self.sample, self.settings.metrics_raw_retention,
+                         self.settings.metrics_retention)
+
+        if self.sample is None:
+            try:
+                from gpufleet.metrics.sample import sample_all
+            except ImportError as e:  # a gpufleet without the sampler: no metrics, the rest as ever
+                log.warning("no metrics: %s", e)
+                return
+            self.sample = sample_all
+        while not self._stop.wait(self.settings.metrics_interval):
+            if self.leading:
+                self._safely(one_pass)
 
     def reconcile(self) -> None:
         """One pass: settle the runs from their containers (asking only the hosts of active runs),

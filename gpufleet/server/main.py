@@ -73,7 +73,8 @@ def serve(settings: ServerSettings, local: bool = False) -> int:
     ctx = Context(store=store, seal=vault.seal, kick=controller.kick, launch=controller.launch,
                   background=controller.background, info=info, shutdown=shutdown,
                   half_life=settings.fair_share_half_life, token_file=sdir / tokens.TOKEN_FILE,
-                  upload_limit=settings.upload_limit)
+                  upload_limit=settings.upload_limit, metrics_interval=settings.metrics_interval,
+                  metrics_raw_retention=settings.metrics_raw_retention)
     server = uvicorn.Server(uvicorn.Config(create_app(ctx), log_level="warning", access_log=False, lifespan="off",
                                            timeout_graceful_shutdown=5))
     servers.append(server)

@@ -78,6 +78,12 @@ class ServerSettings(CoreModel):
     fair_share_half_life: float = _seconds(7 * 86400.0, "fair share: how long before a GPU-hour used counts "
                                                         "half as much (as Slurm's PriorityDecayHalfLife); "
                                                         "default 7 days.")
+    metrics_interval: float = _seconds(10.0, "how often every ready host's GPUs (utilization, memory, temperature, "
+                                             "power, processes) and run containers (CPU, memory) are sampled.")
+    metrics_raw_retention: float = _seconds(3600.0, "how long each sample is kept as taken; older ones are kept "
+                                                    "as 1-minute means.")
+    metrics_retention: float = _seconds(7 * 86400.0, "how long the 1-minute means of the samples are kept; "
+                                                     "default 7 days.")
 
 
 def settings_file() -> Path:

@@ -350,6 +350,11 @@ def check_logs(bench: Bench, role: str, out: Out) -> None:
     assert MARK in out.stdout, out.stdout[:300]
 
 
+def check_metrics(bench: Bench, role: str, out: Out) -> None:
+    got = json_out(out)
+    assert got["run"] == bench.team.run("a-main") and len(got["gpus"]) == 1, got
+
+
 def stop_argv(bench: Bench, role: str) -> list[str]:
     # the callers who may stop alice's runs stop one made for them; the others try her main run
     target = bench.team.run(f"a-stop-{role}" if role in ("alice", "carol", "erin") else "a-main")
@@ -608,6 +613,8 @@ ROWS = [
     Row("ssh-proxy", "ssh-proxy", roles(**ONE_OWN_RUN), lambda b, r: ["ssh-proxy", b.web, "8000"], check_ssh_proxy,
         stdin=PROXIED_REQUEST),
     Row("events", "events", roles(**MEMBERS), fixed("events", "--project", "ml", "-n", "5", "--json"), check_events),
+    Row("metrics", "metrics", roles(**ONE_OWN_RUN), lambda b, r: ["metrics", b.team.run("a-main"), "--json"],
+        check_metrics),
     # fleets
     Row("fleet-list", "fleet list", roles(**MEMBERS), fixed("fleet", "list", "--project", "ml", "--json"),
         check_fleet_list),

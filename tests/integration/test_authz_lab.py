@@ -472,6 +472,29 @@ def delete_project_quota(team: Team, role: str) -> Request:
     return "/api/quotas", None, {"project": "ml"}
 
 
+def check_gpus(team: Team, role: str, reply: Reply) -> None:
+    gpus = reply.json()
+    assert gpus and {g["fleet"] for g in gpus} == {"ml-gpus"}, gpus
+    assert team.run("a-main") in {g["run"] for g in gpus}, gpus  # a member sees whose GPU it is
+
+
+def check_run_metrics(team: Team, role: str, reply: Reply) -> None:
+    got = reply.json()
+    assert got["run"] == team.run("a-main") and len(got["gpus"]) == 1 and got["resolution"] == "raw", got
+
+
+def check_prometheus(team: Team, role: str, reply: Reply) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fams = {f.name: f for f in text_string_to_metric_families(reply.text)}
+    fleets = {s.labels["fleet"] for s in fams["gpufleet_blocks_total"].samples}
+    mine, theirs = {"dave": ("cv-gpus", "ml-gpus")}.get(role, ("ml-gpus", "cv-gpus"))
+    if role == "erin":  # a server admin: every fleet
+        assert {"ml-gpus", "cv-gpus"} <= fleets, fleets
+    else:
+        assert mine in fleets and theirs not in fleets, (role, fleets)
+
+
 def check_server(team: Team, role: str, reply: Reply) -> None:
     assert ":gpufleet@" not in reply.text  # a PostgreSQL URL's password is never shown
 
@@ -525,6 +548,12 @@ CASES = [
     Case("quota-delete-user", "DELETE", "/api/quotas", roles(**PROJECT_ADMINS), delete_user_quota),
     Case("quota-delete-project", "DELETE", "/api/quotas", roles(**SERVER_ADMINS), delete_project_quota),
     Case("usage", "GET", "/api/usage", roles(**MEMBERS), plain("/api/usage", query={"project": "ml"})),
+    # metrics: the GPUs of the project's fleets; a run's metrics as its logs; /metrics: what the token's user sees
+    Case("gpus", "GET", "/api/gpus", roles(**MEMBERS), plain("/api/gpus", query={"project": "ml"}), check_gpus),
+    Case("run-metrics", "GET", "/api/runs/{name}/metrics", roles(**ONE_OWN_RUN), a_main("/metrics"),
+         check_run_metrics),
+    Case("prometheus", "GET", "/metrics", roles(allow(), allow(), allow(), allow()), plain("/metrics"),
+         check_prometheus),
     # last: alice's own rotation changes the token the rows above use
     Case("token-rotate", "POST", "/api/users/{name}/token",
          roles(other=SERVER_ADMIN, member=SERVER_ADMIN, submitter=allow(), padmin=SERVER_ADMIN, sadmin=allow()),
@@ -535,8 +564,8 @@ CASES = [
 def test_the_matrix_has_a_row_for_every_route_the_live_schema_lists(team):
     reply = team.call(ANON, "GET", "/openapi.json")
     assert reply.status == 200
-    schema = {(method.upper(), path) for path, methods in reply.json()["paths"].items() if path.startswith("/api/")
-              for method in methods}
+    schema = {(method.upper(), path) for path, methods in reply.json()["paths"].items()
+              if path.startswith("/api/") or path == "/metrics" for method in methods}
     rows = {(c.method, c.route) for c in CASES}
     assert rows == schema, f"routes without a row: {sorted(schema - rows)}; rows of no route: {sorted(rows - schema)}"
     for case in CASES:
