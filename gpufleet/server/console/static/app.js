@@ -255,7 +255,7 @@ function hostView(fleet, inst, held, rows) {
       const numas = new Set(members.map((g) => g.numa_node));
       const numa = numas.size === 1 ? [...numas][0] : "mixed";
       const h = held.get(`${fleet.name}/${inst.num}/${b}`);
-      put(numa, blockView(b, h ? h.run : null, members.map(gpuView), members.find((g) => g.run)));
+      put(numa, blockView(b, h ? h.run : null, members.map(gpuView), members));
     }
   } else {
     for (let b = 0; b < inst.blocks_total; b++) {
@@ -274,14 +274,18 @@ function hostView(fleet, inst, held, rows) {
     info, el("div", { class: "numas" }, numas.length ? numas : el("span", { class: "muted", text: "no blocks" })));
 }
 
-function blockView(index, run, gpuElements, gpuRow) {
-  const name = run ? run.name : gpuRow ? gpuRow.run : null;
-  const user = run ? run.user : gpuRow ? gpuRow.user : null;
+// ``gpuRows``: the block's rows of /api/gpus (null without it); a run of a project the caller does
+// not see is named by neither (the API leaves its name out): the block shows as busy
+function blockView(index, run, gpuElements, gpuRows) {
+  const named = (gpuRows || []).find((g) => g.run);
+  const name = named ? named.run : run ? run.name : null;
+  const user = named ? named.user : run ? run.user : null;
+  const hidden = !name && (gpuRows || []).some((g) => g.status === "busy");
   const b = el("div", { class: "block", "data-block": index, "data-run": name || "" },
     el("strong", { text: index === "none" ? "no block" : `block ${index}` }), " ",
     name ? el("span", { class: "who" }, el("a", { href: `#/runs/${encodeURIComponent(name)}`, text: name }),
                                          user ? ` · ${user}` : "")
-         : el("span", { class: "who muted", text: "free" }),
+         : el("span", { class: "who muted", text: hidden ? "busy (a run of another project)" : "free" }),
     gpuElements);
   if (name) b.style.background = runColour(name);
   return b;
