@@ -119,11 +119,15 @@ def diagnose(files: GeneratedFiles, target: Target) -> str | None:
     """Reconnect once without multiplexing on the last hop, so the login node's own reason
     (connection refused, no route...) reaches us instead of the shared master's log."""
     jump = files.plan.jump_of.get(target.alias)
-    if not jump:
-        return None
-    hop = ["ssh", "-F", str(files.ssh_config), "-o", "ControlPath=none", "-W", "%h:%p", jump]
-    cmd = ["ssh", "-F", str(files.ssh_config), "-o", "ControlPath=none", "-o",
-           "ProxyCommand=" + shlex.join(hop), "-n", target.alias, "true"]
+    return diagnose_through(str(files.ssh_config), jump, target.alias) if jump else None
+
+
+def diagnose_through(ssh_config: str, jump: str, alias: str) -> str | None:
+    """``diagnose`` for ``alias`` whose last hop is ``jump`` (both aliases of ``ssh_config``): ssh's error
+    output, or None when it connects."""
+    hop = ["ssh", "-F", ssh_config, "-o", "ControlPath=none", "-W", "%h:%p", jump]
+    cmd = ["ssh", "-F", ssh_config, "-o", "ControlPath=none", "-o",
+           "ProxyCommand=" + shlex.join(hop), "-n", alias, "true"]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=JUMP_TIMEOUT)
     except subprocess.TimeoutExpired:

@@ -24,6 +24,16 @@ def register(sub) -> None:
     ld = ls.add_parser("down", help="remove the lab and everything it made")
     ld.add_argument("--dir")
     ld.set_defaults(func=down)
+    from gpufleet.lab.gputools import FAULT_KINDS
+
+    lf = ls.add_parser("fault", help="make a lab GPU report a hardware fault (nvidia-smi's health fields)",
+                       description="Kinds: " + "; ".join(f"{k}: {v}" for k, v in FAULT_KINDS.items()))
+    lf.add_argument("--node", type=int, required=True, help="the lab node, counted from 0 (node-N)")
+    lf.add_argument("--gpu", type=int, required=True, help="the GPU's index on that node")
+    lf.add_argument("--kind", choices=list(FAULT_KINDS), default="ecc")
+    lf.add_argument("--clear", action="store_true", help="make the GPU healthy again")
+    lf.add_argument("--dir")
+    lf.set_defaults(func=fault)
 
 
 def _dir(args: argparse.Namespace) -> Path:
@@ -43,4 +53,18 @@ def down(args: argparse.Namespace, console: Console) -> int:
     from gpufleet.lab import core
 
     core.down(_dir(args), log=console.print)
+    return EXIT_OK
+
+
+def fault(args: argparse.Namespace, console: Console) -> int:
+    from gpufleet.errors import UsageError
+    from gpufleet.lab import core
+
+    lab = core.load(_dir(args))
+    if lab is None:
+        raise UsageError(f"no lab in {_dir(args)}: start one with `gpufleet lab up`")
+    host = core.node(lab, args.node)
+    core.fault(lab, host, args.gpu, None if args.clear else args.kind)
+    what = "healthy again" if args.clear else f"faulty ({args.kind})"
+    console.print(f"GPU {args.gpu} of {host.hostname} ({host.address}) now reads {what}", markup=False)
     return EXIT_OK

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from gpufleet.errors import GpufleetError, UsageError
+from gpufleet.lab import gputools
 from gpufleet.lab.gputools import GpuSpec, write_standins
 
 LAB_USER = "gpufleet"
@@ -101,11 +102,14 @@ class Lab:
     def host_env(self, host: LabHost) -> dict[str, str]:
         """The environment a login on ``host`` gets (set by its sshd)."""
         d = self.host_dir(host)
-        return {
+        env = {
             "PATH": f"{d}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "CONTAINERS_CONF": str(d / "containers" / "containers.conf"),
             "CONTAINERS_STORAGE_CONF": str(d / "containers" / "storage.conf"),
         }
+        if host.role == "node":  # where the host's gpu-burn registers what it holds
+            env[gputools.DRIVER_ENV] = str(gputools.driver_dir(d / "bin"))
+        return env
 
 
 def default_dir() -> Path:
@@ -255,7 +259,7 @@ def _ensure_user() -> None:
     # useradd leaves the account locked ('!'); sshd without PAM refuses locked accounts
     _run(["usermod", "-p", "*", LAB_USER])
     text = (f"# written by `gpufleet lab up`; removed by `gpufleet lab down`\n"
-            f"Defaults:{LAB_USER} env_keep += \"CONTAINERS_CONF CONTAINERS_STORAGE_CONF\"\n"
+            f"Defaults:{LAB_USER} env_keep += \"CONTAINERS_CONF CONTAINERS_STORAGE_CONF {gputools.DRIVER_ENV}\"\n"
             f"{LAB_USER} ALL=(ALL) NOPASSWD: ALL\n")
     tmp = SUDOERS.with_name(".gpufleet-lab.tmp")
     tmp.write_text(text)
@@ -318,7 +322,7 @@ def _make_rootfs(lab: Lab) -> Path:
         tar.addfile(info)
 
     with tarfile.open(tar_path, "w") as tar:
-        for d in ("bin", "dev", "etc", "proc", "sys", "tmp", "root", "var", "run"):
+        for d in ("bin", "dev", "etc", "proc", "sys", "tmp", "root", "var", "run", "usr", "usr/bin"):
             add_dir(tar, d, 0o1777 if d == "tmp" else 0o755)
         tar.add(busybox, "bin/busybox")
         for applet in applets:
@@ -327,10 +331,12 @@ def _make_rootfs(lab: Lab) -> Path:
             info = tarfile.TarInfo(f"bin/{applet}")
             info.type, info.linkname = tarfile.SYMTYPE, "busybox"
             tar.addfile(info)
-        for name, text in (("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"), ("etc/group", "root:x:0:\n")):
+        for name, text, mode in (("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", 0o644),
+                                 ("etc/group", "root:x:0:\n", 0o644),
+                                 ("usr/bin/gpu-burn", gputools.GPU_BURN, 0o755)):  # a workload that makes GPUs busy
             data = text.encode()
             info = tarfile.TarInfo(name)
-            info.size = len(data)
+            info.size, info.mode = len(data), mode
             tar.addfile(info, io.BytesIO(data))
     return tar_path
 
@@ -446,8 +452,13 @@ def _make_devices(d: Path, gpus: list[dict]) -> None:
                   for p in ("/dev/nvidiactl", "/dev/nvidia-uvm")]
         devices.append({"name": "all", "containerEdits": {"deviceNodes": [
             e for d_ in devices if d_["name"].isdigit() for e in d_["containerEdits"]["deviceNodes"]]}})
+        # the driver's state goes into every container given a GPU, as nvidia-ctk's specs mount the
+        # driver's files: there gpu-burn registers what it holds and the host's nvidia-smi reads it
+        driver = {"hostPath": str(gputools.driver_dir(d / "bin")), "containerPath": gputools.CONTAINER_DRIVER_DIR,
+                  "options": ["rw", "nosuid", "nodev", "bind"]}
         spec.write_text(json.dumps({"cdiVersion": "0.5.0", "kind": "nvidia.com/gpu", "devices": devices,
-                                    "containerEdits": {"deviceNodes": common}}, indent=2) + "\n")
+                                    "containerEdits": {"deviceNodes": common, "mounts": [driver]}},
+                                   indent=2) + "\n")
     else:
         spec.unlink(missing_ok=True)
 
@@ -530,6 +541,74 @@ def host_exec(lab: Lab, host: LabHost, cmd: list[str], **kw) -> subprocess.Compl
         raise GpufleetError(f"lab: {host.hostname} is not running")
     env = {**os.environ, **lab.host_env(host)}
     return _run(["nsenter", f"--target={pid}", "--net", "--mount", "--uts", "--"] + cmd, env=env, **kw)
+
+
+def node(lab: Lab, number: int) -> LabHost:
+    """Lab node ``number`` (node-N, counted from 0)."""
+    nodes = lab.nodes
+    if not 0 <= number < len(nodes):
+        raise UsageError(f"the lab has nodes 0 to {len(nodes) - 1}, not {number}")
+    return nodes[number]
+
+
+@_world_readable
+def fault(lab: Lab, host: LabHost, gpu: int, kind: str | None) -> None:
+    """Make GPU ``gpu`` (the vendor tool's index) of lab node ``host`` report a simulated hardware
+    fault in nvidia-smi's health fields (gputools.FAULT_KINDS), or clear it (``kind=None``)."""
+    try:
+        gputools.set_fault(lab.host_dir(host) / "bin", gpu, kind)
+    except ValueError as e:
+        raise UsageError(f"lab: {host.hostname}: {e}") from None
+    except OSError as e:
+        raise GpufleetError(f"lab: {host.hostname}: cannot mark the GPU ({e.strerror}): the lab's files are root's; "
+                            "run it with sudo") from None
+
+
+@dataclass
+class GpuBurn:
+    """A gpu-burn started by hand on a lab host, outside gpufleet (as a stray job)."""
+    process: subprocess.Popen
+    token: str
+    pid: int  # the gpu-burn's PID (the host's: lab hosts share this machine's PID namespace)
+
+    def stop(self, timeout: float = 10) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def start_gpu_burn(lab: Lab, host: LabHost, *args: str, timeout: float = 10) -> GpuBurn:
+    """Start ``gpu-burn ARGS`` on lab node ``host`` as the lab's plain user, in the host's namespaces
+    with the environment a login there gets, as a person would by hand; return once it holds its
+    GPUs (it has registered with the host's GPU driver directory)."""
+    anchor = _sshd_pid(lab, host)
+    if anchor is None:
+        raise GpufleetError(f"lab: {host.hostname} is not running")
+    env = lab.host_env(host)
+    holders = Path(env[gputools.DRIVER_ENV]) / "holders"
+    before = set(os.listdir(holders))
+    cmd = ["nsenter", f"--target={anchor}", "--net", "--mount", "--uts", "--",
+           "runuser", "-u", LAB_USER, "--", "env", "-i", f"HOME=/home/{LAB_USER}", f"USER={LAB_USER}",
+           *(f"{k}={v}" for k, v in env.items()), "gpu-burn", *args]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for token in set(os.listdir(holders)) - before:
+            if token.startswith(gputools.HOLDER_PREFIX):  # on the host, the $$ it recorded is the host's PID
+                record = (holders / token).read_text().splitlines()
+                return GpuBurn(proc, token, int(next(x for x in record if x.startswith("pid "))[4:]))
+        if proc.poll() is not None:
+            raise GpufleetError(f"lab: gpu-burn on {host.hostname} exited {proc.returncode}: {proc.stdout.read()}")
+        time.sleep(0.05)
+    GpuBurn(proc, "", 0).stop()
+    raise GpufleetError(f"lab: gpu-burn on {host.hostname} did not register in {timeout:.0f}s")
 
 
 def _write_fleet(lab: Lab) -> None:

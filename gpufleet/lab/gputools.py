@@ -9,6 +9,13 @@ command line fails with an error, as the real tool would for arguments it does n
 
 ``write_standins`` returns the ground truth: the GPU dicts (keys as the probe's parsers return)
 that a correct probe must report for the host.
+
+The GPUs can be driven: each host has a "driver" directory (``driver_dir``) where ``gpu-burn`` (the
+lab's stand-in workload, installed in the host's bin dir and in the lab image) registers which GPUs
+it holds, at what percent and with how much memory, and where ``set_fault`` marks a GPU faulty. The
+sampler's command lines (gpufleet.metrics.hostcmd) are answered from it at each call: utilization,
+memory, temperature, power and health per GPU, and the holders with their host PIDs (each gpu-burn
+carries a unique token in its argv; a record whose token no live process carries is ignored).
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+
+from gpufleet.metrics import hostcmd
 
 MARKER = "gpufleet-lab-standin"
 VENDORS = ("nvidia", "amd", "intel", "tenstorrent")  # the order the probe reports vendors in
@@ -63,7 +72,9 @@ class Model:
 CATALOGUE: dict[str, dict[str, Model]] = {
     "nvidia": {"H100": Model("NVIDIA H100 80GB HBM3", 81559, "NV18"),
                "L40S": Model("NVIDIA L40S", 46068),
-               "A100": Model("NVIDIA A100-SXM4-80GB", 81920, "NV12")},
+               "A100": Model("NVIDIA A100-SXM4-80GB", 81920, "NV12"),
+               # pre-Ampere: retires pages instead of remapping rows (name and size from a real fleet's probe)
+               "V100S": Model("Tesla V100S-PCIE-32GB", 32768)},
     "amd": {"MI300X": Model("AMD Instinct MI300X", 196592)},
     "intel": {"Gaudi2": Model("HL-225", 98304), "Gaudi3": Model("HL-325L", 131072)},
     "tenstorrent": {"n150": Model("n150", 12288), "n300": Model("n300", 12288)},  # DRAM per chip
@@ -365,19 +376,383 @@ def _tenstorrent_outputs(gpus: list[_Gpu], numa_nodes: int, host_index: int) -> 
     return {TTSMI_SNAPSHOT: json.dumps(doc, indent=4) + "\n"}
 
 
+# --------------------------------------------------------------------------- live state (gpu-burn, faults)
+
+DRIVER_ENV = "GPUFLEET_LAB_GPU_DRIVER"      # on a lab host: its driver directory (set by its sshd)
+CONTAINER_DRIVER_DIR = "/run/gpufleet-lab-gpu"  # where the lab's CDI spec mounts it into a container
+HOLDER_PREFIX = "gpufleet-lab-gpu-burn-"    # + a UUID: the token a gpu-burn carries in its argv
+
+# How a model reads when idle and at full load: memory used when idle (MiB), temperature (C) idle ->
+# full, power draw (W) idle -> full, power cap (W), and how its driver reports memory health: "remap"
+# (rows remapped: Ampere and newer), "retire" (pages retired: before Ampere), "" (not by nvidia-smi).
+# Idle and loaded values from the recorded outputs in ../shared/fixtures/gpu-tools where there are some
+# (H100 idle/gpu-burn, L40S, A100, Gaudi 2 and 3 tables); the others plausible for the model.
+LIVE: dict[tuple[str, str], tuple[int, int, int, float, float, int, str]] = {
+    ("nvidia", "H100"): (1, 30, 59, 69.85, 631.95, 700, "remap"),
+    ("nvidia", "A100"): (1, 23, 58, 58.90, 452.50, 500, "remap"),
+    ("nvidia", "L40S"): (0, 29, 63, 33.52, 294.30, 350, "remap"),
+    ("nvidia", "V100S"): (0, 32, 68, 25.91, 231.40, 250, "retire"),
+    ("amd", "MI300X"): (283, 35, 70, 131.0, 700.0, 750, ""),
+    ("intel", "Gaudi2"): (768, 22, 60, 88, 560, 600, ""),
+    ("intel", "Gaudi3"): (672, 36, 70, 226, 790, 850, ""),
+    ("tenstorrent", "n150"): (0, 54, 54, 12, 12, 100, ""),
+    ("tenstorrent", "n300"): (0, 54, 54, 12, 12, 100, ""),
+}
+
+# Simulated hardware faults of an NVIDIA GPU, in the fields nvidia-smi reports them in (hostcmd's
+# NVIDIA_GPU_FIELDS). gpu_recovery_action takes the names NVML documents (nvmlGpuRecoveryAction_t:
+# None, Reset, Reboot, ...; NVIDIA's "GPU memory error management" guide: an uncorrectable error's
+# row remapping is pending until the GPU is reset).
+FAULT_KINDS = {
+    "ecc": "uncorrected volatile ECC errors, their page retirement (before Ampere) or row remapping "
+           "(Ampere and newer) pending; recovery action Reset",
+    "remap-failure": "a row remapping failed (Ampere and newer only)",
+    "reboot": "recovery action Reboot (a fault that may have left the OS in an inconsistent state)",
+}
+
+
+def driver_dir(bin_dir: Path) -> Path:
+    """The "driver" directory of the host whose stand-ins are in ``bin_dir``: its GPUs (``gpus``), the
+    gpu-burn records (``holders/``) and the simulated faults (``faults/``)."""
+    return Path(bin_dir).parent / "gpu-driver"
+
+
+GPU_BURN = r"""#!/bin/sh
+# gpufleet-lab-standin: gpu-burn for the gpufleet lab, written by gpufleet.lab.gputools.
+# It burns no CPU: until it exits it registers, in the host's GPU driver directory, which GPUs it
+# holds, at what percent and with how much memory; the lab's nvidia-smi and hl-smi report that.
+# In a container it sees the /dev/nvidiaN nodes the container was given (numbered 0.. in order, as
+# CUDA does); on a lab host (GPUFLEET_LAB_GPU_DRIVER set) every GPU of the host, by its index.
+usage() {
+    echo "usage: gpu-burn [--gpus 0,1] [--seconds S] [--percent P] [--memory MIB]"
+    echo "  --gpus     the GPUs to hold (default: all it sees)"
+    echo "  --seconds  end after S seconds (default: run until killed)"
+    echo "  --percent  utilization to add to each GPU, 1-100 (default: 100)"
+    echo "  --memory   MiB to hold on each GPU (default: 90% of its memory, as gpu_burn allocates)"
+}
+fail() { echo "gpu-burn: $1" >&2; exit "${2:-2}"; }
+if [ "$1" != --gpufleet-lab-holder ]; then
+    # run again with a token of its own in argv: the host-side tools find this process by it
+    token="@HOLDER_PREFIX@$(cat /proc/sys/kernel/random/uuid)" || exit 1
+    exec /bin/sh "$0" --gpufleet-lab-holder "$token" "$@"
+fi
+token=$2
+shift 2
+gpus=
+seconds=
+percent=100
+memory=
+while [ "$#" -gt 0 ]; do
+    case $1 in
+        -h|--help) usage; exit 0;;
+        --gpus=*|--seconds=*|--percent=*|--memory=*)
+            opt=${1%%=*}; val=${1#*=}; shift; set -- "$opt" "$val" "$@"; continue;;
+        --gpus|--seconds|--percent|--memory) [ "$#" -ge 2 ] || fail "$1 needs a value";;
+        *) usage >&2; fail "unknown argument: $1";;
+    esac
+    case $1 in
+        --gpus) gpus=$2;;
+        --seconds) seconds=$2;;
+        --percent) percent=$2;;
+        --memory) memory=$2;;
+    esac
+    shift 2
+done
+case $gpus in *[!0-9,]*|,*|*,|*,,*) fail "--gpus takes GPU numbers separated by commas, not '$gpus'";; esac
+case $seconds in *[!0-9]*|0) fail "--seconds takes a whole number of seconds, not '$seconds'";; esac
+case $percent in ''|*[!0-9]*) fail "--percent takes a whole number from 1 to 100, not '$percent'";; esac
+[ "$percent" -ge 1 ] && [ "$percent" -le 100 ] || fail "--percent takes a whole number from 1 to 100, not '$percent'"
+case $memory in *[!0-9]*) fail "--memory takes MiB, not '$memory'";; esac
+
+if [ -n "$GPUFLEET_LAB_GPU_DRIVER" ]; then
+    driver=$GPUFLEET_LAB_GPU_DRIVER
+    on_host=1
+else
+    driver=@CONTAINER_DRIVER_DIR@
+    on_host=
+fi
+visible=
+first=
+if [ -r "$driver/gpus" ]; then
+    while IFS='	' read -r vendor index uuid total rest; do
+        case $vendor in ''|'#'*) continue;; esac
+        if [ -n "$on_host" ]; then
+            [ -n "$first" ] || first=$vendor
+            [ "$vendor" = "$first" ] || continue
+        else
+            [ "$vendor" = nvidia ] && [ -e "/dev/nvidia$index" ] || continue
+        fi
+        visible="$visible$vendor $index $uuid $total
+"
+    done < "$driver/gpus"
+fi
+[ -n "$visible" ] || fail "no GPU found (no GPU device and no GPU driver here)" 1
+
+pick() {  # the visible GPU numbered $1: on a host its index, in a container its position
+    n=0
+    while read -r vendor index uuid total; do
+        [ -n "$vendor" ] || continue
+        if [ -n "$on_host" ]; then key=$index; else key=$n; fi
+        n=$((n + 1))
+        if [ "$key" = "$1" ]; then echo "$vendor $index $uuid $total"; return 0; fi
+    done <<EOF
+$visible
+EOF
+    return 1
+}
+chosen=$visible
+if [ -n "$gpus" ]; then
+    chosen=
+    for id in $(echo "$gpus" | tr , ' '); do
+        line=$(pick "$id") || fail "no GPU $id here (it sees $(echo "$visible" | grep -c .) GPUs)"
+        chosen="$chosen$line
+"
+    done
+fi
+
+record="$driver/holders/$token"
+child=
+finish() {
+    rm -f "$record"
+    [ -z "$child" ] || kill "$child" 2>/dev/null
+    exit "$1"
+}
+trap 'finish 143' TERM
+trap 'finish 130' INT
+trap 'finish 129' HUP
+body="pid $$
+name $0
+"
+while read -r vendor index uuid total; do
+    [ -n "$vendor" ] || continue
+    mib=${memory:-$((total * 9 / 10))}
+    body="${body}gpu $vendor $index $percent $mib
+"
+    echo "gpu-burn: holding GPU $index ($uuid) at $percent% with $mib MiB"
+done <<EOF
+$chosen
+EOF
+printf '%s' "$body" > "$driver/holders/.$token" && mv -f "$driver/holders/.$token" "$record" \
+    || fail "cannot register with the GPU driver in $driver" 1
+if [ -n "$seconds" ]; then
+    echo "gpu-burn: for $seconds s"
+    sleep "$seconds" &
+    child=$!
+    wait "$child"
+    child=
+else
+    echo "gpu-burn: until killed"
+    while :; do
+        sleep 60 &
+        child=$!
+        wait "$child"
+    done
+fi
+echo "gpu-burn: done"
+finish 0
+""".replace("@HOLDER_PREFIX@", HOLDER_PREFIX).replace("@CONTAINER_DRIVER_DIR@", CONTAINER_DRIVER_DIR)
+
+# The stand-ins' dynamic answers: what the GPUs read now, from the host's driver directory. POSIX sh
+# and awk, run on the lab host. Holders: the records in holders/ whose token a live process carries
+# in its argv (found by one grep over /proc/*/cmdline); the host PID is the one whose innermost PID
+# (NSpid, as gpu-burn saw its own $$) is the record's (a fork of gpu-burn carries its argv too).
+LIVE_SH = r"""#!/bin/sh
+# gpufleet-lab-standin: what the lab's GPUs read now, written by gpufleet.lab.gputools.
+# usage: live.sh DRIVER_DIR nvidia-gpus|nvidia-gpus-basic|nvidia-apps|hlsmi-metrics
+LC_ALL=C
+export LC_ALL
+driver=$1
+live=
+if [ -n "$(ls "$driver/holders" 2>/dev/null)" ]; then
+    live=$(ls "$driver/holders" | grep -x '@HOLDER_PREFIX@[0-9a-f-]*' \
+        | grep -a -o -F -f - /proc/[0-9]*/cmdline 2>/dev/null)
+fi
+printf '%s\n' "$live" | awk -v driver="$driver" -v report="$2" '
+function value(path,   line, v) {  # the first line of a file, "" if none
+    v = ""
+    if ((getline line < path) > 0) v = line
+    close(path)
+    return v
+}
+function nspid(pid,   path, line, n, f) {  # the innermost PID of a host PID, "" if unknown
+    path = "/proc/" pid "/status"
+    n = ""
+    while ((getline line < path) > 0)
+        if (line ~ /^NSpid:/) { split(line, f, /[ \t]+/); n = f[length(f)] }
+    close(path)
+    return n
+}
+{
+    i = index($0, ":")
+    if (i == 0) next
+    pid = substr($0, 1, i - 1)
+    sub(/^\/proc\//, "", pid)
+    sub(/\/cmdline$/, "", pid)
+    tok = substr($0, i + 1)
+    if (!(tok in cands)) { ntok++; toks[ntok] = tok }
+    cands[tok] = cands[tok] " " pid
+}
+END {
+    path = driver "/gpus"
+    while ((getline line < path) > 0) {
+        if (line == "" || line ~ /^#/) continue
+        split(line, f, "\t")
+        n++
+        vend[n] = f[1]; idx[n] = f[2]; uuid[n] = f[3]; total[n] = f[4]; used[n] = f[5]
+        t0[n] = f[6]; t1[n] = f[7]; p0[n] = f[8]; p1[n] = f[9]; pcap[n] = f[10]; health[n] = f[11]
+        name[n] = f[12]; drv[n] = f[13]; util[n] = 0; napps[n] = 0
+        slot[f[1] " " f[2]] = n
+    }
+    close(path)
+    # holders in the order of their host PIDs
+    for (k = 1; k <= ntok; k++) {
+        tok = toks[k]
+        rec = driver "/holders/" tok
+        want = ""
+        while ((getline line < rec) > 0) if (line ~ /^pid /) want = substr(line, 5)
+        close(rec)
+        split(substr(cands[tok], 2), ps, " ")
+        hp = ""
+        for (j in ps) {
+            if (nspid(ps[j]) == want) { hp = ps[j]; break }
+            if (hp == "" || ps[j] + 0 < hp + 0) hp = ps[j]
+        }
+        hpid[tok] = hp
+    }
+    for (a = 1; a <= ntok; a++) for (b = a + 1; b <= ntok; b++)
+        if (hpid[toks[b]] + 0 < hpid[toks[a]] + 0) { t = toks[a]; toks[a] = toks[b]; toks[b] = t }
+    for (k = 1; k <= ntok; k++) {
+        tok = toks[k]
+        rec = driver "/holders/" tok
+        pname = ""
+        while ((getline line < rec) > 0) {
+            if (line ~ /^name /) pname = substr(line, 6)
+            if (line !~ /^gpu /) continue
+            split(line, g, " ")
+            s = slot[g[2] " " g[3]]
+            if (s == "") continue
+            util[s] += g[4]
+            give = g[5] + 0
+            if (give > total[s] - used[s]) give = total[s] - used[s]
+            used[s] += give
+            napps[s]++
+            app[s, napps[s]] = uuid[s] ", " hpid[tok] ", " give ", " pname
+        }
+        close(rec)
+    }
+    for (s = 1; s <= n; s++) {
+        u = util[s] > 100 ? 100 : util[s]
+        temp = int(t0[s] + (t1[s] - t0[s]) * u / 100 + 0.5)
+        power = p0[s] + (p1[s] - p0[s]) * u / 100
+        if (vend[s] == "nvidia" && report ~ /^nvidia-gpus/) {
+            printf "%d, %s, %d, %d, %d, %d, %.2f", idx[s], uuid[s], u, used[s], total[s], temp, power
+            if (report == "nvidia-gpus") {
+                kind = value(driver "/faults/nvidia-" idx[s])
+                ecc = kind == "ecc" ? 2 : 0
+                retired = "[N/A]"; pending = "[N/A]"; failure = "[N/A]"
+                if (health[s] == "retire") retired = kind == "ecc" ? "Yes" : "No"
+                if (health[s] == "remap") {
+                    pending = kind == "ecc" ? "Yes" : "No"
+                    failure = kind == "remap-failure" ? "Yes" : "No"
+                }
+                action = kind == "ecc" ? "Reset" : kind == "reboot" ? "Reboot" : "None"
+                printf ", %d, %s, %s, %s, %s", ecc, retired, pending, failure, action
+            }
+            printf "\n"
+        } else if (vend[s] == "nvidia" && report == "nvidia-apps") {
+            for (k = 1; k <= napps[s]; k++) print app[s, k]
+        } else if (vend[s] == "intel" && report == "hlsmi-metrics") {
+            printf "%d, %s, %s, %s, %d MiB, %d MiB, %d MiB, %d W, %d W, %d C, %d %%\n", idx[s], uuid[s], name[s], \
+                drv[s], total[s], used[s], total[s] - used[s], power + 0.5, pcap[s], temp, u
+        }
+    }
+}'
+""".replace("@HOLDER_PREFIX@", HOLDER_PREFIX)
+
+# the sampler's command lines (hostcmd) each stand-in answers from the live state, and with what report
+LIVE_ANSWERS = {
+    "nvidia": {hostcmd.NVIDIA_GPUS: "nvidia-gpus", hostcmd.NVIDIA_GPUS_BASIC: "nvidia-gpus-basic",
+               hostcmd.NVIDIA_APPS: "nvidia-apps"},
+    "intel": {hostcmd.HLSMI_METRICS: "hlsmi-metrics"},
+}
+
+
+def _gpus_table(gpus: list[_Gpu]) -> str:
+    """The driver directory's ``gpus``: one tab-separated line per GPU, read by gpu-burn and live.sh."""
+    lines = ["# vendor index uuid memory_mib idle_mib temp_idle temp_full power_idle power_full power_cap "
+             "health name driver (written by gpufleet.lab.gputools)"]
+    for g in gpus:
+        idle, t0, t1, p0, p1, cap, health = LIVE[(g.vendor, g.model)]
+        lines.append("\t".join(str(v) for v in (g.vendor, g.index, g.uuid or "-", g.info.memory_mib, idle, t0, t1,
+                                                 f"{p0:.2f}", f"{p1:.2f}", cap, health or "-", g.name,
+                                                 DRIVERS[g.vendor])))
+    return "\n".join(lines) + "\n"
+
+
+def _write_driver(bin_dir: Path, gpus: list[_Gpu]) -> Path:
+    driver = driver_dir(bin_dir)
+    for directory, mode in ((driver, 0o755), (driver / "holders", 0o777), (driver / "faults", 0o755)):
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, mode)  # holders: gpu-burn runs as any user, on the host and in containers
+    (driver / "gpus").write_text(_gpus_table(gpus))
+    os.chmod(driver / "gpus", 0o644)
+    return driver
+
+
+def gpus_of(bin_dir: Path) -> list[dict]:
+    """The GPUs of the host whose stand-ins are in ``bin_dir`` (vendor, index, uuid, model health)."""
+    rows = []
+    for line in (driver_dir(bin_dir) / "gpus").read_text().splitlines():
+        if line and not line.startswith("#"):
+            f = line.split("\t")
+            rows.append({"vendor": f[0], "index": int(f[1]), "uuid": None if f[2] == "-" else f[2],
+                         "memory_mib": int(f[3]), "health": "" if f[10] == "-" else f[10], "name": f[11]})
+    return rows
+
+
+def set_fault(bin_dir: Path, index: int, kind: str | None, vendor: str = "nvidia") -> None:
+    """Make GPU ``index`` of the host whose stand-ins are in ``bin_dir`` report the hardware fault
+    ``kind`` (one of FAULT_KINDS), or none (``kind=None``)."""
+    if vendor != "nvidia":
+        raise ValueError(f"simulated faults are NVIDIA's (nvidia-smi's health fields), not {vendor}'s")
+    gpu = next((g for g in gpus_of(bin_dir) if g["vendor"] == vendor and g["index"] == index), None)
+    if gpu is None:
+        raise ValueError(f"this host has no {vendor} GPU {index}")
+    path = driver_dir(bin_dir) / "faults" / f"{vendor}-{index}"
+    if kind is None:
+        path.unlink(missing_ok=True)
+        return
+    if kind not in FAULT_KINDS:
+        raise ValueError(f"unknown fault kind {kind!r} (known: {', '.join(FAULT_KINDS)})")
+    if kind == "remap-failure" and gpu["health"] != "remap":
+        raise ValueError(f"GPU {index} ({gpu['name']}) does not remap rows (before Ampere): no remap-failure")
+    tmp = path.with_name(f".{path.name}")
+    tmp.write_text(kind + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+
 # --------------------------------------------------------------------------- scripts
 
-def _script(tool: str, data_dir: Path, answers: dict[tuple[str, ...], str]) -> str:
+def _argv_test(args: tuple[str, ...]) -> str:
+    return " && ".join([f'[ "$#" -eq {len(args)} ]']
+                       + [f'[ "${{{i}}}" = {shlex.quote(a)} ]' for i, a in enumerate(args, 1)])
+
+
+def _script(tool: str, data_dir: Path, answers: dict[tuple[str, ...], str],
+            live: dict[tuple[str, ...], str] | None = None, driver: Path | None = None) -> str:
     message, rc = USAGE_ERRORS[tool]
     lines = ["#!/bin/sh",
              f"# {MARKER}: {tool} for a gpufleet lab host, written by gpufleet.lab.gputools.",
              "# It answers only the command lines below, with output in the real tool's format."]
     for args, filename in answers.items():
-        test = " && ".join([f'[ "$#" -eq {len(args)} ]']
-                           + [f'[ "${{{i}}}" = {shlex.quote(a)} ]' for i, a in enumerate(args, 1)])
-        lines.append(f"if {test}; then exec cat {shlex.quote(str(data_dir / filename))}; fi")
+        lines.append(f"if {_argv_test(args)}; then exec cat {shlex.quote(str(data_dir / filename))}; fi")
+    for args, report in (live or {}).items():  # what the GPUs read now
+        lines.append(f"if {_argv_test(args)}; then exec /bin/sh {shlex.quote(str(data_dir / 'live.sh'))} "
+                     f"{shlex.quote(str(driver))} {report}; fi")
     lines += [f'echo "{message}" >&2',
-              'echo "(gpufleet lab stand-in: only the probe\'s command lines are recorded)" >&2',
+              'echo "(gpufleet lab stand-in: only the probe\'s and the sampler\'s command lines are answered)" >&2',
               f"exit {rc}", ""]
     return "\n".join(lines)
 
@@ -400,6 +775,10 @@ def write_standins(bin_dir: Path, specs: list[GpuSpec], host_index: int, numa_no
     for directory in (bin_dir, data_dir.parent, data_dir):
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o755)
+    driver = _write_driver(bin_dir, gpus)
+    for path, text in ((data_dir / "live.sh", LIVE_SH), (bin_dir / "gpu-burn", GPU_BURN)):
+        path.write_text(text)
+        os.chmod(path, 0o755)
     for vendor in VENDORS:
         tool = TOOLS[vendor]
         script = bin_dir / tool
@@ -422,6 +801,6 @@ def write_standins(bin_dir: Path, specs: list[GpuSpec], host_index: int, numa_no
             path.write_bytes(text.encode())
             os.chmod(path, 0o644)
             answers[args] = path.name
-        script.write_text(_script(tool, data_dir, answers))
+        script.write_text(_script(tool, data_dir, answers, LIVE_ANSWERS.get(vendor), driver))
         os.chmod(script, 0o755)
     return [g.truth() for g in sorted(gpus, key=lambda g: (VENDORS.index(g.vendor), g.index))]
