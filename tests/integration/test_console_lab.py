@@ -24,6 +24,8 @@ from conftest import ROOT, start_server, wait_for
 from test_authz_lab import Team, fleet_text
 from test_teams_lab import User, write_task
 
+from gpufleet.lab import core
+
 pytestmark = pytest.mark.lab
 CHROMIUM = "/usr/bin/chromium"
 MARKUP = "<b>x</b>"
@@ -34,6 +36,8 @@ WIDTHS = {"wide": (1280, 860), "phone": (390, 844)}
 def team(lab_factory, tmp_path_factory):
     lab = lab_factory(nodes=2, gpus=4)
     work = tmp_path_factory.mktemp("console")
+    (work / "home").mkdir()
+    (work / "home" / "server.yml").write_text("metrics_interval: 1\n")  # samples each second
     server = start_server(work / "home")
     with contextlib.ExitStack() as stack:
         stack.callback(server.stop)
@@ -114,6 +118,12 @@ class Console:
             [h.dataset.host, Object.fromEntries([...h.querySelectorAll('.block')]
                 .map(b => [b.dataset.block, b.dataset.run]))]))""")
 
+    def gpus(self) -> dict[int, dict]:
+        """The fleets page's GPUs (one host shown): index -> {status, text}."""
+        return {int(k): v for k, v in self.page.evaluate("""() => Object.fromEntries(
+            [...document.querySelectorAll('.gpu[data-gpu]')].map(g => [g.dataset.gpu,
+                {status: g.dataset.gpuStatus, text: g.textContent}]))""").items()}
+
     def close(self) -> None:
         self.context.close()
 
@@ -155,7 +165,8 @@ def test_the_console_shows_what_the_cli_shows_and_stops_runs(team, browser, shot
     con.page.evaluate("() => { window.notReloaded = true; }")
 
     # runs started from the CLI appear without a reload: one holding a block, one waiting for all four
-    p = alice("apply", "-f", str(write_task(tmp_path, a, [f"echo '{MARKUP}'", "sleep 300"])), "-y", "-d", check=0)
+    p = alice("apply", "-f", str(write_task(tmp_path, a, [f"echo '{MARKUP}'", "gpu-burn --seconds 300 --percent 70"])),
+              "-y", "-d", check=0)
     assert f"{a} is" in p.stdout, p.stdout + p.stderr
     wait_for(f"{a} running in the console", lambda: con.runs().get(a, {}).get("status") == "running", timeout=180)
     big = tmp_path / f"{b}.yml"
@@ -187,14 +198,31 @@ def test_the_console_shows_what_the_cli_shows_and_stops_runs(team, browser, shot
     other.close()
     assert d not in con.runs()
 
-    # the fleets page: each host's blocks, and which run holds which, as the CLI says
+    # the fleets page: each host's blocks, and which run holds which, as the CLI says; the run's GPU
+    # busy at its gpu-burn's 70 %, one held by a gpu-burn started by hand on the host, one faulty
     con.go("#/fleets")
     con.page.wait_for_selector(f'#fleets .block[data-run="{a}"]')
     expected = cli_blocks(alice)
     wait_for("the console's blocks to be the CLI's", lambda: con.blocks() == expected, timeout=15)
     [host] = expected.values()  # alice sees ml-gpus only
     assert list(host.values()).count(a) == 1 and len(host) == 4
-    con.shot("fleets")
+    held = alice.runs()[a]
+    [mine] = [g["index"] for g in held["gpus"]]
+    node = team.lab.nodes[0]
+    stray, sick = [i for i in range(4) if i != mine][:2]
+    by_hand = core.start_gpu_burn(team.lab, node, "--gpus", str(stray), "--seconds", "300")
+    core.fault(team.lab, node, sick, "ecc")
+    try:
+        gpus = wait_for("the GPUs' states in the console", lambda: (g := con.gpus())[mine]["status"] == "busy" and
+                        "70%" in g[mine]["text"] and g[stray]["status"] == "outside" and
+                        g[sick]["status"] == "unhealthy" and g, timeout=60)
+        assert f"pid {by_hand.pid}" in gpus[stray]["text"] and "unhealthy" in gpus[sick]["text"]
+        metrics = json.loads(alice("metrics", a, "--json", check=0).stdout)
+        assert [(x["index"], x["utilization"]) for x in metrics["latest"]] == [(mine, 70)]
+        con.shot("fleets")
+    finally:
+        by_hand.stop()
+        core.fault(team.lab, node, sick, None)
     con.go("#/runs")
     con.page.wait_for_selector(f'#runs tr[data-run="{b}"]')
     con.shot("runs")
@@ -206,6 +234,9 @@ def test_the_console_shows_what_the_cli_shows_and_stops_runs(team, browser, shot
     assert MARKUP in con.page.locator("#run-spec").text_content()
     assert con.page.locator("main b").count() == 0  # never parsed as HTML
     wait_for("its events", lambda: con.page.locator("#run-events tbody tr").count() > 0, timeout=15)
+    chart = con.page.locator(f'#run-charts figure[data-gpu="{held["host"]}/{mine}"] svg')
+    wait_for("its GPU's chart", lambda: chart.count() == 1 and "Utilization 70%" in chart.get_attribute("aria-label"),
+             timeout=30)
     con.shot("run")
     con.go("#/events")
     con.page.wait_for_selector("#events tbody tr")
