@@ -103,6 +103,8 @@ class Console:
             self.page.set_viewport_size({"width": w, "height": h})
             self.page.wait_for_timeout(300)
             self.page.screenshot(path=str(self.shots / f"{name}-{label}.png"), full_page=True)
+            wide = self.page.evaluate("() => document.documentElement.scrollWidth")
+            assert wide <= w, f"the {name} page is {wide} px wide at {w} px (only tables may scroll, in their box)"
         self.page.set_viewport_size({"width": 1280, "height": 860})
 
     def runs(self) -> dict[str, dict]:

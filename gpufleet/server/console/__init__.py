@@ -12,10 +12,8 @@ from __future__ import annotations
 
 from importlib import resources
 
-from fastapi import APIRouter
+from fastapi import APIRouter, HTTPException
 from fastapi.responses import Response
-
-from gpufleet.errors import NotFound
 
 # name -> media type: the only files served (nothing else of the package can be asked for)
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8",
@@ -44,7 +42,7 @@ def router() -> APIRouter:
     @r.api_route("/console/{name}", methods=["GET", "HEAD"])
     def static(name: str) -> Response:
         if name not in ASSETS:
-            raise NotFound(f"no console file named {name!r}")
+            raise HTTPException(404, f"no console file named {name!r}")
         return Response(asset(name), media_type=ASSETS[name], headers=HEADERS)
 
     return r

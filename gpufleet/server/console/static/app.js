@@ -300,13 +300,10 @@ function gpuView(g) {
                           "aria-label": `GPU ${g.index} utilization` }, el("span"));
   bar.firstChild.style.width = `${util || 0}%`;
   const flagged = ["outside", "unhealthy", "unreachable"].includes(g.status);
-  const outsiders = (g.processes || []).filter((p) => !p.run)
-    .map((p) => `pid ${p.pid}${p.name ? ` ${p.name}` : ""}${p.memory_mib ? ` ${p.memory_mib} MiB` : ""}`);
   return el("div", { class: `gpu ${g.status || ""}`, "data-gpu": g.index, "data-gpu-status": g.status || "" },
     el("div", { text: `GPU ${gpuLabel(g)} · ${util === null ? "n/a" : `${Math.round(util)}%`}${mem}` }),
     bar,
-    flagged ? el("div", { class: "flag", text: `${g.status}${g.reason ? `: ${g.reason}` : ""}` }) : null,
-    g.status === "outside" && outsiders.length ? el("div", { class: "flag", text: outsiders.join(", ") }) : null);
+    flagged ? el("div", { class: "flag", text: `${g.status}${g.reason ? `: ${g.reason}` : ""}` }) : null);
 }
 
 // -------------------------------------------- runs and queue
@@ -413,8 +410,22 @@ function specText(spec) {
   const first = ["type", "name", "image", "resources", "commands", "env", "ports", "max_duration", "priority"];
   const keys = [...first.filter((k) => k in spec), ...Object.keys(spec).filter((k) => !first.includes(k)).sort()];
   const out = {};
-  for (const k of keys) if (spec[k] !== null && spec[k] !== undefined) out[k] = spec[k];
-  return JSON.stringify(out, null, 2);
+  for (const k of keys) out[k] = spec[k];
+  return JSON.stringify(pruned(out), null, 2) || "{}";
+}
+
+// without the fields left unset (null, empty): what the user wrote or the server filled in
+function pruned(v) {
+  if (Array.isArray(v)) return v.length ? v.map(pruned) : undefined;
+  if (v && typeof v === "object") {
+    const o = {};
+    for (const [k, x] of Object.entries(v)) {
+      const p = pruned(x);
+      if (p !== undefined) o[k] = p;
+    }
+    return Object.keys(o).length ? o : undefined;
+  }
+  return v === null ? undefined : v;
 }
 
 async function followLogs(name, pre, follow) {
@@ -474,6 +485,7 @@ function chart(series, totalMib, model) {
       svg("text", { x: 2, y: T + 8, text: "100%" }), svg("text", { x: 2, y: H - B, text: "0%" }),
       svg("text", { x: W - R + 2, y: T + 8, text: `${Math.round(memMax / 1024)}G` }),
       svg("text", { x: L, y: H - 6, text: when(t0) }),
+      svg("text", { x: W - R, y: H - 6, "text-anchor": "end", text: new Date(t1 * 1000).toLocaleTimeString() }),
       svg("path", { class: "util", d: line(1, 100) }),
       svg("path", { class: "mem", d: line(2, memMax) })),
     el("figcaption", { class: "legend", text: `${title} — solid: utilization %, dashed: memory. ${desc}.` }));
