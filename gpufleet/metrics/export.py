@@ -81,8 +81,8 @@ class FleetCollector:
                 put("gpufleet_host_up", [fleet.name, host.alias], 1 if up else 0)
         waiting = Counter(r.project for r in self.store.pending()
                           if self.visible is None or r.project in self.visible)
-        for project, n in sorted(waiting.items()):
-            put("gpufleet_queue_length", [project], n)
+        for project in sorted({p.name for p in self.store.projects(self.visible)} | set(waiting)):
+            put("gpufleet_queue_length", [project], waiting.get(project, 0))  # 0 too: a graph with no gap
         active = [r for r in self.store.runs() if r.active and (self.visible is None or r.project in self.visible)]
         held = metrics.holders(self.store, active)
         for (fleet, alias), s in sorted(samples.items()):

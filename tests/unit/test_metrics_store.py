@@ -230,6 +230,7 @@ def test_prometheus_text_parsed_back(db_url):
     assert _value(fams, "gpufleet_blocks_busy", fleet="f", host="a") == 1
     assert _value(fams, "gpufleet_host_up", fleet="f", host="a") == 1
     assert _value(fams, "gpufleet_queue_length", project="default") == 2
+    assert {s.labels["project"]: s.value for s in fams["gpufleet_queue_length"].samples} == {"default": 2}
     assert _value(fams, "gpufleet_run_cpu_percent", run="r", user="alice", project="default") == 120.0
     assert _value(fams, "gpufleet_run_memory_bytes", run="r") == 5 * 2**30
     # a user of no project sees nothing of it

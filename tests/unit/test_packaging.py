@@ -32,7 +32,8 @@ CONTENT = ["playbooks/probe.yml", "playbooks/start.yml", "roles/workload/tasks/m
 # the state store's Alembic scripts, read from the package's folder at run time
 MIGRATIONS = ["gpufleet/migrations/__init__.py", "gpufleet/migrations/env.py", "gpufleet/migrations/script.py.mako",
               "gpufleet/migrations/versions/0004_baseline.py", "gpufleet/migrations/versions/0005_queue.py",
-              "gpufleet/migrations/versions/0006_teams.py", "gpufleet/migrations/versions/0007_schedule.py"]
+              "gpufleet/migrations/versions/0006_teams.py", "gpufleet/migrations/versions/0007_schedule.py",
+              "gpufleet/migrations/versions/0008_metrics.py"]
 
 
 def test_version_is_stated_once_and_everything_agrees(tmp_path):
@@ -93,6 +94,7 @@ def test_sdist_carries_the_content_and_its_wheel_has_it_in_the_package(tmp_path)
     assert not any(n.split("/")[0] in ("playbooks", "roles", "plugins", "inventory_templates") for n in names)
     assert f"Version: {GALAXY_VERSION}\n" in metadata and "License-Expression: Apache-2.0\n" in metadata
     assert "Requires-Dist: alembic<2,>=1.13\n" in metadata
+    assert "Requires-Dist: prometheus-client>=0.20\n" in metadata
 
     # the state store migrates from the installed package's folder: a new database, and one from
     # before Alembic, opened by the gpufleet unpacked from the wheel
@@ -106,7 +108,7 @@ def test_sdist_carries_the_content_and_its_wheel_has_it_in_the_package(tmp_path)
         assert gpufleet.__file__.startswith(sys.argv[1]), gpufleet.__file__
         Store("sqlite:///" + sys.argv[2] + "/new.db")
         old = sqlite3.connect(sys.argv[2] + "/old.db")
-        old.executescript("CREATE TABLE fleets (name VARCHAR(64) PRIMARY KEY);"  # enough for revisions 0005 to 0007
+        old.executescript("CREATE TABLE fleets (name VARCHAR(64) PRIMARY KEY);"  # enough for revisions 0005 to 0008
                           "CREATE TABLE runs (name VARCHAR(64) PRIMARY KEY, status VARCHAR(32) NOT NULL);"
                           "CREATE TABLE gpufleet_schema (id INTEGER PRIMARY KEY, version INTEGER NOT NULL, "
                           "description VARCHAR(200) NOT NULL); INSERT INTO gpufleet_schema VALUES (1, 4, 'x')")
@@ -116,4 +118,4 @@ def test_sdist_carries_the_content_and_its_wheel_has_it_in_the_package(tmp_path)
     """
     p = subprocess.run([sys.executable, "-c", code, str(site), str(tmp_path)], capture_output=True, text=True,
                        cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
-    assert p.returncode == 0 and p.stdout.strip() == "0007_schedule", p.stderr[-4000:]
+    assert p.returncode == 0 and p.stdout.strip() == "0008_metrics", p.stderr[-4000:]
