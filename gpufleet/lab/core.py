@@ -44,7 +44,7 @@ REQUIREMENTS = [
     ("podman", "podman"), ("runc", "runc"), ("busybox-static", "busybox"), ("sudo", "sudo"),
     # podman's bridge network (single-node runs' own network namespace, ports published by CNI's portmap)
     ("containernetworking-plugins", "/usr/lib/cni/bridge"), ("iptables", "/usr/sbin/iptables"),
-    ("passwd", "useradd"),
+    ("passwd", "useradd"), ("util-linux", "runuser"),  # runuser: gpu-burn started by hand as the lab's user
 ]
 
 
@@ -453,11 +453,15 @@ def _make_devices(d: Path, gpus: list[dict]) -> None:
         devices.append({"name": "all", "containerEdits": {"deviceNodes": [
             e for d_ in devices if d_["name"].isdigit() for e in d_["containerEdits"]["deviceNodes"]]}})
         # the driver's state goes into every container given a GPU, as nvidia-ctk's specs mount the
-        # driver's files: there gpu-burn registers what it holds and the host's nvidia-smi reads it
-        driver = {"hostPath": str(gputools.driver_dir(d / "bin")), "containerPath": gputools.CONTAINER_DRIVER_DIR,
-                  "options": ["rw", "nosuid", "nodev", "bind"]}
+        # driver's files (read-only): gpu-burn registers what it holds in holders/ (writable), and the
+        # host's nvidia-smi reads it there
+        driver = gputools.driver_dir(d / "bin")
+        mounts = [{"hostPath": str(driver), "containerPath": gputools.CONTAINER_DRIVER_DIR,
+                   "options": ["ro", "nosuid", "nodev", "bind"]},
+                  {"hostPath": str(driver / "holders"), "containerPath": f"{gputools.CONTAINER_DRIVER_DIR}/holders",
+                   "options": ["rw", "nosuid", "nodev", "noexec", "bind"]}]
         spec.write_text(json.dumps({"cdiVersion": "0.5.0", "kind": "nvidia.com/gpu", "devices": devices,
-                                    "containerEdits": {"deviceNodes": common, "mounts": [driver]}},
+                                    "containerEdits": {"deviceNodes": common, "mounts": mounts}},
                                    indent=2) + "\n")
     else:
         spec.unlink(missing_ok=True)
@@ -583,6 +587,18 @@ class GpuBurn:
             self.process.wait()
 
 
+def _descends(pid: int, ancestor: int) -> bool:
+    for _ in range(8):
+        if pid == ancestor:
+            return True
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+        pid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+    return False
+
+
 def start_gpu_burn(lab: Lab, host: LabHost, *args: str, timeout: float = 10) -> GpuBurn:
     """Start ``gpu-burn ARGS`` on lab node ``host`` as the lab's plain user, in the host's namespaces
     with the environment a login there gets, as a person would by hand; return once it holds its
@@ -603,7 +619,9 @@ def start_gpu_burn(lab: Lab, host: LabHost, *args: str, timeout: float = 10) -> 
         for token in set(os.listdir(holders)) - before:
             if token.startswith(gputools.HOLDER_PREFIX):  # on the host, the $$ it recorded is the host's PID
                 record = (holders / token).read_text().splitlines()
-                return GpuBurn(proc, token, int(next(x for x in record if x.startswith("pid "))[4:]))
+                pid = int(next(x for x in record if x.startswith("pid "))[4:])
+                if _descends(pid, proc.pid):  # not one that something else started meanwhile
+                    return GpuBurn(proc, token, pid)
         if proc.poll() is not None:
             raise GpufleetError(f"lab: gpu-burn on {host.hostname} exited {proc.returncode}: {proc.stdout.read()}")
         time.sleep(0.05)

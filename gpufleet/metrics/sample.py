@@ -191,9 +191,19 @@ def outside(sample: HostSample) -> dict[int, list[GpuProcess]]:
     return found
 
 
+DIAGNOSIS_TTL = 60.0  # seconds a host's diagnosed cause is reused: a host down stays down a while
+_diagnosed: dict[tuple[str, str], tuple[float, str | None]] = {}
+_diagnosed_lock = threading.Lock()
+
+
 def _diagnose(files: FleetFiles, alias: str) -> str | None:
     """The login node's own reason why ``alias`` cannot be reached, which a multiplexed jump hides
-    (probe.diagnose_through); None when there is no jump or no answer."""
+    (probe.diagnose_through); None when there is no jump or no answer. Asked again after DIAGNOSIS_TTL."""
+    key = (str(files.ssh_config), alias)
+    with _diagnosed_lock:
+        cached = _diagnosed.get(key)
+    if cached and time.monotonic() - cached[0] < DIAGNOSIS_TTL:
+        return cached[1]
     try:
         p = subprocess.run(["ssh", "-F", str(files.ssh_config), "-G", alias], capture_output=True, text=True,
                            stdin=subprocess.DEVNULL, timeout=10)
@@ -202,11 +212,16 @@ def _diagnose(files: FleetFiles, alias: str) -> str | None:
     jump = next((line.split(None, 1)[1] for line in p.stdout.splitlines() if line.startswith("proxyjump ")), None)
     if not jump or "," in jump:  # the generated ssh_config names one alias, the last hop
         return None
-    return probe.diagnose_through(str(files.ssh_config), jump, alias)
+    raw = probe.diagnose_through(str(files.ssh_config), jump, alias)
+    with _diagnosed_lock:
+        _diagnosed[key] = (time.monotonic(), raw)
+    return raw
 
 
 def sample_host(files: FleetFiles, fleet: str, alias: str, runtime: list[str], at: float,
                 diagnoses: threading.Semaphore | None = None) -> HostSample:
+    """One host's sample. ``diagnoses``: how many hosts of this round may still be diagnosed (an ssh
+    connection of their own past the login node's master: see probe.diagnose)."""
     marker = f"@@gpufleet-sample-{secrets.token_hex(6)}"
     argv = ssh_argv(files, alias, None) + ["--", host_script(runtime, marker)]
     try:
@@ -216,7 +231,7 @@ def sample_host(files: FleetFiles, fleet: str, alias: str, runtime: list[str], a
     if p.returncode != 0:  # the script itself always exits 0: this is ssh failing (255) or the shell
         if p.returncode == 255:
             raw = p.stderr
-            if ssherrors.hides_cause(raw) and (diagnoses or threading.Semaphore()).acquire(blocking=False):
+            if ssherrors.hides_cause(raw) and diagnoses is not None and diagnoses.acquire(blocking=False):
                 raw = _diagnose(files, alias) or raw  # not released: a few per round (probe.MAX_DIAGNOSES)
             cause = ssherrors.explain(raw, alias, str(files.known_hosts))
         else:
@@ -225,28 +240,32 @@ def sample_host(files: FleetFiles, fleet: str, alias: str, runtime: list[str], a
     return host_sample(fleet, alias, at, p.stdout, marker)
 
 
+def _sample_hosts(jobs: list[tuple[FleetFiles, str, str, list[str]]], now: float | None) -> list[HostSample]:
+    """(files, fleet, alias, runtime) each, all at once on a bounded thread pool, in order."""
+    if not jobs:
+        return []
+    at = time.time() if now is None else now
+    diagnoses = threading.Semaphore(probe.MAX_DIAGNOSES)  # hosts whose hidden cause is asked for, this round
+    with ThreadPoolExecutor(min(len(jobs), MAX_THREADS)) as pool:
+        return list(pool.map(lambda job: sample_host(*job, at, diagnoses), jobs))
+
+
 def sample_fleet(files: FleetFiles, fleet: str, runtimes: dict[str, list[str]],
                  now: float | None = None) -> list[HostSample]:
     """One sample of each host of ``runtimes`` (alias -> the container runtime's argv there), all hosts
     at once on a bounded thread pool; in the order of ``runtimes``. An unreachable host gives a sample
     whose ``error`` names it and says why."""
-    if not runtimes:
-        return []
-    at = time.time() if now is None else now
-    aliases = list(runtimes)
-    diagnoses = threading.Semaphore(probe.MAX_DIAGNOSES)  # hosts whose hidden cause is asked for, this round
-    with ThreadPoolExecutor(min(len(aliases), MAX_THREADS)) as pool:
-        return list(pool.map(lambda a: sample_host(files, fleet, a, runtimes[a], at, diagnoses), aliases))
+    return _sample_hosts([(files, fleet, alias, runtime) for alias, runtime in runtimes.items()], now)
 
 
-def sample_all(store) -> list[HostSample]:
-    """A sample of every ready instance (probed) of every fleet in ``store`` (a gpufleet.state.Store)."""
-    found: list[HostSample] = []
+def sample_all(store, now: float | None = None) -> list[HostSample]:
+    """A sample of every ready instance (probed) of every fleet in ``store`` (a gpufleet.state.Store), all
+    hosts of all fleets at once; fleets in the store's order, hosts in their fleet's."""
+    jobs = []
     for state in store.fleets():
         files = FleetFiles.of(state.name)
         if not files.inventory.exists():
             continue
-        runtimes = {i.alias: state.runtime_argv(i.alias) for i in state.instances
-                    if i.status == InstanceStatus.READY and i.facts}
-        found.extend(sample_fleet(files, state.name, runtimes))
-    return found
+        jobs += [(files, state.name, i.alias, state.runtime_argv(i.alias)) for i in state.instances
+                 if i.status == InstanceStatus.READY and i.facts]
+    return _sample_hosts(jobs, now)

@@ -53,6 +53,20 @@ def test_every_ready_host_is_sampled_with_the_gpus_its_probe_found(lab, store):
         assert s.processes == [] and s.container_ids == {}
 
 
+def test_a_faulty_gpu_reports_why(lab, store):
+    node = lab.nodes[0]
+    core.fault(lab, node, 2, "ecc")
+    try:
+        s = by_alias(sample.sample_all(store))[node.address]
+    finally:
+        core.fault(lab, node, 2, None)
+    assert s.error == ""
+    faults = {g.index: g.faults for g in s.gpus if g.faults}
+    assert list(faults) == [2]
+    assert any("uncorrected ECC error" in f for f in faults[2]) and any("recovery" in f for f in faults[2]), faults
+    assert not any(g.faults for g in by_alias(sample.sample_all(store))[node.address].gpus)
+
+
 def test_an_unreachable_host_is_named_with_its_cause(lab, store):
     fleet = core.fleet_name(lab)
     state = store.fleet(fleet)

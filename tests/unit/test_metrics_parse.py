@@ -322,3 +322,30 @@ def test_host_script_runs_without_gpu_tools(tmp_path):
     script = sample.host_script([str(rt)], "@@M")
     p = subprocess.run(["dash", "-c", script], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert p.returncode == 0 and sample.sections(p.stdout, "@@M") == [("containers", 0, "")]
+
+
+def test_host_script_falls_back_to_the_basic_query_on_an_older_driver(tmp_path):
+    # an nvidia-smi older than the health fields refuses the whole query, as drivers say it
+    # (huggingface/candle#733: 'Field "compute_cap" is not a valid field to query.'); the basic query
+    # then prints the real H100 row
+    row = header_csv(shared("nvidia-smi_query-gpu_1xH100_allfields_load.csv"))
+    basic = noheader_line(row, hostcmd.NVIDIA_GPU_FIELDS[:7])
+    (tmp_path / "basic.csv").write_text(basic)
+    tool = tmp_path / "nvidia-smi"
+    tool.write_text(f"""#!/bin/sh
+case "$1" in
+  {hostcmd.NVIDIA_GPUS[0]}) echo 'Field "gpu_recovery_action" is not a valid field to query.'; exit 2;;
+  {hostcmd.NVIDIA_GPUS_BASIC[0]}) cat {tmp_path}/basic.csv;;
+  --query-compute-apps=*) ;;
+  *) exit 2;;
+esac
+""")
+    tool.chmod(0o755)
+    rt = tmp_path / "rt"
+    rt.write_text("#!/bin/sh\nexit 0\n")
+    rt.chmod(0o755)
+    p = subprocess.run(["dash", "-c", sample.host_script([str(rt)], "@@M")], capture_output=True, text=True,
+                       env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    s = sample.host_sample("f", "a", 0.0, p.stdout, "@@M")
+    assert [n for n, _, _ in sample.sections(p.stdout, "@@M")] == ["nvidia-gpus-basic", "nvidia-apps", "containers"]
+    assert s.error == "" and [(g.index, g.utilization, g.faults) for g in s.gpus] == [(0, 100.0, [])]
