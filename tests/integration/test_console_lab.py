@@ -85,9 +85,9 @@ class Console:
     def __init__(self, browser, team: Team, shots: Path):
         self.context = browser.new_context(viewport={"width": 1280, "height": 860})
         self.page = self.context.new_page()
-        self.team, self.shots, self.errors = team, shots, []
+        self.team, self.shots, self.errors, self.dialogs = team, shots, [], []
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-        self.page.on("dialog", lambda d: d.accept())  # the Stop button's confirm()
+        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.accept()))  # the Stop button's confirm()
         self.page.set_default_timeout(30_000)
 
     def login(self, token: str) -> None:
@@ -162,6 +162,14 @@ def test_the_console_shows_what_the_cli_shows_and_stops_runs(team, browser, shot
     con.login(team.tokens["alice"])
     con.page.wait_for_selector("#fleets .host")
     assert "alice" in con.page.locator("#who").text_content()
+    # by keyboard: the first Tab is the skip link, then the pages' links; Enter follows one
+    con.page.keyboard.press("Tab")
+    assert con.page.evaluate("() => document.activeElement.textContent") == "Skip to content"
+    con.page.keyboard.press("Tab")
+    con.page.keyboard.press("Tab")
+    assert con.page.evaluate("() => document.activeElement.textContent") == "Runs and queue"
+    con.page.keyboard.press("Enter")
+    con.page.wait_for_selector("#runs")
     con.go("#/runs")
     con.page.wait_for_selector("#runs")
     con.page.evaluate("() => { window.notReloaded = true; }")
@@ -255,6 +263,7 @@ def test_the_console_shows_what_the_cli_shows_and_stops_runs(team, browser, shot
         button.focus()
         con.page.keyboard.press("Enter")  # by keyboard: a real button
         wait_for(f"{name} stopped (the CLI)", lambda n=name: alice.runs()[n]["status"] == "stopped", timeout=120)
+    assert con.dialogs == [f"Stop run {b}?", f"Stop run {a}?"]
     fleets = json.loads(alice("fleet", "list", "--json", check=0).stdout)
     assert [i["blocks"]["busy"] for f in fleets for i in f["instances"]] == [0]
     con.go("#/fleets")
