@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 # (test_images_lab.py runs the binary itself, with its own config; the package's service plays no part)
 # containernetworking-plugins and iptables: podman's bridge network, which single-node runs get (their
 # own network namespace, ports published on the host's 127.0.0.1 by CNI's portmap)
+# chromium: the browser the web console's tests drive (Playwright, pointed at /usr/bin/chromium)
 PACKAGES=(python3 python3-venv python3-pip openssh-server openssh-client iproute2 util-linux
           podman runc containernetworking-plugins iptables busybox-static sudo passwd git postgresql
-          docker-registry apache2-utils)
+          docker-registry apache2-utils chromium)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

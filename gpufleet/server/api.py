@@ -334,6 +334,9 @@ def create_app(ctx: Context) -> FastAPI:
     app.include_router(api)
 
     tunnel.add_routes(app, ctx, ctx.authorize_run)
+    from gpufleet.server import console
+
+    app.include_router(console.router())  # the web console at / (a client of the routes above)
     return app
 
 

@@ -83,7 +83,8 @@ def serve(settings: ServerSettings, local: bool = False) -> int:
         _write_local(url)
         threading.Thread(target=_idle_watch, args=(store, controller, ctx, settings.idle_exit, shutdown),
                          daemon=True, name="gpufleet-idle").start()
-    log.info("gpufleet server %s listening on %s (database %s)", __version__, url, store.safe_url)
+    log.info("gpufleet server %s listening on %s (database %s); web console: %s/", __version__, url, store.safe_url,
+             url)
     signal.signal(signal.SIGTERM, lambda *_: shutdown())
     try:
         server.run(sockets=[sock])

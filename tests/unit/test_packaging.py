@@ -86,6 +86,8 @@ def test_sdist_carries_the_content_and_its_wheel_has_it_in_the_package(tmp_path)
         assert f"gpufleet/_content/{name}" in names, name
     for name in MIGRATIONS:
         assert name in names, name
+    for name in ("index.html", "app.js", "app.css", "icon.svg"):  # the web console (gpufleet.server.console)
+        assert f"gpufleet/server/console/static/{name}" in names, name
     # the roles' links to plugins/ became copies of the same file
     assert inspect == role_inspect == (ROOT / "plugins/module_utils/gpufleet_inspect.py").read_bytes()
     assert not any(n.startswith("gpufleet/_content/playbooks/roles") or n.endswith(".pyc") for n in names)
