@@ -159,6 +159,15 @@ def run_plan_table(name: str, kind: str, rows: list[tuple[str, int, str, str, st
     return t
 
 
+def kept_gpus_table(rows: list[dict]) -> Table:
+    """GPUs that no new run is placed on (rows of /api/gpus whose status is outside or unhealthy)."""
+    t = table("GPU KEPT FROM RUNS", "FLEET", "HOST", "STATUS", "WHY", fold=True)
+    for g in rows:
+        t.add_row(f"{g['index']}:{g.get('model') or '?'}", g["fleet"], g["host"], styled(g["status"], "red"),
+                  g.get("reason") or "")
+    return t
+
+
 def ps_table(views: list[Run]) -> Table:
     who = _who(views, "project", "user")
     t = table("NAME", *(c.upper() for c in who), "TYPE", "FLEET", "INSTANCE", "GPUS", "STATUS", "AGE", fold=True)

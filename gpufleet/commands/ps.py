@@ -37,4 +37,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
         console.print("No runs." if args.all else "No active runs (gpufleet ps -a shows finished ones).")
     else:
         console.print(present.ps_table(views))
+    if not args.json:  # GPUs no new run gets (a job outside gpufleet, a fault): why a run may wait
+        from gpufleet.errors import NotFound
+
+        try:
+            kept = [g for g in client.get("/api/gpus", project=project(args, client))
+                    if g["status"] in ("outside", "unhealthy")]
+        except NotFound:  # a server from before the GPU view
+            kept = []
+        if kept:
+            console.print(present.kept_gpus_table(kept))
     return EXIT_OK

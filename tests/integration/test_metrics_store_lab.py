@@ -93,6 +93,8 @@ def test_busy_outside_and_unhealthy_gpus_are_seen_everywhere(lab, home, tmp_path
         fleets = json.loads(get(home, "/api/fleets"))
         [inst] = [i for f in fleets for i in f["instances"]]
         assert len(inst["withheld"]) == 2, inst
+        shown = cli("ps", check=0).stdout  # what ps says under its runs: the two GPUs no run gets, and why
+        assert "GPU KEPT FROM RUNS" in shown and f"pid {by_hand.pid}" in shown and "uncorrected ECC" in shown, shown
         for name in ("next", "waits"):
             spec = tmp_path / f"{name}.yml"
             spec.write_text(f"type: task\nname: {name}\nimage: {IMAGE}\nresources:\n  gpu: 1\n  cpu: 1..\n"
