@@ -65,6 +65,8 @@ def idle_runs(store: Store, series: Series, now: float | None = None) -> list[Ca
         if not rule:
             continue
         window, minimum = float(rule["time_window"]), float(rule["min_gpu_utilization"])
+        if run.started_at is None or run.started_at > now - window:
+            continue  # it has not held its GPUs for a whole window yet
         idle = policy.idle_gpu(series(run.name, now - window - policy.COVER_SLACK), minimum, window, now)
         if idle is None:
             continue

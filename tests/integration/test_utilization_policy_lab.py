@@ -47,7 +47,7 @@ def test_an_idle_run_is_stopped_and_a_busy_one_is_not(lab_factory, tmp_path):
     ended = wait_for("the idle run to be stopped", lambda: (lambda r: r if r["status"] == "stopped" else None)(
         runs()["idle"]), timeout=300)
     took = time.time() - t0
-    assert 300 - 30 < took < 300 + 120, took
+    assert 300 - 5 < took < 300 + 120, took  # never before the run held its GPU for the window
     assert (f"its utilization_policy: GPU {idle_gpu} on {host} stayed below 50% for 5m (at most 20% in"
             in ended["message"]), ended
     events = json.loads(cli("events", "--json", check=0).stdout)

@@ -64,7 +64,7 @@ def test_an_idle_run_is_stopped_naming_the_gpu(tmp_path):
         store.allocate(name, name, "task", spec if name != "plain" else {"type": "task"}, f"c-{name}",
                        lambda hosts: place(req, hosts))
         store.set_run_status(name, RunStatus.RUNNING)
-    now = 10_000.0
+    now = float(int(store.run("idle").started_at) + 700)
     times = range(int(now) - 700, int(now) + 1, 10)
     points = {"idle": {("x", 0): [(t, 3.0) for t in times]},
               "busy": {("x", 1): [(t, 3.0 if t < now - 100 else 90.0) for t in times]}}
@@ -74,6 +74,8 @@ def test_an_idle_run_is_stopped_naming_the_gpu(tmp_path):
         asked.append((run, since))
         return points.get(run, {})
 
+    assert idle_runs(store, series, min(r.started_at for r in store.runs()) + 599) == []  # not a window yet
+    assert asked == []
     work = idle_runs(store, series, now)
     assert len(work) == 1
     assert sorted(asked) == [("busy", now - 660), ("idle", now - 660)]  # never the run without a policy
