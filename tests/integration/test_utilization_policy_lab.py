@@ -46,12 +46,12 @@ def test_an_idle_run_is_stopped_and_a_busy_one_is_not(lab_factory, tmp_path):
     # ... then within about a minute of it
     ended = wait_for("the idle run to be stopped", lambda: (lambda r: r if r["status"] == "stopped" else None)(
         runs()["idle"]), timeout=300)
-    took = time.time() - t0
-    assert 300 - 5 < took < 300 + 120, took  # never before the run held its GPU for the window
+    assert time.time() - t0 < 300 + 120
     assert (f"its utilization_policy: GPU {idle_gpu} on {host} stayed below 50% for 5m (at most 20% in"
             in ended["message"]), ended
     events = json.loads(cli("events", "--json", check=0).stdout)
-    assert any(e["run"] == "idle" and "utilization_policy" in e["message"] for e in events), events
+    stop = next(e for e in events if e["run"] == "idle" and "utilization_policy" in e["message"])
+    assert stop["ts"] - ended["started_at"] >= 300, (stop, ended)  # never before it held its GPU for the window
     assert runs()["busy"]["status"] == "running"
     metrics = json.loads(cli("metrics", "busy", "--json", check=0).stdout)
     assert metrics["latest"][0]["utilization"] == 90
