@@ -30,6 +30,8 @@ SKIP = {
         "Ansible variables for the workload role (job.yml), checked by the role's argument_spec when it runs",
     ("docs/ansible.md", "---"):
         "an Ansible playbook, run as is against the lab by tests/integration/test_ansible_content.py",
+    ("docs/metrics.md", "scrape_configs:"):
+        "Prometheus's own configuration (a scrape of /metrics), not a gpufleet file",
 }
 
 
