@@ -65,6 +65,7 @@ LOCAL_ONLY = {
     "logout": "removes $GPUFLEET_HOME/config.json; asks no server",
     "lab up": "makes the local lab (network namespaces, sshd); asks no server",
     "lab down": "removes a local lab; asks no server",
+    "lab fault": "makes a local lab GPU report a hardware fault (its stand-in tools); asks no server",
     "server": "is the server itself (or, with --print-systemd-unit, prints a unit file)",
 }
 
