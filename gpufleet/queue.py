@@ -196,9 +196,19 @@ def usage_of(store: Store, now: float, half_life: float = HALF_LIFE_DEFAULT) -> 
 
 # --------------------------------------------------------------------------- why a run waits
 
-def wait_reason(run: Waiting, hosts: HostIndex, limit: int = 6) -> str:
-    """`waiting for 4 H100: node-0 2/8 free, node-1 0/8 free`: what it asks for, and the free GPUs
-    (of the kind it asks for) on each host it could use."""
+def kept_gpus(store: Store) -> dict[tuple[str, str], str]:
+    """(fleet, alias) -> `GPU 2 unhealthy, GPU 5 used outside gpufleet`: the host's GPUs that no new run
+    gets (Store.withhold), for wait reasons."""
+    return {key: ", ".join(f"GPU {idx} {'used outside gpufleet' if kind == 'outside' else 'unhealthy'}"
+                           for (_, idx), (kind, _, _) in sorted(gpus.items()))
+            for key, gpus in store.withheld().items()}
+
+
+def wait_reason(run: Waiting, hosts: HostIndex, limit: int = 6, kept: dict[tuple[str, str], str] | None = None
+                ) -> str:
+    """`waiting for 4 H100: node-0 2/8 free, node-1 0/8 free (GPU 3 unhealthy)`: what it asks for, and
+    the free GPUs (of the kind it asks for) on each host it could use, with the GPUs kept from runs
+    (``kept``: kept_gpus)."""
     req = run.request
     considered = [h for h in hosts.hosts() if not req.fleets or h.fleet in req.fleets]
     parts = []
@@ -209,7 +219,8 @@ def wait_reason(run: Waiting, hosts: HostIndex, limit: int = 6) -> str:
             continue
         fit = [i for i, g in enumerate(h.gpus) if req.gpu is None or gpu_matches(g, req.gpu)]
         free = {g for b in h.blocks if b.free for g in b.gpus}
-        parts.append(f"{h.alias} {len([i for i in fit if i in free])}/{len(fit)} free")
+        note = (kept or {}).get((h.fleet, h.alias))
+        parts.append(f"{h.alias} {len([i for i in fit if i in free])}/{len(fit)} free" + (f" ({note})" if note else ""))
     if len(considered) > limit:
         parts.append(f"and {len(considered) - limit} more hosts")
     what = req.describe() + (f" on each of {run.nodes} hosts" if run.nodes > 1 else "")
@@ -299,7 +310,7 @@ def submit(store: Store, req: RunRequest, seal: Seal, no_queue: bool = False, wh
         place_gang(waiting.request, hosts, req.nodes, clusters)
         reason = ""  # it fits now: the scheduling pass this submission kicks starts it
     except NoCapacity:
-        reason = wait_reason(waiting, hosts)
+        reason = wait_reason(waiting, hosts, kept=kept_gpus(store))
     quotas = quotas_of(store)
     if quotas:  # over a quota, it waits for that whether it fits or not
         held = decide([waiting], hosts, running_of(store), time.time(), cluster_fleets=clusters, quotas=quotas).held
@@ -380,8 +391,9 @@ def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: 
     if left:
         after = store.slots_snapshot()
         reserved = {r.run_id: r.at for r in decision.reservations}
+        kept = kept_gpus(store)
         for w in left:
-            reason = wait_reason(w, after)
+            reason = wait_reason(w, after, kept=kept)
             if w.run_id in reserved:
                 at = reserved[w.run_id]
                 reason += ("; next to start, when runs without a max_duration end" if at is None

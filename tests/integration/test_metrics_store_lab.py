@@ -108,7 +108,9 @@ def test_busy_outside_and_unhealthy_gpus_are_seen_everywhere(lab, home, tmp_path
                           timeout=120)
         [free] = [i for i in range(4) if i not in (mine, stray_gpu, sick_gpu)]
         assert [g["index"] for g in placed["nodes"][0]["gpus"]] == [free]
-        assert status("waits")["status"] == "pending"
+        waiting = status("waits")
+        assert waiting["status"] == "pending"
+        assert f"(GPU {stray_gpu} used outside gpufleet, GPU {sick_gpu} unhealthy)" in waiting["message"], waiting
         core.fault(lab, host, sick_gpu, None)
         placed = wait_for("waits to start on the GPU that is healthy again",
                           lambda: status("waits") if status("waits")["status"] == "running" else None, timeout=120)
