@@ -34,11 +34,15 @@ def sshd_rootfs(busybox_tar: Path, out: Path) -> Path:
         if path.startswith("/"):
             libs.add(path)
     with tarfile.open(busybox_tar) as src, tarfile.open(out, "w") as tar:
+        have = set()
         for member in src.getmembers():
             if member.name in ("etc/passwd", "etc/group"):
                 continue
             tar.addfile(member, src.extractfile(member) if member.isfile() else None)
+            have.add(member.name.rstrip("/"))
         for d in ("usr", "usr/sbin", "usr/lib", "lib", "lib64", "lib/x86_64-linux-gnu", "run/sshd"):
+            if d in have:  # the lab image's own (e.g. usr/ for usr/bin/gpu-burn): a second entry breaks the import
+                continue
             info = tarfile.TarInfo(d)
             info.type, info.mode = tarfile.DIRTYPE, 0o755
             tar.addfile(info)
