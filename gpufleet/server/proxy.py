@@ -42,6 +42,7 @@ from gpufleet.paths import FleetFiles
 from gpufleet.server.auth import Caller, bearer, client_of
 
 log = logging.getLogger("gpufleet.server.proxy")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per probe and per request
 
 PROBE_TICK = 1.0  # seconds between two looks at the running services
 FORWARD_START = 20.0  # seconds an ssh forward has to open its socket
@@ -220,6 +221,10 @@ class ServiceProxy:
             return None
         sock = os.path.join(self.dir, f"{next(self._n)}.sock")
         argv = ssh_argv(files, r.alias, None, extra=[
+            # a connection of its own (a multiplexed client would hand the forward to the fleet's master and
+            # exit: the forward would then live and die with the master, out of this server's sight); its
+            # jump hosts are still reached through their masters
+            "-o", "ControlMaster=no", "-o", "ControlPath=none",
             "-N", "-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindUnlink=yes", "-o", "StreamLocalBindMask=0177",
             "-o", "ServerAliveInterval=15", "-L", f"{sock}:127.0.0.1:{r.host_port}"])
         f = Forward(argv, sock)
