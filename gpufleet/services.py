@@ -48,7 +48,8 @@ def upstream_headers(headers: list[tuple[str, str]], client: str, scheme: str, h
                      auth: bool) -> list[tuple[str, str]]:
     """The headers a replica gets for a client's request: without hop-by-hop ones, without the
     client's gpufleet token (its `Authorization` when the service has `auth`, or any bearing a gpufleet
-    token), with X-Forwarded-For (the client appended), X-Forwarded-Proto and X-Forwarded-Host."""
+    token), with X-Forwarded-For (the client appended; uvicorn already took it from the header when the
+    request came through a proxy it trusts, loopback by default), X-Forwarded-Proto and X-Forwarded-Host."""
     drop = HOP_BY_HOP | _connection_named(headers) | {"x-forwarded-proto", "x-forwarded-host"}
     out: list[tuple[str, str]] = []
     forwarded_for: list[str] = []
@@ -62,7 +63,11 @@ def upstream_headers(headers: list[tuple[str, str]], client: str, scheme: str, h
             forwarded_for.append(v)
             continue
         out.append((k, v))
-    out.append(("X-Forwarded-For", ", ".join([*forwarded_for, client]) if client else ", ".join(forwarded_for)))
+    chain = [a.strip() for v in forwarded_for for a in v.split(",") if a.strip()]
+    if client and (not chain or chain[-1] != client):  # a trusted proxy's client is already the chain's last
+        chain.append(client)
+    if chain:
+        out.append(("X-Forwarded-For", ", ".join(chain)))
     out.append(("X-Forwarded-Proto", scheme))
     if host:
         out.append(("X-Forwarded-Host", host))

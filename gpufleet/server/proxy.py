@@ -315,10 +315,15 @@ def add_routes(app: FastAPI, ctx) -> None:
             raise _NotReady(services.not_ready_message(run.name, ready, total))
         return run, sock
 
-    @app.api_route(services.PREFIX + "/{project}/{name}/{path:path}", methods=METHODS, tags=["services"],
-                   include_in_schema=False)
-    @app.api_route(services.PREFIX + "/{project}/{name}", methods=METHODS, tags=["services"], include_in_schema=False)
+    route = services.PREFIX + "/{project}/{name}/{path:path}"
+
+    # in the schema once (GET: the authorization matrix's row); the other methods are the same route
+    @app.api_route(route, methods=[m for m in METHODS if m != "GET"], include_in_schema=False)
+    @app.api_route(services.PREFIX + "/{project}/{name}", methods=METHODS, include_in_schema=False)
+    @app.api_route(route, methods=["GET"], tags=["services"])
     async def proxy_http(request: Request, project: str, name: str, path: str = ""):
+        """A service's endpoint: the request (any method; a WebSocket too) carried to a ready replica of
+        run `name` of `project`, with its `auth` (a member's token) and `strip_prefix`; 503 until one is ready."""
         token = bearer(request.headers.get("authorization"))
         try:
             run, sock = await asyncio.to_thread(target, project, name, token, client_of(request))

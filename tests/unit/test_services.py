@@ -30,6 +30,9 @@ def test_headers_upstream_drop_hop_by_hop_and_the_gpufleet_token_and_say_who_ask
     assert ("X-Forwarded-For", "10.0.0.1, 127.0.0.9") in got
     assert ("X-Forwarded-Proto", "http") in got and ("X-Forwarded-Host", "srv:80") in got
     assert ("Accept", "text/event-stream") in got and names.count("x-forwarded-proto") == 1
+    # behind a proxy uvicorn trusts, the client it reports is the chain's last: not added twice
+    again = services.upstream_headers([("X-Forwarded-For", "10.0.0.1, 10.0.0.2")], "10.0.0.2", "http", "", auth=True)
+    assert ("X-Forwarded-For", "10.0.0.1, 10.0.0.2") in again
 
 
 def test_an_open_service_gets_its_own_authorization_but_never_a_gpufleet_token():
