@@ -48,7 +48,6 @@ PROBE_TICK = 1.0  # seconds between two looks at the running services
 FORWARD_START = 20.0  # seconds an ssh forward has to open its socket
 ACCEPT_WAIT = 1.0  # without probes: a connection the forward keeps open this long reached a listening port
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-CHUNK = 65536
 
 
 @dataclass
@@ -361,7 +360,7 @@ def add_routes(app: FastAPI, ctx) -> None:
 
 
 async def _body(resp: httpx.Response):
-    async for chunk in resp.aiter_raw(CHUNK):
+    async for chunk in resp.aiter_raw():  # each as it comes (with a chunk size, httpx would gather up to it)
         yield chunk
 
 
