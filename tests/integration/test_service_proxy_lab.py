@@ -41,7 +41,8 @@ def _script(path: str, text: str) -> str:
 
 def service(name: str, fleet: str, extra: dict, docroot: str = "/www", ready_file: bool = False) -> str:
     commands = [f"mkdir -p {docroot}/cgi-bin /www", f"echo hello-from-{name} > {docroot}/index.html",
-                _script(f"{docroot}/cgi-bin/stream", STREAM), _script(f"{docroot}/cgi-bin/env", ENV)]
+                _script(f"{docroot}/cgi-bin/stream", STREAM), _script(f"{docroot}/cgi-bin/env", ENV),
+                _script(f"{docroot}/env.sh", ENV), "echo '*.sh:/bin/sh' > /www/httpd.conf"]  # CGI anywhere
     if ready_file:
         commands.append(f"(sleep {READY_AFTER_S}; echo ok > /www/ready.txt) &")
     commands.append("exec httpd -f -p 8000 -h /www")
@@ -127,9 +128,9 @@ def test_a_service_is_reached_through_the_server_once_ready_with_its_auth_and_pr
         obase = "/proxy/services/default/open"
         wait_for("open to be ready", lambda: call(server.port, "GET", f"{obase}/")[0] == 200, timeout=60)
         assert call(server.port, "GET", f"{obase}/") == (200, "hello-from-open\n")
-        status, text = call(server.port, "GET", f"{obase}/cgi-bin/env", headers={"Authorization": "Bearer own"})
-        assert status == 200 and f"uri={obase}/cgi-bin/env\n" in text and "auth=Bearer own\n" in text, text
-        status, text = call(server.port, "GET", f"{obase}/cgi-bin/env", dave)  # a gpufleet token never goes on
+        status, text = call(server.port, "GET", f"{obase}/env.sh?q=1", headers={"Authorization": "Bearer own"})
+        assert status == 200 and f"uri={obase}/env.sh?q=1\n" in text and "auth=Bearer own\n" in text, text
+        status, text = call(server.port, "GET", f"{obase}/env.sh", dave)  # a gpufleet token never goes on
         assert status == 200 and "auth=\n" in text, text
 
         # a run of another project, or no such run: 404
