@@ -1357,6 +1357,9 @@ class ProbeConfig(CoreModel):
 
 
 def _one_replica(value: Any) -> int:
+    if isinstance(value, list):
+        raise ValueError("replica groups (`replicas` as a list of groups) are not supported yet: gpufleet runs one "
+                         "replica of a service; apply one service per group, each with its own name")
     if isinstance(value, bool) or value not in (1, "1", "1..1"):
         raise ValueError(f"gpufleet runs one replica of a service for now (got {value!r}): `replicas` above 1 or a "
                          "range (with `scaling`) is not supported yet; apply one service per replica, each with its "

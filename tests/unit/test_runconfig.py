@@ -423,3 +423,8 @@ def test_a_service_takes_auth_strip_prefix_probes_and_one_replica(tmp_path):
 ])
 def test_a_service_refuses_what_it_cannot_do_yet(tmp_path, line, message):
     assert message in _problems(tmp_path, f"type: service\nimage: busybox\nport: 8000\n{line}\n")
+
+
+def test_replica_groups_are_refused_saying_so(tmp_path):
+    text = _problems(tmp_path, "type: service\nimage: busybox\nport: 8000\nreplicas:\n- count: 1\n  commands: [x]\n")
+    assert "replicas: replica groups (`replicas` as a list of groups) are not supported yet" in text, text
