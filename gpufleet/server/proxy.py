@@ -39,7 +39,7 @@ from gpufleet.containers import ssh_argv
 from gpufleet.errors import GpufleetError, NotFound
 from gpufleet.models import Run, RunStatus
 from gpufleet.paths import FleetFiles
-from gpufleet.server.auth import Caller, bearer, client_of
+from gpufleet.server.auth import Caller, bearer, client_of, token_hash
 
 log = logging.getLogger("gpufleet.server.proxy")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per probe and per request
@@ -124,6 +124,12 @@ class ServiceProxy:
             if e is None or e.run.run_id != run.run_id:
                 return 0, 1
             return e.ready, len(e.replicas)
+
+    def known(self, name: str) -> Run | None:
+        """Running service ``name`` as the last look saw it (None: not running then)."""
+        with self.lock:
+            e = self.entries.get(name)
+            return e.run if e is not None else None
 
     def socket_for(self, run: Run) -> str | None:
         """The socket of a ready replica of ``run`` (None: none is ready)."""
@@ -297,14 +303,20 @@ def add_routes(app: FastAPI, ctx) -> None:
             c = clients[sock] = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=sock), timeout=None)
         return c
 
-    def target(project: str, name: str, token: str | None, client: str) -> tuple[Run, str]:
-        """The run behind the path and a ready replica's socket, once the caller may reach it."""
+    callers = CallerCache()
+
+    def target(project: str, name: str, token: str | None, client: str, known: Run | None = None,
+               caller: Caller | None = None) -> tuple[Run, str]:
+        """The run behind the path and a ready replica's socket, once the caller may reach it. ``known``: the
+        running service as the proxy's last look saw it; ``caller``: the token's user, looked up lately."""
         proxy: ServiceProxy | None = ctx.services
-        run = ctx.store.run(name)
+        run = known or ctx.store.run(name)
         if run is None or run.project != project or run.type != "service" or not run.live:
             raise NotFound(f"no service {name!r} running in project {project!r} (see gpufleet ps)")
         auth = run.spec.get("auth", True)
-        caller: Caller | None = ctx.caller(token, client) if (auth and token) else None
+        if auth and token and caller is None:
+            caller = ctx.caller(token, client)
+            callers.put(token, caller)
         services.check_access(auth, caller, run.project, run.name)
         if proxy is None:
             raise _NotReady("this server does not proxy services")
@@ -325,7 +337,7 @@ def add_routes(app: FastAPI, ctx) -> None:
         run `name` of `project`, with its `auth` (a member's token) and `strip_prefix`; 503 until one is ready."""
         token = bearer(request.headers.get("authorization"))
         try:
-            run, sock = await asyncio.to_thread(target, project, name, token, client_of(request))
+            run, sock = await _target(target, ctx, callers, project, name, token, client_of(request))
         except _NotReady as e:
             return JSONResponse({"detail": str(e), "exit_code": 1}, status_code=503, headers={"Retry-After": "1"})
         headers = services.upstream_headers(list(request.headers.items()), client_of(request), request.url.scheme,
@@ -352,7 +364,7 @@ def add_routes(app: FastAPI, ctx) -> None:
         token = bearer(websocket.headers.get("authorization"))
         client = websocket.client.host if websocket.client else ""
         try:
-            run, sock = await asyncio.to_thread(target, project, name, token, client)
+            run, sock = await _target(target, ctx, callers, project, name, token, client)
         except _NotReady as e:
             await websocket.close(1013, str(e)[:120])
             return
@@ -366,6 +378,42 @@ async def _body(resp: httpx.Response):
 
 class _NotReady(Exception):
     pass
+
+
+CALLER_TTL = 5.0  # seconds a token's user (and roles) is taken as looked up: a revoked token or role works that long
+
+
+class CallerCache:
+    """The users of tokens that reached a service lately (by the token's hash), so that a stream of requests
+    does not read the store for each; a bad token is never kept (each one counts as a failed login)."""
+
+    def __init__(self, ttl: float = CALLER_TTL, size: int = 10000):
+        self.ttl, self.size = ttl, size
+        self._seen: dict[str, tuple[float, Caller]] = {}
+
+    def get(self, token: str | None) -> Caller | None:
+        if not token:
+            return None
+        hit = self._seen.get(token_hash(token))
+        return hit[1] if hit and hit[0] > time.monotonic() else None
+
+    def put(self, token: str, caller: Caller) -> None:
+        if len(self._seen) >= self.size:
+            now = time.monotonic()
+            self._seen = {k: v for k, v in self._seen.items() if v[0] > now}
+            if len(self._seen) >= self.size:
+                self._seen.clear()
+        self._seen[token_hash(token)] = (time.monotonic() + self.ttl, caller)
+
+
+async def _target(target, ctx, callers: CallerCache, project: str, name: str, token: str | None, client: str):
+    """``target`` on the event loop when neither the store nor a token needs reading (a running service
+    the proxy knows, no token or one seen lately), else on a worker thread."""
+    known = ctx.services.known(name) if ctx.services is not None else None
+    caller = callers.get(token)
+    if known is not None and (caller is not None or not token or not known.spec.get("auth", True)):
+        return target(project, name, token, client, known, caller)
+    return await asyncio.to_thread(target, project, name, token, client, known, caller)
 
 
 async def carry_websocket(websocket: WebSocket, run: Run, sock: str, project: str, name: str, path: str,

@@ -48,7 +48,7 @@ def test_a_websocket_is_carried_both_ways_and_the_path_stripped(tmp_path):
     run = _run(auth=False)
     ctx = SimpleNamespace(store=SimpleNamespace(run=lambda name: run if name == "web" else None),
                           services=SimpleNamespace(socket_for=lambda r: sock, status=lambda r: (1, 1),
-                                                   lost=lambda *a: None),
+                                                   known=lambda n: run, lost=lambda *a: None),
                           caller=lambda token, client: None)
     app = FastAPI()
     proxy.add_routes(app, ctx)

@@ -79,3 +79,17 @@ def test_a_replica_is_ready_after_ready_after_successes_in_a_row_and_a_failure_s
 
 def test_the_not_ready_answer():
     assert services.not_ready_message("web", 0, 1) == "service web is not ready yet (0/1 replicas ready)"
+
+
+def test_a_tokens_user_is_kept_a_few_seconds_and_only_by_its_hash(monkeypatch):
+    from gpufleet.server import proxy
+
+    now = [100.0]
+    monkeypatch.setattr(proxy.time, "monotonic", lambda: now[0])
+    cache = proxy.CallerCache(ttl=5.0, size=2)
+    who = _caller(projects={"main": ProjectRole.MEMBER})
+    cache.put("gft_one", who)
+    assert cache.get("gft_one") is who and cache.get("gft_two") is None and cache.get(None) is None
+    assert "gft_one" not in repr(cache._seen)
+    now[0] += 5.1
+    assert cache.get("gft_one") is None  # looked up again: a revoked token stops working within the TTL
