@@ -6,7 +6,8 @@ service replica (busybox httpd serving a 1 kB file, on a lab node behind the log
 2. directly over the jump chain: an ``ssh -N -L`` forward through the fleet's ssh_config (what
    `gpufleet attach` runs), the client connecting to its local port.
 
-Both in one run, on the same replica, with the same bounded loops: ``--requests`` sequential requests,
+and, as a baseline, the server's own /api/health (no proxy, no token). Both paths in one run, on the same
+replica, with the same bounded loops: ``--requests`` sequential requests,
 then the same number spread over ``--concurrency`` client threads. Everything on loopback and the lab's
 network namespaces of this machine. Needs root (the lab).
 
@@ -128,7 +129,10 @@ def bench(requests: int = 500, concurrency: int = 8) -> dict:
         wait_for("the direct forward", direct_up, timeout=30)
         out = {"direct (ssh -L over the jump chain)": loop(local, "/", {}, requests, concurrency),
                "through the server's proxy": loop(server.port, "/proxy/services/default/web/", auth, requests,
-                                                  concurrency)}
+                                                  concurrency),
+               # the server's own cost of a request, nothing carried: what the proxy adds on top of it
+               "the server's /api/health (baseline, no proxy)": loop(server.port, "/api/health", {}, requests,
+                                                                     concurrency)}
         admin("stop", "web", "-y")
         return out
     finally:
