@@ -180,6 +180,9 @@ def ps_table(views: list[Run]) -> Table:
         status = str(r.status) + (f" ({r.exit_code})" if r.exit_code not in (None, 0) else "")
         if r.status == RunStatus.PENDING and r.position:
             status += f" #{r.position}"
+        if r.service is not None and r.status == RunStatus.RUNNING:  # a service: its replicas ready
+            status += " (ready)" if r.service.ready and r.service.replicas == 1 else \
+                f" ({r.service.replicas_ready}/{r.service.replicas} ready)"
         if r.message and (r.live or r.status == RunStatus.FAILED):  # why it waits, failed, is unchecked
             status += f": {r.message[:160]}"
         t.add_row(r.name, *_cells(r, who), r.type, r.fleet or "-", instance, gpus, Text(status),
@@ -206,6 +209,8 @@ def runs_json(views: list[Run]) -> str:
         "nodes": [n.model_dump(mode="json") for n in r.nodes], "created_at": r.created_at, "updated_at": r.updated_at,
         "priority": r.priority, "max_duration": r.max_duration, "started_at": r.started_at, "position": r.position,
         "next_at": r.next_at,
+        **({"url": r.service.url, "ready": r.service.ready,
+            "replicas": f"{r.service.replicas_ready}/{r.service.replicas}"} if r.service is not None else {}),
     } for r in views], indent=2)
 
 

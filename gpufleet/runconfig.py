@@ -25,7 +25,8 @@ _MODELS = {"task": TaskConfig, "service": ServiceConfig, "dev-environment": DevE
 # gpufleet takes is a field of the model and never looked up here. The error names them as dstack's,
 # so that a dstack user's file is refused with a reason rather than a bare "unknown field".
 _CLOUD = "a dstack cloud field; gpufleet runs on the hosts of SSH fleets: choose them with `fleets`"
-_NO_GATEWAY = "gpufleet has no gateway: a service is reached through `gpufleet attach`"
+_NO_GATEWAY = ("gpufleet has no gateway: the server itself serves a service at /proxy/services/PROJECT/RUN/ "
+               "(put a reverse proxy such as nginx or Caddy in front of it for HTTPS and domains)")
 _COMMON = {
     "single_branch": "gpufleet uploads a repo's working tree without its .git folder, so which branches a clone "
                      "tracks makes no difference in the container; remove it",
@@ -40,10 +41,13 @@ UNSUPPORTED: dict[str, dict[str, str]] = {
     "task": {**_COMMON, **{
     }},
     "service": {**_COMMON, **{
-        "model": _NO_GATEWAY, "gateway": _NO_GATEWAY, "https": _NO_GATEWAY, "auth": _NO_GATEWAY,
-        "strip_prefix": _NO_GATEWAY, "rate_limits": _NO_GATEWAY, "router": _NO_GATEWAY,
-        "replicas": "apply one service per replica, each with its own name",
-        "scaling": "", "probes": "", "groups": "apply one service per replica group, each with its own name",
+        "model": "OpenAI-compatible model routing (/proxy/models/) is not supported yet: reach the service at "
+                 "its URL, /proxy/services/PROJECT/RUN/",
+        "gateway": _NO_GATEWAY, "https": _NO_GATEWAY,
+        "rate_limits": "not supported yet: put a reverse proxy (nginx, Caddy) with rate limits in front of the "
+                       "server", "router": _NO_GATEWAY,
+        "scaling": "autoscaling is not supported yet: gpufleet runs one replica of a service",
+        "groups": "apply one service per replica group, each with its own name",
     }},
     "dev-environment": {**_COMMON, **{
         "version": "gpufleet pre-installs no IDE server (VS Code, Cursor, Windsurf install their own over "

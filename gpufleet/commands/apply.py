@@ -116,6 +116,9 @@ def submit(args: argparse.Namespace, console: Console) -> int:
         return _ended(view, console)
     where = ", ".join(f"instance {n.instance_num} ({n.alias})" for n in view.nodes) or view.alias
     present.plain(console, f"{view.name} is running on {view.fleet} {where}")
+    if view.service is not None:  # a service: where the server serves it
+        present.plain(console, f"{view.name} is served at {view.service.url}" +
+                      ("" if view.service.ready else " (not ready yet: gpufleet ps shows when it is)"))
     if args.detach or view.type != "task":
         return EXIT_OK
     _follow_logs(client, view.name)

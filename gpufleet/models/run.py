@@ -1314,11 +1314,76 @@ def group_problems(cfg: TaskConfig, given: set[str]) -> list[tuple[tuple, str]]:
     return out
 
 
+class ProbeHeader(CoreModel):
+    """An HTTP header a probe sends (dstack's HTTPHeaderSpec)."""
+
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$",
+                      description="The header's name.")
+    value: str = Field(min_length=1, max_length=2048, pattern=r"^[^\r\n\x00]*$", description="The header's value.")
+
+
+def _probe_seconds(value: Any) -> float | None:
+    if value is None:
+        return None
+    seconds = parse_duration(value)
+    if seconds < 1:
+        raise ValueError(f"must be at least 1 second (got {value!r})")
+    return seconds
+
+
+class ProbeConfig(CoreModel):
+    """dstack's service probe: an HTTP request the server sends to each running replica of a service (through
+    the fleet's jump chain); a replica gets traffic once `ready_after` probes in a row succeeded (a 2xx)."""
+
+    type: Literal["http"] = Field(description="The probe type: `http` (the only one, as in dstack).")
+    url: str = Field("/", max_length=2048, pattern=r"^/[^\x00-\x1f\x7f]*$",
+                     description="The path (and query) requested on the replica's port; starts with `/`. Default `/`.")
+    method: Literal["get", "post", "put", "delete", "patch", "head"] = Field(
+        "get", description="The HTTP method. Default `get`.")
+    headers: list[ProbeHeader] = Field([], max_length=16, description="Headers sent with the probe's request.")
+    body: str | None = Field(None, min_length=1, max_length=2048, description="The request's body.")
+    timeout: Annotated[float, BeforeValidator(_probe_seconds)] = Field(
+        10.0, description="Seconds (or a duration: `10s`) the request may take; at least 1. Default 10.")
+    interval: Annotated[float, BeforeValidator(_probe_seconds)] = Field(
+        15.0, description="Seconds between the end of one probe and the start of the next; at least 1. Default 15.")
+    ready_after: int = Field(1, ge=1, description="Successes in a row that make the replica ready. Default 1.")
+    until_ready: bool = Field(False, description="Stop probing a replica once it is ready. Default false: a "
+                                                 "replica whose probe then fails stops getting traffic.")
+
+    @field_validator("timeout", "interval", "url", "ready_after", "until_ready", "method", mode="before")
+    @classmethod
+    def _none_is_default(cls, v: Any, info: ValidationInfo) -> Any:
+        return cls.model_fields[info.field_name].default if v is None else v
+
+
+def _one_replica(value: Any) -> int:
+    if isinstance(value, list):
+        raise ValueError("replica groups (`replicas` as a list of groups) are not supported yet: gpufleet runs one "
+                         "replica of a service; apply one service per group, each with its own name")
+    if isinstance(value, bool) or value not in (1, "1", "1..1"):
+        raise ValueError(f"gpufleet runs one replica of a service for now (got {value!r}): `replicas` above 1 or a "
+                         "range (with `scaling`) is not supported yet; apply one service per replica, each with its "
+                         "own name")
+    return 1
+
+
 class ServiceConfig(_Run):
     """A long-running server listening on `port`."""
 
     type: Literal["service"]
     port: Port = Field(description="The port the service listens on.")
+    auth: StrictBool = Field(True, description="dstack's `auth`: the server's endpoint for the service "
+                                               "(/proxy/services/PROJECT/RUN/) needs a gpufleet token of a member of "
+                                               "the run's project (Authorization: Bearer). false: open to anyone "
+                                               "who reaches the server.")
+    strip_prefix: StrictBool = Field(True, description="dstack's `strip_prefix`: the service sees `/PATH` for "
+                                                       "/proxy/services/PROJECT/RUN/PATH. false: it sees the whole "
+                                                       "path.")
+    probes: list[ProbeConfig] = Field([], description="dstack's `probes`: HTTP checks of each replica; it gets "
+                                                      "traffic once they pass. None: ready once its port accepts "
+                                                      "a connection.")
+    replicas: Annotated[int, BeforeValidator(_one_replica)] = Field(
+        1, description="dstack's `replicas`: 1 only for now (more, and ranges with `scaling`, are refused).")
 
 
 class DevEnvironmentConfig(_Run):

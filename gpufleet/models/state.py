@@ -87,6 +87,15 @@ class RunNode(CoreModel):
     gpus: list[GPU]
 
 
+class ServiceView(CoreModel):
+    """A service's endpoint as the server answering says (set by the server in its answers, never stored)."""
+
+    url: str = Field(description="Where the server serves it: http://SERVER/proxy/services/PROJECT/RUN/.")
+    ready: bool = Field(description="Whether a replica is ready (gets traffic).")
+    replicas_ready: int = Field(description="Replicas ready.")
+    replicas: int = Field(description="Replicas wanted.")
+
+
 class Run(CoreModel):
     """A submitted run, as the state store keeps it."""
 
@@ -115,6 +124,7 @@ class Run(CoreModel):
     project: str = DEFAULT_PROJECT
     user: str = ""  # who submitted it
     next_at: float | None = None  # a scheduled run: its next start (pending) or its last (active); else None
+    service: ServiceView | None = None  # a live service: its URL and readiness (set by the server's answers)
 
     @property
     def active(self) -> bool:

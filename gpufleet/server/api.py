@@ -56,6 +56,7 @@ class Context:
     upload_limit: int = upload.DEFAULT_LIMIT  # bytes a run's code upload may hold (settings.upload_limit)
     metrics_interval: float = 10.0  # settings.metrics_interval: a host's sample older than 3 of these is stale
     metrics_raw_retention: float = 3600.0  # settings.metrics_raw_retention: raw samples kept this long
+    services: object | None = None  # gpufleet.server.proxy.ServiceProxy: services' forwards and readiness
 
     def caller(self, token: str | None, client: str) -> Caller:
         who = authenticate(self.store, token, client, self.failures)
@@ -132,14 +133,14 @@ def create_app(ctx: Context) -> FastAPI:
         return queue.Submitter(user=who.name, project=p, role=queue.role_of(who.user, p))
 
     @api.get("/runs", tags=["runs"])
-    def list_runs(who: Me, all: bool = False, project: str | None = None) -> list[dict]:
+    def list_runs(request: Request, who: Me, all: bool = False, project: str | None = None) -> list[dict]:
         views = ctx.store.runs(include_finished=all, projects=projects_asked(who, project))
-        return [_run_json(r) for r in _with_positions(views, ctx)]
+        return [_run_json(r, ctx, request) for r in _with_positions(views, ctx)]
 
     @api.get("/runs/{name}", tags=["runs"])
-    def get_run(name: str, who: Me) -> dict:
+    def get_run(name: str, request: Request, who: Me) -> dict:
         run = who.sees_run(ctx.store, name)
-        return _run_json(_with_positions([run], ctx)[0])
+        return _run_json(_with_positions([run], ctx)[0], ctx, request)
 
     @api.post("/runs/plan", tags=["runs"])
     def plan_run(body: ConfigText, who: Me) -> dict:
@@ -156,7 +157,7 @@ def create_app(ctx: Context) -> FastAPI:
         return {"id": upload_id, "size": size}
 
     @api.post("/runs", tags=["runs"], status_code=201)
-    def submit_run(body: Submission, who: Me) -> dict:
+    def submit_run(body: Submission, request: Request, who: Me) -> dict:
         by = submitter(who, body.project)
         req = parse_run(body.text, body.source, secrets=body.secrets)
         if req.type == "dev-environment":  # its sshd's host key, made here and kept sealed with its secrets
@@ -171,7 +172,7 @@ def create_app(ctx: Context) -> FastAPI:
         if placements is not None:  # it took its blocks at once (it may not wait): start it
             ctx.launch(run, placements)
         ctx.kick()
-        return _run_json(_with_positions([run], ctx)[0])
+        return _run_json(_with_positions([run], ctx)[0], ctx, request)
 
     @api.post("/runs/{name}/stop", tags=["runs"])
     def stop_run(name: str, who: Me) -> dict:
@@ -334,6 +335,9 @@ def create_app(ctx: Context) -> FastAPI:
     app.include_router(api)
 
     tunnel.add_routes(app, ctx, ctx.authorize_run)
+    from gpufleet.server import proxy
+
+    proxy.add_routes(app, ctx)  # /proxy/services/PROJECT/RUN/...: a service's endpoint
     from gpufleet.server import console
 
     app.include_router(console.router())  # the web console at / (a client of the routes above)
@@ -388,7 +392,15 @@ def _with_positions(views, ctx: Context):
     return [r.model_copy(update={"position": order.get(r.name)}) if r.status == "pending" else r for r in views]
 
 
-def _run_json(run) -> dict:
+def _run_json(run, ctx: Context | None = None, request: Request | None = None) -> dict:
+    if ctx is not None and request is not None and run.type == "service" and run.live:
+        from gpufleet.models.state import ServiceView
+        from gpufleet.services import service_url
+
+        ready, total = ctx.services.status(run) if ctx.services is not None else (0, 1)
+        run = run.model_copy(update={"service": ServiceView(
+            url=service_url(str(request.base_url), run.project, run.name), ready=ready > 0, replicas_ready=ready,
+            replicas=total)})
     return run.model_dump(mode="json")
 
 

@@ -59,6 +59,9 @@ def serve(settings: ServerSettings, local: bool = False) -> int:
 
     images.set_server_images(settings.images)  # for fleets without `images` of their own
     controller = Controller(store, settings, vault.open, fleet_secrets, url)
+    from gpufleet.server.proxy import ServiceProxy
+
+    service_proxy = ServiceProxy(store)  # services' forwards and probes (gpufleet.server.proxy)
     servers: list = []
 
     def shutdown() -> None:
@@ -74,11 +77,12 @@ def serve(settings: ServerSettings, local: bool = False) -> int:
                   background=controller.background, info=info, shutdown=shutdown,
                   half_life=settings.fair_share_half_life, token_file=sdir / tokens.TOKEN_FILE,
                   upload_limit=settings.upload_limit, metrics_interval=settings.metrics_interval,
-                  metrics_raw_retention=settings.metrics_raw_retention)
+                  metrics_raw_retention=settings.metrics_raw_retention, services=service_proxy)
     server = uvicorn.Server(uvicorn.Config(create_app(ctx), log_level="warning", access_log=False, lifespan="off",
                                            timeout_graceful_shutdown=5))
     servers.append(server)
     controller.start()
+    service_proxy.start()
     if local:
         _write_local(url)
         threading.Thread(target=_idle_watch, args=(store, controller, ctx, settings.idle_exit, shutdown),
@@ -89,6 +93,7 @@ def serve(settings: ServerSettings, local: bool = False) -> int:
     try:
         server.run(sockets=[sock])
     finally:
+        service_proxy.stop()
         controller.stop()
         if local:
             _remove_local(url)

@@ -36,6 +36,7 @@ ANON, BAD = "anonymous", "bad token"
 USERS = ("dave", "bob", "alice", "carol", "erin")
 ROLES = (ANON, BAD, *USERS)
 MARK = "alice-was-here"  # what alice's main run prints first
+WEB_MARK = "alice-serves-this"  # what alice's service answers
 
 
 # ---------------------------------------------------------------------- the team on a server
@@ -158,7 +159,13 @@ class Team:
         for who, key, commands, project in runs:
             made = self.submit(who, self.run(key), commands, project, extra="stop_duration: 1s\n")
             assert (made["user"], made["project"]) == (who, project), made
+        web = self.run("a-web")  # alice's service (auth: true, dstack's default): the proxy's row
+        self.ok("alice", "POST", "/api/runs", {"source": f"{self.workdir}/{web}.yml", "project": "ml", "text": (
+            f"type: service\nname: {web}\nimage: {IMAGE}\nport: 8000\nstop_duration: 1s\ncommands:\n"
+            f"  - mkdir -p /www && echo {WEB_MARK} > /www/index.html\n  - exec httpd -f -p 8000 -h /www\n")})
         self.wait_running(*(self.run(key) for _, key, _, _ in runs))
+        wait_for(f"service {web} to answer", lambda: self.call(
+            "admin", "GET", f"/proxy/services/ml/{web}/").status == 200, timeout=120)
 
     def clean_up(self) -> None:
         """Stop every run still active and wait for their containers to go (the lab is shared)."""
@@ -268,6 +275,10 @@ def submit_req(team: Team, role: str) -> Request:
     name = team.run(f"submit-{slug(role)}")
     return "/api/runs", {"source": f"{team.workdir}/{name}.yml", "project": "ml",
                          "text": task_text(name, [f"echo submitted-by-{role}"])}, None
+
+
+def _check_web(reply: Reply) -> None:
+    assert reply.text.strip() == WEB_MARK, reply.text[:300]
 
 
 def check_submit(team: Team, role: str, reply: Reply) -> None:
@@ -552,6 +563,9 @@ CASES = [
     Case("gpus", "GET", "/api/gpus", roles(**MEMBERS), plain("/api/gpus", query={"project": "ml"}), check_gpus),
     Case("run-metrics", "GET", "/api/runs/{name}/metrics", roles(**ONE_OWN_RUN), a_main("/metrics"),
          check_run_metrics),
+    Case("service-proxy", "GET", "/proxy/services/{project}/{name}/{path}", roles(**MEMBERS),
+         lambda team, role: (f"/proxy/services/ml/{team.run('a-web')}/", None, None),
+         lambda team, role, reply: _check_web(reply)),
     Case("prometheus", "GET", "/metrics", roles(allow(), allow(), allow(), allow()), plain("/metrics"),
          check_prometheus),
     # last: alice's own rotation changes the token the rows above use
@@ -565,7 +579,7 @@ def test_the_matrix_has_a_row_for_every_route_the_live_schema_lists(team):
     reply = team.call(ANON, "GET", "/openapi.json")
     assert reply.status == 200
     schema = {(method.upper(), path) for path, methods in reply.json()["paths"].items()
-              if path.startswith("/api/") or path == "/metrics" for method in methods}
+              if path.startswith(("/api/", "/proxy/")) or path == "/metrics" for method in methods}
     rows = {(c.method, c.route) for c in CASES}
     assert rows == schema, f"routes without a row: {sorted(schema - rows)}; rows of no route: {sorted(rows - schema)}"
     for case in CASES:

@@ -320,11 +320,10 @@ def test_a_typo_in_a_run_gets_did_you_mean(tmp_path, text, message):
     ("task", "single_branch: true", "; gpufleet uploads a repo's working tree without its .git folder"),
     ("task", "dstack: \">=0.19\"", ""),
     ("task", "max_price: 1.5", "; a dstack cloud field"),
-    ("service", "model: llama", "; gpufleet has no gateway"),
-    ("service", "auth: false", "; gpufleet has no gateway"),
-    ("service", "replicas: 2", "; apply one service per replica"),
-    ("service", "scaling: {metric: rps, target: 10}", ""),
-    ("service", "probes: [{type: http, url: /health}]", ""),
+    ("service", "model: llama", "; OpenAI-compatible model routing (/proxy/models/) is not supported yet"),
+    ("service", "gateway: true", "; gpufleet has no gateway"),
+    ("service", "rate_limits: [{rps: 10}]", "; not supported yet"),
+    ("service", "scaling: {metric: rps, target: 10}", "; autoscaling is not supported yet"),
     ("dev-environment", "version: 1.95.0", "; gpufleet pre-installs no IDE server"),
 ])
 def test_a_dstack_field_gpufleet_does_not_support_is_named_with_what_to_do(tmp_path, kind, line, hint):
@@ -400,3 +399,32 @@ def test_a_command_read_as_a_mapping_says_so_and_how_to_quote_it(tmp_path):
     fixed = yaml.safe_load("commands:\n  - 'echo \"I have $GPUFLEET_GPUS_NUM GPUs: $GPUFLEET_GPUS\"'\n"
                            "  - 'it''s: ok'\n")
     assert fixed["commands"] == ['echo "I have $GPUFLEET_GPUS_NUM GPUs: $GPUFLEET_GPUS"', "it's: ok"]
+
+
+def test_a_service_takes_auth_strip_prefix_probes_and_one_replica(tmp_path):
+    path = tmp_path / "svc.yml"
+    path.write_text("type: service\nimage: busybox\nport: 8000\ncommands: [httpd -f]\nauth: false\n"
+                    "strip_prefix: false\nreplicas: 1\nprobes:\n- type: http\n  url: /health?x=1\n  interval: 2s\n"
+                    "  ready_after: 3\n  headers: [{name: X-Probe, value: probe}]\n")
+    cfg = load_run(path).config
+    assert (cfg.auth, cfg.strip_prefix, cfg.replicas) == (False, False, 1)
+    probe = cfg.probes[0]
+    assert (probe.url, probe.method, probe.interval, probe.timeout, probe.ready_after, probe.until_ready) == \
+        ("/health?x=1", "get", 2.0, 10.0, 3, False)
+    assert probe.headers[0].value == "probe"
+
+
+@pytest.mark.parametrize("line,message", [
+    ("replicas: 2", "4:11: replicas: gpufleet runs one replica of a service for now (got 2)"),
+    ("replicas: 1..4", "4:11: replicas: gpufleet runs one replica of a service for now (got '1..4')"),
+    ("probes: [{type: http, url: health}]", "4:28: probes[0].url: String should match pattern"),
+    ("probes: [{type: http, interval: 0.5}]", "4:33: probes[0].interval: must be at least 1 second (got 0.5)"),
+    ("probes: [{type: tcp}]", "probes[0].type: Input should be 'http'"),
+])
+def test_a_service_refuses_what_it_cannot_do_yet(tmp_path, line, message):
+    assert message in _problems(tmp_path, f"type: service\nimage: busybox\nport: 8000\n{line}\n")
+
+
+def test_replica_groups_are_refused_saying_so(tmp_path):
+    text = _problems(tmp_path, "type: service\nimage: busybox\nport: 8000\nreplicas:\n- count: 1\n  commands: [x]\n")
+    assert "replicas: replica groups (`replicas` as a list of groups) are not supported yet" in text, text

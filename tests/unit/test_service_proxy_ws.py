@@ -1,0 +1,77 @@
+"""The service endpoint's carrying (gpufleet.server.proxy's routes) on a real uvicorn server on loopback,
+to a real replica listening on a Unix socket (what a replica's ssh forward is): WebSocket frames both
+ways with the subprotocol the replica chose, and an HTTP answer. The lab test covers the ssh side."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import uvicorn
+from fastapi import FastAPI
+from websockets.asyncio.server import unix_serve
+from websockets.sync.client import connect
+
+from gpufleet.models import Run
+from gpufleet.server import proxy
+
+
+def _run(**spec) -> Run:
+    return Run(name="web", run_id="r1", type="service", fleet="f", instance_id=1, alias="h", status="running",
+               spec={"type": "service", "port": 8000, **spec}, container="c", created_at=0, updated_at=0,
+               project="main")
+
+
+def _replica(path: str, seen: list, started: threading.Event) -> None:
+    async def echo(ws):
+        seen.append((ws.request.path, ws.request.headers.get("Authorization"), ws.request.headers.get("X-Seen")))
+        async for message in ws:
+            await ws.send(message[::-1] if isinstance(message, str) else message + b"!")
+
+    async def main():
+        async with unix_serve(echo, path, subprotocols=["chat"]):
+            started.set()
+            await asyncio.Future()
+
+    asyncio.run(main())
+
+
+def test_a_websocket_is_carried_both_ways_and_the_path_stripped(tmp_path):
+    sock = str(tmp_path / "replica.sock")
+    seen: list = []
+    started = threading.Event()
+    threading.Thread(target=_replica, args=(sock, seen, started), daemon=True).start()
+    assert started.wait(10)
+    run = _run(auth=False)
+    ctx = SimpleNamespace(store=SimpleNamespace(run=lambda name: run if name == "web" else None),
+                          services=SimpleNamespace(socket_for=lambda r: sock, status=lambda r: (1, 1),
+                                                   known=lambda n: run, lost=lambda *a: None),
+                          caller=lambda token, client: None)
+    app = FastAPI()
+    proxy.add_routes(app, ctx)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        url = f"ws://127.0.0.1:{port}/proxy/services/main/web/chat?room=1"
+        with connect(url, subprotocols=["chat"], additional_headers={"Authorization": "Bearer gft_secret",
+                                                                     "X-Seen": "yes"}) as ws:
+            assert ws.subprotocol == "chat"
+            ws.send("hello")
+            assert ws.recv(timeout=10) == "olleh"
+            ws.send(b"\x00\x01")
+            assert ws.recv(timeout=10) == b"\x00\x01!"
+        assert seen == [("/chat?room=1", None, "yes")]  # stripped; the gpufleet token not passed on
+    finally:
+        server.should_exit = True
+        t.join(10)
