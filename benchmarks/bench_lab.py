@@ -32,15 +32,15 @@ PROBE_SH = (
 
 
 @contextmanager
-def lab(nodes: int, log=print):
+def lab(nodes: int, log=print, hops: int = 1):
     d = Path(tempfile.mkdtemp(prefix=f"gpufleet-bench-lab{nodes}-"))
     t0 = time.perf_counter()
-    p = subprocess.run([GPUFLEET, "lab", "up", "--dir", str(d / "lab"), "--nodes", str(nodes)],
+    p = subprocess.run([GPUFLEET, "lab", "up", "--dir", str(d / "lab"), "--nodes", str(nodes), "--hops", str(hops)],
                        capture_output=True, text=True)
     if p.returncode:
         shutil.rmtree(d, ignore_errors=True)
         raise RuntimeError(f"lab up failed: {p.stdout}{p.stderr}")
-    log(f"  lab of {nodes} nodes up in {time.perf_counter() - t0:.1f}s")
+    log(f"  lab of {nodes} nodes ({hops} hop{'s' if hops > 1 else ''}) up in {time.perf_counter() - t0:.1f}s")
     try:
         yield d
     finally:
@@ -95,8 +95,9 @@ class Contenders:
         self.ssh_config = next(inv.rglob("ssh_config"))
         inventory = next(inv.rglob("inventory.yml"))
         text = self.ssh_config.read_text()
-        self.jump = re.search(r"^Host (\S*jump\S*)", text, re.M).group(1)
-        self.hosts = [h for h in re.findall(r"^Host (\S+)", text, re.M) if h != self.jump]
+        self.jumps = [h for h in re.findall(r"^Host (\S+)", text, re.M) if re.search(r"-jump\d+$", h)]  # chain order
+        self.jump = self.jumps[0]
+        self.hosts = [h for h in re.findall(r"^Host (\S+)", text, re.M) if h not in self.jumps]
         # plain Ansible: no ControlMaster/ControlPersist in ssh_config (each host's connection makes its own
         # way through the login node), no pipelining, Ansible's own per-host ControlPersist (its default)
         plain_cfg = self.ssh_config.with_name("ssh_config.plain")
@@ -114,7 +115,7 @@ class Contenders:
         self.raw_script.write_text(
             "#!/bin/bash\n"
             f"CFG={shlex.quote(str(self.ssh_config))}\n"
-            f"ssh -F \"$CFG\" -o ControlPersist=120s -n {self.jump} true || exit 3\n"
+            + "".join(f"ssh -F \"$CFG\" -o ControlPersist=120s -n {j} true || exit 3\n" for j in self.jumps) +
             "fail=0; pids=()\n"
             f"for h in {' '.join(self.hosts)}; do\n"
             f"  ssh -F \"$CFG\" -n \"$h\" {shlex.quote(PROBE_SH)} >/dev/null 2>&1 & pids+=($!)\n"
@@ -165,16 +166,17 @@ LABELS = {"gpufleet": "gpufleet apply", "raw": "raw floor (1 master + parallel s
           "ansible": "plain ansible-playbook (defaults)", "naive": "naive parallel ssh (no master)"}
 
 
-def bench_apply(sizes: list[int], reps: int, ansible_max: int, log=print) -> dict:
+def bench_apply(sizes: list[int], reps: int, ansible_max: int, log=print, hops: int = 1,
+                who: list[str] | None = None) -> dict:
     """{n: {"lab_s": s, mode: {who: {"wall": [...], "cpu": [...], "mem": [...], "failed": [...], "drops": [...]}}}}"""
     results: dict = {}
     for n in sizes:
         t0 = time.perf_counter()
-        with lab(n, log) as d:
+        with lab(n, log, hops) as d:
             results[n] = res = {"lab_s": time.perf_counter() - t0, "cold": {}, "warm": {}}
             c = Contenders(d)
             logf = login_log(d)
-            who_all = ["gpufleet", "raw"] + (["ansible"] if n <= ansible_max else []) + ["naive"]
+            who_all = who or ["gpufleet", "raw"] + (["ansible"] if n <= ansible_max else []) + ["naive"]
             # untimed first contact: known_hosts filled, the fleet recorded, so every timed run does the same work
             for who in who_all:
                 c.cold()
