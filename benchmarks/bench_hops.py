@@ -4,10 +4,10 @@ login node and on a lab behind a gateway and a login node (`gpufleet lab up --ho
     sudo .venv/bin/python -m benchmarks.bench_hops     # 16 nodes, 3 repetitions; rewrites its README section
     sudo .venv/bin/python -m benchmarks.bench_hops --nodes 4 --reps 1 --no-readme
 
-The two labs are measured one after the other (never at once: they share this machine's cores), each with
-benchmarks/bench_lab.bench_apply (an untimed first contact, then cold = every master closed, warm = the
-masters of the run before kept). The raw floor opens one master per hop, in chain order, then runs the
-probe's commands on every node in parallel through them.
+Both labs are up at once and measured in turns (an untimed first contact each, then per repetition each
+lab's cold = every master closed and warm = the masters of the run before kept, as benchmarks/bench_lab.py),
+so a change in the machine's load falls on both alike. The raw floor opens one master per hop, in chain
+order, then runs the probe's commands on every node in parallel through them.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,12 +35,44 @@ TITLE = "## What the second jump hop costs (`gpufleet lab up --hops 2`, `benchma
 
 
 def bench(nodes: int, reps: int, log=print) -> dict:
-    """{hops: bench_lab.bench_apply's result for ``nodes``}"""
-    out = {}
-    for hops in (1, 2):
-        log(f"== apply, {nodes} nodes, {hops} hop(s)")
-        out[hops] = bench_lab.bench_apply([nodes], reps, 0, log=log, hops=hops, who=["gpufleet", "raw"])[nodes]
-    return out
+    """{hops: {"lab_s": s, "cold"/"warm": {who: {"wall": [...], "failed": [...]}}, "open": {hop: [s...]}}}
+
+    Both labs are up at once and measured in turns (1 hop, 2 hops; then 2, 1...), so that a change in
+    the machine's load falls on both alike."""
+    res: dict = {}
+    with ExitStack() as stack:
+        labs = {}
+        for hops in (1, 2):
+            t0 = time.perf_counter()
+            d = stack.enter_context(bench_lab.lab(nodes, log, hops))
+            res[hops] = {"lab_s": time.perf_counter() - t0, "cold": {}, "warm": {}, "open": {}}
+            labs[hops] = bench_lab.Contenders(d)
+            stack.callback(labs[hops].cold)
+        for c in labs.values():  # untimed first contact: host keys recorded, the fleet in the state
+            for who in ("gpufleet", "raw"):
+                c.cold()
+                c.run(who)
+        for rep in range(reps):
+            for hops in ((1, 2) if rep % 2 == 0 else (2, 1)):
+                c = labs[hops]
+                for who in ("gpufleet", "raw"):
+                    for mode in ("cold", "warm"):
+                        if mode == "cold":
+                            c.cold()
+                        m = c.run(who)
+                        r = res[hops][mode].setdefault(who, {"wall": [], "failed": []})
+                        r["wall"].append(m.wall)
+                        r["failed"].append(m.extra["failed"])
+                        log(f"  {hops} hop(s) rep {rep + 1} {mode:4} {who:8}: {m.wall:6.2f}s, "
+                            f"{m.extra['failed']} failed")
+                # one master per hop opened in chain order from cold: what each handshake takes
+                c.cold()
+                for i, jump in enumerate(c.jumps):
+                    t0 = time.perf_counter()
+                    subprocess.run(["ssh", "-F", str(c.ssh_config), "-o", "ControlPersist=120s", "-n", jump, "true"],
+                                   check=True, capture_output=True, timeout=60)
+                    res[hops]["open"].setdefault(str(i + 1), []).append(time.perf_counter() - t0)
+    return res
 
 
 def render(res: dict, nodes: int, reps: int, took: float) -> str:
@@ -56,6 +90,9 @@ def render(res: dict, nodes: int, reps: int, took: float) -> str:
             lines.append(f"| {mode} | {LABELS[who]} | {fmt(w1)} | {fmt(w2)} | {w2 - w1:+.2f} s "
                          f"({100 * (w2 - w1) / w1:+.0f}%) | {fmt(w1 / r1)} | {fmt(w2 / r2)} | "
                          f"{sum(one['failed'])}/{sum(two['failed'])} |")
+    lines += ["", "Opening the masters from cold, in chain order (median ms): "
+              + "; ".join(f"{h} hop{'s' if h > 1 else ''}: " + ", ".join(
+                  f"hop {i} {1000 * median(ts):.0f}" for i, ts in res[h]["open"].items()) for h in (1, 2))]
     lines += ["", "Lab creation: " + ", ".join(f"{h} hop{'s' if h > 1 else ''} {res[h]['lab_s']:.1f}s" for h in (1, 2))]
     return "\n".join(lines)
 

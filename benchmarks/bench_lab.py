@@ -79,6 +79,22 @@ def close_masters(*dirs: Path) -> None:
         time.sleep(0.1)
 
 
+def control_dir_of(home: Path) -> Path:
+    """Where gpufleet run with GPUFLEET_HOME=``home`` keeps its ssh sockets: paths.control_dir, which is a
+    short folder under /tmp (not home/cp) when home's path is long, as the bench's temporary homes are."""
+    from gpufleet import paths
+
+    old = os.environ.get("GPUFLEET_HOME")
+    os.environ["GPUFLEET_HOME"] = str(home)
+    try:
+        return paths.control_dir()
+    finally:
+        if old is None:
+            os.environ.pop("GPUFLEET_HOME", None)
+        else:
+            os.environ["GPUFLEET_HOME"] = old
+
+
 class Contenders:
     """The same fleet reached three (four) ways."""
 
@@ -88,6 +104,7 @@ class Contenders:
         self.home = d / "home"
         self.env = {**os.environ, "GPUFLEET_HOME": str(self.home), "PATH": f"{VENV}:{os.environ['PATH']}"}
         self.env.pop("GPUFLEET_DATABASE_URL", None)  # SQLite in the bench's own home
+        self.control = control_dir_of(self.home)
         inv = d / "inv"
         subprocess.run([GPUFLEET, "inventory", "-f", str(self.fleet), "--out", str(inv)], env=self.env,
                        check=True, capture_output=True)
@@ -134,7 +151,7 @@ class Contenders:
             "echo \"failed=$fail\"\n")
 
     def cold(self) -> None:
-        close_masters(self.home / "cp", self.inv, self.ansible_cp, Path.home() / ".ansible" / "cp")
+        close_masters(self.home / "cp", self.control, self.inv, self.ansible_cp, Path.home() / ".ansible" / "cp")
 
     def run(self, who: str):
         if who == "gpufleet":

@@ -235,7 +235,8 @@ def up(dir: Path, nodes: int = 2, gpus: int = 8, vendor: str = "nvidia", hops: i
         if is_up(existing) and existing.hops == hops:
             log(f"lab in {dir} is already up ({len(existing.nodes)} nodes); fleet: {existing.fleet_file}")
             return existing
-        log(f"lab in {dir} is half up; tearing it down first")
+        log(f"lab in {dir} has {existing.hops} hop(s), not {hops}; tearing it down first" if is_up(existing)
+            else f"lab in {dir} is half up; tearing it down first")
         down(dir, log=lambda *_: None)
     dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(dir, 0o700)
