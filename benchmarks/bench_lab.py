@@ -44,6 +44,9 @@ def lab(nodes: int, log=print, hops: int = 1):
     try:
         yield d
     finally:
+        # the local server that the bench's applies started in its home goes with it
+        subprocess.run([GPUFLEET, "server", "stop"], capture_output=True, text=True,
+                       env={**os.environ, "GPUFLEET_HOME": str(d / "home")})
         subprocess.run([GPUFLEET, "lab", "down", "--dir", str(d / "lab")], capture_output=True, text=True)
         shutil.rmtree(d, ignore_errors=True)
 
