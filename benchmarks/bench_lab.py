@@ -32,18 +32,21 @@ PROBE_SH = (
 
 
 @contextmanager
-def lab(nodes: int, log=print):
+def lab(nodes: int, log=print, hops: int = 1):
     d = Path(tempfile.mkdtemp(prefix=f"gpufleet-bench-lab{nodes}-"))
     t0 = time.perf_counter()
-    p = subprocess.run([GPUFLEET, "lab", "up", "--dir", str(d / "lab"), "--nodes", str(nodes)],
+    p = subprocess.run([GPUFLEET, "lab", "up", "--dir", str(d / "lab"), "--nodes", str(nodes), "--hops", str(hops)],
                        capture_output=True, text=True)
     if p.returncode:
         shutil.rmtree(d, ignore_errors=True)
         raise RuntimeError(f"lab up failed: {p.stdout}{p.stderr}")
-    log(f"  lab of {nodes} nodes up in {time.perf_counter() - t0:.1f}s")
+    log(f"  lab of {nodes} nodes ({hops} hop{'s' if hops > 1 else ''}) up in {time.perf_counter() - t0:.1f}s")
     try:
         yield d
     finally:
+        # the local server that the bench's applies started in its home goes with it
+        subprocess.run([GPUFLEET, "server", "stop"], capture_output=True, text=True,
+                       env={**os.environ, "GPUFLEET_HOME": str(d / "home")})
         subprocess.run([GPUFLEET, "lab", "down", "--dir", str(d / "lab")], capture_output=True, text=True)
         shutil.rmtree(d, ignore_errors=True)
 
@@ -79,6 +82,22 @@ def close_masters(*dirs: Path) -> None:
         time.sleep(0.1)
 
 
+def control_dir_of(home: Path) -> Path:
+    """Where gpufleet run with GPUFLEET_HOME=``home`` keeps its ssh sockets: paths.control_dir, which is a
+    short folder under /tmp (not home/cp) when home's path is long, as the bench's temporary homes are."""
+    from gpufleet import paths
+
+    old = os.environ.get("GPUFLEET_HOME")
+    os.environ["GPUFLEET_HOME"] = str(home)
+    try:
+        return paths.control_dir()
+    finally:
+        if old is None:
+            os.environ.pop("GPUFLEET_HOME", None)
+        else:
+            os.environ["GPUFLEET_HOME"] = old
+
+
 class Contenders:
     """The same fleet reached three (four) ways."""
 
@@ -88,6 +107,7 @@ class Contenders:
         self.home = d / "home"
         self.env = {**os.environ, "GPUFLEET_HOME": str(self.home), "PATH": f"{VENV}:{os.environ['PATH']}"}
         self.env.pop("GPUFLEET_DATABASE_URL", None)  # SQLite in the bench's own home
+        self.control = control_dir_of(self.home)
         inv = d / "inv"
         subprocess.run([GPUFLEET, "inventory", "-f", str(self.fleet), "--out", str(inv)], env=self.env,
                        check=True, capture_output=True)
@@ -95,8 +115,9 @@ class Contenders:
         self.ssh_config = next(inv.rglob("ssh_config"))
         inventory = next(inv.rglob("inventory.yml"))
         text = self.ssh_config.read_text()
-        self.jump = re.search(r"^Host (\S*jump\S*)", text, re.M).group(1)
-        self.hosts = [h for h in re.findall(r"^Host (\S+)", text, re.M) if h != self.jump]
+        self.jumps = [h for h in re.findall(r"^Host (\S+)", text, re.M) if re.search(r"-jump\d+$", h)]  # chain order
+        self.jump = self.jumps[0]
+        self.hosts = [h for h in re.findall(r"^Host (\S+)", text, re.M) if h not in self.jumps]
         # plain Ansible: no ControlMaster/ControlPersist in ssh_config (each host's connection makes its own
         # way through the login node), no pipelining, Ansible's own per-host ControlPersist (its default)
         plain_cfg = self.ssh_config.with_name("ssh_config.plain")
@@ -114,7 +135,7 @@ class Contenders:
         self.raw_script.write_text(
             "#!/bin/bash\n"
             f"CFG={shlex.quote(str(self.ssh_config))}\n"
-            f"ssh -F \"$CFG\" -o ControlPersist=120s -n {self.jump} true || exit 3\n"
+            + "".join(f"ssh -F \"$CFG\" -o ControlPersist=120s -n {j} true || exit 3\n" for j in self.jumps) +
             "fail=0; pids=()\n"
             f"for h in {' '.join(self.hosts)}; do\n"
             f"  ssh -F \"$CFG\" -n \"$h\" {shlex.quote(PROBE_SH)} >/dev/null 2>&1 & pids+=($!)\n"
@@ -133,7 +154,7 @@ class Contenders:
             "echo \"failed=$fail\"\n")
 
     def cold(self) -> None:
-        close_masters(self.home / "cp", self.inv, self.ansible_cp, Path.home() / ".ansible" / "cp")
+        close_masters(self.home / "cp", self.control, self.inv, self.ansible_cp, Path.home() / ".ansible" / "cp")
 
     def run(self, who: str):
         if who == "gpufleet":
@@ -165,16 +186,17 @@ LABELS = {"gpufleet": "gpufleet apply", "raw": "raw floor (1 master + parallel s
           "ansible": "plain ansible-playbook (defaults)", "naive": "naive parallel ssh (no master)"}
 
 
-def bench_apply(sizes: list[int], reps: int, ansible_max: int, log=print) -> dict:
+def bench_apply(sizes: list[int], reps: int, ansible_max: int, log=print, hops: int = 1,
+                who: list[str] | None = None) -> dict:
     """{n: {"lab_s": s, mode: {who: {"wall": [...], "cpu": [...], "mem": [...], "failed": [...], "drops": [...]}}}}"""
     results: dict = {}
     for n in sizes:
         t0 = time.perf_counter()
-        with lab(n, log) as d:
+        with lab(n, log, hops) as d:
             results[n] = res = {"lab_s": time.perf_counter() - t0, "cold": {}, "warm": {}}
             c = Contenders(d)
             logf = login_log(d)
-            who_all = ["gpufleet", "raw"] + (["ansible"] if n <= ansible_max else []) + ["naive"]
+            who_all = who or ["gpufleet", "raw"] + (["ansible"] if n <= ansible_max else []) + ["naive"]
             # untimed first contact: known_hosts filled, the fleet recorded, so every timed run does the same work
             for who in who_all:
                 c.cold()

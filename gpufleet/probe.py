@@ -27,8 +27,54 @@ class ProbeOutcome:
     facts: HostFacts | None = None
 
 
-def open_jump(files: GeneratedFiles, entry: SshEntry) -> str | None:
-    """Open (or reuse) the multiplexed master connection to one hop. Return the error, if any."""
+@dataclass(frozen=True)
+class HopPlace:
+    """Where a hop sits in its jump chain: hop ``number`` of ``of`` (counted from 1)."""
+    number: int
+    of: int
+
+    def name(self, entry: SshEntry) -> str:
+        """How messages name the hop: the login node is the last hop (the one targets are reached
+        from); a hop before it is a gateway."""
+        where = f"{entry.hostname}:{entry.port}"
+        if self.of == 1:
+            return f"login node {where}"
+        kind = "login node" if self.number == self.of else "gateway"
+        return f"{kind} {where} (hop {self.number} of {self.of})"
+
+    def settings(self) -> str:
+        """The fleet settings a refused login at this hop points at."""
+        which = "ssh_config.proxy_jump" if self.of == 1 else f"ssh_config.proxy_jump[{self.number - 1}]"
+        return f"the user and identity_file of {which} (or of the host's own proxy_jump)"
+
+
+def hop_places(files: GeneratedFiles) -> dict[str, HopPlace]:
+    """Each jump hop's place in its chain (alias -> place), from the connection plan."""
+    plan = files.plan
+    by_alias = {e.alias: e for e in plan.jumps}
+
+    def chain(last: str | None) -> list[str]:
+        out = []
+        while last:
+            out.append(last)
+            last = by_alias[last].proxy_jump if last in by_alias else None
+        return out[::-1]
+
+    places: dict[str, HopPlace] = {}
+    for last in {a for a in plan.jump_of.values() if a}:
+        hops = chain(last)
+        for i, alias in enumerate(hops):
+            places.setdefault(alias, HopPlace(i + 1, len(hops)))
+    for e in plan.jumps:  # a hop no target goes through ends a chain of its own
+        places.setdefault(e.alias, HopPlace(len(chain(e.alias)), len(chain(e.alias))))
+    return places
+
+
+def open_jump(files: GeneratedFiles, entry: SshEntry, place: HopPlace | None = None,
+              before: SshEntry | None = None, before_place: HopPlace | None = None) -> str | None:
+    """Open (or reuse) the multiplexed master connection to one hop. Return the error, if any.
+    ``before`` is the hop it goes through (whose master is open): when that hop's master hides why it
+    could not reach this one, the connection is tried again without it for the reason."""
     cmd = ["ssh", "-F", str(files.ssh_config), "-o", f"ControlPersist={CONTROL_PERSIST}", "-n", entry.alias, "true"]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=JUMP_TIMEOUT)
@@ -36,7 +82,12 @@ def open_jump(files: GeneratedFiles, entry: SshEntry) -> str | None:
         return f"no answer within {JUMP_TIMEOUT}s"
     if p.returncode == 0:
         return None
-    return ssherrors.explain(p.stderr, f"{entry.hostname}:{entry.port}", str(files.known_hosts))
+    raw = p.stderr
+    if before is not None and ssherrors.hides_cause(raw):
+        raw = diagnose_through(str(files.ssh_config), before.alias, entry.alias) or raw
+    via = (before_place or HopPlace(1, 1)).name(before) if before is not None else "the login node"
+    return ssherrors.explain(raw, f"{entry.hostname}:{entry.port}", str(files.known_hosts), via=via,
+                             check=(place or HopPlace(1, 1)).settings())
 
 
 def probe_fleet(files: GeneratedFiles, aliases: list[str],
@@ -48,6 +99,7 @@ def probe_fleet(files: GeneratedFiles, aliases: list[str],
     outcomes: dict[str, ProbeOutcome] = {}
     failed_jumps: dict[str, str] = {}
     by_alias = {e.alias: e for e in plan.jumps}
+    places = hop_places(files)
     for entry in plan.jumps:  # in chain order: a hop after the hop it goes through
         if entry.proxy_jump in failed_jumps:
             failed_jumps[entry.alias] = failed_jumps[entry.proxy_jump]
@@ -55,9 +107,10 @@ def probe_fleet(files: GeneratedFiles, aliases: list[str],
         if not any(plan.jump_of[t.alias] and _chain_has(by_alias, plan.jump_of[t.alias], entry.alias)
                    for t in plan.targets if t.alias in aliases):
             continue
-        error = open_jump(files, entry)
+        before = by_alias.get(entry.proxy_jump) if entry.proxy_jump else None
+        error = open_jump(files, entry, places[entry.alias], before, places.get(before.alias) if before else None)
         if error:
-            failed_jumps[entry.alias] = f"login node {entry.hostname}:{entry.port} unreachable: {error}"
+            failed_jumps[entry.alias] = f"{places[entry.alias].name(entry)} unreachable: {error}"
     reachable = []
     for t in plan.targets:
         if t.alias not in aliases:

@@ -19,6 +19,8 @@ def register(sub) -> None:
     lu.add_argument("--nodes", type=int, default=2)
     lu.add_argument("--gpus", type=int, default=8)
     lu.add_argument("--vendor", default="nvidia", choices=VENDORS)
+    lu.add_argument("--hops", type=int, default=1, choices=(1, 2),
+                    help="jump hops in front of the nodes: 1 (a login node) or 2 (a gateway, then the login node)")
     lu.add_argument("--dir", help="where the lab's fleet.yml and keys go (default: $GPUFLEET_HOME/lab)")
     lu.set_defaults(func=up)
     ld = ls.add_parser("down", help="remove the lab and everything it made")
@@ -45,7 +47,8 @@ def _dir(args: argparse.Namespace) -> Path:
 def up(args: argparse.Namespace, console: Console) -> int:
     from gpufleet.lab import core
 
-    core.up(_dir(args), nodes=args.nodes, gpus=args.gpus, vendor=args.vendor, log=console.print)
+    core.up(_dir(args), nodes=args.nodes, gpus=args.gpus, vendor=args.vendor, hops=args.hops,
+            log=console.print)
     return EXIT_OK
 
 

@@ -2,7 +2,9 @@
 
 Each host is a real network namespace (and UTS namespace, so `hostname` differs)
 running its own sshd with its own host key. Nodes are wired only to the login
-node's bridge, so they are reachable only through it. Each node has stand-in GPU
+node's bridge, so they are reachable only through it. With ``hops=2`` a gateway
+stands in front of the login node (its own namespace, sshd, key and host key): the
+login node is then reachable only through the gateway, the nodes only through both. Each node has stand-in GPU
 tools first on its PATH, its own podman storage and a local busybox image.
 All hosts share this machine's filesystem, users and /etc.
 """
@@ -51,7 +53,7 @@ REQUIREMENTS = [
 @dataclass
 class LabHost:
     name: str  # namespace name
-    role: str  # "login" or "node"
+    role: str  # "gateway", "login" or "node"
     address: str
     hostname: str
     gpus: list[dict] = field(default_factory=list)
@@ -68,6 +70,7 @@ class Lab:
     vendor: str
     gpus_per_node: int
     hosts: list[LabHost]
+    hops: int = 1  # jump hops in front of the nodes: 1 (the login node) or 2 (a gateway, then the login node)
 
     @property
     def prefix(self) -> str:
@@ -82,12 +85,27 @@ class Lab:
         return next(h for h in self.hosts if h.role == "login")
 
     @property
+    def gateway(self) -> LabHost | None:
+        """The host in front of the login node (``hops=2``), else None."""
+        return next((h for h in self.hosts if h.role == "gateway"), None)
+
+    @property
+    def jump_hosts(self) -> list[LabHost]:
+        """The hops to the nodes, in the order ssh goes through them."""
+        return ([self.gateway] if self.gateway else []) + [self.login]
+
+    @property
     def nodes(self) -> list[LabHost]:
         return [h for h in self.hosts if h.role == "node"]
 
     @property
     def uplink_address(self) -> str:
         return f"198.18.{self.index}.1"
+
+    @property
+    def middle_network(self) -> str:
+        """Between the gateway and the login node (``hops=2``): unreachable from this machine."""
+        return f"198.18.{128 + self.index}"
 
     def host_dir(self, host: LabHost) -> Path:
         return self.run_dir / host.name
@@ -201,7 +219,7 @@ def _world_readable(fn):
 
 
 @_world_readable
-def up(dir: Path, nodes: int = 2, gpus: int = 8, vendor: str = "nvidia", log=print) -> Lab:
+def up(dir: Path, nodes: int = 2, gpus: int = 8, vendor: str = "nvidia", hops: int = 1, log=print) -> Lab:
     preflight()
     if vendor not in VENDORS:
         raise UsageError(f"--vendor must be one of {', '.join(VENDORS)}")
@@ -209,13 +227,16 @@ def up(dir: Path, nodes: int = 2, gpus: int = 8, vendor: str = "nvidia", log=pri
         raise UsageError("--nodes must be between 1 and 200")
     if not 0 <= gpus <= 16:
         raise UsageError("--gpus must be between 0 and 16")
+    if hops not in (1, 2):
+        raise UsageError("--hops must be 1 (a login node) or 2 (a gateway, then a login node)")
     dir = Path(dir).absolute()
     existing = load(dir)
     if existing is not None:
-        if is_up(existing):
+        if is_up(existing) and existing.hops == hops:
             log(f"lab in {dir} is already up ({len(existing.nodes)} nodes); fleet: {existing.fleet_file}")
             return existing
-        log(f"lab in {dir} is half up; tearing it down first")
+        log(f"lab in {dir} has {existing.hops} hop(s), not {hops}; tearing it down first" if is_up(existing)
+            else f"lab in {dir} is half up; tearing it down first")
         down(dir, log=lambda *_: None)
     dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(dir, 0o700)
@@ -224,13 +245,17 @@ def up(dir: Path, nodes: int = 2, gpus: int = 8, vendor: str = "nvidia", log=pri
     index = next((i for i in range(MAX_LABS) if str(i) not in taken), None)
     if index is None:
         raise GpufleetError(f"lab: {MAX_LABS} labs are up already; take one down first")
-    lab = Lab(dir=str(dir), index=index, vendor=vendor, gpus_per_node=gpus, hosts=[])
-    lab.hosts.append(LabHost(f"{lab.prefix}-login", "login", f"198.18.{index}.2", "login"))
+    lab = Lab(dir=str(dir), index=index, vendor=vendor, gpus_per_node=gpus, hosts=[], hops=hops)
+    login_address = f"{lab.middle_network}.2" if hops == 2 else f"198.18.{index}.2"
+    lab.hosts.append(LabHost(f"{lab.prefix}-login", "login", login_address, "login"))
     for i in range(nodes):
         lab.hosts.append(LabHost(f"{lab.prefix}-n{i}", "node", f"198.19.{index}.{10 + i}", f"node-{i}"))
+    if hops == 2:  # last, so that nodes keep their numbers (node_index below)
+        lab.hosts.append(LabHost(f"{lab.prefix}-gw", "gateway", f"198.18.{index}.2", "gateway"))
     _save(lab)  # saved first, so `down` can clean up whatever part of `up` ran
     try:
-        log(f"creating lab {index}: login node + {nodes} nodes ({vendor}, {gpus} GPUs each)")
+        log(f"creating lab {index}: {'gateway + ' if hops == 2 else ''}login node + {nodes} nodes "
+            f"({vendor}, {gpus} GPUs each)")
         _ensure_user()
         _ensure_overlay_targets()
         _make_keys(lab)
@@ -248,7 +273,8 @@ def up(dir: Path, nodes: int = 2, gpus: int = 8, vendor: str = "nvidia", log=pri
     except BaseException:
         down(dir, log=lambda *_: None)
         raise
-    log(f"lab is up: login node {lab.login.address}, nodes {', '.join(h.address for h in lab.nodes)}")
+    log(f"lab is up: {f'gateway {lab.gateway.address}, ' if lab.gateway else ''}"
+        f"login node {lab.login.address}, nodes {', '.join(h.address for h in lab.nodes)}")
     log(f"fleet file: {lab.fleet_file}")
     return lab
 
@@ -271,7 +297,7 @@ def _ensure_user() -> None:
 def _make_keys(lab: Lab) -> None:
     keys = Path(lab.dir) / "keys"
     keys.mkdir(exist_ok=True, mode=0o700)
-    for which in ("login", "node"):
+    for which in ("gateway", "login", "node") if lab.hops == 2 else ("login", "node"):
         key = lab.key(which)
         if not key.exists():
             _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"gpufleet-lab-{which}", "-f", str(key)])
@@ -281,16 +307,27 @@ def _make_keys(lab: Lab) -> None:
 def _make_network(lab: Lab) -> None:
     p = lab.prefix
     login = lab.login.netns
+    first = lab.jump_hosts[0]  # the hop this machine reaches: the gateway, else the login node
     for h in lab.hosts:
         _run(["ip", "netns", "add", h.netns])
         _run(["ip", "-n", h.netns, "link", "set", "lo", "up"])
-    # uplink: this machine <-> login node
+    # uplink: this machine <-> the first hop
     _run(["ip", "link", "add", f"{p}-up", "type", "veth", "peer", "name", f"{p}-upl"])
-    _run(["ip", "link", "set", f"{p}-upl", "netns", login, "name", "eth0"])
+    _run(["ip", "link", "set", f"{p}-upl", "netns", first.netns, "name", "eth0"])
     _run(["ip", "addr", "add", f"{lab.uplink_address}/24", "dev", f"{p}-up"])
     _run(["ip", "link", "set", f"{p}-up", "up"])
-    _run(["ip", "-n", login, "addr", "add", f"{lab.login.address}/24", "dev", "eth0"])
-    _run(["ip", "-n", login, "link", "set", "eth0", "up"])
+    _run(["ip", "-n", first.netns, "addr", "add", f"{first.address}/24", "dev", "eth0"])
+    _run(["ip", "-n", first.netns, "link", "set", "eth0", "up"])
+    if lab.gateway:  # gateway <-> login node, a network this machine has no route to
+        gw, mid = lab.gateway.netns, lab.middle_network
+        _run(["ip", "link", "add", f"{p}-gwa", "type", "veth", "peer", "name", f"{p}-gwb"])
+        _run(["ip", "link", "set", f"{p}-gwa", "netns", gw, "name", "eth1"])
+        _run(["ip", "link", "set", f"{p}-gwb", "netns", login, "name", "eth0"])
+        _run(["ip", "-n", gw, "addr", "add", f"{mid}.1/24", "dev", "eth1"])
+        _run(["ip", "-n", gw, "link", "set", "eth1", "up"])
+        _run(["ip", "-n", login, "addr", "add", f"{lab.login.address}/24", "dev", "eth0"])
+        _run(["ip", "-n", login, "link", "set", "eth0", "up"])
+        _run(["ip", "route", "replace", "unreachable", f"{mid}.0/24"])
     # the cluster network is reachable only through the login node; from here it is unreachable
     # (never routed out of this machine)
     _run(["ip", "route", "replace", "unreachable", f"198.19.{lab.index}.0/24"])
@@ -347,7 +384,7 @@ def _make_host(lab: Lab, host: LabHost, node_index: int) -> None:
     for parent in [RUN_ROOT, lab.run_dir, d, d / "bin"]:
         os.chmod(parent, 0o755)
     _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", host.hostname, "-f", str(d / "ssh_host_ed25519_key")])
-    key = lab.key("login" if host.role == "login" else "node")
+    key = lab.key(host.role)
     (d / "authorized_keys").write_text(Path(f"{key}.pub").read_text())
     os.chmod(d / "authorized_keys", 0o644)
     env = lab.host_env(host)
@@ -629,6 +666,12 @@ def start_gpu_burn(lab: Lab, host: LabHost, *args: str, timeout: float = 10) -> 
     raise GpufleetError(f"lab: gpu-burn on {host.hostname} did not register in {timeout:.0f}s")
 
 
+def _proxy_jump(lab: Lab) -> dict | list[dict]:
+    """dstack's one ``proxy_jump`` mapping for one hop; gpufleet's list of hops, in order, for two."""
+    hops = [{"hostname": h.address, "user": LAB_USER, "identity_file": str(lab.key(h.role))} for h in lab.jump_hosts]
+    return hops[0] if len(hops) == 1 else hops
+
+
 def _write_fleet(lab: Lab) -> None:
     fleet = {
         "type": "fleet",
@@ -636,8 +679,7 @@ def _write_fleet(lab: Lab) -> None:
         "ssh_config": {
             "user": LAB_USER,
             "identity_file": str(lab.key("node")),
-            "proxy_jump": {"hostname": lab.login.address, "user": LAB_USER,
-                           "identity_file": str(lab.key("login"))},
+            "proxy_jump": _proxy_jump(lab),
             "hosts": [h.address for h in lab.nodes],
         },
         "blocks": "auto",
@@ -722,6 +764,8 @@ def down(dir: Path, log=print) -> bool:
             _run(["ip", "netns", "del", host.netns], check=False)
     _run(["ip", "link", "del", f"{lab.prefix}-up"], check=False)
     _run(["ip", "route", "del", "unreachable", f"198.19.{lab.index}.0/24"], check=False)
+    if lab.hops == 2:
+        _run(["ip", "route", "del", "unreachable", f"{lab.middle_network}.0/24"], check=False)
     if lab.run_dir.exists():
         # podman may leave read-only or immutable-looking files; make them writable first
         subprocess.run(["chmod", "-R", "u+w", str(lab.run_dir)], capture_output=True)

@@ -43,3 +43,17 @@ def test_messages_that_hide_the_cause_behind_a_shared_master():
     assert hides_cause("kex_exchange_identification: Connection closed by remote host")
     assert hides_cause("ssh: connect to host n port 22: UNKNOWN port 65535")
     assert not hides_cause("Permission denied (publickey)")
+
+
+def test_the_fix_for_a_changed_host_key_names_the_entry_and_the_file():
+    raw = "Host key verification failed.\n"
+    assert "ssh-keygen -R 10.0.0.1 -f " + KNOWN in explain(raw, "10.0.0.1:22", KNOWN)
+    assert "ssh-keygen -R '[10.0.0.1]:2222' -f " + KNOWN in explain(raw, "10.0.0.1:2222", KNOWN)
+
+
+def test_the_hop_that_cannot_reach_the_next_is_named():
+    raw = "channel 0: open failed: connect failed: Connection refused\nstdio forwarding failed\n"
+    assert explain(raw, "l:22", via="gateway g:22 (hop 1 of 2)") == \
+        "gateway g:22 (hop 1 of 2) cannot reach it: Connection refused"
+    assert explain("u@h: Permission denied (publickey).", "h:22", check="ssh_config.proxy_jump[1]") == \
+        "login refused by h:22 (Permission denied (publickey)): check ssh_config.proxy_jump[1]"
