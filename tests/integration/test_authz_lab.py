@@ -159,7 +159,7 @@ class Team:
         for who, key, commands, project in runs:
             made = self.submit(who, self.run(key), commands, project, extra="stop_duration: 1s\n")
             assert (made["user"], made["project"]) == (who, project), made
-        web = self.run("a-web")  # alice's service (auth: true, dstack's default): the proxy's row
+        X
         self.ok("alice", "POST", "/api/runs", {"source": f"{self.workdir}/{web}.yml", "project": "ml", "text": (
             f"type: service\nname: {web}\nimage: {IMAGE}\nport: 8000\nstop_duration: 1s\ncommands:\n"
             f"  - mkdir -p /www && echo {WEB_MARK} > /www/index.html\n  - exec httpd -f -p 8000 -h /www\n")})
@@ -564,7 +564,7 @@ CASES = [
     Case("run-metrics", "GET", "/api/runs/{name}/metrics", roles(**ONE_OWN_RUN), a_main("/metrics"),
          check_run_metrics),
     Case("service-proxy", "GET", "/proxy/services/{project}/{name}/{path}", roles(**MEMBERS),
-         lambda team, role: (f"/proxy/services/ml/{team.run('a-web')}/", None, None),
+         lambda team, role: (f"/proxy/services/ml/{team.run('a-svc')}/", None, None),
          lambda team, role, reply: _check_web(reply)),
     Case("prometheus", "GET", "/metrics", roles(allow(), allow(), allow(), allow()), plain("/metrics"),
          check_prometheus),
