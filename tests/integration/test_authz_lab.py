@@ -159,7 +159,7 @@ class Team:
         for who, key, commands, project in runs:
             made = self.submit(who, self.run(key), commands, project, extra="stop_duration: 1s\n")
             assert (made["user"], made["project"]) == (who, project), made
-        X
+        web = self.run("a-svc")  # alice's service (auth: true, dstack's default): the proxy's row
         self.ok("alice", "POST", "/api/runs", {"source": f"{self.workdir}/{web}.yml", "project": "ml", "text": (
             f"type: service\nname: {web}\nimage: {IMAGE}\nport: 8000\nstop_duration: 1s\ncommands:\n"
             f"  - mkdir -p /www && echo {WEB_MARK} > /www/index.html\n  - exec httpd -f -p 8000 -h /www\n")})
