@@ -335,23 +335,17 @@ def run_metrics(store: Store, run: Run, since: float | None = None, raw_retentio
     with store._reads.connect() as c:
         rows = c.execute(select(g.host, g.idx, g.at, g.utilization, g.memory_used_mib)
                          .where(g.run == run.name, g.res == res, g.at >= start).order_by(g.host, g.idx, g.at)).all()
-        last_at = (select(g.host, g.idx, func.max(g.at).label("at")).where(g.run == run.name, g.res == RAW,
-                                                                            g.at >= run.created_at)
-                   .group_by(g.host, g.idx).subquery())
-        latest_rows = c.execute(select(g.host, g.idx, g.at, g.uuid, g.utilization, g.memory_used_mib,
-                                       g.memory_total_mib, g.temperature_c, g.power_w)
-                                .join(last_at, (g.host == last_at.c.host) & (g.idx == last_at.c.idx)
-                                      & (g.at == last_at.c.at))
-                                .where(g.run == run.name, g.res == RAW).order_by(g.host, g.idx)).all()
-        if not latest_rows:  # its raw rows are gone: the last minute kept
-            last_min = (select(g.host, g.idx, func.max(g.at).label("at")).where(g.run == run.name, g.res == MINUTE,
-                                                                                g.at >= run.created_at - MINUTE)
-                        .group_by(g.host, g.idx).subquery())
-            latest_rows = c.execute(select(g.host, g.idx, g.at, g.uuid, g.utilization, g.memory_used_mib,
-                                           g.memory_total_mib, g.temperature_c, g.power_w)
-                                    .join(last_min, (g.host == last_min.c.host) & (g.idx == last_min.c.idx)
-                                          & (g.at == last_min.c.at))
-                                    .where(g.run == run.name, g.res == MINUTE).order_by(g.host, g.idx)).all()
+        def newest(res: int, since: float) -> list:  # each GPU's newest row of resolution ``res``
+            last = (select(g.host, g.idx, func.max(g.at).label("at")).where(g.run == run.name, g.res == res,
+                                                                             g.at >= since)
+                    .group_by(g.host, g.idx).subquery())
+            return c.execute(select(g.host, g.idx, g.at, g.uuid, g.utilization, g.memory_used_mib,
+                                    g.memory_total_mib, g.temperature_c, g.power_w)
+                             .join(last, (g.host == last.c.host) & (g.idx == last.c.idx) & (g.at == last.c.at))
+                             .where(g.run == run.name, g.res == res).order_by(g.host, g.idx)).all()
+
+        # its last raw sample, or when its raw rows are gone, the last minute kept
+        latest_rows = newest(RAW, run.created_at) or newest(MINUTE, run.created_at - MINUTE)
         containers = c.execute(select(cs.host, cs.at, cs.cpu_percent, cs.memory_bytes, cs.memory_limit_bytes)
                                .where(cs.run == run.name, cs.res == res, cs.at >= start)
                                .order_by(cs.host, cs.at)).all()
