@@ -44,7 +44,7 @@ from gpufleet.models import (
 from gpufleet.models.cron import utc_text
 from gpufleet.models.run import format_duration
 from gpufleet.scheduler import PRIORITY_DEFAULT, Decision, Quota, Running, Waiting, decide, never_fits, ordered
-from gpufleet.state import Store
+from gpufleet.state import Store, kept_words
 
 Seal = Callable[[dict[str, str]], str]
 STOP_DEFAULT = 10.0  # seconds of grace on stop when the run gives no `stop_duration`
@@ -200,7 +200,7 @@ def usage_of(store: Store, now: float, half_life: float = HALF_LIFE_DEFAULT) -> 
 def kept_gpus(store: Store) -> dict[tuple[str, str], str]:
     """(fleet, alias) -> `GPU 2 unhealthy, GPU 5 used outside gpufleet`: the host's GPUs that no new run
     gets (Store.withhold), for wait reasons."""
-    return {key: ", ".join(f"GPU {idx} {'used outside gpufleet' if kind == 'outside' else 'unhealthy'}"
+    return {key: ", ".join(f"GPU {idx} {kept_words(kind)}"
                            for (_, idx), (kind, _, _) in sorted(gpus.items()))
             for key, gpus in store.withheld().items()}
 
