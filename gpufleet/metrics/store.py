@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, func, insert, select
 
 from gpufleet.metrics.protect import withheld_of
-from gpufleet.metrics.sample import outside
+from gpufleet.metrics.sample import held, outside
 from gpufleet.models import Run
 from gpufleet.models.metrics import GpuProcess, HostSample
 from gpufleet.state import (
@@ -74,13 +74,10 @@ def processes_by_gpu(sample: HostSample) -> dict[int, list[tuple[GpuProcess, str
     """Per GPU index, its processes, each with the name of the gpufleet container holding it (None:
     outside gpufleet, as gpufleet.metrics.sample.outside decides)."""
     stray = {id(p) for procs in outside(sample).values() for p in procs}
-    by_uuid = {g.uuid: g.index for g in sample.gpus if g.uuid}
     out: dict[int, list[tuple[GpuProcess, str | None]]] = {}
-    for p in sample.processes:
-        index = p.gpu_index if p.gpu_index is not None else by_uuid.get(p.gpu_uuid or "")
-        if index is not None:
-            name = None if id(p) in stray else sample.container_ids.get(p.container or "")
-            out.setdefault(index, []).append((p, name))
+    for index, p in held(sample):
+        name = None if id(p) in stray else sample.container_ids.get(p.container or "")
+        out.setdefault(index, []).append((p, name))
     return out
 
 
