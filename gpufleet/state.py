@@ -543,16 +543,22 @@ class Store:
         released. Changes are events (`gpu-withheld`, `gpu-released`); returns their messages."""
         now = time.time()
         messages: list[str] = []
-        with self.engine.begin() as c:
+
+        def current(c) -> tuple[int | None, dict]:
             iid = c.execute(select(instances.c.id).where(instances.c.fleet == fleet,
                                                          instances.c.alias == alias)).scalar()
+            return iid, {(r.vendor, r.gpu): r for r in c.execute(select(withheld_gpus)
+                                                                 .where(withheld_gpus.c.instance_id == iid))}
+
+        with self._reads.connect() as c:  # the usual case, nothing changed, takes no write lock
+            iid, had = current(c)
+        if iid is None or {k: (r.kind, r.reason) for k, r in had.items()} == found:
+            return messages
+        with self.engine.begin() as c:
+            self._serialize(c)
+            iid, had = current(c)
             if iid is None:
                 return messages
-            had = {(r.vendor, r.gpu): r for r in c.execute(select(withheld_gpus)
-                                                           .where(withheld_gpus.c.instance_id == iid))}
-            if not had and not found:
-                return messages
-            self._serialize(c)
             for key, (kind, reason) in sorted(found.items()):
                 old = had.get(key)
                 if old is not None and (old.kind, old.reason) == (kind, reason):
