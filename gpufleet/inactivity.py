@@ -18,6 +18,7 @@ from collections.abc import Callable
 from gpufleet import queue, runs
 from gpufleet.errors import GpufleetError
 from gpufleet.models import Run, RunStatus
+from gpufleet.models.run import format_duration
 from gpufleet.state import Store
 
 log = logging.getLogger("gpufleet.inactivity")
@@ -60,8 +61,9 @@ class Inactivity:
                 continue
             since = self.idle_since.setdefault(run.run_id, now)
             if now - since >= duration:
-                _, stop = queue.stop(store, run.name, by=f"its inactivity_duration ({_span(duration)}): no SSH "
-                                                        f"connection or attached shell for {_span(now - since)}")
+                idle = format_duration(int(now - since))
+                _, stop = queue.stop(store, run.name, by=f"its inactivity_duration ({format_duration(int(duration))}): "
+                                                        f"no SSH connection or attached shell for {idle}")
                 if stop is not None:
                     work.append(stop)
         for d in (self.idle_since, self.looked):
@@ -69,10 +71,3 @@ class Inactivity:
                 del d[run_id]
         return work
 
-
-def _span(seconds: float) -> str:
-    seconds = int(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"

@@ -42,8 +42,9 @@ from gpufleet.models import (
     User,
 )
 from gpufleet.models.cron import utc_text
+from gpufleet.models.run import format_duration
 from gpufleet.scheduler import PRIORITY_DEFAULT, Decision, Quota, Running, Waiting, decide, never_fits, ordered
-from gpufleet.state import Store
+from gpufleet.state import Store, kept_words
 
 Seal = Callable[[dict[str, str]], str]
 STOP_DEFAULT = 10.0  # seconds of grace on stop when the run gives no `stop_duration`
@@ -199,7 +200,7 @@ def usage_of(store: Store, now: float, half_life: float = HALF_LIFE_DEFAULT) -> 
 def kept_gpus(store: Store) -> dict[tuple[str, str], str]:
     """(fleet, alias) -> `GPU 2 unhealthy, GPU 5 used outside gpufleet`: the host's GPUs that no new run
     gets (Store.withhold), for wait reasons."""
-    return {key: ", ".join(f"GPU {idx} {'used outside gpufleet' if kind == 'outside' else 'unhealthy'}"
+    return {key: ", ".join(f"GPU {idx} {kept_words(kind)}"
                            for (_, idx), (kind, _, _) in sorted(gpus.items()))
             for key, gpus in store.withheld().items()}
 
@@ -495,12 +496,12 @@ def enforce_limits(store: Store, now: float | None = None) -> list[str]:
             duration = store.retry_policy(r.name).get("duration")
             if duration and now - queued_since(r) > duration:
                 if store.finish_run(r.name, RunStatus.FAILED, None,
-                                    f"no capacity within its retry duration ({_span(duration)})",
+                                    f"no capacity within its retry duration ({format_duration(duration)})",
                                     expect=(RunStatus.PENDING,)):  # not one the scheduler just started
                     ended.append(r.name)
         elif r.status == RunStatus.RUNNING and r.max_duration and r.started_at and \
                 now - r.started_at > r.max_duration:
-            work = _stopper(store, r, f"stopped by its max_duration ({_span(r.max_duration)})")
+            work = _stopper(store, r, f"stopped by its max_duration ({format_duration(r.max_duration)})")
             if work is not None and work():  # a stop that failed is noted on the run; tried again next pass
                 ended.append(r.name)
     return ended
@@ -553,9 +554,3 @@ def stop(store: Store, name: str, by: str = "the user", actor: str = SYSTEM_ACTO
         raise GpufleetError(f"run {name} is not running ({store.run(name).status})")
     return store.run(name), work
 
-
-def _span(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"

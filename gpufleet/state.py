@@ -332,6 +332,11 @@ def _instance(r, blocks_total: int = 0, blocks_busy: int = 0, withheld: list[str
                     blocks_busy=blocks_busy, withheld=withheld or [])
 
 
+def kept_words(kind: str) -> str:
+    """How a withheld GPU's kind reads: `used outside gpufleet` or `unhealthy`."""
+    return "used outside gpufleet" if kind == "outside" else "unhealthy"
+
+
 def _withheld_row(iid: int, key: tuple[str, int]) -> tuple:
     return (withheld_gpus.c.instance_id == iid, withheld_gpus.c.vendor == key[0], withheld_gpus.c.gpu == key[1])
 
@@ -460,8 +465,7 @@ class Store:
             counts = self._block_counts(c)
             held: dict[int, list[str]] = {}
             for w in c.execute(select(withheld_gpus).order_by(withheld_gpus.c.vendor, withheld_gpus.c.gpu)):
-                what = "used outside gpufleet" if w.kind == "outside" else "unhealthy"
-                held.setdefault(w.instance_id, []).append(f"GPU {w.gpu} {what}: {w.reason}")
+                held.setdefault(w.instance_id, []).append(f"GPU {w.gpu} {kept_words(w.kind)}: {w.reason}")
             for r in c.execute(q):
                 if r.fleet in out:
                     total, busy = counts.get(r.id, (0, 0))
@@ -539,16 +543,22 @@ class Store:
         released. Changes are events (`gpu-withheld`, `gpu-released`); returns their messages."""
         now = time.time()
         messages: list[str] = []
-        with self.engine.begin() as c:
+
+        def current(c) -> tuple[int | None, dict]:
             iid = c.execute(select(instances.c.id).where(instances.c.fleet == fleet,
                                                          instances.c.alias == alias)).scalar()
+            return iid, {(r.vendor, r.gpu): r for r in c.execute(select(withheld_gpus)
+                                                                 .where(withheld_gpus.c.instance_id == iid))}
+
+        with self._reads.connect() as c:  # the usual case, nothing changed, takes no write lock
+            iid, had = current(c)
+        if iid is None or {k: (r.kind, r.reason) for k, r in had.items()} == found:
+            return messages
+        with self.engine.begin() as c:
+            self._serialize(c)
+            iid, had = current(c)
             if iid is None:
                 return messages
-            had = {(r.vendor, r.gpu): r for r in c.execute(select(withheld_gpus)
-                                                           .where(withheld_gpus.c.instance_id == iid))}
-            if not had and not found:
-                return messages
-            self._serialize(c)
             for key, (kind, reason) in sorted(found.items()):
                 old = had.get(key)
                 if old is not None and (old.kind, old.reason) == (kind, reason):
@@ -559,9 +569,8 @@ class Store:
                 else:
                     c.execute(update(withheld_gpus).where(*_withheld_row(iid, key)).values(kind=kind, reason=reason))
                 if old is None or old.kind != kind:
-                    what = "used outside gpufleet" if kind == "outside" else "unhealthy"
-                    messages.append(f"GPU {key[1]} on {alias} is {what}: {reason}; no new run is placed on it "
-                                    f"until it is {'free' if kind == 'outside' else 'healthy'} again")
+                    messages.append(f"GPU {key[1]} on {alias} is {kept_words(kind)}: {reason}; no new run is placed "
+                                    f"on it until it is {'free' if kind == 'outside' else 'healthy'} again")
                     self._event(c, "gpu-withheld", messages[-1], fleet=fleet, host=alias)
             for key, old in sorted(had.items()):
                 if key not in found:

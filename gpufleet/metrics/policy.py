@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from gpufleet.models.run import format_duration
+
 COVER_SLACK = 60.0  # seconds: how late the window's first sample may be (dstack allows a minute too)
 
 GpuKey = tuple[str, int]  # (host alias, GPU index)
@@ -48,12 +50,5 @@ def idle_gpu(points: Mapping[GpuKey, Sequence[tuple[float, float | None]]], min_
 def reason(idle: Idle, min_utilization: float, window: float) -> str:
     host, index = idle.gpu
     return (f"its utilization_policy: GPU {index} on {host} stayed below {min_utilization:g}% for "
-            f"{_span(window)} (at most {idle.peak:g}% in {idle.samples} samples)")
+            f"{format_duration(int(window))} (at most {idle.peak:g}% in {idle.samples} samples)")
 
-
-def _span(seconds: float) -> str:
-    seconds = int(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"

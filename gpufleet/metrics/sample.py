@@ -160,20 +160,28 @@ def host_sample(fleet: str, alias: str, at: float, text: str, marker: str) -> Ho
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
             errors.append(f"could not read the output of {_TOOL_OF.get(name, name)} ({name}): "
                           f"{parse._gpus().shorten(str(e), 200)}")
-    by_uuid = {(g.vendor, g.uuid): g.index for g in sample.gpus if g.uuid}
-    kept: list[GpuProcess] = []
+    # a process whose cgroup could not be read ended before it was: nothing holds the GPU now
+    sample.processes = [p for p in sample.processes if p.pid in cgroups]
     for p in sample.processes:
-        if p.pid not in cgroups:
-            continue  # ended before its cgroup was read (or never was): nothing holds the GPU now
         p.container = cgroups[p.pid]
-        if p.gpu_index is None and p.gpu_uuid:
-            p.gpu_index = by_uuid.get((p.vendor, p.gpu_uuid))
-        kept.append(p)
-    sample.processes = kept
+    for index, p in held(sample):
+        p.gpu_index = index
     if not containers_known and not any(e.startswith(CONTAINERS_FAILED) for e in errors):
         errors.append(f"{CONTAINERS_FAILED}: no answer")
     sample.error = "; ".join(errors)
     return sample
+
+
+def held(sample: HostSample) -> list[tuple[int, GpuProcess]]:
+    """Each process holding a GPU of ``sample``, with that GPU's index (looked up by its uuid where the
+    tool names only that); processes on a GPU the sample does not list are left out."""
+    by_uuid = {(g.vendor, g.uuid): g.index for g in sample.gpus if g.uuid}
+    found = []
+    for p in sample.processes:
+        index = p.gpu_index if p.gpu_index is not None else by_uuid.get((p.vendor, p.gpu_uuid))
+        if index is not None:
+            found.append((index, p))
+    return found
 
 
 def outside(sample: HostSample) -> dict[int, list[GpuProcess]]:
@@ -182,12 +190,8 @@ def outside(sample: HostSample) -> dict[int, list[GpuProcess]]:
     runtime could not list its containers, only processes in no container at all are counted (one in a
     container may be a run's)."""
     known = CONTAINERS_FAILED not in sample.error
-    by_uuid = {g.uuid: g.index for g in sample.gpus if g.uuid}
     found: dict[int, list[GpuProcess]] = {}
-    for p in sample.processes:
-        index = p.gpu_index if p.gpu_index is not None else by_uuid.get(p.gpu_uuid or "")
-        if index is None:
-            continue
+    for index, p in held(sample):
         if p.container is None or (known and p.container not in sample.container_ids):
             found.setdefault(index, []).append(p)
     return found

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, func, insert, select
 
 from gpufleet.metrics.protect import withheld_of
-from gpufleet.metrics.sample import outside
+from gpufleet.metrics.sample import held, outside
 from gpufleet.models import Run
 from gpufleet.models.metrics import GpuProcess, HostSample
 from gpufleet.state import (
@@ -74,13 +74,10 @@ def processes_by_gpu(sample: HostSample) -> dict[int, list[tuple[GpuProcess, str
     """Per GPU index, its processes, each with the name of the gpufleet container holding it (None:
     outside gpufleet, as gpufleet.metrics.sample.outside decides)."""
     stray = {id(p) for procs in outside(sample).values() for p in procs}
-    by_uuid = {g.uuid: g.index for g in sample.gpus if g.uuid}
     out: dict[int, list[tuple[GpuProcess, str | None]]] = {}
-    for p in sample.processes:
-        index = p.gpu_index if p.gpu_index is not None else by_uuid.get(p.gpu_uuid or "")
-        if index is not None:
-            name = None if id(p) in stray else sample.container_ids.get(p.container or "")
-            out.setdefault(index, []).append((p, name))
+    for index, p in held(sample):
+        name = None if id(p) in stray else sample.container_ids.get(p.container or "")
+        out.setdefault(index, []).append((p, name))
     return out
 
 
@@ -335,23 +332,17 @@ def run_metrics(store: Store, run: Run, since: float | None = None, raw_retentio
     with store._reads.connect() as c:
         rows = c.execute(select(g.host, g.idx, g.at, g.utilization, g.memory_used_mib)
                          .where(g.run == run.name, g.res == res, g.at >= start).order_by(g.host, g.idx, g.at)).all()
-        last_at = (select(g.host, g.idx, func.max(g.at).label("at")).where(g.run == run.name, g.res == RAW,
-                                                                            g.at >= run.created_at)
-                   .group_by(g.host, g.idx).subquery())
-        latest_rows = c.execute(select(g.host, g.idx, g.at, g.uuid, g.utilization, g.memory_used_mib,
-                                       g.memory_total_mib, g.temperature_c, g.power_w)
-                                .join(last_at, (g.host == last_at.c.host) & (g.idx == last_at.c.idx)
-                                      & (g.at == last_at.c.at))
-                                .where(g.run == run.name, g.res == RAW).order_by(g.host, g.idx)).all()
-        if not latest_rows:  # its raw rows are gone: the last minute kept
-            last_min = (select(g.host, g.idx, func.max(g.at).label("at")).where(g.run == run.name, g.res == MINUTE,
-                                                                                g.at >= run.created_at - MINUTE)
-                        .group_by(g.host, g.idx).subquery())
-            latest_rows = c.execute(select(g.host, g.idx, g.at, g.uuid, g.utilization, g.memory_used_mib,
-                                           g.memory_total_mib, g.temperature_c, g.power_w)
-                                    .join(last_min, (g.host == last_min.c.host) & (g.idx == last_min.c.idx)
-                                          & (g.at == last_min.c.at))
-                                    .where(g.run == run.name, g.res == MINUTE).order_by(g.host, g.idx)).all()
+        def newest(res: int, since: float) -> list:  # each GPU's newest row of resolution ``res``
+            last = (select(g.host, g.idx, func.max(g.at).label("at")).where(g.run == run.name, g.res == res,
+                                                                             g.at >= since)
+                    .group_by(g.host, g.idx).subquery())
+            return c.execute(select(g.host, g.idx, g.at, g.uuid, g.utilization, g.memory_used_mib,
+                                    g.memory_total_mib, g.temperature_c, g.power_w)
+                             .join(last, (g.host == last.c.host) & (g.idx == last.c.idx) & (g.at == last.c.at))
+                             .where(g.run == run.name, g.res == res).order_by(g.host, g.idx)).all()
+
+        # its last raw sample, or when its raw rows are gone, the last minute kept
+        latest_rows = newest(RAW, run.created_at) or newest(MINUTE, run.created_at - MINUTE)
         containers = c.execute(select(cs.host, cs.at, cs.cpu_percent, cs.memory_bytes, cs.memory_limit_bytes)
                                .where(cs.run == run.name, cs.res == res, cs.at >= start)
                                .order_by(cs.host, cs.at)).all()

@@ -562,6 +562,14 @@ def _scalar_text(v: Any) -> Any:
     return v
 
 
+def format_duration(seconds: float) -> str:
+    """Seconds as dstack writes a duration: `1d`, `2h`, `30m` when whole, else `90s` (`90.5s`)."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
 def parse_duration(value: Any, what: str = "") -> float:
     """Seconds from dstack's duration forms: a number of seconds (`90`, also as a string) or one number
     and one unit, `s`, `m`, `h`, `d` or `w` (`90s`, `30m`, `2h`, `1d`, `1w`; a space may come between).

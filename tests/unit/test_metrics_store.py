@@ -6,15 +6,15 @@ the leader's loop with a sampler built by hand, and the Grafana dashboard agains
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import test_state
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import create_engine, func, inspect, select, text
+from sqlalchemy import create_engine, func, inspect, select
 
 from gpufleet import migrations
 from gpufleet.allocator import Request, place
@@ -31,30 +31,11 @@ from gpufleet.server.settings import ServerSettings
 from gpufleet.server.vault import Vault
 from gpufleet.state import Store, container_samples, gpu_samples, metadata
 
-PG_URL = os.environ.get("GPUFLEET_TEST_DATABASE_URL")
 REPO = Path(__file__).resolve().parents[2]
 ADMIN, ALICE, BOB = "t-admin", "t-alice", "t-bob"
 
 
-def _wipe(url: str) -> None:
-    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
-    with engine.begin() as c:
-        metadata.drop_all(c)
-        for table in migrations.VERSION_TABLES:
-            c.execute(text(f"DROP TABLE IF EXISTS {table}"))
-    engine.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state.db'}"
-    if not PG_URL:
-        if os.environ.get("CI"):
-            pytest.fail("CI must provide GPUFLEET_TEST_DATABASE_URL (scripts/test.sh starts PostgreSQL)")
-        pytest.skip("no PostgreSQL: set GPUFLEET_TEST_DATABASE_URL (scripts/test.sh does)")
-    _wipe(PG_URL)
-    return PG_URL
+db_url = test_state.db_url  # every test here on SQLite and on PostgreSQL, as the state tests
 
 
 def _gpus(n: int) -> list[GPU]:
