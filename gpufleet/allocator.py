@@ -181,6 +181,10 @@ class Request:
     fleets: tuple[str, ...] | None = None
     arch: str | None = None  # a CPU architecture (x86, arm): only hosts that have it
     disk: Range | None = None  # GB: its min against the host's storage, its max a limit (host_refusal)
+    # instance ids of hosts to place it on only when no other host fits (a service's replica: the hosts of
+    # its service's other replicas, so that replicas spread over hosts)
+    spread: frozenset[int] = frozenset()
+    spread_group: str = ""  # runs of one group placed in one pass spread among themselves too (scheduler)
 
     @property
     def gpu_min(self) -> int:
@@ -339,7 +343,8 @@ def place(req: Request, hosts: HostIndex | list[HostSlots]) -> Placement:
     # and the block choice (the costly part) is made only while it can still win.
     candidates = []
     by_shape: dict = {}
-    for host in index.leaders():
+    # spreading tells hosts of one group apart: every host is looked at
+    for host in index.leaders() if not req.spread else index.hosts():
         if req.fleets and host.fleet not in req.fleets:
             continue
         if host_refusal(host, req):
@@ -363,7 +368,8 @@ def place(req: Request, hosts: HostIndex | list[HostSlots]) -> Placement:
             continue
         if positions is not None and sum(host.blocks[i].free for i in positions) < need:
             continue
-        candidates.append(((gpu_hosts_penalty, beyond, free - need), len(candidates), host, positions, need))
+        crowded = 1 if host.instance_id in req.spread else 0
+        candidates.append(((gpu_hosts_penalty, crowded, beyond, free - need), len(candidates), host, positions, need))
     candidates.sort(key=lambda c: (c[0], c[1]))
     best = None
     for head, _, host, positions, need in candidates:

@@ -85,7 +85,7 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
     # the run's `${{ ... }}` references (checked at load) filled for this node; an env value that uses
     # a secret is a secret. Only the run's env names without a value are exported as such: the other
     # secrets (`${{ secrets.NAME }}`) reach the container only where a value uses them.
-    run_env = cluster.run_env(run.name, indices)
+    run_env = cluster.run_env(run.replica_of or run.name, indices)  # a replica: its service
     node = node_env if node_env is not None else cluster.node_env(0, [], len(gpus))
     secret_names = split_env(cfg.env)[1]
     # a task's node runs its group's commands (`groups`), where `${{ groups[I].nodes[J].IP_ADDRESS }}` are the nodes'
@@ -111,7 +111,8 @@ def container_vars(run: RunRequest, run_id: str, fleet_env: dict[str, str], fact
         prelude, secret_env[devssh.HOST_KEY_ENV] = dev_sshd(run, run_id, prelude)
     entrypoint, command = run_command(cfg, prelude, commands)
     gpu_list = ",".join(map(str, indices))
-    archive, binds = host_binds(cfg.uploads, run.name)  # `repos` and `files`, as the CLI uploaded them
+    # `repos` and `files`, as the CLI uploaded them (a replica's: its service's)
+    archive, binds = host_binds(cfg.uploads, run.replica_of or run.name)
     return {
         "workload_name": container_name(run.name),
         "workload_run_id": run_id,

@@ -168,10 +168,28 @@ def kept_gpus_table(rows: list[dict]) -> Table:
     return t
 
 
+def with_replicas_under(views: list[Run]) -> list[Run]:
+    """``views`` with each service's replicas right under it (oldest first); a replica whose service is
+    not among them stays where it is."""
+    names = {r.name for r in views}
+    under: dict[str, list[Run]] = {}
+    for r in views:
+        if r.replica_of in names:
+            under.setdefault(r.replica_of, []).append(r)
+    out = []
+    for r in views:
+        if r.replica_of in names:
+            continue
+        out.append(r)
+        out.extend(sorted(under.get(r.name, []), key=lambda x: x.created_at))
+    return out
+
+
 def ps_table(views: list[Run]) -> Table:
     who = _who(views, "project", "user")
     t = table("NAME", *(c.upper() for c in who), "TYPE", "FLEET", "INSTANCE", "GPUS", "STATUS", "AGE", fold=True)
-    for r in views:
+    names = {r.name for r in views}
+    for r in with_replicas_under(views):
         gpus = ", ".join(g.label for g in r.gpus) or "-"
         instance = "-" if r.instance_num is None else str(r.instance_num)
         if len(r.nodes) > 1:
@@ -180,12 +198,17 @@ def ps_table(views: list[Run]) -> Table:
         status = str(r.status) + (f" ({r.exit_code})" if r.exit_code not in (None, 0) else "")
         if r.status == RunStatus.PENDING and r.position:
             status += f" #{r.position}"
-        if r.service is not None and r.status == RunStatus.RUNNING:  # a service: its replicas ready
+        message = r.message
+        if r.service is not None and r.live:  # a service: its replicas ready (as this server's probes say)
             status += " (ready)" if r.service.ready and r.service.replicas == 1 else \
                 f" ({r.service.replicas_ready}/{r.service.replicas} ready)"
-        if r.message and (r.live or r.status == RunStatus.FAILED):  # why it waits, failed, is unchecked
-            status += f": {r.message[:160]}"
-        t.add_row(r.name, *_cells(r, who), r.type, r.fleet or "-", instance, gpus, Text(status),
+            message = message.partition(" replicas ready")[2].lstrip(", ") if r.status != RunStatus.PENDING \
+                or r.service.replicas else message  # the count is said already
+        if message and (r.live or r.status == RunStatus.FAILED):  # why it waits, failed, is unchecked
+            status += f": {message[:160]}"
+        name = f"  {r.name}" if r.replica_of in names else r.name  # a replica, under its service
+        kind = "replica" if r.replica_of else r.type
+        t.add_row(name, *_cells(r, who), kind, r.fleet or "-", instance, gpus, Text(status),
                   age(r.created_at, time.time()))
     return t
 
@@ -208,7 +231,7 @@ def runs_json(views: list[Run]) -> str:
         "gpus": [g.model_dump(mode="json") for g in r.gpus], "blocks": r.blocks,
         "nodes": [n.model_dump(mode="json") for n in r.nodes], "created_at": r.created_at, "updated_at": r.updated_at,
         "priority": r.priority, "max_duration": r.max_duration, "started_at": r.started_at, "position": r.position,
-        "next_at": r.next_at,
+        "next_at": r.next_at, "replica_of": r.replica_of, "replicas_wanted": r.replicas,
         **({"url": r.service.url, "ready": r.service.ready,
             "replicas": f"{r.service.replicas_ready}/{r.service.replicas}"} if r.service is not None else {}),
     } for r in views], indent=2)

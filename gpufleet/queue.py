@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gpufleet import failpoints, hostpolicy, images
+from gpufleet import failpoints, hostpolicy, images, replicas
 from gpufleet.allocator import (
     HostIndex,
     HostSlots,
@@ -39,6 +39,7 @@ from gpufleet.models import (
     RunRequest,
     RunStatus,
     ServerRole,
+    ServiceConfig,
     User,
 )
 from gpufleet.models.cron import utc_text
@@ -275,6 +276,12 @@ def submit(store: Store, req: RunRequest, seal: Seal, no_queue: bool = False, wh
         raise GpufleetError(f"{req.name} {never}; not queued")
     spec = req.config.model_dump(mode="json")
     sealed = seal(req.secrets) if req.secrets else None
+    if isinstance(req.config, ServiceConfig):
+        if no_queue or not policy.queue or req.config.schedule is not None:
+            why = ("--no-queue" if no_queue else "`retry: false`" if not policy.queue else "`schedule`")
+            raise GpufleetError(f"{req.name}: a service's replicas wait in the queue for blocks and are replaced "
+                                f"when they end: {why} is not taken for a service")
+        return replicas.submit(store, req, sealed, who, policy), None
     if req.config.schedule is not None:  # it waits for its first time (then as any run: scheduled())
         if no_queue:
             raise GpufleetError(f"{req.name}: --no-queue starts a run now or not at all; this one has a `schedule` "
@@ -369,6 +376,7 @@ def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: 
         else:
             waits[r.name] = waiting_of(r, queued_since(r), fleets)
     store.set_waiting(homeless | later)
+    _spread_replicas(store, pending, waits)
     hosts = store.slots_snapshot()
     decision: Decision = decide(list(waits.values()), hosts, running_of(store), now,
                                 cluster_fleets=cluster_fleets(store), quotas=quotas_of(store),
@@ -404,6 +412,22 @@ def schedule(store: Store, launch: Callable[[Run, list[Placement]], None], now: 
     return min((r.next_at for r in pending if r.name in later), default=None)
 
 
+def _spread_replicas(store: Store, pending: list[Run], waits: dict[str, Waiting]) -> None:
+    """A waiting replica of a service goes on a host without another replica of it when one fits."""
+    services = {r.replica_of for r in pending if r.replica_of and r.name in waits}
+    if not services:
+        return
+    held: dict[str, set[int]] = {}
+    for r in store.runs():
+        if r.replica_of in services and r.active:
+            held.setdefault(r.replica_of, set()).update(n.instance_id for n in r.nodes)
+    for r in pending:
+        if r.name in waits and r.replica_of:
+            w = waits[r.name]
+            waits[r.name] = dataclasses.replace(w, request=dataclasses.replace(
+                w.request, spread=frozenset(held.get(r.replica_of, ())), spread_group=r.replica_of))
+
+
 def positions(runs: list[Run], now: float | None = None, usage: Usage | None = None) -> dict[str, int]:
     """Each waiting run's 1-based place in the queue's order (with fair share: ``usage``)."""
     now = time.time() if now is None else now
@@ -423,7 +447,8 @@ def launch(store: Store, run: Run, placements: list[Placement], unseal: Unseal,
     are removed and the run ends `stopped` as its stop says (who, why)."""
     cfg = RUN_CONFIG.validate_python(run.spec)
     sealed = store.sealed(run=run.name)
-    req = RunRequest(name=run.name, source=f"run {run.name}", config=cfg, secrets=unseal(sealed) if sealed else {})
+    req = RunRequest(name=run.name, source=f"run {run.name}", config=cfg, secrets=unseal(sealed) if sealed else {},
+                     replica_of=run.replica_of)
     started: list[str] = []
     fleet = placements[0].host.fleet
     # the host checks the run's volumes against the roots its submitter's role may mount now
@@ -492,7 +517,7 @@ def enforce_limits(store: Store, now: float | None = None) -> list[str]:
     now = time.time() if now is None else now
     ended = []
     for r in store.runs():
-        if r.status == RunStatus.PENDING:
+        if r.status == RunStatus.PENDING and not r.is_service:  # a service: its replicas' own retry durations
             duration = store.retry_policy(r.name).get("duration")
             if duration and now - queued_since(r) > duration:
                 if store.finish_run(r.name, RunStatus.FAILED, None,
@@ -518,6 +543,8 @@ def _stopper(store: Store, run: Run, why: str, actor: str = SYSTEM_ACTOR, final:
     was = store.begin_stop(run.name, why, actor, final=final)
     if was is None:
         return None
+    if run.is_service:
+        return lambda: _stop_service(store, run.name, why, actor)
     if was == RunStatus.STARTING:
         return lambda: False  # launch removes what it started when its current step ends, and ends it
 
@@ -532,6 +559,43 @@ def _stopper(store: Store, run: Run, why: str, actor: str = SYSTEM_ACTOR, final:
     return work
 
 
+def _stop_service(store: Store, name: str, why: str, actor: str) -> bool:
+    """Stop every replica of a `stopping` service (each within its grace), then end the service
+    `stopped`; False (it is `running` again, saying why) when a replica could not be stopped."""
+    failed = []
+    for r in store.replica_runs(name):
+        if not end_replica(store, r.name, f"its service {name} is stopping ({why})", actor):
+            failed.append(r.name)
+    if failed:
+        store.set_service(name, status=RunStatus.RUNNING, message=f"could not stop replicas {', '.join(failed)}")
+        return False
+    return store.finish_run(name, RunStatus.STOPPED, None, why, actor=actor, expect=(RunStatus.STOPPING,))
+
+
+def stop_replica(store: Store, name: str, why: str, actor: str = SYSTEM_ACTOR) -> Callable[[], bool] | None:
+    """Cancel a waiting replica (None), or mark an active one `stopping` and return the work that stops
+    its containers (as `_stopper`); None as well when it is no longer live."""
+    run = store.run(name)
+    if run is None or not run.live:
+        return None
+    if run.status == RunStatus.PENDING and cancel(store, name, why, actor):
+        return None
+    run = store.run(name)
+    if run is None or not run.active or run.status == RunStatus.STOPPING:
+        return None
+    return _stopper(store, run, why, actor)
+
+
+def end_replica(store: Store, name: str, why: str, actor: str = SYSTEM_ACTOR) -> bool:
+    """`stop_replica` and its work, here (within its grace: call it from a worker thread). True when it
+    is over, or being stopped by its start; False when the runtime could not stop it."""
+    work = stop_replica(store, name, why, actor)
+    if work is None or work():
+        return True
+    now = store.run(name)
+    return now is None or now.status != RunStatus.RUNNING  # a start that is cut stops it itself
+
+
 def stop(store: Store, name: str, by: str = "the user", actor: str = SYSTEM_ACTOR
          ) -> tuple[Run, Callable[[], bool] | None]:
     """Stop a run. A waiting one is cancelled at once: (the run, None). An active one is marked
@@ -543,6 +607,10 @@ def stop(store: Store, name: str, by: str = "the user", actor: str = SYSTEM_ACTO
         raise NotFound(f"no run named {name!r} (see gpufleet ps -a)")
     if run.status == RunStatus.PENDING:
         if cancel(store, name, f"cancelled by {by} while waiting", actor):
+            if run.is_service:  # its replicas (waiting, or being started) go too
+                return store.run(name), lambda: all([end_replica(store, r.name, f"its service {name} was "
+                                                                 f"cancelled by {by}", actor)
+                                                     for r in store.replica_runs(name)])
             return store.run(name), None
         run = store.run(name)
     if run.status == RunStatus.STOPPING:

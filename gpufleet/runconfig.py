@@ -46,7 +46,6 @@ UNSUPPORTED: dict[str, dict[str, str]] = {
         "gateway": _NO_GATEWAY, "https": _NO_GATEWAY,
         "rate_limits": "not supported yet: put a reverse proxy (nginx, Caddy) with rate limits in front of the "
                        "server", "router": _NO_GATEWAY,
-        "scaling": "autoscaling is not supported yet: gpufleet runs one replica of a service",
         "groups": "apply one service per replica group, each with its own name",
     }},
     "dev-environment": {**_COMMON, **{

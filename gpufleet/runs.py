@@ -217,7 +217,20 @@ def get_run(store: Store, name: str) -> Run:
 
 
 def _active_run(store: Store, name: str) -> Run:
-    return _require_active(get_run(store, name))
+    return _require_active(replica_for(store, get_run(store, name)))
+
+
+def replica_for(store: Store, run: Run) -> Run:
+    """What a run's commands (logs, attach) reach: the run itself, or for a service its first running
+    replica (each replica is a run of its own: name it, SERVICE.N, to reach another)."""
+    if not run.is_service:
+        return run
+    reps = store.replica_runs(run.name)
+    running = [r for r in reps if r.status == RunStatus.RUNNING] or [r for r in reps if r.active]
+    if not running:
+        raise GpufleetError(f"service {run.name} has no running replica ({run.status}: {run.message})"
+                            if run.live else f"service {run.name} is {run.status}")
+    return min(running, key=lambda r: r.created_at)
 
 
 def _require_active(run: Run) -> Run:
@@ -235,6 +248,8 @@ def _runtime(store: Store, run: Run, alias: str) -> list[str]:
 def logs_argv(store: Store, name: str, follow: bool = False, node: int = 0) -> list[str]:
     """The ssh command that prints (``follow``: and follows) the output of node ``node`` of run ``name``."""
     run = get_run(store, name)
+    if run.is_service and run.live:
+        run = replica_for(store, run)
     aliases = run.aliases
     if not aliases:
         raise GpufleetError(f"run {name} has not started: {run.message}" if run.live
@@ -363,7 +378,7 @@ def tunnel_argv(store: Store, run: Run, port: int) -> list[str]:
     """The ssh command whose stdin and stdout are a TCP connection to container port ``port`` of
     ``run`` on its host (through the fleet's jump chain): ``port`` must be one the run declares (the
     remote side of a ``8080:8000``), so the server reaches nothing else of the host."""
-    _require_active(run)
+    run = _require_active(replica_for(store, run))
     declared = sorted({remote for _, remote in forwards(run.spec)})
     sshd = dev_sshd_port(run)
     if sshd is not None and port == sshd:

@@ -72,6 +72,7 @@ cover: a head whose blocks are held by runs without a limit waits until those ru
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -307,6 +308,7 @@ class _View:
     def __init__(self, index: HostIndex):
         self.index = index
         self.hist: dict[int, int] = {}
+        self.spread_used: dict[str, set[int]] = {}  # a spread group's hosts placed on in this view
         for leader, count in index.groups():
             k = _free_gpus(leader)
             self.hist[k] = self.hist.get(k, 0) + count
@@ -314,6 +316,7 @@ class _View:
     def copy(self) -> _View:
         other = _View.__new__(_View)
         other.index, other.hist = self.index.copy(), dict(self.hist)
+        other.spread_used = {k: set(v) for k, v in self.spread_used.items()}
         return other
 
     def hosts_with(self, gpus: int) -> int:
@@ -353,7 +356,13 @@ class _View:
             return None
         try:
             if run.nodes == 1:
-                return (place(run.request, self.index),)
+                group = run.request.spread_group
+                if not group:
+                    return (place(run.request, self.index),)
+                used = self.spread_used.setdefault(group, set())
+                p = place(dataclasses.replace(run.request, spread=run.request.spread | used), self.index)
+                used.add(p.host.instance_id)
+                return (p,)
             return tuple(place_gang(run.request, self.index, run.nodes, clusters))
         except NoCapacity:
             return None

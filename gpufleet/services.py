@@ -135,6 +135,8 @@ class Replica:
     alias: str
     port: int  # the container's port (the service's `port`)
     host_port: int | None = None  # where it is published on the host's 127.0.0.1
+    name: str = ""  # the replica's run
+    draining: bool = False  # about to be stopped: gets no new request
     probes: list[ProbeState] = field(default_factory=list)
     ready: bool = False
     why: str = "not probed yet"

@@ -153,6 +153,10 @@ runs = Table(
     # a scheduled run (`schedule`): when it starts next (pending), or started last (active); NULL: not
     # scheduled, or stopped by a user (no more starts)
     Column("next_at", Float, nullable=True),
+    # a service's replicas are runs of their own (placed, started, stopped as any run): a replica names
+    # its service (`replica_of`); the service's own row holds no blocks and says how many replicas it wants
+    Column("replica_of", String(64), nullable=True),
+    Column("replicas", Integer, nullable=True),
     Index("ix_runs_status", "status"),
 )
 
@@ -347,7 +351,7 @@ def _run(r) -> Run:
                blocks=json.loads(r.blocks), spec=json.loads(r.spec), container=r.container,
                nodes=json.loads(r.nodes), created_at=r.created_at, updated_at=r.updated_at, instance_num=r.num,
                owner=r.owner, priority=r.priority, max_duration=r.max_duration, started_at=r.started_at,
-               project=r.project, user=r.user, next_at=r.next_at)
+               project=r.project, user=r.user, next_at=r.next_at, replica_of=r.replica_of, replicas=r.replicas)
 
 
 def _event(r) -> Event:
@@ -782,9 +786,11 @@ class Store:
     # the queue --------------------------------------------------------------------------------
     def enqueue(self, name: str, run_id: str, kind: str, spec: dict, container: str, *, priority: int,
                 max_duration: float | None, retry: dict, sealed: str | None, reason: str,
-                project: str = DEFAULT_PROJECT, user: str = "", next_at: float | None = None) -> None:
+                project: str = DEFAULT_PROJECT, user: str = "", next_at: float | None = None,
+                replica_of: str | None = None, replicas: int | None = None) -> None:
         """Record a run that waits for blocks (`pending`), with its secrets sealed, and say why it waits;
-        ``next_at``: a scheduled run's first start (it waits for that time first)."""
+        ``next_at``: a scheduled run's first start (it waits for that time first). A service's own run
+        (``replicas``: how many it wants) or one of its replicas (``replica_of``: the service)."""
         now = time.time()
         with self.engine.begin() as c:
             old = c.execute(_RUN_STATUS, {"name": name}).first()
@@ -796,11 +802,14 @@ class Store:
             c.execute(insert(runs), dict(
                 name=name, run_id=run_id, type=kind, status=PENDING, message=reason, spec=json.dumps(spec),
                 container=container, created_at=now, updated_at=now, priority=priority, max_duration=max_duration,
-                retry=json.dumps(retry), project=project, user=user, next_at=next_at))
+                retry=json.dumps(retry), project=project, user=user, next_at=next_at, replica_of=replica_of,
+                replicas=replicas))
             if sealed is not None:
                 c.execute(insert(secrets).values(run=name, sealed=sealed, created_at=now))
-            self._event(c, "submitted", f"submitted ({kind}, priority {priority})", run=name, ts=now,
-                        project=project, actor=user or None)
+            what = (f"replica of service {replica_of}" if replica_of else
+                    f"{kind} of {replicas} replica(s)" if replicas is not None else kind)
+            self._event(c, "submitted", f"submitted ({what}, priority {priority})", run=name, ts=now,
+                        project=project, actor=SYSTEM_ACTOR if replica_of else (user or None))
             if reason:
                 self._event(c, "queued", reason, run=name, ts=now, project=project, actor=SYSTEM_ACTOR)
 
@@ -843,7 +852,8 @@ class Store:
         """The waiting runs, oldest first."""
         with self._reads.connect() as c:
             q = (select(runs, instances.c.num).join(instances, instances.c.id == runs.c.instance_id, isouter=True)
-                 .where(runs.c.status == PENDING).order_by(runs.c.created_at, runs.c.name))
+                 .where(runs.c.status == PENDING, runs.c.replicas.is_(None))  # a service's own run takes no blocks
+                 .order_by(runs.c.created_at, runs.c.name))
             return [_run(r) for r in c.execute(q)]
 
     def retry_policy(self, name: str) -> dict:
@@ -1273,6 +1283,53 @@ class Store:
     def run(self, name: str) -> Run | None:
         found = self.runs(name=name)
         return found[0] if found else None
+
+    # services and their replicas (gpufleet.replicas) ------------------------------------------
+    def replica_runs(self, service: str, include_finished: bool = False) -> list[Run]:
+        """The replicas of ``service`` (live ones; ``include_finished``: every row still kept)."""
+        with self._reads.connect() as c:
+            q = (select(runs, instances.c.num).join(instances, instances.c.id == runs.c.instance_id, isouter=True)
+                 .where(runs.c.replica_of == service))
+            if not include_finished:
+                q = q.where(runs.c.status.in_(LIVE))
+            return [_run(r) for r in c.execute(q.order_by(runs.c.created_at))]
+
+    def set_service(self, name: str, *, status: RunStatus | None = None, message: str | None = None,
+                    replicas: int | None = None, spec: dict | None = None, sealed: str | None | bool = False,
+                    event: tuple[str, str] | None = None, actor: str = SYSTEM_ACTOR) -> bool:
+        """Change a live service's own run: its status and message (an event when the status changes),
+        the replicas it wants, its spec and sealed secrets (``sealed=False``: kept), and record ``event``
+        (kind, message). Only what differs is written; False when it is not a live service."""
+        with self.engine.begin() as c:
+            self._serialize(c)
+            row = c.execute(select(runs.c.status, runs.c.message, runs.c.replicas, runs.c.spec, runs.c.started_at,
+                                   runs.c.project).where(runs.c.name == name)).first()
+            if row is None or row.status not in LIVE or row.replicas is None:
+                return False
+            now = time.time()
+            values: dict = {}
+            if status is not None and str(status) != row.status:
+                values["status"] = str(status)
+                if status == RunStatus.RUNNING and row.started_at is None:
+                    values["started_at"] = now
+            if message is not None and message != row.message:
+                values["message"] = message
+            if replicas is not None and replicas != row.replicas:
+                values["replicas"] = replicas
+            if spec is not None and json.dumps(spec) != row.spec:
+                values["spec"] = json.dumps(spec)
+            if values:
+                c.execute(update(runs).where(runs.c.name == name).values(updated_at=now, **values))
+            if sealed is not False:
+                c.execute(delete(secrets).where(secrets.c.run == name))
+                if sealed is not None:
+                    c.execute(insert(secrets).values(run=name, sealed=sealed, created_at=now))
+            if "status" in values:
+                self._event(c, str(status), message or str(status), run=name, ts=now, project=row.project,
+                            actor=SYSTEM_ACTOR)
+            if event is not None:
+                self._event(c, event[0], event[1], run=name, ts=now, project=row.project, actor=actor)
+            return True
 
     def busy_aliases(self, fleet: str) -> list[str]:
         with self._reads.connect() as c:

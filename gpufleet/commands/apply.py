@@ -96,10 +96,13 @@ def submit(args: argparse.Namespace, console: Console) -> int:
     if not args.yes and not present.confirm(console, "Submit the run?"):
         console.print("Nothing was changed.")
         return EXIT_OK
+    before = _live_service(client, req.name) if req.config.type == "service" else None
     sent = {"upload": client.post("/api/uploads", packed.data)["id"]} if packed is not None else {}
     view = Run.model_validate(client.post("/api/runs", {"source": source, "text": text,
                                                                     "secrets": req.secrets,
                                                                     "no_queue": args.no_queue, **where, **sent}))
+    if view.is_service:
+        return _service_applied(client, view, before, console, detach=args.detach)
     if view.status == RunStatus.PENDING and view.next_at is not None:  # scheduled: nothing to wait for now
         present.plain(console, f"{view.name} is {view.message or 'scheduled'}")
         return EXIT_OK
@@ -139,6 +142,54 @@ def _pack(req, text: str, path: Path, clone: bool = True):
     src = load_yaml(text, str(path))
     return pack(uploads, path.absolute().parent, lambda loc, msg: ConfigError([src.problem(loc, msg)]),
                 clone_repos=clone)
+
+
+def _live_service(client, name: str):
+    """The live service ``name`` before an apply (None: there is none), to tell an update from a new one."""
+    from gpufleet.errors import NotFound
+    from gpufleet.models import Run
+
+    try:
+        view = Run.model_validate(client.get(f"/api/runs/{name}"))
+    except NotFound:
+        return None
+    return view if view.is_service and view.live else None
+
+
+def _service_applied(client, view, before, console: Console, detach: bool = False) -> int:
+    """After a service's submission: an update says what it does; a new service (unless detached) waits
+    until a replica runs. Then where its replicas run and its URL."""
+    from gpufleet.models import Run, RunStatus
+
+    if before is not None:
+        if view.updated_at == before.updated_at:
+            present.plain(console, f"{view.name}: nothing changed (the same configuration)")
+        else:
+            present.plain(console, f"{view.name} is updated: {view.replicas} replica(s) wanted; replicas of an "
+                                   "older configuration are replaced one at a time, each once a new one is ready "
+                                   "(gpufleet ps shows them)")
+    elif detach or not view.replicas:
+        present.plain(console, f"{view.name} is submitted: {view.replicas} replica(s), each waiting for blocks in "
+                               "the queue" if view.replicas else f"{view.name} is submitted with 0 replicas: the "
+                               "first request to its URL starts one")
+    else:
+        said = ""
+        while view.status == RunStatus.PENDING:
+            if view.message != said:
+                present.plain(console, f"{view.name} waits: {view.message}")
+                said = view.message
+            time.sleep(0.5)
+            view = Run.model_validate(client.get(f"/api/runs/{view.name}"))
+        if not view.live:
+            return _ended(view, console)
+    for r in sorted((Run.model_validate(r) for r in client.get("/api/runs", project=view.project)
+                     if r.get("replica_of") == view.name), key=lambda r: r.created_at):
+        where = f"{r.fleet} instance {r.instance_num} ({r.alias})" if r.alias else r.message or "waiting"
+        present.plain(console, f"  replica {r.name}: {r.status} {'on ' + where if r.alias else '(' + where + ')'}")
+    if view.service is not None:
+        present.plain(console, f"{view.name} is served at {view.service.url}" +
+                      ("" if view.service.ready else " (not ready yet: gpufleet ps shows when it is)"))
+    return EXIT_OK
 
 
 def _wait_started(client, view, console: Console, detach: bool = False):

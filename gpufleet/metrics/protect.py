@@ -61,7 +61,9 @@ def idle_runs(store: Store, series: Series, now: float | None = None) -> list[Ca
     now = time.time() if now is None else now
     work: list[Callable[[], bool]] = []
     for run in store.runs():
-        rule = run.spec.get("utilization_policy") if run.status == RunStatus.RUNNING else None
+        # a service's own run holds no GPU: its replicas are judged (one idle replica stops the service)
+        rule = run.spec.get("utilization_policy") if run.status == RunStatus.RUNNING and not run.is_service \
+            else None
         if not rule:
             continue
         window, minimum = float(rule["time_window"]), float(rule["min_gpu_utilization"])
@@ -71,7 +73,10 @@ def idle_runs(store: Store, series: Series, now: float | None = None) -> list[Ca
         if idle is None:
             continue
         try:
-            _, stop = queue.stop(store, run.name, by=policy.reason(idle, minimum, window))
+            why = policy.reason(idle, minimum, window)
+            if run.replica_of:
+                why = why.replace("its utilization_policy", f"the utilization_policy of its replica {run.name}", 1)
+            _, stop = queue.stop(store, run.replica_of or run.name, by=why)
         except GpufleetError as e:  # it ended meanwhile
             log.info("utilization_policy of %s: %s", run.name, e)
             continue

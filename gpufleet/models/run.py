@@ -1364,15 +1364,53 @@ class ProbeConfig(CoreModel):
         return cls.model_fields[info.field_name].default if v is None else v
 
 
-def _one_replica(value: Any) -> int:
+MAX_REPLICAS = 64
+
+
+def _replicas(value: Any) -> Range:
     if isinstance(value, list):
-        raise ValueError("replica groups (`replicas` as a list of groups) are not supported yet: gpufleet runs one "
-                         "replica of a service; apply one service per group, each with its own name")
-    if isinstance(value, bool) or value not in (1, "1", "1..1"):
-        raise ValueError(f"gpufleet runs one replica of a service for now (got {value!r}): `replicas` above 1 or a "
-                         "range (with `scaling`) is not supported yet; apply one service per replica, each with its "
-                         "own name")
-    return 1
+        raise ValueError("replica groups (`replicas` as a list of groups) are not supported: apply one service per "
+                         "group, each with its own name")
+    r = parse_count(value, "replicas", MAX_REPLICAS)
+    if r.max is None:
+        raise ValueError(f"replicas {value!r}: the maximum number of replicas is needed (e.g. 1..4)")
+    return Range(r.min or 0, r.max)
+
+
+SCALING_WINDOWS = (30, 60, 300)  # seconds (dstack's)
+
+
+def _scaling_window(value: Any) -> float | None:
+    if value is None:
+        return None
+    seconds = parse_duration(value)
+    if seconds not in SCALING_WINDOWS:
+        raise ValueError(f"window {value!r} must be one of 30s, 60s, 300s")
+    return seconds
+
+
+def _scaling_delay(value: Any) -> float:
+    return parse_duration(value)
+
+
+class ScalingSpec(CoreModel):
+    """dstack's `scaling`: replicas between the bounds of `replicas` from the requests per second the
+    server's endpoint carries to the service."""
+
+    metric: Literal["rps"] = Field(description="The metric: `rps` (requests per second through the endpoint).")
+    target: float = Field(gt=0, description="Requests per second one replica should take: the service wants "
+                                            "ceil(rps / target) replicas, within `replicas`.")
+    window: Annotated[float | None, BeforeValidator(_scaling_window)] = Field(
+        None, description="The window the rate is measured over: 30s, 60s (default) or 300s.")
+    scale_up_delay: Annotated[float, BeforeValidator(_scaling_delay)] = Field(
+        300.0, description="Least time after a scaling before the next scale-up (default 5m; from zero replicas "
+                           "a request scales up at once).")
+    scale_down_delay: Annotated[float, BeforeValidator(_scaling_delay)] = Field(
+        600.0, description="Least time after a scaling before the next scale-down (default 10m).")
+
+    @property
+    def window_seconds(self) -> float:
+        return self.window if self.window is not None else 60.0
 
 
 class ServiceConfig(_Run):
@@ -1390,8 +1428,32 @@ class ServiceConfig(_Run):
     probes: list[ProbeConfig] = Field([], description="dstack's `probes`: HTTP checks of each replica; it gets "
                                                       "traffic once they pass. None: ready once its port accepts "
                                                       "a connection.")
-    replicas: Annotated[int, BeforeValidator(_one_replica)] = Field(
-        1, description="dstack's `replicas`: 1 only for now (more, and ranges with `scaling`, are refused).")
+    replicas: Annotated[Range, BeforeValidator(_replicas)] = Field(
+        Range(1, 1), description="dstack's `replicas`: how many copies of the service run, each a run of its own "
+                                 "on its own blocks (placed as any run, through the queue); `2`, or a range "
+                                 "`1..4` with `scaling`. A replica that ends is replaced. Default 1.")
+    scaling: ScalingSpec | None = Field(
+        None, validate_default=True,
+        description="dstack's `scaling`: with `replicas` a range, the server adds and removes replicas from "
+                    "the request rate its endpoint carries (`metric: rps`, `target`, `scale_up_delay`, "
+                    "`scale_down_delay`).")
+
+    @field_serializer("replicas")
+    def _replicas_json(self, v: Range) -> str:
+        return str(v)
+
+    @field_validator("scaling")
+    @classmethod
+    def _scaling_with_a_range(cls, v: ScalingSpec | None, info: ValidationInfo) -> ScalingSpec | None:
+        r = info.data.get("replicas")
+        if r is None:
+            return v
+        if r.min != r.max and v is None:
+            raise ValueError(f"`replicas: {r}` is a range: it needs `scaling` (e.g. scaling: {{metric: rps, "
+                             "target: 10}); or give a number of replicas")
+        if r.min == r.max and v is not None:
+            raise ValueError("`replicas` must be a range (e.g. 1..4) for the server to scale between")
+        return v
 
 
 class DevEnvironmentConfig(_Run):
@@ -1447,6 +1509,7 @@ class RunRequest(CoreModel):
     config: RunConfigType
     # the values of the run's secret env names, from this process's environment: never stored
     secrets: dict[str, str] = Field(default_factory=dict, repr=False, exclude=True)
+    replica_of: str | None = None  # a replica of a service: the service (its code upload is the service's)
 
     @property
     def type(self) -> RunType:

@@ -125,6 +125,13 @@ class Run(CoreModel):
     user: str = ""  # who submitted it
     next_at: float | None = None  # a scheduled run: its next start (pending) or its last (active); else None
     service: ServiceView | None = None  # a live service: its URL and readiness (set by the server's answers)
+    replica_of: str | None = None  # a replica of a service: the service's run (gpufleet.replicas)
+    replicas: int | None = None  # a service: how many replicas it wants now (its replicas are runs of their own)
+
+    @property
+    def is_service(self) -> bool:
+        """A service's own run: it holds no blocks; its replicas (runs naming it in `replica_of`) do."""
+        return self.replicas is not None
 
     @property
     def active(self) -> bool:

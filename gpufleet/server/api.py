@@ -166,7 +166,9 @@ def create_app(ctx: Context) -> FastAPI:
         if uploads and not body.upload:
             raise UsageError(f"{req.name} has repos or files: submit it with gpufleet apply, which uploads them")
         live = ctx.store.run(req.name)
-        if uploads and (live is None or not live.live):  # else the submission is refused below, as it was
+        if live is not None and live.live and live.is_service:  # an update of a live service
+            who.need_run(live, f"updating service {req.name}")
+        if uploads and (live is None or not live.live or live.is_service):  # else refused below, as it was
             upload.place(body.upload, req.name, len(uploads), ctx.upload_limit)
         run, placements = queue.submit(ctx.store, req, ctx.seal, no_queue=body.no_queue, who=by)
         if placements is not None:  # it took its blocks at once (it may not wait): start it
@@ -393,7 +395,7 @@ def _with_positions(views, ctx: Context):
 
 
 def _run_json(run, ctx: Context | None = None, request: Request | None = None) -> dict:
-    if ctx is not None and request is not None and run.type == "service" and run.live:
+    if ctx is not None and request is not None and run.is_service and run.live:
         from gpufleet.models.state import ServiceView
         from gpufleet.services import service_url
 

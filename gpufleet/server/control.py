@@ -32,7 +32,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from gpufleet import queue, runs, upload
+from gpufleet import queue, replicas, runs, upload
 from gpufleet.allocator import Placement
 from gpufleet.errors import GpufleetError
 from gpufleet.models import Run
@@ -113,6 +113,9 @@ class Leadership:
         self.since = None
 
 
+DRAIN = 2.0  # seconds between a replica's leaving the services' rotation and its stop
+
+
 class Controller:
     """The leader's loops, on threads of their own, until ``stop()``."""
 
@@ -133,12 +136,14 @@ class Controller:
         self.last_activity = time.monotonic()
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
         self.sample = None  # the metrics loop's sampler, (store) -> [HostSample]; None: gpufleet.metrics.sample's
+        self.services = None  # gpufleet.server.proxy.ServiceProxy: which replicas are ready, the request rates
 
     # --------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
         for name, target in (("leader", self._lead), ("schedule", self._schedule_loop),
                              ("reconcile", self._reconcile_loop), ("limits", self._limits_loop),
-                             ("inactivity", self._inactivity_loop), ("metrics", self._metrics_loop)):
+                             ("inactivity", self._inactivity_loop), ("metrics", self._metrics_loop),
+                             ("replicas", self._replicas_loop)):
             t = threading.Thread(target=target, name=f"gpufleet-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -235,6 +240,34 @@ class Controller:
         while not self._stop.wait(self.settings.metrics_interval):
             if self.leading:
                 self._safely(one_pass)
+
+    def _replicas_loop(self) -> None:
+        """Services' replicas (gpufleet.replicas.keep): scaled, replaced, rolled out, every
+        `replicas_interval` seconds; their stops on the workers."""
+        memories: dict = {}
+        while not self._stop.wait(self.settings.replicas_interval):
+            if not self.leading or self.services is None:
+                memories = {}  # a leader again later counts anew
+                continue
+            self._safely(lambda m=memories: replicas.keep(
+                self.store, m, self.services.ready_names, self.services.rps, self._stop_replica, time.time()))
+
+    def _stop_replica(self, name: str, why: str) -> None:
+        """Stop a replica the service no longer wants: first out of this server's rotation, and after
+        DRAIN seconds (what it is answering finishes; other servers see it `stopping` within a probe
+        tick) its container stopped."""
+        if self.services is not None:
+            self.services.drain(name)
+        work = queue.stop_replica(self.store, name, why)
+        if work is None:
+            self.kick()
+            return
+
+        def drained() -> bool:
+            time.sleep(DRAIN)
+            return work()
+
+        self.background(drained)
 
     def reconcile(self) -> None:
         """One pass: settle the runs from their containers (asking only the hosts of active runs),

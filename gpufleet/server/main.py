@@ -62,6 +62,7 @@ def serve(settings: ServerSettings, local: bool = False) -> int:
     from gpufleet.server.proxy import ServiceProxy
 
     service_proxy = ServiceProxy(store)  # services' forwards and probes (gpufleet.server.proxy)
+    controller.services = service_proxy  # the leader's replicas loop asks it which replicas are ready
     servers: list = []
 
     def shutdown() -> None:

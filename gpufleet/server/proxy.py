@@ -48,6 +48,8 @@ PROBE_TICK = 1.0  # seconds between two looks at the running services
 FORWARD_START = 20.0  # seconds an ssh forward has to open its socket
 ACCEPT_WAIT = 1.0  # without probes: a connection the forward keeps open this long reached a listening port
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})  # RFC 9110 9.2.2: safe to send again
+RETRIES = 3  # replicas a request without a body is tried on when one does not answer
 
 
 @dataclass
@@ -93,19 +95,24 @@ class Forward:
 
 @dataclass
 class Entry:
-    """A running service as the proxy knows it: its run, its replicas' state, their forwards."""
+    """A live service as the proxy knows it: its own run, its running replicas' state, their forwards."""
 
     run: Run
-    replicas: list[services.Replica]
+    replicas: list[services.Replica] = field(default_factory=list)
     forwards: dict[str, Forward] = field(default_factory=dict)  # replica's run_id/alias -> its forward
+    turn: int = 0  # round robin over the ready replicas
 
     @property
     def ready(self) -> int:
         return sum(r.ready for r in self.replicas)
 
 
+RATE_KEEP = 300  # seconds of request counts kept per service (dstack's longest scaling window)
+
+
 class ServiceProxy:
-    """The forwards and readiness of the running services of a store, kept by a thread."""
+    """The forwards and readiness of the live services of a store, kept by a thread, and the requests
+    their endpoint carried (for autoscaling)."""
 
     def __init__(self, store):
         self.store = store
@@ -115,31 +122,43 @@ class ServiceProxy:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._n = itertools.count()
+        self._hits: dict[str, dict[int, int]] = {}  # service -> {second: requests}
+        self._since = time.monotonic()
 
     # ------------------------------------------------------------------ what the routes ask
     def status(self, run: Run) -> tuple[int, int]:
-        """(ready, total) replicas of service ``run``."""
+        """(ready, wanted) replicas of service ``run``."""
+        wanted = run.replicas if run.replicas is not None else 1
         with self.lock:
             e = self.entries.get(run.name)
             if e is None or e.run.run_id != run.run_id:
-                return 0, 1
-            return e.ready, len(e.replicas)
+                return 0, wanted
+            return e.ready, wanted
 
     def known(self, name: str) -> Run | None:
-        """Running service ``name`` as the last look saw it (None: not running then)."""
+        """Live service ``name`` as the last look saw it (None: not live then)."""
         with self.lock:
             e = self.entries.get(name)
             return e.run if e is not None else None
 
+    def ready_names(self, name: str) -> set[str]:
+        """The replicas of service ``name`` that get traffic now."""
+        with self.lock:
+            e = self.entries.get(name)
+            return {r.name for r in e.replicas if r.ready} if e is not None else set()
+
     def socket_for(self, run: Run) -> str | None:
-        """The socket of a ready replica of ``run`` (None: none is ready)."""
+        """The socket of a ready replica of ``run``, each in turn (None: none is ready)."""
         with self.lock:
             e = self.entries.get(run.name)
             if e is None or e.run.run_id != run.run_id:
                 return None
-            for r in e.replicas:
+            n = len(e.replicas)
+            for i in range(n):
+                r = e.replicas[(e.turn + i) % n]
                 f = e.forwards.get(_key(r))
                 if r.ready and f is not None and f.alive():
+                    e.turn = (e.turn + i + 1) % n
                     return f.sock
         return None
 
@@ -152,6 +171,32 @@ class ServiceProxy:
                 if f is not None and f.sock == sock:
                     r.ready, r.why = False, why
                     r.probes = [services.ProbeState() for _ in r.probes]
+
+    def drain(self, replica: str) -> None:
+        """Replica ``replica`` is about to be stopped: no new request goes to it from this server."""
+        with self.lock:
+            for e in self.entries.values():
+                for r in e.replicas:
+                    if r.name == replica:
+                        r.ready, r.why, r.draining = False, "being stopped", True
+
+    def hit(self, name: str) -> None:
+        """A request reached service ``name``'s endpoint (counted whether or not a replica took it)."""
+        second = int(time.monotonic())
+        with self.lock:
+            per = self._hits.setdefault(name, {})
+            per[second] = per.get(second, 0) + 1
+            if len(per) > RATE_KEEP + 5:
+                for k in [k for k in per if k < second - RATE_KEEP]:
+                    del per[k]
+
+    def rps(self, name: str, window: float) -> float:
+        """Requests per second service ``name``'s endpoint took in this process over the last ``window`` s."""
+        now = time.monotonic()
+        with self.lock:
+            per = self._hits.get(name, {})
+            count = sum(n for s, n in per.items() if s > now - window)
+        return count / window
 
     # ------------------------------------------------------------------ the thread
     def start(self) -> None:
@@ -177,44 +222,65 @@ class ServiceProxy:
                 log.exception("services: probing failed")
 
     def tick(self) -> None:
-        """One look: forwards for the running services (started, or started again), probes due run,
-        forwards of services no longer running stopped."""
-        running = {r.name: r for r in self.store.runs() if r.type == "service" and r.status == RunStatus.RUNNING}
+        """One look: forwards for the running replicas of the live services (started, or started again),
+        probes due run, forwards of replicas no longer running stopped."""
+        live = self.store.runs()
+        services_ = {r.name: r for r in live if r.is_service}
+        running: dict[str, list[Run]] = {}
+        for r in live:
+            if r.replica_of in services_ and r.status == RunStatus.RUNNING:
+                running.setdefault(r.replica_of, []).append(r)
         with self.lock:
-            gone = [n for n, e in self.entries.items() if n not in running or running[n].run_id != e.run.run_id]
-            for n in gone:
+            for n in [n for n, e in self.entries.items() if n not in services_ or services_[n].run_id != e.run.run_id]:
                 for f in self.entries.pop(n).forwards.values():
                     f.stop()
-        for run in running.values():
-            if self._stop.is_set():
-                return
-            self._look(run)
+            for n in [n for n in self._hits if n not in services_]:
+                del self._hits[n]
+            for n, run in services_.items():
+                e = self.entries.setdefault(n, Entry(run))
+                e.run = run
+                keep = {(r.run_id, r.alias) for r in running.get(n, [])}
+                for r in [r for r in e.replicas if (r.run_id, r.alias) not in keep]:
+                    f = e.forwards.pop(_key(r), None)
+                    if f is not None:
+                        f.stop()
+                e.replicas = [r for r in e.replicas if (r.run_id, r.alias) in keep]
+                have = {(r.run_id, r.alias) for r in e.replicas}
+                for rep in running.get(n, []):
+                    if (rep.run_id, rep.alias) not in have:  # its own spec's port (a rolling update may change it)
+                        e.replicas.append(services.Replica(rep.run_id, rep.alias, int(rep.spec["port"]), name=rep.name))
+                e.replicas.sort(key=lambda r: r.name)
+            work = [(e, list(e.replicas)) for e in self.entries.values()]
+        for e, reps in work:
+            for r in reps:
+                if self._stop.is_set():
+                    return
+                self._look(e, r, next((x for x in running.get(e.run.name, []) if x.run_id == r.run_id), None))
 
-    def _look(self, run: Run) -> None:
-        with self.lock:
-            e = self.entries.get(run.name)
-            if e is None:
-                port = int(run.spec["port"])
-                e = self.entries[run.name] = Entry(run, [services.Replica(run.run_id, run.alias, port)])
-        probes = run.spec.get("probes") or []
-        for r in e.replicas:
-            f = e.forwards.get(_key(r))
-            if f is None or not f.alive():
-                if f is not None:
-                    f.stop()
-                    log.info("service %s: the forward to %s died: starting it again", run.name, r.alias)
-                f = self._forward(run, r)
-                if f is None:
-                    continue
-                with self.lock:
-                    e.forwards[_key(r)] = f
-                    r.probes = [services.ProbeState() for _ in probes]
-            ready = self._probe(r, f, probes)
+    def _look(self, e: Entry, r: services.Replica, replica: Run | None) -> None:
+        if replica is None:
+            return
+        run = e.run
+        probes = replica.spec.get("probes") or []  # its own version's
+        f = e.forwards.get(_key(r))
+        if f is None or not f.alive():
+            if f is not None:
+                f.stop()
+                log.info("service %s: the forward to %s died: starting it again", run.name, r.name)
+            f = self._forward(replica, r)
+            if f is None:
+                return
             with self.lock:
-                if ready != r.ready:
-                    log.info("service %s: replica on %s is %s", run.name, r.alias,
-                             "ready" if ready else f"not ready ({r.why})")
-                r.ready = ready
+                e.forwards[_key(r)] = f
+                r.probes = [services.ProbeState() for _ in probes]
+        if r.draining:
+            return
+        ready = self._probe(r, f, probes)
+        with self.lock:
+            if ready != r.ready:
+                log.info("service %s: replica %s on %s is %s", run.name, r.name, r.alias,
+                         "ready" if ready else f"not ready ({r.why})")
+            r.ready = ready
 
     def _forward(self, run: Run, r: services.Replica) -> Forward | None:
         try:
@@ -311,7 +377,7 @@ def add_routes(app: FastAPI, ctx) -> None:
         running service as the proxy's last look saw it; ``caller``: the token's user, looked up lately."""
         proxy: ServiceProxy | None = ctx.services
         run = known or ctx.store.run(name)
-        if run is None or run.project != project or run.type != "service" or not run.live:
+        if run is None or run.project != project or not run.is_service or not run.live:
             raise NotFound(f"no service {name!r} running in project {project!r} (see gpufleet ps)")
         auth = run.spec.get("auth", True)
         if auth and token and caller is None:
@@ -320,6 +386,7 @@ def add_routes(app: FastAPI, ctx) -> None:
         services.check_access(auth, caller, run.project, run.name)
         if proxy is None:
             raise _NotReady("this server does not proxy services")
+        proxy.hit(run.name)  # the request rate `scaling` follows (a request while none is ready counts too)
         sock = proxy.socket_for(run) if run.status == RunStatus.RUNNING else None
         if sock is None:
             ready, total = proxy.status(run)
@@ -345,15 +412,23 @@ def add_routes(app: FastAPI, ctx) -> None:
         has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
         url = "http://service" + services.upstream_path(project, name, path, request.url.query,
                                                         bool(run.spec.get("strip_prefix", True)))
-        client = client_for(sock)
-        upstream = client.build_request(request.method, url, headers=headers,
-                                        content=request.stream() if has_body else None)
-        try:
-            resp = await client.send(upstream, stream=True)
-        except httpx.HTTPError as e:
-            ctx.services.lost(run, sock, f"{type(e).__name__}: {e}")
-            return JSONResponse({"detail": f"service {name}: its replica did not answer ({type(e).__name__}: {e})",
-                                 "exit_code": 1}, status_code=502)
+        tries = RETRIES if request.method in IDEMPOTENT and not has_body else 1
+        for attempt in range(tries):
+            client = client_for(sock)
+            upstream = client.build_request(request.method, url, headers=headers,
+                                            content=request.stream() if has_body else None)
+            try:
+                resp = await client.send(upstream, stream=True)
+                break
+            except httpx.HTTPError as e:
+                # a replica that went away (stopped, its host gone) before answering: not ready until its probe
+                # says so; a request without a body that changes nothing is tried on another ready replica
+                ctx.services.lost(run, sock, f"{type(e).__name__}: {e}")
+                other = ctx.services.socket_for(run) if attempt + 1 < tries else None
+                if other is None:
+                    return JSONResponse({"detail": f"service {name}: its replica did not answer "
+                                                   f"({type(e).__name__}: {e})", "exit_code": 1}, status_code=502)
+                sock = other
         out = StreamingResponse(_body(resp), status_code=resp.status_code, background=BackgroundTask(resp.aclose))
         out.raw_headers = [(k.encode("latin-1"), v.encode("latin-1"))
                            for k, v in services.response_headers(list(resp.headers.multi_items()))]

@@ -63,6 +63,8 @@ class ServerSettings(CoreModel):
     schedule_interval: float = _seconds(2.0, "how often the scheduler runs when nothing else woke it.")
     limits_interval: float = _seconds(5.0, "how often running runs are checked against their max_duration "
                                            "(and stopped at it).")
+    replicas_interval: float = _seconds(2.0, "how often services' replicas are looked at: replaced when they end, "
+                                             "rolled out after an update, scaled by `scaling`.")
     idle_exit: float = _seconds(600.0, "how long a local server with no active or waiting run waits before "
                                        "it exits; 0: it never exits.", zero=True)
     leader_retry: float = _seconds(1.0, "how often a server that does not run the loops tries to become "

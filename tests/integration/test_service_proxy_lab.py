@@ -85,7 +85,7 @@ def test_a_service_is_reached_through_the_server_once_ready_with_its_auth_and_pr
         assert ps["web"]["url"] == f"{server.url}{base}/" and ps["web"]["ready"] is False, ps["web"]
         time.sleep(3)  # probes (every second) keep failing: still not ready
         assert call(server.port, "GET", f"{base}/", token)[0] == 503
-        container = server.request("GET", "/api/runs/web", token).json()["container"]
+        container = server.request("GET", "/api/runs/web.0", token).json()["container"]  # its replica
         core.host_exec(lab, lab.nodes[0], ["podman", "exec", container, "sh", "-c", "echo ok > /www/ready.txt"],
                        check=True)
         wait_for("web to be ready", lambda: call(server.port, "GET", f"{base}/", token)[0] == 200, timeout=60)

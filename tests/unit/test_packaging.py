@@ -118,4 +118,4 @@ def test_sdist_carries_the_content_and_its_wheel_has_it_in_the_package(tmp_path)
     """
     p = subprocess.run([sys.executable, "-c", code, str(site), str(tmp_path)], capture_output=True, text=True,
                        cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
-    assert p.returncode == 0 and p.stdout.strip() == "0009_withheld", p.stderr[-4000:]
+    assert p.returncode == 0 and p.stdout.strip() == "0010_replicas", p.stderr[-4000:]

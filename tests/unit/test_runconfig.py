@@ -323,7 +323,6 @@ def test_a_typo_in_a_run_gets_did_you_mean(tmp_path, text, message):
     ("service", "model: llama", "; OpenAI-compatible model routing (/proxy/models/) is not supported yet"),
     ("service", "gateway: true", "; gpufleet has no gateway"),
     ("service", "rate_limits: [{rps: 10}]", "; not supported yet"),
-    ("service", "scaling: {metric: rps, target: 10}", "; autoscaling is not supported yet"),
     ("dev-environment", "version: 1.95.0", "; gpufleet pre-installs no IDE server"),
 ])
 def test_a_dstack_field_gpufleet_does_not_support_is_named_with_what_to_do(tmp_path, kind, line, hint):
@@ -401,13 +400,13 @@ def test_a_command_read_as_a_mapping_says_so_and_how_to_quote_it(tmp_path):
     assert fixed["commands"] == ['echo "I have $GPUFLEET_GPUS_NUM GPUs: $GPUFLEET_GPUS"', "it's: ok"]
 
 
-def test_a_service_takes_auth_strip_prefix_probes_and_one_replica(tmp_path):
+def test_a_service_takes_auth_strip_prefix_probes_and_replicas(tmp_path):
     path = tmp_path / "svc.yml"
     path.write_text("type: service\nimage: busybox\nport: 8000\ncommands: [httpd -f]\nauth: false\n"
                     "strip_prefix: false\nreplicas: 1\nprobes:\n- type: http\n  url: /health?x=1\n  interval: 2s\n"
                     "  ready_after: 3\n  headers: [{name: X-Probe, value: probe}]\n")
     cfg = load_run(path).config
-    assert (cfg.auth, cfg.strip_prefix, cfg.replicas) == (False, False, 1)
+    assert (cfg.auth, cfg.strip_prefix, str(cfg.replicas), cfg.scaling) == (False, False, "1", None)
     probe = cfg.probes[0]
     assert (probe.url, probe.method, probe.interval, probe.timeout, probe.ready_after, probe.until_ready) == \
         ("/health?x=1", "get", 2.0, 10.0, 3, False)
@@ -415,8 +414,14 @@ def test_a_service_takes_auth_strip_prefix_probes_and_one_replica(tmp_path):
 
 
 @pytest.mark.parametrize("line,message", [
-    ("replicas: 2", "4:11: replicas: gpufleet runs one replica of a service for now (got 2)"),
-    ("replicas: 1..4", "4:11: replicas: gpufleet runs one replica of a service for now (got '1..4')"),
+    ("replicas: 65", "4:11: replicas: replicas 65 is out of range (0..64)"),
+    ("replicas: 2..", "4:11: replicas: replicas '2..': the maximum number of replicas is needed (e.g. 1..4)"),
+    ("replicas: 1..4", "scaling: `replicas: 1..4` is a range: it needs `scaling`"),
+    ("replicas: 2\nscaling: {metric: rps, target: 1}", "scaling: `replicas` must be a range (e.g. 1..4)"),
+    ("replicas: 1..2\nscaling: {metric: rps, target: 0}", "scaling.target: Input should be greater than 0"),
+    ("replicas: 1..2\nscaling: {metric: rps, target: 1, window: 10s}", "scaling.window: window '10s' must be one "
+                                                                         "of 30s, 60s, 300s"),
+    ("replicas: 1..2\nscaling: {metric: cpu, target: 1}", "scaling.metric: Input should be 'rps'"),
     ("probes: [{type: http, url: health}]", "4:28: probes[0].url: String should match pattern"),
     ("probes: [{type: http, interval: 0.5}]", "4:33: probes[0].interval: must be at least 1 second (got 0.5)"),
     ("probes: [{type: tcp}]", "probes[0].type: Input should be 'http'"),
@@ -427,4 +432,19 @@ def test_a_service_refuses_what_it_cannot_do_yet(tmp_path, line, message):
 
 def test_replica_groups_are_refused_saying_so(tmp_path):
     text = _problems(tmp_path, "type: service\nimage: busybox\nport: 8000\nreplicas:\n- count: 1\n  commands: [x]\n")
-    assert "replicas: replica groups (`replicas` as a list of groups) are not supported yet" in text, text
+    assert "replicas: replica groups (`replicas` as a list of groups) are not supported: apply one service per " \
+           "group" in text, text
+
+
+def test_replicas_and_scaling_take_dstack_forms(tmp_path):
+    path = tmp_path / "svc.yml"
+    path.write_text("type: service\nimage: busybox\nport: 8000\nreplicas: 0..4\nscaling:\n  metric: rps\n"
+                    "  target: 2.5\n  window: 30s\n  scale_up_delay: 10s\n  scale_down_delay: 1m\n")
+    cfg = load_run(path).config
+    assert (cfg.replicas.min, cfg.replicas.max) == (0, 4)
+    s = cfg.scaling
+    assert (s.metric, s.target, s.window, s.scale_up_delay, s.scale_down_delay) == ("rps", 2.5, 30, 10, 60)
+    again = type(cfg).model_validate(cfg.model_dump(mode="json"))  # as stored and read back
+    assert (str(again.replicas), again.scaling) == ("0..4", s)
+    assert str(type(cfg).model_validate({**cfg.model_dump(mode="json"), "replicas": 3, "scaling": None})
+               .replicas) == "3"

@@ -409,3 +409,19 @@ def test_empty_usage_decides_as_no_fair_share():
     assert decide(waiting, hosts, running, now=20000, usage=Usage()) == base
     # and a usage that tells the projects apart does change it
     assert decide(waiting, hosts, running, now=20000, usage=Usage({"p": 5.0, "q": 1.0})) != base
+
+
+def test_replicas_of_one_service_spread_over_hosts_and_pack_only_when_they_must():
+    import dataclasses
+
+    one = dataclasses.replace(gpus(1), spread_group="web")
+    d = decide([run("web.0", 1, t=0, request=one), run("web.1", 1, t=1, request=one)], [host(0), host(1)], [], now=3)
+    assert sorted(s.blocks[0][0] for s in d.starts) == [0, 1]  # one on each host (best fit would pack host 0)
+    # a replica already on host 0 (the scheduler is told: spread): the new one goes to host 1
+    held = dataclasses.replace(one, spread=frozenset({0}))
+    d = decide([run("web.2", 1, request=held)], [host(0, busy={0}), host(1)], [holding("web.0", 0, [0], None)], now=3)
+    assert d.starts[0].blocks[0][0] == 1
+    # no other host has room: on the same host after all
+    d = decide([run("web.2", 1, request=held)], [host(0, busy={0}), host(1, busy=set(range(8)))],
+               [holding("web.0", 0, [0], None)], now=3)
+    assert d.starts[0].blocks[0][0] == 0

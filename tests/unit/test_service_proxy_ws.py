@@ -20,9 +20,9 @@ from gpufleet.server import proxy
 
 
 def _run(**spec) -> Run:
-    return Run(name="web", run_id="r1", type="service", fleet="f", instance_id=1, alias="h", status="running",
+    return Run(name="web", run_id="r1", type="service", fleet=None, instance_id=None, alias=None, status="running",
                spec={"type": "service", "port": 8000, **spec}, container="c", created_at=0, updated_at=0,
-               project="main")
+               project="main", replicas=1)
 
 
 def _replica(path: str, seen: list, started: threading.Event) -> None:
@@ -48,7 +48,7 @@ def test_a_websocket_is_carried_both_ways_and_the_path_stripped(tmp_path):
     run = _run(auth=False)
     ctx = SimpleNamespace(store=SimpleNamespace(run=lambda name: run if name == "web" else None),
                           services=SimpleNamespace(socket_for=lambda r: sock, status=lambda r: (1, 1),
-                                                   known=lambda n: run, lost=lambda *a: None),
+                                                   known=lambda n: run, lost=lambda *a: None, hit=lambda n: None),
                           caller=lambda token, client: None)
     app = FastAPI()
     proxy.add_routes(app, ctx)
