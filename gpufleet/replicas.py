@@ -274,8 +274,8 @@ def _keep_one(store, s: Run, rs: list[Run], memory: Memory, ready: set[str], rps
         current = next(v.current for v in views if v.name == name)
         stop(name, "replaced by a replica of the new configuration" if not current else
              f"scaled down to {wanted} replicas")
-    for _ in range(acts.add):
-        add_replica(store, s)
+    for _ in range(acts.add):  # watched from now on: one refused or failed before the next pass counts too
+        memory.seen_live.add(add_replica(store, s))
     going = [r for r in going if r.name not in acts.stop]
     status, message = service_status(going, len(ready & {r.name for r in going}), wanted)
     store.set_service(s.name, status=status, message=message)

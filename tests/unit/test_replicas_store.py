@@ -154,3 +154,16 @@ def test_replicas_that_keep_failing_before_ready_end_the_service(db_url):  # noq
     assert web.status == RunStatus.FAILED, (web.status, web.message)
     assert web.message == "3 replicas in a row failed before they were ready (last: web.2: exit code 127)"
     assert loop.live() == []
+
+
+def test_a_replica_refused_before_the_next_pass_counts_as_a_failure(db_url):  # noqa: F811
+    store = Store(db_url)
+    add_host(store, "f", "a", 2)
+    submit(store, "replicas: 1\n")
+    loop = Loop(store)
+    for _ in range(3):
+        loop()  # the service's first replica, or its replacement, queued
+        (r,) = store.replica_runs("web")
+        store.finish_run(r.name, RunStatus.FAILED, None, "refused: quota")  # as the scheduler refuses one
+    loop()
+    assert store.run("web").status == RunStatus.FAILED, store.run("web").message

@@ -343,7 +343,8 @@ function runRow(r) {
     el("td", {}, statusBadge(r.status), r.exit_code ? ` (${r.exit_code})` : ""),
     el("td", { class: "position", text: r.status === "pending" && r.position ? `#${r.position}` : "" }),
     el("td", { class: "msg", text: r.message || "" }),
-    el("td", { text: r.user || "-" }), el("td", { text: r.project }), el("td", { text: r.type }),
+    el("td", { text: r.user || "-" }), el("td", { text: r.project }),
+    el("td", { text: r.replica_of ? `replica of ${r.replica_of}` : r.type }),
     el("td", { text: r.fleet || "-" }), el("td", { text: hosts }), el("td", { text: runGpus(r) }),
     el("td", { text: age(r.created_at), title: when(r.created_at) }),
     el("td", {}, stop));
