@@ -112,6 +112,18 @@ blocks = Table(
     Column("run", String(128), nullable=True),  # the run holding the block; NULL when free
 )
 
+# Requests each server process carried to each service's endpoint, in RATE_BUCKET-second buckets: the
+# leader's autoscaling sums them over all processes (gpufleet.replicas); older than RATE_KEEP, pruned.
+service_requests = Table(
+    "service_requests", metadata,
+    Column("service", String(64), primary_key=True),
+    Column("holder", String(300), primary_key=True),  # host:pid of the server process
+    Column("bucket", Integer, primary_key=True),  # unix time // RATE_BUCKET
+    Column("count", Integer, nullable=False),
+)
+RATE_BUCKET = 5  # seconds
+RATE_KEEP = 600  # seconds of request counts kept (dstack's longest window is 300 s)
+
 # GPUs kept from new runs: a process outside gpufleet holds one (someone ran a job on the host by hand),
 # or it reports a hardware fault. Written by the metrics loop from each sample (Store.withhold); a
 # block with such a GPU is busy to the allocator until the row goes.
@@ -1285,6 +1297,25 @@ class Store:
         return found[0] if found else None
 
     # services and their replicas (gpufleet.replicas) ------------------------------------------
+    def add_service_requests(self, holder: str, counts: dict[tuple[str, int], int], now: float) -> None:
+        """Add this process's request counts ({(service, bucket): n}) and drop rows older than RATE_KEEP."""
+        with self.engine.begin() as c:
+            for (service, bucket), n in counts.items():
+                key = (service_requests.c.service == service, service_requests.c.holder == holder,
+                       service_requests.c.bucket == bucket)
+                done = c.execute(update(service_requests).where(*key).values(count=service_requests.c.count + n))
+                if done.rowcount == 0:
+                    c.execute(insert(service_requests).values(service=service, holder=holder, bucket=bucket, count=n))
+            # old rows of every process (one that died leaves its rows behind)
+            c.execute(delete(service_requests).where(service_requests.c.bucket < int(now - RATE_KEEP) // RATE_BUCKET))
+
+    def service_requests_since(self, service: str, since: float) -> int:
+        """Requests every server process carried to ``service`` since ``since`` (whole buckets from it)."""
+        with self._reads.connect() as c:
+            return int(c.execute(select(func.coalesce(func.sum(service_requests.c.count), 0)).where(
+                service_requests.c.service == service,
+                service_requests.c.bucket >= int(since) // RATE_BUCKET)).scalar_one())
+
     def replica_runs(self, service: str, include_finished: bool = False) -> list[Run]:
         """The replicas of ``service`` (live ones; ``include_finished``: every row still kept)."""
         with self._reads.connect() as c:

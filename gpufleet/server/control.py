@@ -250,7 +250,11 @@ class Controller:
                 memories = {}  # a leader again later counts anew
                 continue
             self._safely(lambda m=memories: replicas.keep(
-                self.store, m, self.services.ready_names, self.services.rps, self._stop_replica, time.time()))
+                self.store, m, self.services.ready_names, self._rps, self._stop_replica, time.time()))
+
+    def _rps(self, service: str, window: float) -> float:
+        """Requests per second every server process carried to ``service``'s endpoint over ``window``."""
+        return self.store.service_requests_since(service, time.time() - window) / window
 
     def _stop_replica(self, name: str, why: str) -> None:
         """Stop a replica the service no longer wants: first out of this server's rotation, and after

@@ -40,6 +40,7 @@ from gpufleet.errors import GpufleetError, NotFound
 from gpufleet.models import Run, RunStatus
 from gpufleet.paths import FleetFiles
 from gpufleet.server.auth import Caller, bearer, client_of, token_hash
+from gpufleet.state import RATE_BUCKET
 
 log = logging.getLogger("gpufleet.server.proxy")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per probe and per request
@@ -107,9 +108,6 @@ class Entry:
         return sum(r.ready for r in self.replicas)
 
 
-RATE_KEEP = 300  # seconds of request counts kept per service (dstack's longest scaling window)
-
-
 class ServiceProxy:
     """The forwards and readiness of the live services of a store, kept by a thread, and the requests
     their endpoint carried (for autoscaling)."""
@@ -122,8 +120,9 @@ class ServiceProxy:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._n = itertools.count()
-        self._hits: dict[str, dict[int, int]] = {}  # service -> {second: requests}
-        self._since = time.monotonic()
+        self._unflushed: dict[tuple[str, int], int] = {}  # (service, bucket) -> requests not yet in the store
+        self._flushed = time.monotonic()
+        self.holder = f"{socket.gethostname()}:{os.getpid()}"
 
     # ------------------------------------------------------------------ what the routes ask
     def status(self, run: Run) -> tuple[int, int]:
@@ -181,22 +180,17 @@ class ServiceProxy:
                         r.ready, r.why, r.draining = False, "being stopped", True
 
     def hit(self, name: str) -> None:
-        """A request reached service ``name``'s endpoint (counted whether or not a replica took it)."""
-        second = int(time.monotonic())
+        """A request reached service ``name``'s endpoint (counted whether or not a replica took it): kept in
+        the store every RATE_BUCKET seconds, where the leader's autoscaling sums every server's counts."""
+        key = (name, int(time.time()) // RATE_BUCKET)
         with self.lock:
-            per = self._hits.setdefault(name, {})
-            per[second] = per.get(second, 0) + 1
-            if len(per) > RATE_KEEP + 5:
-                for k in [k for k in per if k < second - RATE_KEEP]:
-                    del per[k]
+            self._unflushed[key] = self._unflushed.get(key, 0) + 1
 
-    def rps(self, name: str, window: float) -> float:
-        """Requests per second service ``name``'s endpoint took in this process over the last ``window`` s."""
-        now = time.monotonic()
+    def flush(self) -> None:
         with self.lock:
-            per = self._hits.get(name, {})
-            count = sum(n for s, n in per.items() if s > now - window)
-        return count / window
+            counts, self._unflushed = self._unflushed, {}
+        if counts:
+            self.store.add_service_requests(self.holder, counts, time.time())
 
     # ------------------------------------------------------------------ the thread
     def start(self) -> None:
@@ -207,6 +201,8 @@ class ServiceProxy:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+        with contextlib.suppress(Exception):  # the last counts (a store that is gone: lost)
+            self.flush()
         with self.lock:
             for e in self.entries.values():
                 for f in e.forwards.values():
@@ -224,6 +220,9 @@ class ServiceProxy:
     def tick(self) -> None:
         """One look: forwards for the running replicas of the live services (started, or started again),
         probes due run, forwards of replicas no longer running stopped."""
+        if time.monotonic() - self._flushed >= RATE_BUCKET:
+            self._flushed = time.monotonic()
+            self.flush()
         live = self.store.runs()
         services_ = {r.name: r for r in live if r.is_service}
         running: dict[str, list[Run]] = {}
@@ -234,8 +233,6 @@ class ServiceProxy:
             for n in [n for n, e in self.entries.items() if n not in services_ or services_[n].run_id != e.run.run_id]:
                 for f in self.entries.pop(n).forwards.values():
                     f.stop()
-            for n in [n for n in self._hits if n not in services_]:
-                del self._hits[n]
             for n, run in services_.items():
                 e = self.entries.setdefault(n, Entry(run))
                 e.run = run

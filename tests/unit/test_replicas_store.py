@@ -167,3 +167,19 @@ def test_a_replica_refused_before_the_next_pass_counts_as_a_failure(db_url):  # 
         store.finish_run(r.name, RunStatus.FAILED, None, "refused: quota")  # as the scheduler refuses one
     loop()
     assert store.run("web").status == RunStatus.FAILED, store.run("web").message
+
+
+def test_request_counts_of_every_server_process_add_up_and_old_ones_go(db_url):  # noqa: F811
+    from gpufleet.state import RATE_BUCKET, RATE_KEEP
+
+    store = Store(db_url)
+    now = 1_000_000.0
+    b = int(now) // RATE_BUCKET
+    store.add_service_requests("h:1", {("web", b): 10, ("other", b): 3}, now)
+    store.add_service_requests("h:1", {("web", b): 5}, now)
+    store.add_service_requests("h:2", {("web", b - 1): 7, ("web", b - 20): 100}, now)
+    assert store.service_requests_since("web", now - 2 * RATE_BUCKET) == 22
+    assert store.service_requests_since("web", now - 30 * RATE_BUCKET) == 122
+    assert store.service_requests_since("other", now - 60) == 3
+    store.add_service_requests("h:3", {}, now + RATE_KEEP + RATE_BUCKET)  # old buckets pruned, whoever wrote them
+    assert store.service_requests_since("web", 0) == 0
