@@ -12,7 +12,7 @@ from test_state import add_host, db_url  # noqa: F401 (a fixture)
 
 from gpufleet import queue
 from gpufleet.models import RunStatus
-from gpufleet.replicas import Memory, keep
+from gpufleet.replicas import keep
 from gpufleet.runconfig import parse_run
 from gpufleet.state import Store
 
