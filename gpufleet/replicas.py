@@ -278,4 +278,5 @@ def _keep_one(store, s: Run, rs: list[Run], memory: Memory, ready: set[str], rps
         memory.seen_live.add(add_replica(store, s))
     going = [r for r in going if r.name not in acts.stop]
     status, message = service_status(going, len(ready & {r.name for r in going}), wanted)
-    store.set_service(s.name, status=status, message=message)
+    if (status, message) != (s.status, s.message):  # a write transaction only for a change
+        store.set_service(s.name, status=status, message=message)
