@@ -133,6 +133,7 @@ class Limiter:
         self.size = size
         # (run id, prefix, key value) -> [excess (thousandths of a request), last passed (ms), rate]
         self._seen: OrderedDict[tuple[str, str, str], list[int]] = OrderedDict()
+        self._rules: dict[str, tuple[object, tuple[Rule, ...]]] = {}  # run id -> (its limits, read as rules)
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -142,7 +143,7 @@ class Limiter:
         """A request of run ``scope`` (its id) with ``limits`` (its spec's `rate_limits`) to ``path`` (below
         the service's prefix) from ``client``, at ``now`` (seconds, a monotonic clock): counted, and
         refused (a Refusal) when over its rule."""
-        rule = match(rules(limits), path)
+        rule = match(self._rules_of(scope, limits), path)
         if rule is None:
             return None
         key = key_value(rule, client, header_values)
@@ -150,6 +151,17 @@ class Limiter:
             return None
         wait = self.take((scope, rule.prefix, key), rule, now)
         return None if wait is None else Refusal(rule, max(1, math.ceil(wait)))
+
+    def _rules_of(self, scope: str, limits: Iterable[dict]) -> tuple[Rule, ...]:
+        """``limits`` read as rules, once per run (while it is the same object: a run as the server last saw it)."""
+        hit = self._rules.get(scope)
+        if hit is not None and hit[0] is limits:
+            return hit[1]
+        if len(self._rules) >= 1024:
+            self._rules.clear()
+        read = rules(limits)
+        self._rules[scope] = (limits, read)
+        return read
 
     def take(self, key: tuple[str, str, str], rule: Rule, now: float) -> float | None:
         """Count one request of ``key`` under ``rule`` at ``now``: None when it passes, else the seconds until

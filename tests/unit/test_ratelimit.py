@@ -197,3 +197,12 @@ def test_the_module_is_pure():
     src = open(ratelimit.__file__).read()
     for word in ("import time", "import os", "import socket", "import httpx", "starlette", "fastapi"):
         assert word not in src, word
+
+
+def test_a_runs_rules_are_read_once_and_again_when_its_limits_change():
+    lim = Limiter()
+    first = [{"prefix": "/", "rps": 1, "burst": 0}]
+    assert _count(lim, first, [0.0, 0.0]) == [True, False]
+    assert lim._rules_of("run1", first) is lim._rules_of("run1", first)
+    second = [{"prefix": "/", "rps": 1, "burst": 5}]  # the same run seen anew with other limits: they count
+    assert _count(lim, second, [0.0] * 3) == [True] * 3
