@@ -55,9 +55,13 @@ def test_a_burst_over_a_services_rate_limit_gets_429_until_it_drains(lab_factory
 
         # the refused requests never reached the service: its log has a `url:/` per 200 (busybox httpd -vv)
         container = server.request("GET", "/api/runs/lim", server.admin_token).json()["container"]
-        logs = core.host_exec(lab, lab.nodes[0], ["podman", "logs", container], check=True)
-        lines = (logs.stdout + logs.stderr).splitlines()
-        assert sum(line.endswith(" url:/") for line in lines) == ok + 1, lines
+
+        def served() -> list[str]:
+            logs = core.host_exec(lab, lab.nodes[0], ["podman", "logs", container], check=True)
+            return [line for line in (logs.stdout + logs.stderr).splitlines() if line.endswith(" url:/")]
+
+        wait_for("the service's log", lambda: len(served()) >= ok + 1, timeout=10)
+        assert len(served()) == ok + 1, served()
 
         # a second and a half later (3 drained at 2 a second): the whole burst again
         time.sleep(1.6)
