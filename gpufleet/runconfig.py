@@ -44,8 +44,7 @@ UNSUPPORTED: dict[str, dict[str, str]] = {
         "model": "OpenAI-compatible model routing (/proxy/models/) is not supported yet: reach the service at "
                  "its URL, /proxy/services/PROJECT/RUN/",
         "gateway": _NO_GATEWAY, "https": _NO_GATEWAY,
-        "rate_limits": "not supported yet: put a reverse proxy (nginx, Caddy) with rate limits in front of the "
-                       "server", "router": _NO_GATEWAY,
+        "router": _NO_GATEWAY,
         "groups": "apply one service per replica group, each with its own name",
     }},
     "dev-environment": {**_COMMON, **{

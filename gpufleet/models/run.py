@@ -1413,6 +1413,90 @@ class ScalingSpec(CoreModel):
         return self.window if self.window is not None else 60.0
 
 
+MAX_INT64 = 2**63 - 1  # nginx's bound on a rate (per minute) and a burst, kept as dstack keeps it
+_KEY_FORMS = "{type: ip_address} (the default) or {type: header, header: NAME}"
+
+
+def _rate_key(value: Any) -> Any:
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a mapping: {_KEY_FORMS} (got {value!r})")
+    if value.get("type", "ip_address") not in ("ip_address", "header"):
+        raise ValueError(f"type must be ip_address or header (got {value.get('type')!r}): {_KEY_FORMS}")
+    return value
+
+
+def _rate_prefix(value: Any) -> Any:
+    if not isinstance(value, str) or not re.fullmatch(r"/[^\s\\{}]*", value) or len(value) > 4094:
+        raise ValueError(f"must be a path that starts with / (at most 4094 characters, without spaces, "
+                         f"backslashes or braces), e.g. /v1/ (got {value!r})")
+    return value
+
+
+def _rate_rps(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+            not 1 / 60 <= value <= MAX_INT64 // 60:
+        raise ValueError(f"must be a number of requests a second, at least 1/60 (one a minute) (got {value!r})")
+    return value
+
+
+def _rate_burst(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT64:
+        raise ValueError(f"must be a whole number of requests, 0 or more (got {value!r})")
+    return value
+
+
+class RateLimitKey(CoreModel):
+    """dstack's partitioning key of a rate limit: each client address (`ip_address`) or each value of a request
+    header (`header`) has its own count."""
+
+    type: Literal["ip_address", "header"] = Field(
+        "ip_address", description="`ip_address` (the default): counted per client address (behind a proxy the "
+                                  "server trusts, X-Forwarded-For's). `header`: per value of the header `header`.")
+    header: str | None = Field(None, description="With `type: header`: the header's name (letters, digits, `-`, `_`; "
+                                                 "`_` reads as `-`, as nginx reads dstack's). Requests without it "
+                                                 "(or with it empty) are not limited by the rule, as in nginx.")
+
+    @field_validator("header")
+    @classmethod
+    def _a_header_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[a-zA-Z0-9_-]{1,500}", v):
+            raise ValueError(f"must be a header name: letters, digits, - and _ (at most 500) (got {v!r})")
+        return v
+
+    @model_validator(mode="after")
+    def _header_with_header_type(self) -> RateLimitKey:
+        if self.type == "header" and self.header is None:
+            raise ValueError("`type: header` needs `header`: the header's name, e.g. header: Authorization")
+        if self.type == "ip_address" and self.header is not None:
+            raise ValueError("`header` goes with `type: header` (ip_address counts per client address)")
+        return self
+
+
+class RateLimit(CoreModel):
+    """dstack's service rate limit (nginx's limit_req): at most `rps` requests a second, plus `burst` more at
+    once, to paths under `prefix`, per partition (`key`); a request over it is answered 429."""
+
+    prefix: Annotated[str, BeforeValidator(_rate_prefix)] = Field(
+        "/", description="The path prefix (below /proxy/services/PROJECT/RUN) the limit applies to; a request under "
+                         "several prefixes is limited by the longest only (nginx's locations). Default `/`.")
+    key: Annotated[RateLimitKey, BeforeValidator(_rate_key)] = Field(
+        default_factory=RateLimitKey, description=f"What requests are counted by: {_KEY_FORMS}.")
+    rps: Annotated[float, BeforeValidator(_rate_rps)] = Field(
+        description="Requests a second allowed (at least 1/60: one a minute; as in dstack, nginx keeps it in "
+                    "requests a minute, rounded), tracked to the millisecond: `rps: 10` is one per 100 ms.")
+    burst: Annotated[int, BeforeValidator(_rate_burst)] = Field(
+        0, description="Requests allowed above the rate at once, answered without delay (dstack's nginx "
+                       "`nodelay`). Default 0.")
+
+
+def _rate_limits(value: Any) -> Any:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of rate limits, e.g. [{{prefix: /, rps: 10, burst: 5}}] (got {value!r})")
+    return value
+
+
 class ServiceConfig(_Run):
     """A long-running server listening on `port`."""
 
@@ -1453,6 +1537,22 @@ class ServiceConfig(_Run):
                              "target: 10}); or give a number of replicas")
         if r.min == r.max and v is not None:
             raise ValueError("`replicas` must be a range (e.g. 1..4) for the server to scale between")
+        return v
+
+    rate_limits: Annotated[list[RateLimit], BeforeValidator(_rate_limits)] = Field(
+        [], description="dstack's `rate_limits`: the server's endpoint answers 429 (with "
+                                       "Retry-After) to requests over them, before `auth` (as dstack's gateway). "
+                                       "Each server process counts its own requests.")
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _unique_prefixes(cls, v: list[RateLimit]) -> list[RateLimit]:
+        seen: set[str] = set()
+        for r in v:
+            if r.prefix in seen:
+                raise ValueError(f"prefix {r.prefix!r} is given more than once; each rate limit needs its own "
+                                 "prefix (as in dstack)")
+            seen.add(r.prefix)
         return v
 
 

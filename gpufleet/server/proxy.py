@@ -34,7 +34,7 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from gpufleet import runs, services
+from gpufleet import ratelimit, runs, services
 from gpufleet.containers import ssh_argv
 from gpufleet.errors import GpufleetError, NotFound
 from gpufleet.models import Run, RunStatus
@@ -367,6 +367,7 @@ def add_routes(app: FastAPI, ctx) -> None:
         return c
 
     callers = CallerCache()
+    limiter = ratelimit.Limiter()  # this process's counts of the services' `rate_limits`
 
     def target(project: str, name: str, token: str | None, client: str, known: Run | None = None,
                caller: Caller | None = None) -> tuple[Run, str]:
@@ -399,6 +400,8 @@ def add_routes(app: FastAPI, ctx) -> None:
     async def proxy_http(request: Request, project: str, name: str, path: str = ""):
         """A service's endpoint: the request (any method; a WebSocket too) carried to a ready replica of
         run `name` of `project`, with its `auth` (a member's token) and `strip_prefix`; 503 until one is ready."""
+        if (over := _over_limit(ctx, limiter, project, name, path, client_of(request), request.headers)) is not None:
+            return _too_many(name, over)
         token = bearer(request.headers.get("authorization"))
         try:
             run, sock = await _target(target, ctx, callers, project, name, token, client_of(request))
@@ -435,12 +438,33 @@ def add_routes(app: FastAPI, ctx) -> None:
     async def proxy_ws(websocket: WebSocket, project: str, name: str, path: str = "") -> None:
         token = bearer(websocket.headers.get("authorization"))
         client = websocket.client.host if websocket.client else ""
+        if (over := _over_limit(ctx, limiter, project, name, path, client, websocket.headers)) is not None:
+            if "websocket.http.response" in websocket.scope.get("extensions", {}):
+                await websocket.send_denial_response(_too_many(name, over))
+            else:
+                await websocket.close(1013, over.message(name)[:120])
+            return
         try:
             run, sock = await _target(target, ctx, callers, project, name, token, client)
         except _NotReady as e:
             await websocket.close(1013, str(e)[:120])
             return
         await carry_websocket(websocket, run, sock, project, name, path, client)
+
+
+def _over_limit(ctx, limiter: ratelimit.Limiter, project: str, name: str, path: str, client: str,
+                headers) -> ratelimit.Refusal | None:
+    """A request over the service's `rate_limits` (counted before `auth`, as dstack's nginx does). Nothing is
+    looked up for a service without them."""
+    run = ctx.services.known(name) if ctx.services is not None else None
+    if run is None or not run.spec.get("rate_limits") or run.project != project:
+        return None
+    return limiter.check(run.run_id, run.spec["rate_limits"], path, client, headers.getlist, time.monotonic())
+
+
+def _too_many(name: str, over: ratelimit.Refusal) -> JSONResponse:
+    return JSONResponse({"detail": over.message(name), "rate_limit": over.rule.describe(), "exit_code": 1},
+                        status_code=429, headers={"Retry-After": str(over.retry_after)})
 
 
 async def _body(resp: httpx.Response):

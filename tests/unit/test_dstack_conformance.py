@@ -361,3 +361,12 @@ def test_cloud_fleets_volumes_and_gateways_are_refused_as_dstack_only(report):
             assert p.field == "type" and p.line is not None, (e.id, str(p))
             assert p.message.startswith(f"{e.type}: a dstack configuration type that gpufleet does not support; "), \
                 (e.id, str(p))
+
+
+def test_real_services_with_rate_limits_load_with_them(report):
+    """dstack's `rate_limits` (issue 16): every real service file with them loads them (none is refused for
+    them); there are 2 such files in the corpus, each accepted."""
+    limited = [e for e in report if e.type == "service" and "rate_limits" in (yaml.safe_load(e.path.read_text()) or {})]
+    assert len(limited) >= 2
+    for e in limited:
+        assert "rate_limits" not in e.fields and e.accepted, (e.id, [str(p) for p in e.problems], e.refusal)

@@ -322,7 +322,6 @@ def test_a_typo_in_a_run_gets_did_you_mean(tmp_path, text, message):
     ("task", "max_price: 1.5", "; a dstack cloud field"),
     ("service", "model: llama", "; OpenAI-compatible model routing (/proxy/models/) is not supported yet"),
     ("service", "gateway: true", "; gpufleet has no gateway"),
-    ("service", "rate_limits: [{rps: 10}]", "; not supported yet"),
     ("dev-environment", "version: 1.95.0", "; gpufleet pre-installs no IDE server"),
 ])
 def test_a_dstack_field_gpufleet_does_not_support_is_named_with_what_to_do(tmp_path, kind, line, hint):
