@@ -69,22 +69,26 @@ def listed_model(path: str) -> str | None:
 
 # --------------------------------------------------------------------------- which service
 
-def served(runs: Iterable[Run], project: str, statuses: Iterable[RunStatus] | None = None) -> dict[str, list[Run]]:
-    """The models of ``project``'s live services (or of those in ``statuses``): name -> its services, the one
-    to route to first (gpufleet.models_route.pick's order)."""
-    wanted = set(statuses) if statuses is not None else None
+SERVING = (RunStatus.PENDING, RunStatus.STARTING, RunStatus.RUNNING)  # a stopping service serves no more
+
+
+def served(runs: Iterable[Run], project: str, statuses: Iterable[RunStatus] = SERVING) -> dict[str, list[Run]]:
+    """The models of ``project``'s services that serve or will (queued, starting, running; or those in
+    ``statuses``): name -> its services."""
+    wanted = set(statuses)
     out: dict[str, list[Run]] = {}
     for run in runs:
         name = model_name(run)
-        if name is None or run.project != project or not run.live or (wanted is not None and run.status not in wanted):
+        if name is None or run.project != project or run.status not in wanted:
             continue
         out.setdefault(name, []).append(run)
     return out
 
 
 def pick(runs: Iterable[Run], project: str, name: str, ready: Callable[[Run], bool] = lambda r: True) -> Run | None:
-    """The service that serves model ``name`` in ``project``: of its live services, a ready one first, then a
-    running one, then the newest (as dstack, which takes the most recent of those with the name)."""
+    """The service that serves model ``name`` in ``project``: of its services (queued, starting or running), a
+    ready one first, then a running one, then the newest (as dstack, which takes the most recent of those with
+    the name); None: no such model (404). One that is not running or not ready yet gets its 503."""
     found = served(runs, project).get(name, [])
     if not found:
         return None
@@ -108,10 +112,10 @@ def model_object(name: str, run: Run, project: str) -> dict:
 def check_access(caller, project: str) -> None:
     """The models of ``project`` are its members' (a server admin's too), whatever each service's `auth`, as in
     dstack: Unauthorized (401) without a token, Forbidden (403) saying what is missing."""
-    what = f"the models of project {project} ({PREFIX}/{project}/)"
     if caller is None:
-        raise Unauthorized(f"{what} need a gpufleet token of a member of the project (Authorization: Bearer ...)")
-    caller.need_member(project, what)
+        raise Unauthorized(f"the models of project {project} ({PREFIX}/{project}/) need a gpufleet token of a "
+                           "member of the project (Authorization: Bearer ...), whatever each service's `auth`")
+    caller.need_member(project, f"using the models of project {project} ({PREFIX}/{project}/)")
 
 
 # --------------------------------------------------------------------------- the request and the errors

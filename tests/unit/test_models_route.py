@@ -121,13 +121,16 @@ def test_the_path_under_the_models_endpoint_and_what_the_service_sees():
 def test_which_service_serves_a_model():
     runs = [_run("old", "m", created=1), _run("new", "m", created=2), _run("starting", "m", "starting", created=3),
             _run("plain"), _run("elsewhere", "x", project="cv"), _run("x-here", "x"),
-            _run("a-task", "m", type_="task"), _run("done", "m", "done", created=9)]
+            _run("a-task", "m", type_="task"), _run("done", "m", "done", created=9),
+            _run("stopping", "m", "stopping", created=10)]
     assert models_route.pick(runs, "main", "m").name == "new"  # running before starting, the newest of those
     ready = {"old"}
     assert models_route.pick(runs, "main", "m", lambda r: r.name in ready).name == "old"  # a ready one first
     assert models_route.pick(runs, "main", "x").name == "x-here"  # the project's own, never another's
     assert models_route.pick(runs, "cv", "m") is None
     assert models_route.pick([_run("s", "m", "starting")], "main", "m").name == "s"  # live: its 503 says why
+    assert models_route.pick([_run("q", "m", "pending")], "main", "m").name == "q"
+    assert models_route.pick([_run("s", "m", "stopping")], "main", "m") is None  # going: serves no more
     assert sorted(models_route.served(runs, "main")) == ["m", "x"]
 
 
