@@ -234,6 +234,8 @@ def runs_json(views: list[Run]) -> str:
         "next_at": r.next_at, "replica_of": r.replica_of, "replicas_wanted": r.replicas,
         **({"url": r.service.url, "ready": r.service.ready,
             "replicas": f"{r.service.replicas_ready}/{r.service.replicas}"} if r.service is not None else {}),
+        **({"model": r.service.model, "model_url": r.service.model_url}
+           if r.service is not None and r.service.model else {}),
     } for r in views], indent=2)
 
 

@@ -41,8 +41,6 @@ UNSUPPORTED: dict[str, dict[str, str]] = {
     "task": {**_COMMON, **{
     }},
     "service": {**_COMMON, **{
-        "model": "OpenAI-compatible model routing (/proxy/models/) is not supported yet: reach the service at "
-                 "its URL, /proxy/services/PROJECT/RUN/",
         "gateway": _NO_GATEWAY, "https": _NO_GATEWAY,
         "router": _NO_GATEWAY,
         "groups": "apply one service per replica group, each with its own name",

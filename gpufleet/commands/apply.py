@@ -122,6 +122,9 @@ def submit(args: argparse.Namespace, console: Console) -> int:
     if view.service is not None:  # a service: where the server serves it
         present.plain(console, f"{view.name} is served at {view.service.url}" +
                       ("" if view.service.ready else " (not ready yet: gpufleet ps shows when it is)"))
+        if view.service.model:  # a model service: OpenAI's clients reach it by its model's name
+            present.plain(console, f"model {view.service.model} is served at {view.service.model_url} "
+                                   "(OpenAI-compatible: base URL, a member's token as the API key)")
     if args.detach or view.type != "task":
         return EXIT_OK
     _follow_logs(client, view.name)

@@ -31,6 +31,7 @@ import yaml
 from gpufleet.errors import GpufleetError, UsageError
 from gpufleet.lab import gputools
 from gpufleet.lab.gputools import GpuSpec, write_standins
+from gpufleet.lab.openai_stub import OPENAI_STUB
 
 LAB_USER = "gpufleet"
 LAB_IMAGE = "localhost/gpufleet-lab:latest"
@@ -370,7 +371,8 @@ def _make_rootfs(lab: Lab) -> Path:
             tar.addfile(info)
         for name, text, mode in (("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", 0o644),
                                  ("etc/group", "root:x:0:\n", 0o644),
-                                 ("usr/bin/gpu-burn", gputools.GPU_BURN, 0o755)):  # a workload that makes GPUs busy
+                                 ("usr/bin/gpu-burn", gputools.GPU_BURN, 0o755),  # a workload that makes GPUs busy
+                                 ("usr/bin/openai-stub", OPENAI_STUB, 0o755)):  # a model server (OpenAI's API)
             data = text.encode()
             info = tarfile.TarInfo(name)
             info.size, info.mode = len(data), mode

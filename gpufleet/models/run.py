@@ -21,6 +21,7 @@ Queueing fields, with dstack's meaning unless a field's description says otherwi
 
 from __future__ import annotations
 
+import json
 import math
 import posixpath
 import re
@@ -1497,6 +1498,74 @@ def _rate_limits(value: Any) -> Any:
     return value
 
 
+MODEL_PROBE_TIMEOUT = 30.0  # seconds: dstack's default probe of a model service (its OPENAI_MODEL_PROBE_TIMEOUT)
+
+
+def _model_mapping(value: Any) -> Any:
+    """dstack's shorthand `model: NAME` is an OpenAI-format chat model of that name."""
+    if isinstance(value, str):
+        return {"name": value}
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"a model name (`model: NAME`) or a mapping (`name`, `type: chat`, `format: openai`, "
+                         f"`prefix`), not {value!r}")
+    return value
+
+
+class ChatModel(CoreModel):
+    """dstack's `model` of a service (its OpenAIChatModel): the name under which the server's OpenAI-compatible
+    endpoint, /proxy/models/PROJECT/, routes requests to this service (by the `model` field of their JSON body)."""
+
+    type: Literal["chat"] = Field("chat", description="The model's type: `chat` (the only one, as in dstack).")
+    name: str = Field(description="The model's name: requests whose `model` is this name go to this service, and "
+                                  "/proxy/models/PROJECT/v1/models lists it.")
+    format: Literal["openai"] = Field(
+        "openai", description="The API the service speaks: `openai` (the default; vLLM, SGLang, TGI, NIM and "
+                              "Ollama all serve it). dstack's `tgi` (its own chat templating in front of TGI's "
+                              "native API) is refused: TGI serves the OpenAI API itself.")
+    prefix: str = Field("/v1", description="Where the service serves the OpenAI API: "
+                                           "/proxy/models/PROJECT/v1/REST reaches PREFIX/REST on the service. "
+                                           "Default `/v1`.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tgi(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("format") == "tgi":
+            raise ValueError("`format: tgi` is not supported: gpufleet routes OpenAI-format requests as they are "
+                             "and renders no chat template; TGI serves the OpenAI API itself (/v1/chat/completions, "
+                             "TGI 1.4 and later): write `model: NAME` (or `format: openai`) and drop `chat_template` "
+                             "and `eos_token`")
+        return data
+
+    @field_validator("type", "format", "prefix", mode="before")
+    @classmethod
+    def _none_is_default(cls, v: Any, info: ValidationInfo) -> Any:
+        return cls.model_fields[info.field_name].default if v is None else v
+
+    @field_validator("name")
+    @classmethod
+    def _a_name(cls, v: str) -> str:
+        if not v.strip() or len(v) > 256 or re.search(r"[\x00-\x1f\x7f]", v):
+            raise ValueError(f"a model name is 1 to 256 characters, none of them a control character (got {v!r})")
+        return v
+
+    @field_validator("prefix")
+    @classmethod
+    def _a_path(cls, v: str) -> str:
+        if not v.startswith("/") or len(v) > 256 or re.search(r"[\x00-\x20\x7f?#]", v):
+            raise ValueError(f"the prefix is a path on the service starting with `/`, without spaces, `?` or `#` "
+                             f"(got {v!r}; dstack's default: /v1)")
+        return v
+
+
+def model_probe(model: ChatModel) -> ProbeConfig:
+    """dstack's probe of a service with a `model` and no `probes`: a one-token chat completion of the model,
+    so that the service gets traffic once the model answers (not once its port opens)."""
+    body = json.dumps({"model": model.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    return ProbeConfig(type="http", method="post", url=model.prefix.rstrip("/") + "/chat/completions",
+                       headers=[ProbeHeader(name="Content-Type", value="application/json")], body=body,
+                       timeout=MODEL_PROBE_TIMEOUT)
+
+
 class ServiceConfig(_Run):
     """A long-running server listening on `port`."""
 
@@ -1554,6 +1623,20 @@ class ServiceConfig(_Run):
                                  "prefix (as in dstack)")
             seen.add(r.prefix)
         return v
+
+    model: Annotated[ChatModel | None, BeforeValidator(_model_mapping)] = Field(
+        None, description="dstack's `model`: the name (`model: NAME`, an OpenAI-format chat model served at `/v1`) "
+                          "or mapping (`type: chat`, `name`, `format: openai`, `prefix`) under which the server's "
+                          "OpenAI-compatible endpoint, /proxy/models/PROJECT/, routes requests to this service by "
+                          "their `model` field. Without `probes`, the service gets dstack's default probe: a "
+                          "one-token chat completion (POST PREFIX/chat/completions) every 15 s; `probes: []` "
+                          "turns it off.")
+
+    @model_validator(mode="after")
+    def _model_probe(self) -> ServiceConfig:
+        if self.model is not None and "probes" not in self.model_fields_set:
+            self.probes = [model_probe(self.model)]
+        return self
 
 
 class DevEnvironmentConfig(_Run):

@@ -94,6 +94,10 @@ class ServiceView(CoreModel):
     ready: bool = Field(description="Whether a replica is ready (gets traffic).")
     replicas_ready: int = Field(description="Replicas ready.")
     replicas: int = Field(description="Replicas wanted.")
+    model: str | None = Field(None, description="A model service: its `model`'s name (the `model` of the OpenAI "
+                                                "requests routed to it).")
+    model_url: str | None = Field(None, description="A model service: the OpenAI base URL of its project's models, "
+                                                    "http://SERVER/proxy/models/PROJECT/.")
 
 
 class Run(CoreModel):

@@ -397,12 +397,14 @@ def _with_positions(views, ctx: Context):
 def _run_json(run, ctx: Context | None = None, request: Request | None = None) -> dict:
     if ctx is not None and request is not None and run.is_service and run.live:
         from gpufleet.models.state import ServiceView
+        from gpufleet.models_route import model_name, model_url
         from gpufleet.services import service_url
 
         ready, total = ctx.services.status(run) if ctx.services is not None else (0, 1)
+        model = model_name(run)
         run = run.model_copy(update={"service": ServiceView(
             url=service_url(str(request.base_url), run.project, run.name), ready=ready > 0, replicas_ready=ready,
-            replicas=total)})
+            replicas=total, model=model, model_url=model_url(str(request.base_url), run.project) if model else None)})
     return run.model_dump(mode="json")
 
 

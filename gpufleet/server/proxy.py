@@ -39,6 +39,7 @@ from gpufleet.containers import ssh_argv
 from gpufleet.errors import GpufleetError, NotFound
 from gpufleet.models import Run, RunStatus
 from gpufleet.paths import FleetFiles
+from gpufleet.server import models_proxy
 from gpufleet.server.auth import Caller, bearer, client_of, token_hash
 from gpufleet.state import RATE_BUCKET
 
@@ -407,16 +408,24 @@ def add_routes(app: FastAPI, ctx) -> None:
             run, sock = await _target(target, ctx, callers, project, name, token, client_of(request))
         except _NotReady as e:
             return JSONResponse({"detail": str(e), "exit_code": 1}, status_code=503, headers={"Retry-After": "1"})
+        return await carry(request, run, sock, services.upstream_path(project, name, path, request.url.query,
+                                                                      bool(run.spec.get("strip_prefix", True))),
+                           bool(run.spec.get("auth", True)))
+
+    async def carry(request: Request, run: Run, sock: str, path: str, auth: bool, content: bytes | None = None):
+        """``request`` carried to the ready replica of ``run`` behind ``sock``, at ``path`` (and query): its
+        headers as services.upstream_headers makes them (``auth``: the service's, its token kept from the
+        replica), its body (``content``, else as it streams in); the replica's answer streamed back as it
+        comes (502 when the replica does not answer)."""
         headers = services.upstream_headers(list(request.headers.items()), client_of(request), request.url.scheme,
-                                            request.headers.get("host", ""), bool(run.spec.get("auth", True)))
+                                            request.headers.get("host", ""), auth)
         has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
-        url = "http://service" + services.upstream_path(project, name, path, request.url.query,
-                                                        bool(run.spec.get("strip_prefix", True)))
-        tries = RETRIES if request.method in IDEMPOTENT and not has_body else 1
+        tries = RETRIES if request.method in IDEMPOTENT and not has_body and content is None else 1
         for attempt in range(tries):
             client = client_for(sock)
-            upstream = client.build_request(request.method, url, headers=headers,
-                                            content=request.stream() if has_body else None)
+            upstream = client.build_request(request.method, "http://service" + path, headers=headers,
+                                            content=content if content is not None else
+                                            request.stream() if has_body else None)
             try:
                 resp = await client.send(upstream, stream=True)
                 break
@@ -426,13 +435,15 @@ def add_routes(app: FastAPI, ctx) -> None:
                 ctx.services.lost(run, sock, f"{type(e).__name__}: {e}")
                 other = ctx.services.socket_for(run) if attempt + 1 < tries else None
                 if other is None:
-                    return JSONResponse({"detail": f"service {name}: its replica did not answer "
+                    return JSONResponse({"detail": f"service {run.name}: its replica did not answer "
                                                    f"({type(e).__name__}: {e})", "exit_code": 1}, status_code=502)
                 sock = other
         out = StreamingResponse(_body(resp), status_code=resp.status_code, background=BackgroundTask(resp.aclose))
         out.raw_headers = [(k.encode("latin-1"), v.encode("latin-1"))
                            for k, v in services.response_headers(list(resp.headers.multi_items()))]
         return out
+
+    models_proxy.add_routes(app, ctx, carry, callers)  # /proxy/models/PROJECT/...: the project's models, by name
 
     @app.websocket(services.PREFIX + "/{project}/{name}/{path:path}")
     async def proxy_ws(websocket: WebSocket, project: str, name: str, path: str = "") -> None:

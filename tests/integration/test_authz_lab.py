@@ -242,6 +242,9 @@ ANY_USER = dict(other=allow(201), member=allow(201), padmin=allow(201), sadmin=a
 # on a task, the route says only a dev environment has an SSH server (400)
 NO_SSHD = Expect((409,), ("has no SSH server running", "no /usr/sbin/sshd"))
 NOT_DEV = Expect((400,), ("is a task, not a dev environment",))
+# POST /proxy/models/ml/...: those who may use ml's models get past authorization to the routing, which finds
+# no service serving the model asked (404, OpenAI's error; tests/integration/test_model_route_lab.py has one)
+NO_MODEL = Expect((404,), ("model 'no-such-model' is not served in project ml",))
 
 Request = tuple[str, object, dict | None]  # (path, body, query)
 
@@ -506,6 +509,10 @@ def check_prometheus(team: Team, role: str, reply: Reply) -> None:
         assert mine in fleets and theirs not in fleets, (role, fleets)
 
 
+def check_models(team: Team, role: str, reply: Reply) -> None:
+    assert reply.json() == {"object": "list", "data": []}, reply.text  # OpenAI's list: ml serves no model
+
+
 def check_server(team: Team, role: str, reply: Reply) -> None:
     assert ":gpufleet@" not in reply.text  # a PostgreSQL URL's password is never shown
 
@@ -566,6 +573,12 @@ CASES = [
     Case("service-proxy", "GET", "/proxy/services/{project}/{name}/{path}", roles(**MEMBERS),
          lambda team, role: (f"/proxy/services/ml/{team.run('a-svc')}/", None, None),
          lambda team, role, reply: _check_web(reply)),
+    # the project's models (OpenAI-compatible): its members', whatever each service's `auth` (as in dstack)
+    Case("models-request", "POST", "/proxy/models/{project}/{path}",
+         roles(**{**MEMBERS, "member": NO_MODEL, "padmin": NO_MODEL, "sadmin": NO_MODEL}),
+         plain("/proxy/models/ml/v1/chat/completions", {"model": "no-such-model", "messages": []})),
+    Case("models-list", "GET", "/proxy/models/{project}/{path}", roles(**MEMBERS), plain("/proxy/models/ml/v1/models"),
+         check_models),
     Case("prometheus", "GET", "/metrics", roles(allow(), allow(), allow(), allow()), plain("/metrics"),
          check_prometheus),
     # last: alice's own rotation changes the token the rows above use

@@ -370,3 +370,19 @@ def test_real_services_with_rate_limits_load_with_them(report):
     assert len(limited) >= 2
     for e in limited:
         assert "rate_limits" not in e.fields and e.accepted, (e.id, [str(p) for p in e.problems], e.refusal)
+
+
+def test_every_real_model_service_is_taken_on_its_model_but_dstacks_tgi_format(report):
+    """issue 16: a service's `model` (dstack's name shorthand and mapping) is taken; the only one refused
+    on it is dstack's `format: tgi`, saying why (TGI serves the OpenAI API itself)."""
+    with_model = [e for e in report if e.type == "service" and "model" in (yaml.safe_load(e.path.read_text()) or {})]
+    assert len(with_model) >= 50
+    for e in with_model:
+        model = yaml.safe_load(e.path.read_text())["model"]
+        tgi = isinstance(model, dict) and model.get("format") == "tgi"
+        assert ("model" in e.fields) == tgi, (e.id, [str(p) for p in e.problems])
+        if tgi:
+            (p,) = [p for p in e.problems if p.field == "model"]
+            assert "`format: tgi` is not supported" in p.message, (e.id, str(p))
+        elif e.accepted:
+            assert e.plan in ("fits", "never"), (e.id, e.plan)

@@ -320,7 +320,6 @@ def test_a_typo_in_a_run_gets_did_you_mean(tmp_path, text, message):
     ("task", "single_branch: true", "; gpufleet uploads a repo's working tree without its .git folder"),
     ("task", "dstack: \">=0.19\"", ""),
     ("task", "max_price: 1.5", "; a dstack cloud field"),
-    ("service", "model: llama", "; OpenAI-compatible model routing (/proxy/models/) is not supported yet"),
     ("service", "gateway: true", "; gpufleet has no gateway"),
     ("dev-environment", "version: 1.95.0", "; gpufleet pre-installs no IDE server"),
 ])
