@@ -137,7 +137,7 @@ def test_replicas_spread_take_turns_are_replaced_and_rolled_out_without_a_droppe
         admin("stop", "web", "-y", check=0)
         wait_for("web and its replicas to end", lambda: not any(n.startswith("web") for n in runs(admin)),
                  timeout=60)
-        assert get(server.port, base, token)[0] == 404
+        wait_for("web's endpoint to go", lambda: get(server.port, base, token)[0] == 404, timeout=30)
     finally:
         admin("stop", "web", "-y")
         server.stop()
