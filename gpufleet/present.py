@@ -207,7 +207,7 @@ def ps_table(views: list[Run]) -> Table:
         if message and (r.live or r.status == RunStatus.FAILED):  # why it waits, failed, is unchecked
             status += f": {message[:160]}"
         name = f"  {r.name}" if r.replica_of in names else r.name  # a replica, under its service
-        kind = "replica" if r.replica_of else r.type
+        kind = (f"replica ({r.replica_group})" if r.replica_group else "replica") if r.replica_of else r.type
         t.add_row(name, *_cells(r, who), kind, r.fleet or "-", instance, gpus, Text(status),
                   age(r.created_at, time.time()))
     return t
@@ -232,6 +232,7 @@ def runs_json(views: list[Run]) -> str:
         "nodes": [n.model_dump(mode="json") for n in r.nodes], "created_at": r.created_at, "updated_at": r.updated_at,
         "priority": r.priority, "max_duration": r.max_duration, "started_at": r.started_at, "position": r.position,
         "next_at": r.next_at, "replica_of": r.replica_of, "replicas_wanted": r.replicas,
+        "replica_group": r.replica_group, "group_replicas_wanted": r.group_replicas,
         **({"url": r.service.url, "ready": r.service.ready,
             "replicas": f"{r.service.replicas_ready}/{r.service.replicas}"} if r.service is not None else {}),
         **({"model": r.service.model, "model_url": r.service.model_url}

@@ -241,21 +241,28 @@ class Plan:
 
 
 def plan(store: Store, req: RunRequest, who: Submitter = Submitter()) -> Plan:
-    fleets, nowhere, refused = Placing(store).choice(req.config, who.project, who.role)
-    if refused:  # not a matter of capacity: the submit would be refused the same way (403)
-        raise Forbidden(f"{req.name}: {nowhere}")
-    if nowhere:
-        return Plan(never=f"{req.name}: {nowhere}")
+    """Where ``req`` would go now; a service with replica groups: each group is checked, the first one's
+    placement is shown."""
     hosts = store.slots_snapshot()
     clusters = cluster_fleets(store)
-    waiting = waiting_of(req, fleets=fleets, who=who)
-    never = never_fits(waiting, hosts, clusters)
-    if never:
-        return Plan(never=f"{req.name} {never}")
-    try:
-        return Plan(placements=place_gang(waiting.request, hosts, req.nodes, clusters))
-    except NoCapacity as e:
-        return Plan(waits=f"{e}")
+    found: Plan | None = None
+    for what, part in replicas.parts(req):
+        fleets, nowhere, refused = Placing(store).choice(part.config, who.project, who.role)
+        if refused:  # not a matter of capacity: the submit would be refused the same way (403)
+            raise Forbidden(f"{req.name}{what}: {nowhere}")
+        if nowhere:
+            return Plan(never=f"{req.name}{what}: {nowhere}")
+        waiting = waiting_of(part, fleets=fleets, who=who)
+        never = never_fits(waiting, hosts, clusters)
+        if never:
+            return Plan(never=f"{req.name}{what} {never}")
+        if found is None:
+            try:
+                found = Plan(placements=place_gang(waiting.request, hosts, part.nodes, clusters))
+            except NoCapacity as e:
+                found = Plan(waits=f"{e}")
+    assert found is not None
+    return found
 
 
 def submit(store: Store, req: RunRequest, seal: Seal, no_queue: bool = False, who: Submitter = Submitter()
@@ -265,15 +272,16 @@ def submit(store: Store, req: RunRequest, seal: Seal, no_queue: bool = False, wh
     blocks now, in one transaction, or is refused: (the run, its placements) for the caller to
     launch. It never takes blocks the head of the queue has reserved."""
     policy = Policy.of(req.config)
-    fleets, nowhere, refused = Placing(store).choice(req.config, who.project, who.role)
-    if nowhere:
-        raise (Forbidden if refused else GpufleetError)(f"{req.name}: {nowhere}; not queued")
     hosts = store.slots_snapshot()
-    waiting = waiting_of(req, fleets=fleets, who=who)
     clusters = cluster_fleets(store)
-    never = never_fits(waiting, hosts, clusters)
-    if never:
-        raise GpufleetError(f"{req.name} {never}; not queued")
+    for what, part in replicas.parts(req):  # a service's replica groups: each must be able to run
+        fleets, nowhere, refused = Placing(store).choice(part.config, who.project, who.role)
+        if nowhere:
+            raise (Forbidden if refused else GpufleetError)(f"{req.name}{what}: {nowhere}; not queued")
+        waiting = waiting_of(part, fleets=fleets, who=who)
+        never = never_fits(waiting, hosts, clusters)
+        if never:
+            raise GpufleetError(f"{req.name}{what} {never}; not queued")
     spec = req.config.model_dump(mode="json")
     sealed = seal(req.secrets) if req.secrets else None
     if isinstance(req.config, ServiceConfig):

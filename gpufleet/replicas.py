@@ -18,6 +18,14 @@ which of them are ready (the service proxy's probes) and the request rate its en
   replicas a request scales up at once).
 - replicas that fail before ever being ready FAIL_LIMIT times in a row end the service failed
   (a bad image or command does not loop forever).
+
+Replica groups (dstack's `replicas` as a list of groups): each group is kept as above on its own: its
+replicas run its spec (`group_specs`: the service with the group's count, scaling, resources, commands...)
+and carry its name (`replica_group`); the service's row keeps how many each group wants
+(`group_replicas`, their sum in `replicas`); a group scales from the whole service's request rate with its
+own `scaling` and rolls when its own spec changes. A service without groups is one group, DEFAULT_GROUP.
+Replicas of a group that an update removed are stopped once the other groups have their wanted replicas
+ready (or at once when they serve nothing).
 """
 
 from __future__ import annotations
@@ -28,9 +36,9 @@ from dataclasses import dataclass, field
 
 from gpufleet.errors import GpufleetError
 from gpufleet.launch import container_name
-from gpufleet.models import Run, RunStatus
+from gpufleet.models import Run, RunRequest, RunStatus
 from gpufleet.models.core import SYSTEM_ACTOR, Range
-from gpufleet.models.run import RUN_CONFIG, ServiceConfig, parse_count
+from gpufleet.models.run import DEFAULT_GROUP, RUN_CONFIG, ServiceConfig, group_specs, parse_count
 
 FAIL_LIMIT = 3  # replicas in a row that failed before being ready: the service fails
 SCALE_ONLY = ("replicas", "scaling")  # spec fields whose change is not a new version of the replicas
@@ -47,6 +55,28 @@ def replica_index(name: str) -> int:
 def version(spec: dict) -> dict:
     """What the replicas run, of a service's spec: all of it but its replica count and scaling."""
     return {k: v for k, v in spec.items() if k not in SCALE_ONLY}
+
+
+def versions(spec: dict) -> dict[str, dict]:
+    """What each replica group of a service runs (its version), by group name."""
+    return {name: version(g) for name, g in group_specs(spec)}
+
+
+def has_groups(spec: dict) -> bool:
+    return isinstance(spec.get("replicas"), list)
+
+
+def group_of(run: Run) -> str:
+    """A replica's group (DEFAULT_GROUP for a service without groups)."""
+    return run.replica_group or DEFAULT_GROUP
+
+
+def wanted_of(service: Run) -> dict[str, int]:
+    """How many replicas each group of ``service`` wants now (a group new to it: its start count)."""
+    stored = service.group_replicas if has_groups(service.spec) else None
+    if stored is None:
+        stored = {DEFAULT_GROUP: service.replicas or 0}
+    return {name: stored.get(name, wanted_at_start(g)) for name, g in group_specs(service.spec)}
 
 
 def bounds(spec: dict) -> Range:
@@ -143,15 +173,18 @@ def service_status(replicas: list[Run], ready: int, wanted: int) -> tuple[RunSta
 # --------------------------------------------------------------------------- doing it
 
 
-def add_replica(store, service: Run) -> str:
-    """Queue one new replica of ``service`` (its spec and sealed secrets): its name."""
+def add_replica(store, service: Run, group: str = DEFAULT_GROUP) -> str:
+    """Queue one new replica of ``service`` in its replica group ``group`` (the group's spec, the service's
+    sealed secrets): its name."""
+    spec = dict(group_specs(service.spec))[group]
     existing = store.replica_runs(service.name, include_finished=True)
     index = 1 + max((replica_index(r.name) for r in existing), default=-1)
     name = replica_name(service.name, index)
     retry = store.retry_policy(service.name)
-    store.enqueue(name, uuid.uuid4().hex[:12], "service", service.spec, container_name(name),
+    store.enqueue(name, uuid.uuid4().hex[:12], "service", spec, container_name(name),
                   priority=service.priority, max_duration=None, retry=retry, sealed=store.sealed(run=service.name),
-                  reason="", project=service.project, user=service.user, replica_of=service.name)
+                  reason="", project=service.project, user=service.user, replica_of=service.name,
+                  replica_group=group if has_groups(service.spec) else None)
     return name
 
 
@@ -166,7 +199,7 @@ def config_of(run: Run) -> ServiceConfig:
 class Memory:
     """What the leader remembers of a service between passes (lost with it: then counted anew)."""
 
-    last_scaled: float | None = None
+    last_scaled: dict[str, float] = field(default_factory=dict)  # by replica group
     failed_in_a_row: int = 0
     seen_live: set[str] = field(default_factory=set)
     last_error: str = ""
@@ -183,6 +216,16 @@ def failures(memory: Memory, replicas_now: list[Run], ended: list[Run], ready_na
     memory.seen_live = {r.name for r in replicas_now}
 
 
+def parts(req: RunRequest) -> list[tuple[str, RunRequest]]:
+    """What is placed of a run being submitted: a service with replica groups, each group's replicas (the
+    request as each group runs it, with " (replica group NAME)" to say so); any other run, itself."""
+    if not isinstance(req.config, ServiceConfig) or req.config.groups is None:
+        return [("", req)]
+    spec = req.config.model_dump(mode="json")
+    return [(f" (replica group {name})", req.model_copy(update={"config": ServiceConfig.model_validate(g)}))
+            for name, g in group_specs(spec)]
+
+
 def submit(store, req, sealed: str | None, who, policy) -> Run:
     """A new service (its own run, `pending` until a replica runs) and its first replicas, queued;
     or, when a live service of that name exists, its update (`update`)."""
@@ -190,13 +233,16 @@ def submit(store, req, sealed: str | None, who, policy) -> Run:
     spec = req.config.model_dump(mode="json")
     if old is not None and old.live and old.is_service:
         return update(store, old, spec, sealed, who)
-    wanted = wanted_at_start(spec)
+    counts = {name: wanted_at_start(g) for name, g in group_specs(spec)}
+    wanted = sum(counts.values())
     store.enqueue(req.name, uuid.uuid4().hex[:12], "service", spec, container_name(req.name),
                   priority=policy.priority, max_duration=policy.max_duration, retry=policy.as_json(), sealed=sealed,
-                  reason=f"0/{wanted} replicas ready", project=who.project, user=who.user, replicas=wanted)
+                  reason=f"0/{wanted} replicas ready", project=who.project, user=who.user, replicas=wanted,
+                  group_replicas=counts if has_groups(spec) else None)
     service = store.run(req.name)
-    for _ in range(wanted):
-        add_replica(store, service)
+    for group, n in counts.items():
+        for _ in range(n):
+            add_replica(store, service, group)
     return store.run(req.name)
 
 
@@ -206,15 +252,21 @@ def update(store, old: Run, spec: dict, sealed: str | None, who) -> Run:
     if old.project != who.project:
         raise GpufleetError(f"a service named {old.name} is already live in project {old.project}: choose "
                             f"another name")
-    same = version(spec) == version(old.spec)
-    r = bounds(spec)
-    wanted = min(max(old.replicas or 0, int(r.min or 0)), int(r.max if r.max is not None else r.min or 0))
+    same = versions(spec) == versions(old.spec)
     if same and spec == old.spec:
         return old  # nothing changed (secrets given again are kept as they were sealed first)
+    before = wanted_of(old)
+    counts = {}
+    for name, g in group_specs(spec):
+        r = bounds(g)
+        counts[name] = min(max(before.get(name, wanted_at_start(g)), int(r.min or 0)),
+                           int(r.max if r.max is not None else r.min or 0))
+    wanted = sum(counts.values())
     what = "rolling update to its new configuration" if not same else "new replica settings"
     if wanted != old.replicas:
         what += f", {old.replicas} -> {wanted} replicas"
     store.set_service(old.name, spec=spec, replicas=wanted, sealed=sealed if not same else False,
+                      group_replicas=counts if has_groups(spec) else None,
                       event=("updated", f"updated by {who.user or 'the user'}: {what}"), actor=who.user or SYSTEM_ACTOR)
     return store.run(old.name)
 
@@ -242,8 +294,8 @@ def keep(store, memories: dict[str, Memory], ready_of, rps_of, stop, now: float)
     for s in services.values():
         if s.status == RunStatus.STOPPING:
             continue  # its stop stops its replicas
-        _keep_one(store, s, kids.get(s.name, []), memories.setdefault(s.name, Memory(last_scaled=s.created_at)),
-                  ready_of(s.name), rps_of, stop, now)
+        _keep_one(store, s, kids.get(s.name, []), memories.setdefault(s.name, Memory()), ready_of(s.name), rps_of,
+                  stop, now)
 
 
 def _keep_one(store, s: Run, rs: list[Run], memory: Memory, ready: set[str], rps_of, stop, now: float) -> None:
@@ -258,25 +310,43 @@ def _keep_one(store, s: Run, rs: list[Run], memory: Memory, ready: set[str], rps
             for r in going:
                 stop(r.name, f"its service {s.name} failed")
         return
-    spec = s.spec
-    scaling = spec.get("scaling")
-    rps = rps_of(s.name, float(scaling.get("window") or 60)) if scaling else None
-    wanted = desired(spec, s.replicas or 0, rps, memory.last_scaled, now)
-    if wanted != s.replicas:
-        why = (f"scaled from {s.replicas} to {wanted} replicas" +
-               (f" ({rps:.2f} requests/s, target {float(scaling['target']):g} per replica)" if scaling and
-                rps is not None else ""))
-        store.set_service(s.name, replicas=wanted, event=("scaled", why))
-        memory.last_scaled = now
-    views = [Replica(r.name, r.status, version(r.spec) == version(spec), r.name in ready) for r in going]
-    acts = decide(wanted, views)
-    for name in acts.stop:
-        current = next(v.current for v in views if v.name == name)
-        stop(name, "replaced by a replica of the new configuration" if not current else
-             f"scaled down to {wanted} replicas")
-    for _ in range(acts.add):  # watched from now on: one refused or failed before the next pass counts too
-        memory.seen_live.add(add_replica(store, s))
-    going = [r for r in going if r.name not in acts.stop]
-    status, message = service_status(going, len(ready & {r.name for r in going}), wanted)
+    counts = wanted_of(s)
+    stops: list[tuple[str, str]] = []
+    groups = group_specs(s.spec)
+    for group, spec in groups:
+        scaling = spec.get("scaling")
+        rps = rps_of(s.name, float(scaling.get("window") or 60)) if scaling else None
+        wanted = desired(spec, counts[group], rps, memory.last_scaled.get(group, s.created_at), now)
+        if wanted != counts[group]:
+            what = f"group {group}: " if has_groups(s.spec) else ""
+            why = (f"{what}scaled from {counts[group]} to {wanted} replicas" +
+                   (f" ({rps:.2f} requests/s, target {float(scaling['target']):g} per replica)" if scaling and
+                    rps is not None else ""))
+            counts[group] = wanted
+            store.set_service(s.name, replicas=sum(counts.values()), event=("scaled", why),
+                              group_replicas=counts if has_groups(s.spec) else None)
+            memory.last_scaled[group] = now
+        mine = [Replica(r.name, r.status, version(r.spec) == version(spec), r.name in ready) for r in going
+                if group_of(r) == group]
+        acts = decide(wanted, mine)
+        for name in acts.stop:
+            current = next(v.current for v in mine if v.name == name)
+            stops.append((name, "replaced by a replica of the new configuration" if not current else
+                          f"scaled down to {wanted} replicas" + (f" in group {group}" if has_groups(s.spec) else "")))
+        for _ in range(acts.add):  # watched from now on: one refused or failed before the next pass counts too
+            memory.seen_live.add(add_replica(store, s, group))
+    # replicas of a group the service no longer has: stopped once the others have their wanted replicas
+    # ready (at once when they serve nothing)
+    names = {g for g, _ in groups}
+    gone = [r for r in going if group_of(r) not in names]
+    kept_ready = len(ready & {r.name for r in going if group_of(r) in names})
+    for r in gone:
+        if r.name not in ready or kept_ready >= sum(counts.values()):
+            stops.append((r.name, f"its replica group {group_of(r)} was removed from the service"))
+    for name, why in stops:
+        stop(name, why)
+    stopped = {n for n, _ in stops}
+    going = [r for r in going if r.name not in stopped]
+    status, message = service_status(going, len(ready & {r.name for r in going}), sum(counts.values()))
     if (status, message) != (s.status, s.message):  # a write transaction only for a change
         store.set_service(s.name, status=status, message=message)

@@ -13,7 +13,7 @@ from gpufleet.config import name_from_file, validate
 from gpufleet.errors import ConfigError, ConfigProblem
 from gpufleet.interpolate import InterpolationError, check_run, refs
 from gpufleet.models import DevEnvironmentConfig, RunRequest, RunType, ServiceConfig, TaskConfig, split_env
-from gpufleet.models.run import group_problems
+from gpufleet.models.run import group_problems, service_group_problems
 from gpufleet.secrets import run_secrets, take
 from gpufleet.yamlsource import YamlSource, load_yaml, read_config_text
 
@@ -43,7 +43,7 @@ UNSUPPORTED: dict[str, dict[str, str]] = {
     "service": {**_COMMON, **{
         "gateway": _NO_GATEWAY, "https": _NO_GATEWAY,
         "router": _NO_GATEWAY,
-        "groups": "apply one service per replica group, each with its own name",
+        "groups": "write the replica groups as a list under `replicas` (dstack's other form)",
     }},
     "dev-environment": {**_COMMON, **{
         "version": "gpufleet pre-installs no IDE server (VS Code, Cursor, Windsurf install their own over "
@@ -71,6 +71,9 @@ def parse_run(text: str, source: str, secrets: dict[str, str] | None = None, val
                                                   f"(got {src.data.get('type')!r})")])
     kind = src.data["type"]
     cfg = validate(_MODELS[kind], src, unsupported=UNSUPPORTED[kind])
+    if isinstance(cfg, ServiceConfig) and (wrong := service_group_problems(cfg, set(src.data))):
+        problems = [src.problem(loc, why) for loc, why in wrong]
+        raise ConfigError(sorted(problems, key=lambda p: (p.line or 0, p.column or 0)))
     if isinstance(cfg, TaskConfig) and (wrong := group_problems(cfg, set(src.data))):
         problems = [src.problem(loc, why) for loc, why in wrong]
         raise ConfigError(sorted(problems, key=lambda p: (p.line or 0, p.column or 0)))

@@ -169,6 +169,10 @@ runs = Table(
     # its service (`replica_of`); the service's own row holds no blocks and says how many replicas it wants
     Column("replica_of", String(64), nullable=True),
     Column("replicas", Integer, nullable=True),
+    # replica groups: on a replica, its group's name (None: its service has no groups); on a service with
+    # groups, the replicas each group wants now (JSON {group: n}; `replicas` is their sum)
+    Column("replica_group", String(64), nullable=True),
+    Column("group_replicas", Text, nullable=True),
     Index("ix_runs_status", "status"),
 )
 
@@ -363,7 +367,9 @@ def _run(r) -> Run:
                blocks=json.loads(r.blocks), spec=json.loads(r.spec), container=r.container,
                nodes=json.loads(r.nodes), created_at=r.created_at, updated_at=r.updated_at, instance_num=r.num,
                owner=r.owner, priority=r.priority, max_duration=r.max_duration, started_at=r.started_at,
-               project=r.project, user=r.user, next_at=r.next_at, replica_of=r.replica_of, replicas=r.replicas)
+               project=r.project, user=r.user, next_at=r.next_at, replica_of=r.replica_of, replicas=r.replicas,
+               replica_group=r.replica_group,
+               group_replicas=json.loads(r.group_replicas) if r.group_replicas else None)
 
 
 def _event(r) -> Event:
@@ -799,10 +805,12 @@ class Store:
     def enqueue(self, name: str, run_id: str, kind: str, spec: dict, container: str, *, priority: int,
                 max_duration: float | None, retry: dict, sealed: str | None, reason: str,
                 project: str = DEFAULT_PROJECT, user: str = "", next_at: float | None = None,
-                replica_of: str | None = None, replicas: int | None = None) -> None:
+                replica_of: str | None = None, replicas: int | None = None, replica_group: str | None = None,
+                group_replicas: dict[str, int] | None = None) -> None:
         """Record a run that waits for blocks (`pending`), with its secrets sealed, and say why it waits;
         ``next_at``: a scheduled run's first start (it waits for that time first). A service's own run
-        (``replicas``: how many it wants) or one of its replicas (``replica_of``: the service)."""
+        (``replicas``: how many it wants; ``group_replicas``: how many each of its replica groups wants) or
+        one of its replicas (``replica_of``: the service; ``replica_group``: its group)."""
         now = time.time()
         with self.engine.begin() as c:
             old = c.execute(_RUN_STATUS, {"name": name}).first()
@@ -815,7 +823,8 @@ class Store:
                 name=name, run_id=run_id, type=kind, status=PENDING, message=reason, spec=json.dumps(spec),
                 container=container, created_at=now, updated_at=now, priority=priority, max_duration=max_duration,
                 retry=json.dumps(retry), project=project, user=user, next_at=next_at, replica_of=replica_of,
-                replicas=replicas))
+                replicas=replicas, replica_group=replica_group,
+                group_replicas=json.dumps(group_replicas) if group_replicas is not None else None))
             if sealed is not None:
                 c.execute(insert(secrets).values(run=name, sealed=sealed, created_at=now))
             what = (f"replica of service {replica_of}" if replica_of else
@@ -1327,14 +1336,16 @@ class Store:
 
     def set_service(self, name: str, *, status: RunStatus | None = None, message: str | None = None,
                     replicas: int | None = None, spec: dict | None = None, sealed: str | None | bool = False,
+                    group_replicas: dict[str, int] | None = None,
                     event: tuple[str, str] | None = None, actor: str = SYSTEM_ACTOR) -> bool:
         """Change a live service's own run: its status and message (an event when the status changes),
-        the replicas it wants, its spec and sealed secrets (``sealed=False``: kept), and record ``event``
+        the replicas it wants (``group_replicas``: each group's), its spec and sealed secrets (``sealed=False``:
+        kept), and record ``event``
         (kind, message). Only what differs is written; False when it is not a live service."""
         with self.engine.begin() as c:
             self._serialize(c)
             row = c.execute(select(runs.c.status, runs.c.message, runs.c.replicas, runs.c.spec, runs.c.started_at,
-                                   runs.c.project).where(runs.c.name == name)).first()
+                                   runs.c.project, runs.c.group_replicas).where(runs.c.name == name)).first()
             if row is None or row.status not in LIVE or row.replicas is None:
                 return False
             now = time.time()
@@ -1347,6 +1358,8 @@ class Store:
                 values["message"] = message
             if replicas is not None and replicas != row.replicas:
                 values["replicas"] = replicas
+            if group_replicas is not None and json.dumps(group_replicas) != row.group_replicas:
+                values["group_replicas"] = json.dumps(group_replicas)
             if spec is not None and json.dumps(spec) != row.spec:
                 values["spec"] = json.dumps(spec)
             if values:

@@ -38,6 +38,7 @@ from pydantic import (
     StrictBool,
     Tag,
     TypeAdapter,
+    ValidationError,
     ValidationInfo,
     field_serializer,
     field_validator,
@@ -1368,10 +1369,9 @@ class ProbeConfig(CoreModel):
 MAX_REPLICAS = 64
 
 
-def _replicas(value: Any) -> Range:
+def _replicas(value: Any) -> Any:
     if isinstance(value, list):
-        raise ValueError("replica groups (`replicas` as a list of groups) are not supported: apply one service per "
-                         "group, each with its own name")
+        return value  # replica groups (ReplicaGroup), validated as such
     r = parse_count(value, "replicas", MAX_REPLICAS)
     if r.max is None:
         raise ValueError(f"replicas {value!r}: the maximum number of replicas is needed (e.g. 1..4)")
@@ -1566,6 +1566,120 @@ def model_probe(model: ChatModel) -> ProbeConfig:
                        timeout=MODEL_PROBE_TIMEOUT)
 
 
+DEFAULT_GROUP = "0"  # the one group of a service without replica groups (dstack's name for it)
+# a replica group's fields that replace the service's in what its replicas run (`resources`, `commands`,
+# `replicas`, `scaling` always; these when the group sets them)
+GROUP_OVERRIDES = ("image", "python", "nvcc", "docker", "privileged", "spot_policy")
+
+
+def _count_alias(data: Any) -> Any:
+    """dstack's `count`, another name for a group's `replicas` (`replicas` wins when both are given)."""
+    if isinstance(data, dict) and "count" in data:
+        data = dict(data)
+        count = data.pop("count")
+        data.setdefault("replicas", count)
+    return data
+
+
+def _router(value: Any) -> Any:
+    if value is not None:
+        raise ValueError("a router replica group (dstack's `router`, e.g. SGLang's prefill/decode router) is not "
+                         "supported yet: apply the workers as a service of their own, without `router`")
+    return value
+
+
+class ReplicaGroup(CoreModel):
+    """One of a service's replica groups (dstack's ReplicaGroup, `replicas` written as a list): its replicas run
+    the service with the group's own count, scaling, resources and commands (and image, ... where given)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, description="The group's name (lower-case letters, digits and -, up to 40); "
+                                               "omitted: its index, `0`, `1`, ... (as dstack).")
+    replicas: Annotated[Range, BeforeValidator(_replicas)] = Field(
+        description="How many replicas of this group run: a number, or a range (`1..4`) with `scaling`. "
+                    "dstack's `count` is another name for it.")
+    scaling: ScalingSpec | None = Field(
+        None, description="The group's autoscaling (`metric: rps`, `target`, ...), from the request rate of the "
+                          "whole service's endpoint (as dstack); needs `replicas` a range.")
+    resources: ResourcesSpec = Field(
+        ResourcesSpec(), description="What each replica of the group needs (not inherited from the service, as in "
+                                     "dstack).")
+    commands: list[Annotated[str, BeforeValidator(_scalar_text)]] = Field(
+        [], description="The shell commands the group's replicas run (the service takes no top-level `commands` "
+                        "with groups).")
+    image: str | None = Field(None, description="The group's container image (not with the service's `image`, "
+                                                "`python` or `docker`).")
+    python: PythonVersion = Field(None, description="The group's default image's Python version (not with "
+                                                    "`image`).")
+    nvcc: StrictBool | None = Field(None, description="The group's default image with CUDA's compiler.")
+    docker: StrictBool | None = Field(None, description="Docker inside the group's containers (runs them "
+                                                        "privileged; needs the fleet's `policy.privileged`).")
+    privileged: StrictBool | None = Field(None, description="Run the group's containers privileged.")
+    spot_policy: Annotated[Literal["auto", "on-demand"] | None, BeforeValidator(_spot_policy)] = Field(
+        None, description="As the service's `spot_policy` (changes nothing on SSH fleets).")
+    router: Annotated[Any, BeforeValidator(_router)] = Field(
+        None, description="dstack's router group (`router: {type: sglang}`): not supported yet (refused).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _count(cls, data: Any) -> Any:
+        return _count_alias(data)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not _GROUP_NAME_RE.fullmatch(v):
+            raise ValueError(f"{v!r}: a replica group's name is 1 to 40 lower-case letters, digits and -, "
+                             "starting with a letter or digit")
+        return v
+
+    @field_serializer("replicas")
+    def _replicas_json(self, v: Range) -> str:
+        return str(v)
+
+    @model_validator(mode="after")
+    def _scaling_with_a_range(self) -> ReplicaGroup:
+        r = self.replicas
+        if r.min != r.max and self.scaling is None:
+            raise ValueError(f"`replicas: {r}` is a range: the group needs `scaling` (e.g. scaling: {{metric: rps, "
+                             "target: 10}); or give a number of replicas")
+        if r.min == r.max and self.scaling is not None:
+            raise ValueError("the group's `replicas` must be a range (e.g. 1..4) for the server to scale between")
+        return self
+
+
+def _replicas_kind(value: Any) -> str:
+    return "list[groups]" if isinstance(value, list) else "int"
+
+
+# `replicas`: a count or range, or dstack's replica groups (a list); the tags are left out of error locations
+Replicas = Annotated[Annotated[Range, Tag("int")] | Annotated[list[ReplicaGroup], Tag("list[groups]")],
+                     Discriminator(_replicas_kind)]
+
+
+def group_spec(spec: dict, group: dict) -> dict:
+    """What the replicas of replica group ``group`` (a ReplicaGroup as JSON) of the service ``spec`` (JSON)
+    run: the service with the group's count, scaling, resources and commands, and its image, python, nvcc,
+    docker, privileged and spot_policy where the group gives them (dstack's rules)."""
+    out = {k: v for k, v in spec.items()}
+    out.update(replicas=group["replicas"], scaling=group.get("scaling"), resources=group.get("resources") or {},
+               commands=list(group.get("commands") or []))
+    for key in GROUP_OVERRIDES:
+        if group.get(key) is not None:
+            out[key] = group[key]
+    return out
+
+
+def group_specs(spec: dict) -> list[tuple[str, dict]]:
+    """A service's replica groups (JSON spec): (name, what its replicas run) each; a service without groups is
+    one group, DEFAULT_GROUP, of its own spec."""
+    groups = spec.get("replicas")
+    if not isinstance(groups, list):
+        return [(DEFAULT_GROUP, spec)]
+    return [(g.get("name") or str(i), group_spec(spec, g)) for i, g in enumerate(groups)]
+
+
 class ServiceConfig(_Run):
     """A long-running server listening on `port`."""
 
@@ -1581,25 +1695,71 @@ class ServiceConfig(_Run):
     probes: list[ProbeConfig] = Field([], description="dstack's `probes`: HTTP checks of each replica; it gets "
                                                       "traffic once they pass. None: ready once its port accepts "
                                                       "a connection.")
-    replicas: Annotated[Range, BeforeValidator(_replicas)] = Field(
+    replicas: Annotated[Replicas, BeforeValidator(_replicas)] = Field(
         Range(1, 1), description="dstack's `replicas`: how many copies of the service run, each a run of its own "
                                  "on its own blocks (placed as any run, through the queue); `2`, or a range "
-                                 "`1..4` with `scaling`. A replica that ends is replaced. Default 1.")
+                                 "`1..4` with `scaling`. A replica that ends is replaced. Default 1. Or dstack's "
+                                 "replica groups: a list of groups (`name`, `replicas` or `count`, `scaling`, "
+                                 "`resources`, `commands`, `image`, `python`, `nvcc`, `docker`, `privileged`), "
+                                 "each with its own replicas of the service as the group changes it; every ready "
+                                 "replica of every group gets the endpoint's traffic. A group's `resources` are its "
+                                 "own (not the service's), and the service then takes no top-level `scaling` or "
+                                 "`commands`.")
     scaling: ScalingSpec | None = Field(
         None, validate_default=True,
         description="dstack's `scaling`: with `replicas` a range, the server adds and removes replicas from "
                     "the request rate its endpoint carries (`metric: rps`, `target`, `scale_up_delay`, "
                     "`scale_down_delay`).")
 
-    @field_serializer("replicas")
-    def _replicas_json(self, v: Range) -> str:
-        return str(v)
+    @field_serializer("replicas", mode="wrap")
+    def _replicas_json(self, v: Range | list[ReplicaGroup], handler) -> Any:
+        return str(v) if isinstance(v, Range) else handler(v)
+
+    @field_validator("replicas")
+    @classmethod
+    def _group_names(cls, v: Range | list[ReplicaGroup]) -> Range | list[ReplicaGroup]:
+        """Replica groups: named (their index when omitted, as dstack), each name once, at most MAX_REPLICAS
+        replicas in all."""
+        if isinstance(v, Range):
+            return v
+        if not v:
+            raise ValueError("an empty list of replica groups (as in dstack): give a number of replicas, or groups")
+        seen: set[str] = set()
+        for i, g in enumerate(v):
+            if g.name is None:
+                g.name = str(i)
+            if g.name in seen:
+                raise ValueError(f"replica group name {g.name!r} is given more than once; each group needs its own "
+                                 "name (as in dstack)")
+            seen.add(g.name)
+        most = sum(int(g.replicas.max or 0) for g in v)
+        if most > MAX_REPLICAS:
+            raise ValueError(f"the replica groups have up to {most} replicas in all; at most {MAX_REPLICAS}")
+        return v
+
+    @property
+    def groups(self) -> list[ReplicaGroup] | None:
+        """Its replica groups (None: `replicas` is a count or range)."""
+        return None if isinstance(self.replicas, Range) else self.replicas
+
+    def command_items(self) -> list[tuple[tuple, str]]:
+        """Every command line with where it is in the file (a group's under ("replicas", g, "commands", i))."""
+        if self.groups is None:
+            return [(("commands", i), c) for i, c in enumerate(self.commands)]
+        return [(("commands", i), c) for i, c in enumerate(self.commands)] + [
+            (("replicas", g, "commands", i), c) for g, group in enumerate(self.groups)
+            for i, c in enumerate(group.commands)]
 
     @field_validator("scaling")
     @classmethod
     def _scaling_with_a_range(cls, v: ScalingSpec | None, info: ValidationInfo) -> ScalingSpec | None:
         r = info.data.get("replicas")
         if r is None:
+            return v
+        if isinstance(r, list):
+            if v is not None:
+                raise ValueError("a service with replica groups takes `scaling` in each group, not at the top "
+                                 "(as in dstack)")
             return v
         if r.min != r.max and v is None:
             raise ValueError(f"`replicas: {r}` is a range: it needs `scaling` (e.g. scaling: {{metric: rps, "
@@ -1637,6 +1797,54 @@ class ServiceConfig(_Run):
         if self.model is not None and "probes" not in self.model_fields_set:
             self.probes = [model_probe(self.model)]
         return self
+
+
+# dstack's image sources that a service and its groups may not mix: the service's field -> the groups' fields
+_IMAGE_CLASHES = {"image": ("docker", "python", "nvcc"), "docker": ("image", "python", "nvcc"),
+                  "python": ("image", "docker"), "nvcc": ("image", "docker")}
+
+
+def service_group_problems(cfg: ServiceConfig, given: set[str]) -> list[tuple[tuple, str]]:
+    """What is wrong with a service's replica groups beside the rest of the file (``given``: the top-level fields
+    the file sets): (where, why) each; dstack's rules, and each group's replicas' spec valid as a service."""
+    groups = cfg.groups
+    if groups is None:
+        return []
+    out: list[tuple[tuple, str]] = []
+    for key in ("commands", "resources"):
+        if key in given:
+            out.append(((key,), f"a service with replica groups takes no top-level `{key}` (a group's are its own, "
+                                f"as in dstack): put `{key}` in each group"))
+    spec = cfg.model_dump(mode="json")
+
+    def service_sets(key: str) -> bool:
+        value = getattr(cfg, key)
+        return value is True if key in ("docker", "privileged", "nvcc") else value is not None
+
+    for i, g in enumerate(groups):
+        for key in GROUP_OVERRIDES:
+            if service_sets(key) and getattr(g, key) is not None:
+                out.append((("replicas", i, key), f"`{key}` is set for the service too: set it in one place only, "
+                                                  "the service (every group) or each group (as in dstack)"))
+        for key, clashes in _IMAGE_CLASHES.items():
+            for other in clashes:
+                if service_sets(key) and getattr(g, other) is not None:
+                    out.append((("replicas", i, other), f"not with the service's `{key}`: image sources are "
+                                                        "exclusive (as in dstack)"))
+        if not g.commands and g.image is None and cfg.image is None:
+            out.append((("replicas", i), f"replica group {g.name!r} needs `commands`, or an `image` (its own or the "
+                                         "service's) to run as it is"))
+    if out:
+        return out
+    for i, (g, (_, gspec)) in enumerate(zip(groups, group_specs(spec), strict=True)):
+        try:
+            ServiceConfig.model_validate(gspec)
+        except ValidationError as e:
+            for err in e.errors(include_url=False):
+                loc = tuple(err["loc"])
+                where = ("replicas", i, *loc) if loc and loc[0] in ReplicaGroup.model_fields else ("replicas", i)
+                out.append((where, f"replica group {g.name!r}: " + err["msg"].removeprefix("Value error, ")))
+    return out
 
 
 class DevEnvironmentConfig(_Run):

@@ -131,6 +131,8 @@ class Run(CoreModel):
     service: ServiceView | None = None  # a live service: its URL and readiness (set by the server's answers)
     replica_of: str | None = None  # a replica of a service: the service's run (gpufleet.replicas)
     replicas: int | None = None  # a service: how many replicas it wants now (its replicas are runs of their own)
+    replica_group: str | None = None  # a replica of a service with replica groups: its group's name
+    group_replicas: dict[str, int] | None = None  # a service with replica groups: how many each group wants now
 
     @property
     def is_service(self) -> bool:

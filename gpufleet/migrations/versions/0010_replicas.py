@@ -3,6 +3,8 @@
 `runs.replica_of`: a replica's service (its run's name); `runs.replicas`: on a service's own run,
 how many replicas it wants now (set at submission, changed by its autoscaling). `service_requests`:
 the requests each server process carried to each service (its autoscaling's request rate).
+`runs.replica_group`: a replica's group (dstack's replica groups); `runs.group_replicas`: on a service
+with groups, how many replicas each group wants now (JSON).
 """
 
 import sqlalchemy as sa
@@ -18,6 +20,8 @@ def upgrade() -> None:
     with op.batch_alter_table("runs") as batch:
         batch.add_column(sa.Column("replica_of", sa.String(64), nullable=True))
         batch.add_column(sa.Column("replicas", sa.Integer, nullable=True))
+        batch.add_column(sa.Column("replica_group", sa.String(64), nullable=True))
+        batch.add_column(sa.Column("group_replicas", sa.Text, nullable=True))
     op.create_table(
         "service_requests",
         sa.Column("service", sa.String(64), primary_key=True),
@@ -30,5 +34,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("service_requests")
     with op.batch_alter_table("runs") as batch:
+        batch.drop_column("group_replicas")
+        batch.drop_column("replica_group")
         batch.drop_column("replicas")
         batch.drop_column("replica_of")
