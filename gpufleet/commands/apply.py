@@ -172,8 +172,10 @@ def _service_applied(client, view, before, console: Console, detach: bool = Fals
                                    "older configuration are replaced one at a time, each once a new one is ready "
                                    "(gpufleet ps shows them)")
     elif detach or not view.replicas:
-        present.plain(console, f"{view.name} is submitted: {view.replicas} replica(s), each waiting for blocks in "
-                               "the queue" if view.replicas else f"{view.name} is submitted with 0 replicas: the "
+        groups = (" (" + ", ".join(f"group {g}: {n}" for g, n in view.group_replicas.items()) + ")"
+                  if view.group_replicas else "")
+        present.plain(console, f"{view.name} is submitted: {view.replicas} replica(s){groups}, each waiting for blocks "
+                               "in the queue" if view.replicas else f"{view.name} is submitted with 0 replicas: the "
                                "first request to its URL starts one")
     else:
         said = ""
@@ -188,7 +190,9 @@ def _service_applied(client, view, before, console: Console, detach: bool = Fals
     for r in sorted((Run.model_validate(r) for r in client.get("/api/runs", project=view.project)
                      if r.get("replica_of") == view.name), key=lambda r: r.created_at):
         where = f"{r.fleet} instance {r.instance_num} ({r.alias})" if r.alias else r.message or "waiting"
-        present.plain(console, f"  replica {r.name}: {r.status} {'on ' + where if r.alias else '(' + where + ')'}")
+        group = f" (group {r.replica_group})" if r.replica_group else ""
+        where = f"on {where}" if r.alias else f"({where})"
+        present.plain(console, f"  replica {r.name}{group}: {r.status} {where}")
     if view.service is not None:
         present.plain(console, f"{view.name} is served at {view.service.url}" +
                       ("" if view.service.ready else " (not ready yet: gpufleet ps shows when it is)"))
