@@ -208,7 +208,7 @@ def ps_table(views: list[Run]) -> Table:
             status += f": {message[:160]}"
         name = f"  {r.name}" if r.replica_of in names else r.name  # a replica, under its service
         kind = (f"replica ({r.replica_group})" if r.replica_group else "replica") if r.replica_of else r.type
-        t.add_row(name, *_cells(r, who), kind, r.fleet or "-", instance, gpus, Text(status),
+        t.add_row(name, *_cells(r, who), Text(kind), r.fleet or "-", instance, gpus, Text(status),
                   age(r.created_at, time.time()))
     return t
 
