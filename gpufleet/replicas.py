@@ -30,7 +30,7 @@ from gpufleet.errors import GpufleetError
 from gpufleet.launch import container_name
 from gpufleet.models import Run, RunStatus
 from gpufleet.models.core import SYSTEM_ACTOR, Range
-from gpufleet.models.run import RUN_CONFIG, ServiceConfig, parse_count
+from gpufleet.models.run import DEFAULT_SCALING_WINDOW, parse_count
 
 FAIL_LIMIT = 3  # replicas in a row that failed before being ready: the service fails
 SCALE_ONLY = ("replicas", "scaling")  # spec fields whose change is not a new version of the replicas
@@ -155,13 +155,6 @@ def add_replica(store, service: Run) -> str:
     return name
 
 
-def config_of(run: Run) -> ServiceConfig:
-    cfg = RUN_CONFIG.validate_python(run.spec)
-    if not isinstance(cfg, ServiceConfig):
-        raise GpufleetError(f"run {run.name} is not a service")
-    return cfg
-
-
 @dataclass
 class Memory:
     """What the leader remembers of a service between passes (lost with it: then counted anew)."""
@@ -207,8 +200,7 @@ def update(store, old: Run, spec: dict, sealed: str | None, who) -> Run:
         raise GpufleetError(f"a service named {old.name} is already live in project {old.project}: choose "
                             f"another name")
     same = version(spec) == version(old.spec)
-    r = bounds(spec)
-    wanted = min(max(old.replicas or 0, int(r.min or 0)), int(r.max if r.max is not None else r.min or 0))
+    wanted = desired(spec, old.replicas or 0, None, None, 0)  # what it has, within the new bounds
     if same and spec == old.spec:
         return old  # nothing changed (secrets given again are kept as they were sealed first)
     what = "rolling update to its new configuration" if not same else "new replica settings"
@@ -260,7 +252,7 @@ def _keep_one(store, s: Run, rs: list[Run], memory: Memory, ready: set[str], rps
         return
     spec = s.spec
     scaling = spec.get("scaling")
-    rps = rps_of(s.name, float(scaling.get("window") or 60)) if scaling else None
+    rps = rps_of(s.name, float(scaling.get("window") or DEFAULT_SCALING_WINDOW)) if scaling else None
     wanted = desired(spec, s.replicas or 0, rps, memory.last_scaled, now)
     if wanted != s.replicas:
         why = (f"scaled from {s.replicas} to {wanted} replicas" +
