@@ -32,7 +32,7 @@ def model_url(server: str, project: str) -> str:
 
 def model_of(run: Run) -> dict[str, Any] | None:
     """A service's `model` as its spec holds it ({type, name, format, prefix}), None for any other run."""
-    if run.type != "service":
+    if not run.is_service:  # a service's own run (its replicas are runs of their own)
         return None
     model = run.spec.get("model")
     return model if isinstance(model, dict) and model.get("name") else None

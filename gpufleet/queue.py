@@ -570,14 +570,16 @@ def _stopper(store: Store, run: Run, why: str, actor: str = SYSTEM_ACTOR, final:
 def _stop_service(store: Store, name: str, why: str, actor: str) -> bool:
     """Stop every replica of a `stopping` service (each within its grace), then end the service
     `stopped`; False (it is `running` again, saying why) when a replica could not be stopped."""
-    failed = []
-    for r in store.replica_runs(name):
-        if not end_replica(store, r.name, f"its service {name} is stopping ({why})", actor):
-            failed.append(r.name)
+    failed = _end_replicas(store, name, f"its service {name} is stopping ({why})", actor)
     if failed:
         store.set_service(name, status=RunStatus.RUNNING, message=f"could not stop replicas {', '.join(failed)}")
         return False
     return store.finish_run(name, RunStatus.STOPPED, None, why, actor=actor, expect=(RunStatus.STOPPING,))
+
+
+def _end_replicas(store: Store, service: str, why: str, actor: str) -> list[str]:
+    """End every live replica of ``service`` (end_replica, one after the other): those that could not be stopped."""
+    return [r.name for r in store.replica_runs(service) if not end_replica(store, r.name, why, actor)]
 
 
 def stop_replica(store: Store, name: str, why: str, actor: str = SYSTEM_ACTOR) -> Callable[[], bool] | None:
@@ -616,9 +618,8 @@ def stop(store: Store, name: str, by: str = "the user", actor: str = SYSTEM_ACTO
     if run.status == RunStatus.PENDING:
         if cancel(store, name, f"cancelled by {by} while waiting", actor):
             if run.is_service:  # its replicas (waiting, or being started) go too
-                return store.run(name), lambda: all([end_replica(store, r.name, f"its service {name} was "
-                                                                 f"cancelled by {by}", actor)
-                                                     for r in store.replica_runs(name)])
+                return store.run(name), lambda: not _end_replicas(store, name, f"its service {name} was "
+                                                                                f"cancelled by {by}", actor)
             return store.run(name), None
         run = store.run(name)
     if run.status == RunStatus.STOPPING:

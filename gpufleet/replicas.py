@@ -38,7 +38,7 @@ from gpufleet.errors import GpufleetError
 from gpufleet.launch import container_name
 from gpufleet.models import Run, RunRequest, RunStatus
 from gpufleet.models.core import SYSTEM_ACTOR, Range
-from gpufleet.models.run import DEFAULT_GROUP, RUN_CONFIG, ServiceConfig, group_specs, parse_count
+from gpufleet.models.run import DEFAULT_GROUP, DEFAULT_SCALING_WINDOW, ServiceConfig, group_specs, parse_count
 
 FAIL_LIMIT = 3  # replicas in a row that failed before being ready: the service fails
 SCALE_ONLY = ("replicas", "scaling")  # spec fields whose change is not a new version of the replicas
@@ -188,13 +188,6 @@ def add_replica(store, service: Run, group: str = DEFAULT_GROUP) -> str:
     return name
 
 
-def config_of(run: Run) -> ServiceConfig:
-    cfg = RUN_CONFIG.validate_python(run.spec)
-    if not isinstance(cfg, ServiceConfig):
-        raise GpufleetError(f"run {run.name} is not a service")
-    return cfg
-
-
 @dataclass
 class Memory:
     """What the leader remembers of a service between passes (lost with it: then counted anew)."""
@@ -257,10 +250,8 @@ def update(store, old: Run, spec: dict, sealed: str | None, who) -> Run:
         return old  # nothing changed (secrets given again are kept as they were sealed first)
     before = wanted_of(old)
     counts = {}
-    for name, g in group_specs(spec):
-        r = bounds(g)
-        counts[name] = min(max(before.get(name, wanted_at_start(g)), int(r.min or 0)),
-                           int(r.max if r.max is not None else r.min or 0))
+    for name, g in group_specs(spec):  # what each group has, within its new bounds
+        counts[name] = desired(g, before.get(name, wanted_at_start(g)), None, None, 0)
     wanted = sum(counts.values())
     what = "rolling update to its new configuration" if not same else "new replica settings"
     if wanted != old.replicas:
@@ -315,7 +306,7 @@ def _keep_one(store, s: Run, rs: list[Run], memory: Memory, ready: set[str], rps
     groups = group_specs(s.spec)
     for group, spec in groups:
         scaling = spec.get("scaling")
-        rps = rps_of(s.name, float(scaling.get("window") or 60)) if scaling else None
+        rps = rps_of(s.name, float(scaling.get("window") or DEFAULT_SCALING_WINDOW)) if scaling else None
         wanted = desired(spec, counts[group], rps, memory.last_scaled.get(group, s.created_at), now)
         if wanted != counts[group]:
             what = f"group {group}: " if has_groups(s.spec) else ""

@@ -225,11 +225,10 @@ def replica_for(store: Store, run: Run) -> Run:
     replica (each replica is a run of its own: name it, SERVICE.N, to reach another)."""
     if not run.is_service:
         return run
-    reps = store.replica_runs(run.name)
-    running = [r for r in reps if r.status == RunStatus.RUNNING] or [r for r in reps if r.active]
+    running = [r for r in store.replica_runs(run.name) if r.status == RunStatus.RUNNING]
     if not running:
-        raise GpufleetError(f"service {run.name} has no running replica ({run.status}: {run.message})"
-                            if run.live else f"service {run.name} is {run.status}")
+        raise GpufleetError(f"service {run.name} has no running replica yet ({run.message})" if run.live
+                            else f"service {run.name} is {run.status}")
     return min(running, key=lambda r: r.created_at)
 
 

@@ -9,4 +9,4 @@ GPUFLEET_TEST_DATABASE_URL=$(scripts/postgres.sh)
 export GPUFLEET_TEST_DATABASE_URL
 # every test runs: tests/conftest.py reports a skipped test as failed while this is set
 export GPUFLEET_TEST_NO_SKIP=1
-exec .venv/bin/python -m pytest -q -ra "$@"
+exec .venv/bin/python -m pytest -q -ra --durations=25 "$@"

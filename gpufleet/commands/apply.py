@@ -119,12 +119,6 @@ def submit(args: argparse.Namespace, console: Console) -> int:
         return _ended(view, console)
     where = ", ".join(f"instance {n.instance_num} ({n.alias})" for n in view.nodes) or view.alias
     present.plain(console, f"{view.name} is running on {view.fleet} {where}")
-    if view.service is not None:  # a service: where the server serves it
-        present.plain(console, f"{view.name} is served at {view.service.url}" +
-                      ("" if view.service.ready else " (not ready yet: gpufleet ps shows when it is)"))
-        if view.service.model:  # a model service: OpenAI's clients reach it by its model's name
-            present.plain(console, f"model {view.service.model} is served at {view.service.model_url} "
-                                   "(OpenAI-compatible: base URL, a member's token as the API key)")
     if args.detach or view.type != "task":
         return EXIT_OK
     _follow_logs(client, view.name)
@@ -160,9 +154,14 @@ def _live_service(client, name: str):
 
 
 def _service_applied(client, view, before, console: Console, detach: bool = False) -> int:
-    """After a service's submission: an update says what it does; a new service (unless detached) waits
-    until a replica runs. Then where its replicas run and its URL."""
+    """After a service's submission: an update says what it does. A new service waits until a replica
+    runs, saying why while it waits (detached: until then, or until a replica waits in the queue with a
+    reason). Then where its replicas are, its URL, and its model's."""
     from gpufleet.models import Run, RunStatus
+
+    def replicas() -> list:
+        return sorted((Run.model_validate(r) for r in client.get("/api/runs", project=view.project)
+                       if r.get("replica_of") == view.name), key=lambda r: r.created_at)
 
     if before is not None:
         if view.updated_at == before.updated_at:
@@ -171,31 +170,32 @@ def _service_applied(client, view, before, console: Console, detach: bool = Fals
             present.plain(console, f"{view.name} is updated: {view.replicas} replica(s) wanted; replicas of an "
                                    "older configuration are replaced one at a time, each once a new one is ready "
                                    "(gpufleet ps shows them)")
-    elif detach or not view.replicas:
-        groups = (" (" + ", ".join(f"group {g}: {n}" for g, n in view.group_replicas.items()) + ")"
-                  if view.group_replicas else "")
-        present.plain(console, f"{view.name} is submitted: {view.replicas} replica(s){groups}, each waiting for blocks "
-                               "in the queue" if view.replicas else f"{view.name} is submitted with 0 replicas: the "
-                               "first request to its URL starts one")
+    elif not view.replicas:
+        present.plain(console, f"{view.name} is submitted with 0 replicas: the first request to its URL starts one")
     else:
         said = ""
         while view.status == RunStatus.PENDING:
-            if view.message != said:
-                present.plain(console, f"{view.name} waits: {view.message}")
-                said = view.message
+            queued = next((r for r in replicas() if r.status == RunStatus.PENDING and r.message), None)
+            if queued is not None and queued.message != said:
+                present.plain(console, f"{view.name} {'is queued' if detach else 'waits'}: replica {queued.name} "
+                                       f"(#{queued.position}): {queued.message}")
+                said = queued.message
+                if detach:
+                    break
             time.sleep(0.5)
             view = Run.model_validate(client.get(f"/api/runs/{view.name}"))
         if not view.live:
             return _ended(view, console)
-    for r in sorted((Run.model_validate(r) for r in client.get("/api/runs", project=view.project)
-                     if r.get("replica_of") == view.name), key=lambda r: r.created_at):
-        where = f"{r.fleet} instance {r.instance_num} ({r.alias})" if r.alias else r.message or "waiting"
+    for r in replicas():
+        where = f"on {r.fleet} instance {r.instance_num} ({r.alias})" if r.alias else f"({r.message or 'waiting'})"
         group = f" (group {r.replica_group})" if r.replica_group else ""
-        where = f"on {where}" if r.alias else f"({where})"
         present.plain(console, f"  replica {r.name}{group}: {r.status} {where}")
-    if view.service is not None:
+    if view.service is not None:  # where the server serves it
         present.plain(console, f"{view.name} is served at {view.service.url}" +
                       ("" if view.service.ready else " (not ready yet: gpufleet ps shows when it is)"))
+        if view.service.model:  # a model service: OpenAI's clients reach it by its model's name
+            present.plain(console, f"model {view.service.model} is served at {view.service.model_url} "
+                                   "(OpenAI-compatible: base URL, a member's token as the API key)")
     return EXIT_OK
 
 

@@ -1379,6 +1379,7 @@ def _replicas(value: Any) -> Any:
 
 
 SCALING_WINDOWS = (30, 60, 300)  # seconds (dstack's)
+DEFAULT_SCALING_WINDOW = 60.0
 
 
 def _scaling_window(value: Any) -> float | None:
@@ -1408,10 +1409,6 @@ class ScalingSpec(CoreModel):
                            "a request scales up at once).")
     scale_down_delay: Annotated[float, BeforeValidator(_scaling_delay)] = Field(
         600.0, description="Least time after a scaling before the next scale-down (default 10m).")
-
-    @property
-    def window_seconds(self) -> float:
-        return self.window if self.window is not None else 60.0
 
 
 MAX_INT64 = 2**63 - 1  # nginx's bound on a rate (per minute) and a burst, kept as dstack keeps it

@@ -37,6 +37,11 @@ def add_routes(app: FastAPI, ctx, carry, callers) -> None:
         token = bearer(request.headers.get("authorization"))
         return await asyncio.to_thread(look, project, token, client_of(request), callers.get(token))
 
+    def has_ready(run: Run) -> bool:
+        """Whether a replica of ``run`` is ready (without taking a turn of its round robin)."""
+        proxy = ctx.services
+        return proxy is not None and run.status == RunStatus.RUNNING and proxy.status(run)[0] > 0
+
     def socket_of(run: Run) -> str | None:
         proxy = ctx.services
         return proxy.socket_for(run) if proxy is not None and run.status == RunStatus.RUNNING else None
@@ -54,7 +59,7 @@ def add_routes(app: FastAPI, ctx, carry, callers) -> None:
                 raise models_route.unknown_path(path, project)
             body = await _read(request)
             name = models_route.requested_model(body)
-            run = models_route.pick(runs, project, name, lambda r: socket_of(r) is not None)
+            run = models_route.pick(runs, project, name, has_ready)
             if run is None:
                 raise models_route.not_found(name, project, models_route.served(runs, project))
             sock = socket_of(run)

@@ -393,7 +393,8 @@ def apply_run_argv(bench: Bench, role: str) -> list[str]:
 
 def check_apply_run(bench: Bench, role: str, out: Out) -> None:
     name = bench.team.run(f"apply-{slug(role)}")
-    assert f"{name} is" in out.stdout, out.stdout  # "is running on ..." or "is queued (#n): ..."
+    # "is running on ...", "is queued (#n): ...", or (it ran and ended between two looks) "NAME: done ..."
+    assert f"{name} is" in out.stdout or f"{name}: done" in out.stdout, out.stdout
     run = bench.team.ok("admin", "GET", f"/api/runs/{name}")
     assert (run["user"], run["project"]) == (role, "ml"), run
 

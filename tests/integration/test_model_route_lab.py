@@ -71,7 +71,7 @@ def test_a_model_service_answers_openai_requests_routed_by_model(lab_factory, tm
         # dstack's path (its base URL has no /v1) reaches the same
         assert call(server.port, "POST", f"{MODELS}/chat/completions", token, ask)[1]["choices"] == got["choices"]
 
-        (row,) = json.loads(admin("ps", "--json", check=0).stdout)
+        row = next(r for r in json.loads(admin("ps", "--json", check=0).stdout) if r["name"] == "llm")
         assert (row["model"], row["model_url"]) == ("my-llm", f"{server.url}{MODELS}/"), row
         assert row["url"] == f"{server.url}/proxy/services/default/llm/" and row["ready"] is True, row
 

@@ -59,8 +59,9 @@ commands:
     if [ "$GPUFLEET_NODE_RANK" = 0 ]; then
       echo "got: $(nc -l -p 29500)"
     else
+      echo hello-from-rank-1 > /tmp/msg  # a file, not a pipe: nc reads it before it sees the listener close
       for i in $(seq 1 50); do
-        echo hello-from-rank-1 | nc -w 1 "$GPUFLEET_MASTER_NODE_IP" 29500 && break; sleep 0.2
+        nc -w 1 "$GPUFLEET_MASTER_NODE_IP" 29500 < /tmp/msg && break; sleep 0.2
       done
       echo sent
     fi

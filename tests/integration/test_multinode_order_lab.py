@@ -66,7 +66,9 @@ def timestamp(text: str) -> datetime:
 
 
 def test_groups_with_master_first_run_their_own_commands_and_reach_each_other(lab, mcli, tmp_path):
-    # the worker sends once, without retrying: master-first has the master listening before it starts
+    # the worker sends once, without retrying: master-first has the master listening before it starts.
+    # It sends from a file, not `echo | nc`: busybox nc on an empty pipe sees the listener's end
+    # (it has no stdin) first and exits 0 without sending, a race that lost the message under load
     path = tmp_path / "mfirst.yml"
     path.write_text(f"""type: task
 name: mfirst
@@ -80,7 +82,8 @@ groups:
   - name: workers
     commands:
       - echo "worker $GPUFLEET_NODE_RANK sends to ${{{{ groups[0].nodes[0].IP_ADDRESS }}}}"
-      - echo hello-from-the-worker | nc -w 2 ${{{{ groups[0].nodes[0].IP_ADDRESS }}}} 29501
+      - echo hello-from-the-worker > /tmp/msg
+      - nc -w 2 ${{{{ groups[0].nodes[0].IP_ADDRESS }}}} 29501 < /tmp/msg
 """)
     p = mcli("apply", "-f", str(path), "-y", timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr

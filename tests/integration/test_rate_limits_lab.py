@@ -54,7 +54,7 @@ def test_a_burst_over_a_services_rate_limit_gets_429_until_it_drains(lab_factory
         assert [server.request("GET", f"{base}/open/").status for _ in range(10)] == [200] * 10
 
         # the refused requests never reached the service: its log has a `url:/` per 200 (busybox httpd -vv)
-        container = server.request("GET", "/api/runs/lim", server.admin_token).json()["container"]
+        container = server.request("GET", "/api/runs/lim.0", server.admin_token).json()["container"]  # its replica
 
         def served() -> list[str]:
             logs = core.host_exec(lab, lab.nodes[0], ["podman", "logs", container], check=True)

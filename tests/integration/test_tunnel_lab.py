@@ -137,7 +137,7 @@ def test_attach_and_logs_through_the_server_with_a_token_and_no_keys(lab_factory
         from gpufleet.errors import UsageError
         from gpufleet.tunnel import open_tunnel
 
-        with pytest.raises(UsageError, match="run web does not declare port 22: it declares 8000"):
+        with pytest.raises(UsageError, match=r"run web\.0 does not declare port 22: it declares 8000"):  # its replica
             open_tunnel(Client(url, token), "web", 22)
         with pytest.raises(UsageError, match="does not declare port"):
             open_tunnel(Client(url, token), "web", local)  # the local side of local:8000 is not the host's

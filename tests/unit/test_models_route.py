@@ -98,8 +98,9 @@ def _run(name: str, model=None, status="running", project="main", created=100.0,
     if model is not None:
         spec["model"] = {"type": "chat", "name": model, "format": "openai", "prefix": "/v1"} \
             if isinstance(model, str) else model
-    return Run(name=name, run_id=f"id-{name}", type=type_, fleet="f", instance_id=1, alias="h", status=status,
-               spec=spec, container="c", created_at=created, updated_at=created, project=project)
+    return Run(name=name, run_id=f"id-{name}", type=type_, fleet=None, instance_id=None, alias=None, status=status,
+               spec=spec, container="c", created_at=created, updated_at=created, project=project,
+               replicas=1 if type_ == "service" else None)  # a service's own run
 
 
 def test_the_path_under_the_models_endpoint_and_what_the_service_sees():
@@ -232,7 +233,8 @@ def endpoint(tmp_path):
         store=SimpleNamespace(runs=lambda projects=None: [r for r in runs if r.project in projects],
                               run=lambda name: None),
         services=SimpleNamespace(socket_for=lambda r: sock if r.name == "llm" else None,
-                                 status=lambda r: (0, 1), known=lambda n: None, lost=lambda *a: None),
+                                 status=lambda r: (1 if r.name == "llm" else 0, 1), known=lambda n: None,
+                                 lost=lambda *a: None, hit=lambda n: None),
         caller=lambda token, client: member if token == "gft_member" else _caller())
     app = FastAPI()
     proxy.add_routes(app, ctx)

@@ -183,3 +183,13 @@ def test_request_counts_of_every_server_process_add_up_and_old_ones_go(db_url): 
     assert store.service_requests_since("other", now - 60) == 3
     store.add_service_requests("h:3", {}, now + RATE_KEEP + RATE_BUCKET)  # old buckets pruned, whoever wrote them
     assert store.service_requests_since("web", 0) == 0
+
+
+def test_a_waiting_service_cancelled_takes_its_waiting_replicas_along(db_url):  # noqa: F811
+    store = Store(db_url)
+    add_host(store, "f", "a", 2)
+    submit(store, "replicas: 2\n")
+    run, work = queue.stop(store, "web", by="the test")
+    assert run.status == RunStatus.STOPPED and work is not None and work()
+    assert {r.status for r in store.replica_runs("web", include_finished=True)} == {RunStatus.STOPPED}
+    assert store.replica_runs("web") == []

@@ -375,3 +375,32 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     # it only warns about a key it does not know or a value it cannot read: those count here too
     assert path.name not in result.stderr + result.stdout, result.stderr
+
+
+def test_the_servers_connections_send_without_waiting_for_acks():
+    """TCP_NODELAY on each accepted connection (asyncio sets it for a socket made as TCP): without it every
+    answer on a kept-alive connection waited ~40 ms for the client's delayed ACK."""
+    import asyncio
+    import socket
+
+    from gpufleet.server.main import listening_socket
+
+    async def main() -> int:
+        seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                sock = transport.get_extra_info("socket")
+                seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        sock = listening_socket("127.0.0.1", 0)
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(main()) != 0

@@ -25,9 +25,9 @@ from gpufleet.server import proxy
 
 
 def _run(name: str, run_id: str, **spec) -> Run:
-    return Run(name=name, run_id=run_id, type="service", fleet="f", instance_id=1, alias="h", status="running",
+    return Run(name=name, run_id=run_id, type="service", fleet=None, instance_id=None, alias=None, status="running",
                spec={"type": "service", "port": 8000, **spec}, container="c", created_at=0, updated_at=0,
-               project="main")
+               project="main", replicas=1)  # a service's own run
 
 
 def _replica_app(seen: list) -> FastAPI:
@@ -74,7 +74,7 @@ def endpoint(tmp_path):
             "free": _run("free", "r3", auth=False)}
     ctx = SimpleNamespace(store=SimpleNamespace(run=runs.get),
                           services=SimpleNamespace(socket_for=lambda r: sock, status=lambda r: (1, 1),
-                                                   known=runs.get, lost=lambda *a: None),
+                                                   known=runs.get, lost=lambda *a: None, hit=lambda n: None),
                           caller=lambda token, client: None)
     app = FastAPI()
     proxy.add_routes(app, ctx)
