@@ -185,6 +185,7 @@ class Request:
     # its service's other replicas, so that replicas spread over hosts)
     spread: frozenset[int] = frozenset()
     spread_group: str = ""  # runs of one group placed in one pass spread among themselves too (scheduler)
+    spread_only: bool = False  # never on a host of ``spread`` (a router service's replicas: one per host)
 
     @property
     def gpu_min(self) -> int:
@@ -349,6 +350,8 @@ def place(req: Request, hosts: HostIndex | list[HostSlots]) -> Placement:
             continue
         if host_refusal(host, req):
             continue
+        if req.spread_only and host.instance_id in req.spread:
+            continue
         known = by_shape.get(host.shape) if host.shape is not None else None
         if known is None:
             usable = _usable_blocks(host, req)
@@ -487,4 +490,8 @@ def _refusal(req: Request, hosts: list[HostSlots]) -> str:
         else:
             parts.append(f"{h.alias} {sum(b.free for b in usable)}/{len(usable)} blocks free")
     what = req.describe() if req.gpu_min else "CPU-only block"
+    taken = [h.alias for h in considered if req.spread_only and h.instance_id in req.spread]
+    if taken:  # its service's replicas use the host's network: one per host
+        refused.append(f"{', '.join(taken)} run(s) another replica of its service (a service with a router runs one "
+                       "replica per host, on the host's network)")
     return f"no instance has {what} free: " + ", ".join(parts) + "".join(f"; {why}" for why in refused)

@@ -433,7 +433,8 @@ def _spread_replicas(store: Store, pending: list[Run], waits: dict[str, Waiting]
         if r.name in waits and r.replica_of:
             w = waits[r.name]
             waits[r.name] = dataclasses.replace(w, request=dataclasses.replace(
-                w.request, spread=frozenset(held.get(r.replica_of, ())), spread_group=r.replica_of))
+                w.request, spread=frozenset(held.get(r.replica_of, ())), spread_group=r.replica_of,
+                spread_only=r.spec.get("network") == "host"))  # on the host's network: one per host
 
 
 def positions(runs: list[Run], now: float | None = None, usage: Usage | None = None) -> dict[str, int]:

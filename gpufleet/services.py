@@ -136,6 +136,7 @@ class Replica:
     port: int  # the container's port (the service's `port`)
     host_port: int | None = None  # where it is published on the host's 127.0.0.1
     name: str = ""  # the replica's run
+    group: str = ""  # its replica group
     draining: bool = False  # about to be stopped: gets no new request
     probes: list[ProbeState] = field(default_factory=list)
     ready: bool = False

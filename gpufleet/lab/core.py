@@ -32,6 +32,7 @@ from gpufleet.errors import GpufleetError, UsageError
 from gpufleet.lab import gputools
 from gpufleet.lab.gputools import GpuSpec, write_standins
 from gpufleet.lab.openai_stub import OPENAI_STUB
+from gpufleet.lab.router_stub import ROUTER_STUB
 
 LAB_USER = "gpufleet"
 LAB_IMAGE = "localhost/gpufleet-lab:latest"
@@ -372,7 +373,8 @@ def _make_rootfs(lab: Lab) -> Path:
         for name, text, mode in (("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", 0o644),
                                  ("etc/group", "root:x:0:\n", 0o644),
                                  ("usr/bin/gpu-burn", gputools.GPU_BURN, 0o755),  # a workload that makes GPUs busy
-                                 ("usr/bin/openai-stub", OPENAI_STUB, 0o755)):  # a model server (OpenAI's API)
+                                 ("usr/bin/openai-stub", OPENAI_STUB, 0o755),  # a model server (OpenAI's API)
+                                 ("usr/bin/router-stub", ROUTER_STUB, 0o755)):  # SGLang's router, for its workers
             data = text.encode()
             info = tarfile.TarInfo(name)
             info.size, info.mode = len(data), mode

@@ -1,7 +1,7 @@
 """openai-stub: a tiny OpenAI-compatible model server in the lab's image (/usr/bin/openai-stub), a stand-in
 for vLLM, SGLang or TGI behind a service with `model` (real tokens are not the point).
 
-    openai-stub --model NAME [--port 8000] [--prefix /v1] [--delay 0.3]
+    openai-stub --model NAME [--port 8000] [--prefix /v1] [--delay 0.3] [--mode prefill|decode] [--bootstrap-port 8998]
 
 It is a busybox shell script behind busybox `nc -ll -e` (the image has no Python): one process per
 connection, one request per connection (`Connection: close`). It answers
@@ -11,7 +11,12 @@ connection, one request per connection (`Connection: close`). It answers
   request (its last message); with `"stream": true`, server-sent events: one `chat.completion.chunk` per
   word, DELAY seconds apart, then `data: [DONE]`;
 - `POST PREFIX/completions`: a `text_completion` echoing `prompt`;
-- a request for another model: 404 with OpenAI's `model_not_found` error, as vLLM does.
+- a request for another model: 404 with OpenAI's `model_not_found` error, as vLLM does;
+- `GET /health`: 200; `GET /server_info`: SGLang's shape, `{"status": "ready"}` with, given `--mode`, its
+  `disaggregation_mode` (and a prefill's `disaggregation_bootstrap_port`): a prefill or decode worker of a
+  router service (gpufleet.router).
+
+Each answer's `system_fingerprint` is `MODE@HOSTNAME` (`regular` without `--mode`): which worker answered.
 
 The JSON is read with sed (a field's first string value; no escaped quotes in it), enough for tests.
 """
@@ -20,21 +25,23 @@ OPENAI_STUB = r"""#!/bin/sh
 # gpufleet-lab-standin: openai-stub, a tiny OpenAI-compatible model server (gpufleet.lab.openai_stub).
 set -f  # the words of a message are never file patterns
 if [ "${1:-}" != "--connection" ]; then
-  model=stub port=8000 prefix=/v1 delay=0.3
+  model=stub port=8000 prefix=/v1 delay=0.3 mode=regular bootstrap=8998
   while [ $# -gt 0 ]; do
     case "$1" in
       --model) model=$2; shift 2 ;;
       --port) port=$2; shift 2 ;;
       --prefix) prefix=$2; shift 2 ;;
       --delay) delay=$2; shift 2 ;;
+      --mode) mode=$2; shift 2 ;;
+      --bootstrap-port) bootstrap=$2; shift 2 ;;
       *) echo "openai-stub: unknown argument $1 (openai-stub --model NAME [--port P] [--prefix /v1] [--delay S])" >&2
          exit 2 ;;
     esac
   done
   echo "openai-stub: model $model on port $port at $prefix" >&2
-  exec nc -ll -p "$port" -e "$0" --connection "$model" "${prefix%/}" "$delay"
+  exec nc -ll -p "$port" -e "$0" --connection "$model" "${prefix%/}" "$delay" "$mode" "$bootstrap"
 fi
-served=$2 prefix=$3 delay=$4
+served=$2 prefix=$3 delay=$4 mode=$5 bootstrap=$6
 cr=$(printf '\r')
 read -r line || exit 0
 line=${line%"$cr"}
@@ -68,13 +75,23 @@ now=$(date +%s)
 model=$(field model)
 echo "openai-stub: $method $path model=${model:--}" >&2
 head_of() {  # the start of a response object of type $1
-  printf '{"id":"stub-%s","object":"%s","created":%s,"model":"%s"' "$$" "$1" "$now" "$served"
+  printf '{"id":"stub-%s","object":"%s","created":%s,"model":"%s","system_fingerprint":"%s@%s"' "$$" "$1" "$now" \
+    "$served" "$mode" "$(hostname)"
 }
 chunk() {  # one server-sent event: a chat.completion.chunk with delta $1 and finish_reason $2
   printf 'data: %s,"choices":[{"index":0,"delta":%s,"finish_reason":%s}]}\n\n' \
     "$(head_of chat.completion.chunk)" "$1" "$2"
 }
 case "$method $path" in
+  "GET /health")
+    reply "200 OK" application/json '{"status":"ok"}' ;;
+  "GET /server_info")
+    case "$mode" in
+      prefill) info='{"status":"ready","disaggregation_mode":"prefill","disaggregation_bootstrap_port":'
+               reply "200 OK" application/json "$info$bootstrap}" ;;
+      decode) reply "200 OK" application/json '{"status":"ready","disaggregation_mode":"decode"}' ;;
+      *) reply "200 OK" application/json '{"status":"ready","disaggregation_mode":"null"}' ;;
+    esac ;;
   "GET $prefix/models")
     m="{\"id\":\"$served\",\"object\":\"model\",\"created\":$now,\"owned_by\":\"openai-stub\"}"
     reply "200 OK" application/json "{\"object\":\"list\",\"data\":[$m]}" ;;

@@ -1578,11 +1578,28 @@ def _count_alias(data: Any) -> Any:
     return data
 
 
-def _router(value: Any) -> Any:
-    if value is not None:
-        raise ValueError("a router replica group (dstack's `router`, e.g. SGLang's prefill/decode router) is not "
-                         "supported yet: apply the workers as a service of their own, without `router`")
+def _router_type(value: Any) -> Any:
+    if value == "dynamo":
+        raise ValueError("`dynamo` (NVIDIA Dynamo's frontend, whose workers find it through etcd and NATS at "
+                         "DSTACK_ROUTER_INTERNAL_IP) is not supported: gpufleet runs SGLang's router (`type: sglang`), "
+                         "which the server keeps told of the ready workers")
     return value
+
+
+class ReplicaGroupRouter(CoreModel):
+    """dstack's `router` of a replica group: the group's one replica runs SGLang's router (`smg launch ...` in its
+    commands); the server keeps it told of the service's ready worker replicas and sends it the service's traffic."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Annotated[Literal["sglang"], BeforeValidator(_router_type)] = Field(
+        "sglang", description="The router: `sglang` (SGLang's model gateway, dstack's default). dstack's `dynamo` is "
+                              "refused.")
+
+
+# how a gRPC worker (SGLang's `--grpc-mode`, vLLM's grpc_server) is started: the router is told of one over gRPC,
+# which gpufleet does not speak
+ROUTER_WORKER_GRPC = ("--grpc-mode", "vllm.entrypoints.grpc_server")
 
 
 class ReplicaGroup(CoreModel):
@@ -1615,8 +1632,12 @@ class ReplicaGroup(CoreModel):
     privileged: StrictBool | None = Field(None, description="Run the group's containers privileged.")
     spot_policy: Annotated[Literal["auto", "on-demand"] | None, BeforeValidator(_spot_policy)] = Field(
         None, description="As the service's `spot_policy` (changes nothing on SSH fleets).")
-    router: Annotated[Any, BeforeValidator(_router)] = Field(
-        None, description="dstack's router group (`router: {type: sglang}`): not supported yet (refused).")
+    router: ReplicaGroupRouter | None = Field(
+        None, description="dstack's router group (`router: {type: sglang}`): its one replica (`replicas: 1`) runs "
+                          "SGLang's router and gets all of the service's traffic; the server registers the other "
+                          "groups' ready replicas with it as workers (prefill, decode or regular, as each one's "
+                          "GET /server_info says) and removes the ones gone. Every replica of such a service runs "
+                          "on its host's network (the fleet's `policy.host_network`), one per host.")
 
     @model_validator(mode="before")
     @classmethod
@@ -1674,7 +1695,18 @@ def group_specs(spec: dict) -> list[tuple[str, dict]]:
     groups = spec.get("replicas")
     if not isinstance(groups, list):
         return [(DEFAULT_GROUP, spec)]
-    return [(g.get("name") or str(i), group_spec(spec, g)) for i, g in enumerate(groups)]
+    out = [(g.get("name") or str(i), group_spec(spec, g)) for i, g in enumerate(groups)]
+    if router_group(spec) is not None:  # the router reaches its workers at their hosts' addresses
+        out = [(name, {**s, "network": "host"}) for name, s in out]
+    return out
+
+
+def router_group(spec: dict) -> str | None:
+    """The name of the replica group of service ``spec`` (JSON) that runs its router (None: it has none)."""
+    groups = spec.get("replicas")
+    if not isinstance(groups, list):
+        return None
+    return next(((g.get("name") or str(i)) for i, g in enumerate(groups) if g.get("router")), None)
 
 
 class ServiceConfig(_Run):
@@ -1729,6 +1761,15 @@ class ServiceConfig(_Run):
                 raise ValueError(f"replica group name {g.name!r} is given more than once; each group needs its own "
                                  "name (as in dstack)")
             seen.add(g.name)
+        routers = [g for g in v if g.router is not None]
+        if len(routers) > 1:
+            raise ValueError("at most one replica group may have `router` (as in dstack)")
+        if routers and (routers[0].replicas.min != 1 or routers[0].replicas.max != 1):
+            raise ValueError(f"replica group {routers[0].name!r} has `router`: it must have `replicas: 1` (as in "
+                             "dstack: one router replica)")
+        if routers and len(v) == 1:
+            raise ValueError(f"replica group {routers[0].name!r} is the router: the service needs a group of workers "
+                             "beside it")
         most = sum(int(g.replicas.max or 0) for g in v)
         if most > MAX_REPLICAS:
             raise ValueError(f"the replica groups have up to {most} replicas in all; at most {MAX_REPLICAS}")
@@ -1831,6 +1872,11 @@ def service_group_problems(cfg: ServiceConfig, given: set[str]) -> list[tuple[tu
         if not g.commands and g.image is None and cfg.image is None:
             out.append((("replicas", i), f"replica group {g.name!r} needs `commands`, or an `image` (its own or the "
                                          "service's) to run as it is"))
+        grpc = next(((j, w) for j, c in enumerate(g.commands) for w in ROUTER_WORKER_GRPC if w in c.split()), None)
+        if g.router is None and any(x.router is not None for x in groups) and grpc is not None:
+            out.append((("replicas", i, "commands", grpc[0]), f"a gRPC worker (`{grpc[1]}`) is not supported: "
+                        "gpufleet tells the router of its workers over HTTP (each one's GET /server_info); start "
+                        "the workers as HTTP servers"))
     if out:
         return out
     for i, (g, (_, gspec)) in enumerate(zip(groups, group_specs(spec), strict=True)):

@@ -32,9 +32,10 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from gpufleet import queue, replicas, runs, upload
+from gpufleet import queue, replicas, router, runs, upload
 from gpufleet.allocator import Placement
 from gpufleet.errors import GpufleetError
+from gpufleet.launch import node_addresses
 from gpufleet.models import Run
 from gpufleet.state import Store
 
@@ -245,12 +246,14 @@ class Controller:
         """Services' replicas (gpufleet.replicas.keep): scaled, replaced, rolled out, every
         `replicas_interval` seconds; their stops on the workers."""
         memories: dict = {}
+        routers = router.Memory()  # services' routers told their workers (gpufleet.router)
         while not self._stop.wait(self.settings.replicas_interval):
             if not self.leading or self.services is None:
                 memories = {}  # a leader again later counts anew
                 continue
             self._safely(lambda m=memories: replicas.keep(
                 self.store, m, self.services.ready_names, self._rps, self._stop_replica, time.time()))
+            self._safely(lambda: router.sync(self.store, self.services.replica_socket, routers, node_addresses))
 
     def _rps(self, service: str, window: float) -> float:
         """Requests per second every server process carried to ``service``'s endpoint over ``window``."""

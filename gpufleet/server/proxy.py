@@ -34,10 +34,11 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from gpufleet import ratelimit, runs, services
+from gpufleet import ratelimit, router, runs, services
 from gpufleet.containers import ssh_argv
 from gpufleet.errors import GpufleetError, NotFound
 from gpufleet.models import Run, RunStatus
+from gpufleet.models.run import router_group
 from gpufleet.paths import FleetFiles
 from gpufleet.server import models_proxy
 from gpufleet.server.auth import Caller, bearer, client_of, token_hash
@@ -154,13 +155,22 @@ class ServiceProxy:
             if e is None or e.run.run_id != run.run_id:
                 return None
             n = len(e.replicas)
+            router = router_group(e.run.spec)  # a service with a router: its traffic goes to the router only
             for i in range(n):
                 r = e.replicas[(e.turn + i) % n]
                 f = e.forwards.get(_key(r))
-                if r.ready and f is not None and f.alive():
+                if r.ready and f is not None and f.alive() and (router is None or r.group == router):
                     e.turn = (e.turn + i + 1) % n
                     return f.sock
         return None
+
+    def replica_socket(self, service: str, replica: str) -> str | None:
+        """The socket of the forward to replica ``replica`` of ``service`` (None: none is open), ready or not."""
+        with self.lock:
+            e = self.entries.get(service)
+            r = next((r for r in e.replicas if r.name == replica), None) if e is not None else None
+            f = e.forwards.get(_key(r)) if r is not None else None
+            return f.sock if f is not None and f.alive() else None
 
     def lost(self, run: Run, sock: str, why: str) -> None:
         """A request could not reach ``sock``: the replica is not ready until the next probe says so."""
@@ -246,7 +256,8 @@ class ServiceProxy:
                 have = {(r.run_id, r.alias) for r in e.replicas}
                 for rep in running.get(n, []):
                     if (rep.run_id, rep.alias) not in have:  # its own spec's port (a rolling update may change it)
-                        e.replicas.append(services.Replica(rep.run_id, rep.alias, int(rep.spec["port"]), name=rep.name))
+                        e.replicas.append(services.Replica(rep.run_id, rep.alias, int(rep.spec["port"]), name=rep.name,
+                                                           group=rep.replica_group or ""))
                 e.replicas.sort(key=lambda r: r.name)
             work = [(e, list(e.replicas)) for e in self.entries.values()]
         for e, reps in work:
@@ -408,6 +419,10 @@ def add_routes(app: FastAPI, ctx) -> None:
             run, sock = await _target(target, ctx, callers, project, name, token, client_of(request))
         except _NotReady as e:
             return JSONResponse({"detail": str(e), "exit_code": 1}, status_code=503, headers={"Retry-After": "1"})
+        if router_group(run.spec) is not None and not router.inference_path("/" + path):
+            return JSONResponse({"detail": f"service {name} has a router: only its inference paths ("
+                                           f"{', '.join(router.INFERENCE_PATHS)}) are served", "exit_code": 1},
+                                status_code=403)
         return await carry(request, run, sock, services.upstream_path(project, name, path, request.url.query,
                                                                       bool(run.spec.get("strip_prefix", True))),
                            bool(run.spec.get("auth", True)))

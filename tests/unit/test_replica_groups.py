@@ -91,7 +91,21 @@ def test_a_plain_service_is_one_group_of_its_own():
     (TWO.replace("    commands: [serve small]\n", "    commands: [serve]\n    docker: true\n"), ":",
      "replicas[1].docker: not with the service's `image`"),
     (TWO.replace("count: 1\n", "count: 1\n    reservation: r\n"), ":", "replicas[1].reservation: unknown field"),
-    (TWO.replace("resources: {gpu: 1}", "resources: {gpu: 1}\n    router: {type: sglang}"), ":", "not supported yet"),
+    (TWO.replace("resources: {gpu: 1}", "resources: {gpu: 1}\n    router: {type: dynamo}"), ":14:",
+     "replicas[1].router.type: `dynamo` (NVIDIA Dynamo's frontend"),
+    (TWO.replace("resources: {gpu: 4}", "resources: {gpu: 4}\n    router: {type: sglang}"), ":6:",
+     "replica group 'big' has `router`: it must have `replicas: 1`"),
+    (TWO.replace("resources: {gpu: 4}", "resources: {gpu: 4}\n    router: {}").replace(
+        "count: 1..2\n    scaling: {metric: rps, target: 10}", "count: 1").replace(
+        "resources: {gpu: 1}", "resources: {gpu: 1}\n    router: {type: sglang}"), ":6:",
+     "at most one replica group may have `router`"),
+    (TWO.replace("resources: {gpu: 1}", "resources: {gpu: 1}\n    router: {type: sglang, policy: x}"), ":",
+     "replicas[1].router.policy: unknown field"),
+    ("replicas:\n  - count: 1\n    commands: [smg launch]\n    router: {type: sglang}\n", ":6:",
+     "is the router: the service needs a group of workers beside it"),
+    (TWO.replace("commands: [serve big]", "commands: [python -m sglang.launch_server --grpc-mode]").replace(
+        "resources: {gpu: 1}", "resources: {gpu: 1}\n    router: {type: sglang}"), ":9:",
+     "replicas[0].commands[0]: a gRPC worker (`--grpc-mode`) is not supported"),
     ("replicas: []\n", ":5:", "an empty list of replica groups"),
 ])
 def test_what_a_service_with_groups_may_not_say(tmp_path, text, where, says):

@@ -428,10 +428,10 @@ def test_a_service_refuses_what_it_cannot_do_yet(tmp_path, line, message):
     assert message in _problems(tmp_path, f"type: service\nimage: busybox\nport: 8000\n{line}\n")
 
 
-def test_a_router_replica_group_is_refused_saying_so(tmp_path):
+def test_a_router_replica_group_other_than_sglang_is_refused_saying_so(tmp_path):
     text = _problems(tmp_path, "type: service\nimage: busybox\nport: 8000\nreplicas:\n- count: 1\n  commands: [x]\n"
-                               "  router: {type: sglang}\n")
-    assert ":7:" in text and "replicas[0].router: a router replica group" in text and "not supported yet" in text, text
+                               "  router: {type: dynamo}\n- count: 1\n  commands: [y]\n")
+    assert ":7:" in text and "replicas[0].router.type: `dynamo`" in text and "is not supported" in text, text
 
 
 def test_replicas_and_scaling_take_dstack_forms(tmp_path):
