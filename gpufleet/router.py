@@ -108,15 +108,21 @@ def _json(sock: str, method: str, path: str, body: dict | None = None, ok: tuple
         return None
 
 
-def _address(memory: Memory, store, run: Run, addresses_of) -> str | None:
-    key = (run.fleet or "", run.alias or "")
-    if key not in memory.addresses:
+def _look_up(memory: Memory, store, runs: list[Run], addresses_of) -> None:
+    """The cluster addresses of the hosts of ``runs`` not known yet, looked up at once (one playbook a fleet)."""
+    missing: dict[str, list[str]] = {}
+    for r in runs:
+        if r.fleet and r.alias and (r.fleet, r.alias) not in memory.addresses:
+            missing.setdefault(r.fleet, [])
+            if r.alias not in missing[r.fleet]:
+                missing[r.fleet].append(r.alias)
+    for fleet, aliases in missing.items():
         try:
-            (memory.addresses[key],) = addresses_of(store, run.fleet, [run.alias])
+            found = addresses_of(store, fleet, aliases)
         except GpufleetError as e:
-            log.warning("router: cannot tell the cluster address of %s: %s", run.alias, e)
-            return None
-    return memory.addresses[key]
+            log.warning("router: cannot tell the cluster address of %s: %s", ", ".join(aliases), e)
+            continue
+        memory.addresses.update({(fleet, a): address for a, address in zip(aliases, found, strict=True)})
 
 
 def sync(store, socket_of, memory: Memory, addresses_of) -> None:
@@ -139,10 +145,12 @@ def sync(store, socket_of, memory: Memory, addresses_of) -> None:
         current = listed.get("workers") if isinstance(listed, dict) else None
         if not isinstance(current, list):
             continue
+        workers = [(w, sock_) for w in mine if w.replica_group != group
+                   if (sock_ := socket_of(s.name, w.name)) is not None]
+        _look_up(memory, store, [w for w, _ in workers], addresses_of)
         wanted = []
-        for w in (r for r in mine if r.replica_group != group):
-            wsock = socket_of(s.name, w.name)
-            address = _address(memory, store, w, addresses_of) if wsock is not None else None
+        for w, wsock in workers:
+            address = memory.addresses.get((w.fleet or "", w.alias or ""))
             if address is None:
                 continue
             try:
