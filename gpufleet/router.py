@@ -125,56 +125,73 @@ def _look_up(memory: Memory, store, runs: list[Run], addresses_of) -> None:
         memory.addresses.update({(fleet, a): address for a, address in zip(aliases, found, strict=True)})
 
 
+def _wanted(store, s: Run, workers: list[Run], socket_of, memory: Memory, addresses_of) -> list[dict]:
+    """The workers a router of service ``s`` should list: its running ``workers`` whose GET /server_info says ready."""
+    reached = [(w, sock) for w in workers if (sock := socket_of(s.name, w.name)) is not None]
+    _look_up(memory, store, [w for w, _ in reached], addresses_of)
+    wanted = []
+    for w, sock in reached:
+        address = memory.addresses.get((w.fleet or "", w.alias or ""))
+        if address is None:
+            continue
+        try:
+            info = _json(sock, "GET", "/server_info")
+        except httpx.HTTPError as e:
+            log.info("service %s: worker %s does not answer /server_info: %s", s.name, w.name, e)
+            continue
+        worker = worker_of(f"http://{address}:{int(w.spec['port'])}", info)
+        if worker is not None:
+            wanted.append(worker)
+    return wanted
+
+
+def _tell(s: Run, replica: str, sock: str, wanted) -> None:
+    """Router replica ``replica`` of service ``s`` (reached at ``sock``) told the workers ``wanted()`` gives."""
+    try:
+        listed = _json(sock, "GET", "/workers")
+    except httpx.HTTPError as e:
+        log.info("service %s: its router %s does not answer yet: %s", s.name, replica, e)
+        return
+    current = listed.get("workers") if isinstance(listed, dict) else None
+    if not isinstance(current, list):
+        return
+    add, remove = plan(current, wanted())
+    for worker in add:
+        try:
+            said = _json(sock, "POST", "/workers", worker, ok=(202,))
+        except httpx.HTTPError as e:
+            said = str(e)
+        ok = isinstance(said, dict) and said.get("status") == "accepted"
+        log.log(logging.INFO if ok else logging.WARNING, "service %s: router %s %s worker %s (%s)%s", s.name, replica,
+                "added" if ok else "did not add", worker["url"], worker["worker_type"], "" if ok else f": {said}")
+    for wid, url in remove:
+        try:
+            said = _json(sock, "DELETE", f"/workers/{quote(wid, safe='')}", ok=(202,))
+        except httpx.HTTPError as e:
+            said = str(e)
+        ok = isinstance(said, dict) and said.get("status") == "accepted"
+        log.log(logging.INFO if ok else logging.WARNING, "service %s: router %s %s worker %s%s", s.name, replica,
+                "removed" if ok else "did not remove", url, "" if ok else f": {said}")
+
+
 def sync(store, socket_of, memory: Memory, addresses_of) -> None:
-    """One pass: every running router of a live service told its service's ready workers. ``socket_of(service,
-    replica)``: the proxy's forward to a replica (None: none open); ``addresses_of(store, fleet, aliases)``: the
-    hosts' cluster addresses (gpufleet.launch.node_addresses)."""
+    """One pass: every running router replica of a live service told its service's ready workers (a rolling
+    update of the router group runs two for a while). ``socket_of(service, replica)``: the proxy's forward to a
+    replica (None: none open); ``addresses_of(store, fleet, aliases)``: the hosts' cluster addresses
+    (gpufleet.launch.node_addresses)."""
     live = store.runs()
     for s in (r for r in live if r.is_service and r.live and router_group(r.spec) is not None):
         group = router_group(s.spec)
         mine = [r for r in live if r.replica_of == s.name and r.status == RunStatus.RUNNING]
-        routers = [r for r in mine if r.replica_group == group]
-        sock = socket_of(s.name, routers[0].name) if routers else None
-        if sock is None:
-            continue
-        try:
-            listed = _json(sock, "GET", "/workers")
-        except httpx.HTTPError as e:
-            log.info("service %s: its router does not answer yet: %s", s.name, e)
-            continue
-        current = listed.get("workers") if isinstance(listed, dict) else None
-        if not isinstance(current, list):
-            continue
-        workers = [(w, sock_) for w in mine if w.replica_group != group
-                   if (sock_ := socket_of(s.name, w.name)) is not None]
-        _look_up(memory, store, [w for w, _ in workers], addresses_of)
-        wanted = []
-        for w, wsock in workers:
-            address = memory.addresses.get((w.fleet or "", w.alias or ""))
-            if address is None:
-                continue
-            try:
-                info = _json(wsock, "GET", "/server_info")
-            except httpx.HTTPError as e:
-                log.info("service %s: worker %s does not answer /server_info: %s", s.name, w.name, e)
-                continue
-            worker = worker_of(f"http://{address}:{int(w.spec['port'])}", info)
-            if worker is not None:
-                wanted.append(worker)
-        add, remove = plan(current, wanted)
-        for worker in add:
-            try:
-                said = _json(sock, "POST", "/workers", worker, ok=(202,))
-            except httpx.HTTPError as e:
-                said = str(e)
-            ok = isinstance(said, dict) and said.get("status") == "accepted"
-            log.log(logging.INFO if ok else logging.WARNING, "service %s: router %s worker %s (%s)%s", s.name,
-                    "added" if ok else "did not add", worker["url"], worker["worker_type"], "" if ok else f": {said}")
-        for wid, url in remove:
-            try:
-                said = _json(sock, "DELETE", f"/workers/{quote(wid, safe='')}", ok=(202,))
-            except httpx.HTTPError as e:
-                said = str(e)
-            ok = isinstance(said, dict) and said.get("status") == "accepted"
-            log.log(logging.INFO if ok else logging.WARNING, "service %s: router %s worker %s%s", s.name,
-                    "removed" if ok else "did not remove", url, "" if ok else f": {said}")
+        found: list[list[dict]] = []
+
+        def wanted(s=s, group=group, mine=mine, found=found) -> list[dict]:  # looked up once, for the first router
+            if not found:
+                found.append(_wanted(store, s, [r for r in mine if r.replica_group != group], socket_of, memory,
+                                     addresses_of))
+            return found[0]
+
+        for r in (r for r in mine if r.replica_group == group):
+            sock = socket_of(s.name, r.name)
+            if sock is not None:
+                _tell(s, r.name, sock, wanted)
