@@ -63,6 +63,21 @@ class Tree:
         m.extra["failed"] = bad if "PLAY RECAP" in m.out else len(self.c.hosts)
         return m
 
+    def play(self, *extra: str, skip: bool = True):
+        """gpufleet's probe play alone, run as gpufleet runs it (its environment, forks, skipped tags), on the
+        inventory this tree's apply wrote: the apply without the CLI, the server and ansible-runner."""
+        from gpufleet import probe, runner
+
+        inventory = next((self.home / "fleets").rglob("inventory.yml"))
+        env = {**self.env, **runner.ansible_env(min(max(len(self.c.hosts), 5), runner.MAX_FORKS)),
+               "ANSIBLE_ROLES_PATH": str(self.tree / "roles")}
+        skips = ["--skip-tags", ",".join(probe.PROBE_SKIP_TAGS)] if skip else []
+        m = measure([str(bench_lab.VENV / "ansible-playbook"), "-i", str(inventory), *skips, *extra,
+                     str(self.tree / "playbooks" / "probe.yml")], env=env)
+        bad = sum(int(u) + int(f) for u, f in re.findall(r"unreachable=(\d+)\s+failed=(\d+)", m.out))
+        m.extra["failed"] = bad if "PLAY RECAP" in m.out else len(self.c.hosts)
+        return m
+
     def stop_server(self) -> None:
         subprocess.run([sys.executable, "-m", "gpufleet", "server", "stop"], env=self.env, capture_output=True)
 
@@ -74,6 +89,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--mitogen", default=None, help="a folder holding ansible_mitogen (an unpacked mitogen wheel)")
     ap.add_argument("--no-ansible", action="store_true", help="leave plain ansible-playbook out")
+    ap.add_argument("--plays", action="store_true",
+                    help="also gpufleet's probe play alone, and with the Python interpreter given (no discovery)")
+    ap.add_argument("--no-base", action="store_true", help="leave the base commit's apply out")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gpufleet-levers-"))
@@ -90,8 +108,13 @@ def main() -> int:
                     "ANSIBLE_STRATEGY": "mitogen_linear", "ANSIBLE_STRATEGY_PLUGINS": str(plugins),
                     "PYTHONPATH": f"{ROOT}{os.pathsep}{args.mitogen}"}))
             runs = {"minimal floor": lambda: c.run("minimal"), "raw floor": lambda: c.run("raw")}
-            for t in trees:
+            for t in trees[1 if args.no_base and not args.plays else 0:]:
                 runs[t.label] = t.apply
+            if args.plays:
+                runs[f"probe play alone @{args.base}"] = lambda: trees[0].play(skip=False)
+                runs["probe play alone (this tree)"] = trees[1].play
+                runs["probe play alone, interpreter given"] = lambda: trees[1].play(
+                    "-e", "ansible_python_interpreter=/usr/bin/python3")
             if not args.no_ansible:
                 runs[f"plain ansible, roles @{args.base}"] = trees[0].plain_ansible
                 runs["plain ansible, roles of this tree"] = trees[1].plain_ansible
@@ -102,6 +125,12 @@ def main() -> int:
                 bench_lab.close_masters(*socket_dirs)
 
             names = list(runs)
+            for t in trees:  # Mitogen passes StrictHostKeyChecking=yes, which refuses a node never met: a plain
+                if "ANSIBLE_STRATEGY" in t.env:  # apply with the same home meets them first, then its server goes
+                    plain = {k: v for k, v in t.env.items() if not k.startswith("ANSIBLE_STRATEGY")}
+                    subprocess.run([sys.executable, "-m", "gpufleet", "apply", "-f", str(c.fleet), "-y"], env=plain,
+                                   capture_output=True)
+                    t.stop_server()
             for name in names:  # untimed first contact: known_hosts filled, the fleet recorded, servers up
                 cold()
                 m = runs[name]()
