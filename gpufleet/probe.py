@@ -17,6 +17,11 @@ from gpufleet.runner import HostOutcome, PlaybookResult, run_playbook
 
 JUMP_TIMEOUT = 40  # seconds for one hop's master connection (ConnectTimeout is 10 per attempt)
 MAX_DIAGNOSES = 8  # failed hosts re-checked one by one for the login node's reason
+# tasks of the gpu_probe role that gpufleet's own probe leaves out (issue 17): the role's argument check
+# (tagged always; gpufleet sets none of the role's variables, and the module checks its own arguments) and
+# the summary line (shown only with -v). Each is a worker process per host on the controller; a user's
+# playbook running the role keeps both.
+PROBE_SKIP_TAGS = ["always", "gpu_probe_summary"]
 
 
 @dataclass
@@ -128,7 +133,8 @@ def probe_fleet(files: GeneratedFiles, aliases: list[str],
         if on_update:
             on_update(o.host, o.status, o.message)
 
-    result = run_playbook("probe", files.inventory, limit=reachable, on_update=update, cancel=cancel)  # a fork per host
+    result = run_playbook("probe", files.inventory, limit=reachable, on_update=update, cancel=cancel,
+                          skip_tags=PROBE_SKIP_TAGS)  # a fork per host
     if result.canceled:
         raise KeyboardInterrupt
     targets = {t.alias: t for t in plan.targets}

@@ -86,12 +86,13 @@ def ansible_env(forks: int | None = None) -> dict[str, str]:
 def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
                  extravars: dict | None = None, unsafe_vars: dict | None = None, forks: int | None = None,
                  on_update: Callable[[HostOutcome], None] | None = None,
-                 cancel: threading.Event | None = None) -> PlaybookResult:
+                 cancel: threading.Event | None = None, skip_tags: list[str] | None = None) -> PlaybookResult:
     """Run ``playbooks/<name>.yml`` against ``inventory``; return each host's outcome.
 
     ``unsafe_vars`` reach the play as extra vars through a private file, every string in them
     tagged !unsafe (see write_unsafe_vars); the file is removed when the play is over. Setting
-    ``cancel`` (or Ctrl-C, in the main thread) stops this play and its workers, no other."""
+    ``cancel`` (or Ctrl-C, in the main thread) stops this play and its workers, no other. Tasks tagged
+    with one of ``skip_tags`` are left out when the play is read (no worker is started for them)."""
     hosts: dict[str, HostOutcome] = {h: HostOutcome(h) for h in (limit or [])}
     cancel = cancel or threading.Event()
     ident = f"{time.strftime('%Y%m%dT%H%M%S')}-{name}-{uuid.uuid4().hex[:8]}"
@@ -144,7 +145,7 @@ def run_playbook(name: str, inventory: Path, *, limit: list[str] | None = None,
             limit=",".join(limit) if limit else None, extravars=extravars or {},
             envvars={**ansible_env(forks), RUN_IDENT: ident}, quiet=True, event_handler=handle,
             cmdline=f"-e @{shlex.quote(str(vars_file))}" if vars_file else None,
-            cancel_callback=canceled, suppress_env_files=True,
+            cancel_callback=canceled, suppress_env_files=True, skip_tags=",".join(skip_tags) if skip_tags else None,
             fact_cache_type="memory",  # facts are read from the event stream; none are written to disk
             settings={"suppress_ansible_output": True})
     finally:

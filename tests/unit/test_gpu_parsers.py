@@ -526,3 +526,48 @@ def test_storage_facts(module, tmp_path, name, info, root, expected):
     mountinfo.write_text(MOUNTINFO)
     got = module.storage_facts(name, info, root, str(mountinfo))
     assert (got["driver"], got["backing_fs"], got["size_limit"], got["why_not"]) == expected
+
+
+# what `sudo -n podman --log-level=debug version --format {{.Client.Version}}` wrote on a lab node (podman 4.3.1)
+PODMAN_QUICK_ERR = """\
+time="2026-12-03T22:13:53Z" level=debug msg="Called version.PersistentPreRunE(podman --log-level=debug version)"
+time="2026-12-03T22:13:53Z" level=debug msg="Using graph driver overlay"
+time="2026-12-03T22:13:53Z" level=debug msg="Using graph root /var/lib/containers/storage"
+time="2026-12-03T22:13:53Z" level=debug msg="backingFs=xfs, projectQuotaSupported=true, useNativeDiff=true"
+"""
+
+
+def test_podman_quick_check_gives_the_facts_without_podman_info(module):
+    run = fake_run({"podman --log-level=debug version": (1, "", 'time="x" level=debug msg="Using graph driver "\n'
+                                                               "Error: creating runtime static files directory: "
+                                                               "permission denied\n"),
+                    "sudo -n /usr/bin/podman --log-level=debug version": (0, "4.3.1\n", PODMAN_QUICK_ERR)})
+    runtime, info, problems = module.detect_runtime(run, fake_which("podman", "sudo"), ["podman"], "ubuntu", False)
+    assert runtime == {"name": "podman", "version": "4.3.1", "usable": True, "via_sudo": True,
+                       "root": "/var/lib/containers/storage"}
+    assert problems == [] and not any("info" in argv for argv in run.calls), run.calls
+    assert info["store"]["graphDriverName"] == "overlay"
+    assert info["store"]["graphStatus"] == {"Backing Filesystem": "xfs"}
+    # the terminal form of podman's log gives the same
+    terminal = "DEBU[0000] Using graph driver vfs\nDEBU[0000] Using graph root /srv/c s\n"
+    assert module.parse_podman_quick("5.2.0\n", terminal)[:2] == ("5.2.0", "/srv/c s")
+
+
+def test_podman_quick_check_failing_is_reported_without_its_debug_lines(module):
+    err = PODMAN_QUICK_ERR + "Error: no valid executable found for OCI runtime crun: invalid argument\n"
+    run = fake_run({"podman --log-level=debug version": (125, "", err),
+                    "sudo -n /usr/bin/podman --log-level=debug version": (125, "", err),
+                    "podman --version": (0, "podman version 4.3.1\n", "")})
+    runtime, info, problems = module.detect_runtime(run, fake_which("podman", "sudo"), ["podman"], "ubuntu", False)
+    assert runtime["usable"] is False and runtime["version"] == "4.3.1"
+    [p] = problems
+    assert "no valid executable found for OCI runtime" in p["reason"] and "level=debug" not in p["reason"]
+    assert not any("info" in argv for argv in run.calls), run.calls
+
+
+def test_podman_quick_check_that_tells_too_little_falls_back_to_podman_info(module):
+    run = fake_run({"podman --log-level=debug version": (0, "4.3.1\n", "no debug lines from this podman\n"),
+                    "podman info": (0, PODMAN_INFO, "")})
+    runtime, info, problems = module.detect_runtime(run, fake_which("podman"), ["podman"], "ubuntu", False)
+    assert (runtime["usable"], runtime["root"]) == (True, "/var/lib/containers/storage")
+    assert run.calls[-1] == ["/usr/bin/podman", "info", "--format", "json"]
