@@ -19,7 +19,9 @@ both down, stopping its server, in a `finally`. gpufleet is this checkout's (`py
 from __future__ import annotations
 
 import json
+import os
 import re
+import resource
 import shlex
 import subprocess
 import threading
@@ -43,6 +45,26 @@ from benchmarks.bench_server import (
 from benchmarks.common import TreeMemory, fmt, median, percentile
 
 LONG = ["sleep 3600"]
+
+
+def run_env(home: Path) -> dict:
+    """The CLI's and the local server's environment: bench_server's, with Python's bytecode cache on (an
+    installed gpufleet has its .pyc files; without them every command compiles gpufleet again, ~0.25 s)."""
+    env = base_env(home)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def load_now() -> dict:
+    """The machine's load when a part begins and ends: the other users of this 2-CPU machine show here."""
+    from benchmarks.bench_server import machine_busy
+
+    return {"loadavg": os.getloadavg()[0], "busy": machine_busy(), "t": time.time()}
+
+
+def load_between(a: dict, b: dict) -> dict:
+    return {"loadavg_start": a["loadavg"], "loadavg_end": b["loadavg"],
+            "busy_cores": (b["busy"] - a["busy"]) / max(1e-9, b["t"] - a["t"])}
 
 
 # --------------------------------------------------------------------------- the lab's hosts, asked directly
@@ -185,7 +207,7 @@ def bench_start_ps(nodes: int = 16, reps_one: int = 5, reps_all: int = 3, ps_cal
     res: dict = {"nodes": nodes, "one": [], "one_floor": [], "all": [], "all_floor": [], "all_spread": [],
                  "floor_spread": []}
     with workdir("runs") as d, lab(d, nodes, log) as fleet:
-        env = base_env(d / "home")
+        env = run_env(d / "home")
         with local_server(env):
             apply_fleet(env, fleet)
             api = Api.of(d / "home")
@@ -200,6 +222,11 @@ def bench_start_ps(nodes: int = 16, reps_one: int = 5, reps_all: int = 3, ps_cal
                 name = f"one-{rep}"
                 t0, (h, info) = _one(env, api, hosts, files, name, log, stop=False)
                 res["one"].append(started_at(info) - t0)
+                ev = {e["kind"]: e["ts"] for e in reversed(api.events(run=name))}
+                if "submitted" in ev and "starting" in ev:  # where the time goes (server's clock = this one)
+                    res.setdefault("one_parts", []).append({
+                        "submit": ev["submitted"] - t0, "schedule": ev["starting"] - ev["submitted"],
+                        "start": started_at(info) - ev["starting"]})
                 argv = floor_argv(info, f"floor-{rep}")
                 t1 = time.time()
                 p = floor_start(cfg, h, argv)
@@ -208,7 +235,8 @@ def bench_start_ps(nodes: int = 16, reps_one: int = 5, reps_all: int = 3, ps_cal
                 res["one_floor"].append(started_at(hosts.inspect(h, f"floor-{rep}")) - t1)
                 hosts.exec(h, ["podman", "rm", "-f", "-t", "0", f"floor-{rep}"])
                 stop_all(api, [name])
-                log(f"  1 run: {res['one'][-1]:.2f}s to running; floor {res['one_floor'][-1]:.2f}s")
+                log(f"  1 run: {res['one'][-1]:.2f}s to running; floor {res['one_floor'][-1]:.2f}s; "
+                    f"parts {res.get('one_parts', [{}])[-1]}")
 
             for rep in range(reps_all + 1):  # the last one stays for ps
                 names = [f"all{rep}-{i}" for i in range(nodes)]
@@ -261,16 +289,19 @@ def _one(env, api, hosts, files, name, log, stop=True):
 def bench_ps(env: dict, api: Api, hosts: Hosts, found: dict, calls: int, log=print) -> dict:
     """`gpufleet ps` wall time with a run on every node; then one run's container killed on its host and
     `ps` called until it no longer says running."""
-    walls = []
+    walls, cpus = [], []
     cli(env, "ps")
     for _ in range(calls):
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         p = cli(env, "ps")
         walls.append(time.perf_counter() - t0)
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
         assert p.returncode == 0, p.stderr
     running = cli(env, "ps", "--json").stdout.count('"running"')
-    log(f"  ps over {len(found)} runs: median {median(walls):.3f}s, p95 {percentile(walls, 95):.3f}s "
-        f"({running} running)")
+    log(f"  ps over {len(found)} runs: median {median(walls):.3f}s, p95 {percentile(walls, 95):.3f}s, "
+        f"CPU median {median(cpus):.3f}s ({running} running)")
     victim = sorted(found)[0]
     host = found[victim][0]
     t_kill = time.time()
@@ -287,7 +318,7 @@ def bench_ps(env: dict, api: Api, hosts: Hosts, found: dict, calls: int, log=pri
     finished = _iso(info["State"]["FinishedAt"]) if info else None
     log(f"  a killed container is out of `ps` {seen:.2f}s after the kill "
         f"({len(ps_walls)} ps calls; container finished {finished - t_kill if finished else float('nan'):.2f}s after)")
-    return {"ps": walls, "stale_s": seen, "stale_calls": len(ps_walls), "ps_running": running,
+    return {"ps": walls, "ps_cpu": cpus, "stale_s": seen, "stale_calls": len(ps_walls), "ps_running": running,
             "killed_finished_after": (finished - t_kill) if finished else None}
 
 
@@ -298,7 +329,7 @@ def bench_queue(nodes: int = 16, waiters: int = 48, log=print) -> dict:
     hand-over: the next container's StartedAt - the one before's FinishedAt, when the next run was
     already submitted by then."""
     with workdir("runsq") as d, lab(d, nodes, log) as fleet:
-        env = base_env(d / "home")
+        env = run_env(d / "home")
         with local_server(env):
             apply_fleet(env, fleet)
             api = Api.of(d / "home")
@@ -359,7 +390,7 @@ def bench_big_ps_memory(nodes: int = 64, ps_calls: int = 20, log=print) -> dict:
     ps; ps wall time and freshness with a run on every node."""
     res: dict = {"nodes": nodes}
     with workdir("runsmem") as d, lab(d, nodes, log) as fleet:
-        env = base_env(d / "home")
+        env = run_env(d / "home")
         with local_server(env):
             cli(env, "ps")  # starts the local server; its tree sampled from now on
             pid = server_pid(d / "home")
@@ -454,22 +485,29 @@ def bench_biggest(asked: int = 256, fallback: int = 200, log=print) -> dict:
 def bench(quick: bool = False, big: bool = False, log=print) -> dict:
     out: dict = {}
     n = 4 if quick else 16
-    log(f"  -- start and ps, {n} nodes")
-    out["start"] = bench_start_ps(n, reps_one=2 if quick else 5, reps_all=1 if quick else 3,
-                                  ps_calls=5 if quick else 20, log=log)
-    log(f"  -- queue latency, {n} nodes")
-    out["queue"] = bench_queue(n, waiters=8 if quick else 48, log=log)
     m = 4 if quick else 64
-    log(f"  -- ps and memory, {m} nodes")
-    out["big"] = bench_big_ps_memory(m, ps_calls=5 if quick else 20, log=log)
+    parts = [("start", f"start and ps, {n} nodes", lambda: bench_start_ps(
+                 n, reps_one=2 if quick else 5, reps_all=1 if quick else 3, ps_calls=5 if quick else 20, log=log)),
+             ("queue", f"queue latency, {n} nodes", lambda: bench_queue(n, waiters=8 if quick else 48, log=log)),
+             ("big", f"ps and memory, {m} nodes", lambda: bench_big_ps_memory(m, ps_calls=5 if quick else 20,
+                                                                               log=log))]
     if big:
-        log("  -- the biggest lab")
-        out["biggest"] = bench_biggest(log=log)
+        parts.append(("biggest", "the biggest lab", lambda: bench_biggest(log=log)))
+    for key, what, fn in parts:
+        log(f"  -- {what}")
+        before = load_now()
+        out[key] = fn()
+        out[key]["machine"] = load_between(before, load_now())
+        log(f"  machine during it: {out[key]['machine']}")
     return out
 
 
 def render(res: dict, targets: list) -> list[str]:
     out = ["### Runs with the server running (`benchmarks/bench_runs.py`)", ""]
+    busy = [f"{k} {v['machine']['busy_cores']:.2f} cores busy (load average {v['machine']['loadavg_start']:.0f} to "
+            f"{v['machine']['loadavg_end']:.0f})" for k, v in res.items() if isinstance(v, dict) and v.get("machine")]
+    if busy:
+        out += ["The machine (2 CPUs, shared with other users while this ran), per part: " + "; ".join(busy) + ".", ""]
     s = res.get("start")
     if s:
         n = s["nodes"]
@@ -484,6 +522,12 @@ def render(res: dict, targets: list) -> list[str]:
                 f"| {n} runs at once, the last running | {len(s['all'])} | {fmt(a)} | {fmt(min(s['all']))} | "
                 f"{fmt(max(s['all']))} | {fmt(af)} | {fmt(min(s['all_floor']))} | {fmt(max(s['all_floor']))} | "
                 f"{fmt(a / af)} |", ""]
+        parts = s.get("one_parts") or []
+        if parts:
+            out += ["Where a single run's time goes (medians, from the server's events): the CLI until the "
+                    f"submission is recorded {fmt(median([x['submit'] for x in parts]))} s; submitted to `starting` "
+                    f"(scheduled) {fmt(median([x['schedule'] for x in parts]))} s; `starting` to the container's "
+                    f"StartedAt (the start playbook) {fmt(median([x['start'] for x in parts]))} s.", ""]
         targets.append(("Time to a running container, 1 run: at most 1.5x the floor (ssh through the master, "
                         "same `podman run`)", f"{one:.2f} s vs {onef:.2f} s: {one / onef:.2f}x", one <= 1.5 * onef))
         targets.append((f"Time to a running container, {n} runs at once on {n} hosts: at most 1.5x the floor",
@@ -492,11 +536,13 @@ def render(res: dict, targets: list) -> list[str]:
     if rows:
         out += ["`gpufleet ps` with the server running, a run on every node; *stale* = a run's container killed "
                 "on its host (`podman kill`) until `ps -a --json` no longer says it runs:", "",
-                "| nodes | runs running | calls | median s | p95 s | max s | stale s (ps calls) |",
-                "|---|---|---|---|---|---|---|"]
+                "| nodes | runs running | calls | median s | p95 s | max s | CPU s of the command (median) "
+                "| stale s (ps calls) |",
+                "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             out.append(f"| {r['nodes']} | {r['ps_running']} | {len(r['ps'])} | {fmt(median(r['ps']))} | "
                        f"{fmt(percentile(r['ps'], 95))} | {fmt(max(r['ps']))} | "
+                       f"{fmt(median(r.get('ps_cpu') or []))} | "
                        f"{fmt(r['stale_s'] if r['stale_s'] is not None else float('nan'))} ({r['stale_calls']}) |")
         out.append("")
         for r in rows:
