@@ -587,7 +587,10 @@ def render(res: dict, targets: list) -> list[str]:
                 + ("up" if g["asked_rc"] == 0 else f"refused ({why})")
                 + f"; measured at {g['nodes']} nodes: lab up {g['apply']['lab_s']:.0f} s, machine memory in use "
                 f"{g['mem_before_mib']:.0f} MiB before, {g['mem_peak_mib']:.0f} MiB at the peak.", ""]
-        out += summarize_apply({g["nodes"]: g["apply"]}) + [""]
+        out += summarize_apply({g["nodes"]: g["apply"]})
+        out += ["", "(gpufleet apply's CPU and memory here are the CLI's alone: the probe's `ansible-playbook` runs "
+                "in the local server. A raw-floor host that failed is an ssh that did not get through at this "
+                "size; the floor is then a lower bound.)", ""]
         r = g["apply"]["cold"]
         ratio = median(r["gpufleet"]["wall"]) / median(r["raw"]["wall"])
         dropped = sum(r["gpufleet"]["drops"]) + sum(r["gpufleet"]["failed"])
