@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/run.py --only alloc,pack
     .venv/bin/python benchmarks/run.py --only sched --keep   # the trace-driven scheduler benchmark alone
     sudo .venv/bin/python benchmarks/run.py --only server --keep  # the control plane (start-up, queue, API load)
+    sudo .venv/bin/python benchmarks/run.py --only runs --keep    # runs with the server: start, ps, queue, memory
 
 PostgreSQL for the allocator and server benchmarks: GPUFLEET_BENCH_DATABASE_URL (a database of its own:
 its gpufleet tables are dropped and re-created), else the PostgreSQL rows are skipped.
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_alloc, bench_lab, bench_pack, bench_sched, bench_server  # noqa: E402
+from benchmarks import bench_alloc, bench_lab, bench_pack, bench_runs, bench_sched, bench_server  # noqa: E402
 from benchmarks.common import fmt, median  # noqa: E402
 
 README = Path(__file__).resolve().parent / "README.md"
@@ -38,12 +39,15 @@ def check(ok: bool) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="N=4 only, one repetition, 1,000 hosts; README untouched")
-    ap.add_argument("--only", default="apply,ps,alloc,pack,sched,server",
-                    help="comma-separated: apply,ps,alloc,pack,sched,server")
+    ap.add_argument("--only", default="apply,ps,alloc,pack,sched,server,runs",
+                    help="comma-separated: apply,ps,alloc,pack,sched,server,runs")
     ap.add_argument("--sizes", default=None, help="apply: fleet sizes (default 4,16,64)")
     ap.add_argument("--reps", type=int, default=None, help="apply: repetitions (default 3)")
     ap.add_argument("--ansible-max", type=int, default=16,
                     help="apply: largest N plain Ansible runs at (default 16; 64 takes minutes per run)")
+    ap.add_argument("--biggest", action="store_true",
+                    help="runs: also the biggest lab this machine holds (256 nodes asked; ~10 min); else its "
+                         "numbers are kept from benchmarks/results.json")
     ap.add_argument("--no-readme", action="store_true")
     ap.add_argument("--json", default=None, help="also write raw results here")
     ap.add_argument("--keep", action="store_true",
@@ -75,9 +79,14 @@ def main() -> int:
     if "server" in only:
         print("== control plane (gpufleet server)")
         results["server"] = bench_server.bench(quick=args.quick)
+    if "runs" in only:
+        print("== runs with the server (start, ps, queue, memory)")
+        results["runs"] = bench_runs.bench(quick=args.quick, big=args.biggest)
     took = time.time() - t_start
     if not args.quick:
         saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        if "runs" in results and "biggest" not in results["runs"] and "biggest" in saved.get("runs", {}):
+            results["runs"]["biggest"] = saved["runs"]["biggest"]  # measured apart (--biggest)
         saved.update(json.loads(json.dumps(results, default=str)))
         RESULTS.write_text(json.dumps(saved, indent=1))
         if args.keep:
@@ -176,6 +185,8 @@ def render(results: dict, args, took: float) -> str:
         out += bench_sched_table(results["sched"], targets)
     if "server" in results:
         out += bench_server.render(results["server"], targets)
+    if "runs" in results:
+        out += bench_runs.render(results["runs"], targets)
     if targets:
         out += ["### Targets", "", "| target | measured | |", "|---|---|---|"]
         out += [f"| {t} | {m} | {check(ok)} |" for t, m, ok in targets]

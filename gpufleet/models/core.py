@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict
 class CoreModel(BaseModel):
     """Every gpufleet model: unknown fields are refused, never silently dropped."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 class InstanceStatus(StrEnum):
