@@ -13,6 +13,7 @@ A route without a row fails the test that compares CASES with the schema.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import itertools
 import json
@@ -316,9 +317,10 @@ def check_attach(team: Team, role: str, reply: Reply) -> None:
 
 def upload_archive(role: str) -> bytes:
     """A run's code upload as `gpufleet apply` packs it: the manifest first, then its one item, a
-    folder (`0/`) holding a file that names who sent it."""
+    folder (`0/`) holding a file that names who sent it. The same bytes each call (the gzip header's
+    time is 0, not now): check_upload packs it again to compare with what the server kept."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
         def add(name: str, data: bytes | None) -> None:
             info = tarfile.TarInfo(name)
             if data is None:
