@@ -21,6 +21,8 @@ Each answer's `system_fingerprint` is `MODE@HOSTNAME` (`regular` without `--mode
 The JSON is read with sed (a field's first string value; no escaped quotes in it), enough for tests.
 """
 
+from gpufleet.lab.stubhttp import READ_REQUEST
+
 OPENAI_STUB = r"""#!/bin/sh
 # gpufleet-lab-standin: openai-stub, a tiny OpenAI-compatible model server (gpufleet.lab.openai_stub).
 set -f  # the words of a message are never file patterns
@@ -42,27 +44,7 @@ if [ "${1:-}" != "--connection" ]; then
   exec nc -ll -p "$port" -e "$0" --connection "$model" "${prefix%/}" "$delay" "$mode" "$bootstrap"
 fi
 served=$2 prefix=$3 delay=$4 mode=$5 bootstrap=$6
-cr=$(printf '\r')
-read -r line || exit 0
-line=${line%"$cr"}
-method=${line%% *}
-path=${line#* }
-path=${path%% *}
-path=${path%%\?*}
-len=0
-while read -r h; do
-  h=${h%"$cr"}
-  [ -z "$h" ] && break
-  case "$(echo "$h" | tr A-Z a-z)" in
-    content-length:*) len=$(echo "${h#*:}" | tr -dc 0-9) ;;
-  esac
-done
-body=""
-[ "${len:-0}" -gt 0 ] && body=$(head -c "$len" | tr -d '\r\n')
-field() {  # the first string value of field $1 in the body (the last one with `last`)
-  printf '%s' "$body" | grep -o '"'"$1"'"[[:space:]]*:[[:space:]]*"[^"]*"' | if [ "${2:-}" = last ]; then tail -n 1; \
-    else head -n 1; fi | sed 's/^"[^"]*"[[:space:]]*:[[:space:]]*"//; s/"$//'
-}
+""" + READ_REQUEST + r"""path=${path%%\?*}  # the query is not read
 reply() {  # STATUS CONTENT-TYPE BODY
   printf 'HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %s\r\nConnection: close\r\n\r\n%s' \
     "$1" "$2" "${#3}" "$3"

@@ -15,6 +15,8 @@ SGLang's router API as gpufleet's server uses it:
   a regular one) at its URL, whose answer is the router's; 503 while it has none.
 """
 
+from gpufleet.lab.stubhttp import READ_REQUEST
+
 ROUTER_STUB = r"""#!/bin/sh
 # gpufleet-lab-standin: router-stub, a stand-in for SGLang's router (gpufleet.lab.router_stub).
 set -f
@@ -33,27 +35,7 @@ if [ "${1:-}" != "--connection" ]; then
   exec nc -ll -p "$port" -e "$0" --connection "$dir"
 fi
 dir=$2
-cr=$(printf '\r')
-read -r line || exit 0
-line=${line%"$cr"}
-method=${line%% *}
-path=${line#* }
-path=${path%% *}
-len=0
-while read -r h; do
-  h=${h%"$cr"}
-  [ -z "$h" ] && break
-  case "$(echo "$h" | tr A-Z a-z)" in
-    content-length:*) len=$(echo "${h#*:}" | tr -dc 0-9) ;;
-  esac
-done
-body=""
-[ "${len:-0}" -gt 0 ] && body=$(head -c "$len" | tr -d '\r\n')
-field() {  # the first string value of field $1 in the body
-  printf '%s' "$body" | grep -o '"'"$1"'"[[:space:]]*:[[:space:]]*"[^"]*"' | head -n 1 | \
-    sed 's/^"[^"]*"[[:space:]]*:[[:space:]]*"//; s/"$//'
-}
-number() {  # the first number value of field $1 in the body
+""" + READ_REQUEST + r"""number() {  # the first number value of field $1 in the body
   printf '%s' "$body" | grep -o '"'"$1"'"[[:space:]]*:[[:space:]]*[0-9]*' | head -n 1 | sed 's/.*://' | tr -dc 0-9
 }
 reply() {  # STATUS BODY
