@@ -529,9 +529,11 @@ class CallerCache:
 
 
 async def _target(target, ctx, callers: CallerCache, project: str, name: str, token: str | None, client: str):
-    """``target`` on the event loop when neither the store nor a token needs reading (a running service
-    the proxy knows, no token or one seen lately), else on a worker thread."""
+    """``target`` on the event loop when neither the store nor a token needs reading (a service the proxy's
+    last look saw running, no token or one seen lately), else on a worker thread."""
     known = ctx.services.known(name) if ctx.services is not None else None
+    if known is not None and known.status != RunStatus.RUNNING:
+        known = None  # the last look saw it starting (or stopping): the store says what it is now
     caller = callers.get(token)
     if known is not None and (caller is not None or not token or not known.spec.get("auth", True)):
         return target(project, name, token, client, known, caller)

@@ -115,11 +115,14 @@ def test_container_that_dies_or_vanishes_frees_its_blocks(lab, fcli, tmp_path):
     fcli("apply", "-f", str(task(tmp_path, "k5")), "-y", "-d", check=0)
     assert busy(fcli) == "2/4 busy"
     core.host_exec(lab, lab.nodes[0], ["podman", "kill", "gpufleet-k4"])  # dies on its own
-    core.host_exec(lab, lab.nodes[0], ["podman", "rm", "-f", "gpufleet-k5"])  # as after a reboot
+    # gone, as after a reboot: renamed away in one step (`podman rm -f` kills first, and a look between the
+    # kill and the removal rightly sees a container that exited with 137), removed once the server saw it gone
+    core.host_exec(lab, lab.nodes[0], ["podman", "rename", "gpufleet-k5", "vanished-k5"])
     wait_for("both to fail", lambda: run_is(fcli, "k4", "failed")() and run_is(fcli, "k5", "failed")())
+    core.host_exec(lab, lab.nodes[0], ["podman", "rm", "-f", "vanished-k5"])
     runs, _ = ps(fcli)
     assert runs["k4"]["exit_code"] not in (None, 0)
-    assert "is gone" in runs["k5"]["message"]
+    assert "is gone" in runs["k5"]["message"], runs["k5"]
     assert busy(fcli) == "0/4 busy"
 
 

@@ -5,6 +5,7 @@ ways with the subprotocol the replica chose, and an HTTP answer. The lab test co
 from __future__ import annotations
 
 import asyncio
+import http.client
 import socket
 import threading
 import time
@@ -72,6 +73,56 @@ def test_a_websocket_is_carried_both_ways_and_the_path_stripped(tmp_path):
             ws.send(b"\x00\x01")
             assert ws.recv(timeout=10) == b"\x00\x01!"
         assert seen == [("/chat?room=1", None, "yes")]  # stripped; the gpufleet token not passed on
+    finally:
+        server.should_exit = True
+        t.join(10)
+
+
+def _http_replica(path: str, started: threading.Event, answers: int) -> None:
+    """A replica on a Unix socket answering ``answers`` plain HTTP requests with 'hello'."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(path)
+        s.listen()
+        started.set()
+        for _ in range(answers):
+            c, _ = s.accept()
+            with c:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += c.recv(4096)
+                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+
+
+def test_a_service_the_last_look_saw_starting_is_served_once_the_store_says_running(tmp_path):
+    # the proxy's last look (its thread, once a second or slower) saw the service still starting; by now its
+    # replicas are ready and the store has it running: the request is carried, not refused as "not ready"
+    sock = str(tmp_path / "replica.sock")
+    started = threading.Event()
+    threading.Thread(target=_http_replica, args=(sock, started, 1), daemon=True).start()
+    assert started.wait(10)
+    now, stale = _run(auth=False), _run(auth=False).model_copy(update={"status": "provisioning"})
+    ctx = SimpleNamespace(store=SimpleNamespace(run=lambda name: now if name == "web" else None),
+                          services=SimpleNamespace(socket_for=lambda r: sock if r.status == "running" else None,
+                                                   status=lambda r: (1, 1), known=lambda n: stale,
+                                                   lost=lambda *a: None, hit=lambda n: None),
+                          caller=lambda token, client: None)
+    app = FastAPI()
+    proxy.add_routes(app, ctx)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/proxy/services/main/web/")
+        r = conn.getresponse()
+        assert (r.status, r.read()) == (200, b"hello")
     finally:
         server.should_exit = True
         t.join(10)
