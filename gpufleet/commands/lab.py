@@ -11,7 +11,7 @@ from gpufleet.errors import EXIT_OK
 
 
 def register(sub) -> None:
-    from gpufleet.lab.core import VENDORS
+    from gpufleet.lab import VENDORS  # not gpufleet.lab.core: every command registers this one
 
     lab = sub.add_parser("lab", help="a local lab of simulated GPU hosts behind a login node")
     ls = lab.add_subparsers(dest="lab_command", required=True, metavar="ACTION")

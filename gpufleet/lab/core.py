@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from gpufleet.errors import GpufleetError, UsageError
-from gpufleet.lab import gputools
+from gpufleet.lab import VENDORS, gputools
 from gpufleet.lab.gputools import GpuSpec, write_standins
 from gpufleet.lab.openai_stub import OPENAI_STUB
 from gpufleet.lab.router_stub import ROUTER_STUB
@@ -39,7 +39,6 @@ LAB_IMAGE = "localhost/gpufleet-lab:latest"
 RUN_ROOT = Path("/var/lib/gpufleet-lab")  # readable by the lab user (unlike /root)
 SUDOERS = Path("/etc/sudoers.d/gpufleet-lab")
 MAX_LABS = 64
-VENDORS = ("nvidia", "amd", "gaudi", "tenstorrent", "mixed", "none")
 
 # (Debian package, binary) the lab needs
 REQUIREMENTS = [

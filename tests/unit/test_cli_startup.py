@@ -50,3 +50,14 @@ def test_a_deferred_model_still_validates_and_refuses_unknown_fields():
     assert Run.model_validate(row).name == "a"
     with pytest.raises(ValidationError, match="extra"):
         Run.model_validate({**row, "surprise": 1})
+
+
+def test_the_cli_parser_does_not_import_the_lab_or_yaml():
+    # every command builds the whole parser; `lab up --vendor`'s choices come from gpufleet.lab itself, so
+    # `gpufleet ps` does not import gpufleet.lab.core (and PyYAML with it: ~30 ms before anything is done)
+    probe = "import sys, gpufleet.cli\ngpufleet.cli.parser()\nprint(sorted(m for m in sys.modules if m in " \
+            "('yaml', 'gpufleet.lab.core')))"
+    p = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"
