@@ -39,6 +39,7 @@ LAB_IMAGE = "localhost/gpufleet-lab:latest"
 RUN_ROOT = Path("/var/lib/gpufleet-lab")  # readable by the lab user (unlike /root)
 SUDOERS = Path("/etc/sudoers.d/gpufleet-lab")
 MAX_LABS = 64
+MAX_NODES = 256  # nodes of one lab: its network is a /23 (Lab.node_address)
 
 # (Debian package, binary) the lab needs
 REQUIREMENTS = [
@@ -98,6 +99,20 @@ class Lab:
     @property
     def nodes(self) -> list[LabHost]:
         return [h for h in self.hosts if h.role == "node"]
+
+    @property
+    def cluster_network(self) -> str:
+        """The nodes' network (a /23: room for MAX_NODES), reachable only through the login node."""
+        return f"198.19.{2 * self.index}.0/23"
+
+    @property
+    def cluster_gateway(self) -> str:
+        """The login node's address on the nodes' network (their default route)."""
+        return f"198.19.{2 * self.index}.1"
+
+    def node_address(self, i: int) -> str:
+        """Node ``i``'s address: .10 to .254 of the network's first /24, then .10 on of its second."""
+        return f"198.19.{2 * self.index + i // 245}.{10 + i % 245}"
 
     @property
     def uplink_address(self) -> str:
@@ -221,15 +236,15 @@ def _world_readable(fn):
 
 @_world_readable
 def up(dir: Path, nodes: int = 2, gpus: int = 8, vendor: str = "nvidia", hops: int = 1, log=print) -> Lab:
-    preflight()
     if vendor not in VENDORS:
         raise UsageError(f"--vendor must be one of {', '.join(VENDORS)}")
-    if not 1 <= nodes <= 200:
-        raise UsageError("--nodes must be between 1 and 200")
+    if not 1 <= nodes <= MAX_NODES:
+        raise UsageError(f"--nodes must be between 1 and {MAX_NODES}")
     if not 0 <= gpus <= 16:
         raise UsageError("--gpus must be between 0 and 16")
     if hops not in (1, 2):
         raise UsageError("--hops must be 1 (a login node) or 2 (a gateway, then a login node)")
+    preflight()  # the arguments first: a wrong one is said as such, wherever this runs
     dir = Path(dir).absolute()
     existing = load(dir)
     if existing is not None:
@@ -250,7 +265,7 @@ def up(dir: Path, nodes: int = 2, gpus: int = 8, vendor: str = "nvidia", hops: i
     login_address = f"{lab.middle_network}.2" if hops == 2 else f"198.18.{index}.2"
     lab.hosts.append(LabHost(f"{lab.prefix}-login", "login", login_address, "login"))
     for i in range(nodes):
-        lab.hosts.append(LabHost(f"{lab.prefix}-n{i}", "node", f"198.19.{index}.{10 + i}", f"node-{i}"))
+        lab.hosts.append(LabHost(f"{lab.prefix}-n{i}", "node", lab.node_address(i), f"node-{i}"))
     if hops == 2:  # last, so that nodes keep their numbers (node_index below)
         lab.hosts.append(LabHost(f"{lab.prefix}-gw", "gateway", f"198.18.{index}.2", "gateway"))
     _save(lab)  # saved first, so `down` can clean up whatever part of `up` ran
@@ -331,10 +346,10 @@ def _make_network(lab: Lab) -> None:
         _run(["ip", "route", "replace", "unreachable", f"{mid}.0/24"])
     # the cluster network is reachable only through the login node; from here it is unreachable
     # (never routed out of this machine)
-    _run(["ip", "route", "replace", "unreachable", f"198.19.{lab.index}.0/24"])
+    _run(["ip", "route", "replace", "unreachable", lab.cluster_network])
     # cluster network: a bridge inside the login node, one veth per node
     _run(["ip", "-n", login, "link", "add", "br0", "type", "bridge"])
-    _run(["ip", "-n", login, "addr", "add", f"198.19.{lab.index}.1/24", "dev", "br0"])
+    _run(["ip", "-n", login, "addr", "add", f"{lab.cluster_gateway}/23", "dev", "br0"])
     _run(["ip", "-n", login, "link", "set", "br0", "up"])
     for i, node in enumerate(lab.nodes):
         a, b = f"{p}n{i}a", f"{p}n{i}b"
@@ -342,9 +357,9 @@ def _make_network(lab: Lab) -> None:
         _run(["ip", "link", "set", a, "netns", login])
         _run(["ip", "-n", login, "link", "set", a, "master", "br0", "up"])
         _run(["ip", "link", "set", b, "netns", node.netns, "name", "eth0"])
-        _run(["ip", "-n", node.netns, "addr", "add", f"{node.address}/24", "dev", "eth0"])
+        _run(["ip", "-n", node.netns, "addr", "add", f"{node.address}/23", "dev", "eth0"])
         _run(["ip", "-n", node.netns, "link", "set", "eth0", "up"])
-        _run(["ip", "-n", node.netns, "route", "add", "default", "via", f"198.19.{lab.index}.1"])
+        _run(["ip", "-n", node.netns, "route", "add", "default", "via", lab.cluster_gateway])
 
 
 def _make_rootfs(lab: Lab) -> Path:
@@ -766,7 +781,7 @@ def down(dir: Path, log=print) -> bool:
                     pass
             _run(["ip", "netns", "del", host.netns], check=False)
     _run(["ip", "link", "del", f"{lab.prefix}-up"], check=False)
-    _run(["ip", "route", "del", "unreachable", f"198.19.{lab.index}.0/24"], check=False)
+    _run(["ip", "route", "del", "unreachable", lab.cluster_network], check=False)
     if lab.hops == 2:
         _run(["ip", "route", "del", "unreachable", f"{lab.middle_network}.0/24"], check=False)
     if lab.run_dir.exists():

@@ -118,7 +118,7 @@ def registry(site, tmp_path_factory):
     lab, node, _ = site
     binary = _registry_binary()
     d = tmp_path_factory.mktemp("registry")
-    addr = f"198.19.{lab.index}.1:{REGISTRY_PORT}"
+    addr = f"{lab.cluster_gateway}:{REGISTRY_PORT}"
     htpasswd = subprocess.run(["htpasswd", "-iBn", "pulluser"], input=PASSWORD, capture_output=True, text=True,
                               check=True).stdout
     (d / "htpasswd").write_text(htpasswd)

@@ -111,7 +111,7 @@ def test_apply_goes_through_both_real_hops(lab, hcli):
     log = {h.role: (lab.host_dir(h) / "sshd.log").read_text() for h in (gw, login, lab.nodes[0])}
     assert f"Accepted publickey for {core.LAB_USER} from {lab.uplink_address}" in log["gateway"]
     assert f"Accepted publickey for {core.LAB_USER} from {lab.middle_network}.1" in log["login"]
-    assert f"Accepted publickey for {core.LAB_USER} from 198.19.{lab.index}.1" in log["node"]
+    assert f"Accepted publickey for {core.LAB_USER} from {lab.cluster_gateway}" in log["node"]
 
 
 def test_a_run_its_logs_and_attach_work_through_both_hops(lab, hcli, tmp_path):
