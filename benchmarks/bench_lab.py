@@ -211,26 +211,26 @@ def bench_apply(sizes: list[int], reps: int, ansible_max: int, log=print, hops: 
             logf = login_log(d)
             who_all = who or ["gpufleet", "raw", "minimal"] + (["ansible"] if n <= ansible_max else []) + ["naive"]
             # untimed first contact: known_hosts filled, the fleet recorded, so every timed run does the same work
-            for who in who_all:
+            for one in who_all:
                 c.cold()
-                c.run(who)
+                c.run(one)
             for rep in range(reps):
                 order = who_all[rep % len(who_all):] + who_all[:rep % len(who_all)]
-                for who in order:
-                    modes = ["cold"] if who == "naive" else ["cold", "warm"]
+                for one in order:
+                    modes = ["cold"] if one == "naive" else ["cold", "warm"]
                     for mode in modes:
                         if mode == "cold":
                             c.cold()
                         _, off = drops(logf, 0)
-                        m = c.run(who)
+                        m = c.run(one)
                         dropped, _ = drops(logf, off)
-                        r = res[mode].setdefault(who, {"wall": [], "cpu": [], "mem": [], "failed": [], "drops": []})
+                        r = res[mode].setdefault(one, {"wall": [], "cpu": [], "mem": [], "failed": [], "drops": []})
                         r["wall"].append(m.wall)
                         r["cpu"].append(m.cpu)
                         r["mem"].append(m.peak_mib)
                         r["failed"].append(m.extra["failed"])
                         r["drops"].append(dropped)
-                        log(f"  apply N={n} rep {rep + 1} {mode:4} {who:8}: {m.wall:6.2f}s wall, {m.cpu:6.2f}s cpu, "
+                        log(f"  apply N={n} rep {rep + 1} {mode:4} {one:8}: {m.wall:6.2f}s wall, {m.cpu:6.2f}s cpu, "
                             f"{m.peak_mib:6.0f} MiB, {m.extra['failed']} failed, {dropped} dropped")
             c.cold()
     return results
