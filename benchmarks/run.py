@@ -111,7 +111,8 @@ def main() -> int:
 
 
 def render(results: dict, args, took: float) -> str:
-    cmd = "sudo .venv/bin/python benchmarks/run.py" + (" --quick" if args.quick else "")
+    cmd = "sudo .venv/bin/python benchmarks/run.py" + (" --quick" if args.quick else "") + \
+        (" --biggest" if args.biggest else "")
     out = [f"Run `{cmd}` on {time.strftime('%Y-%m-%d %H:%M')} UTC, {os.cpu_count()} CPUs, "
            f"Python {platform.python_version()}, {took / 60:.1f} min in all.", ""]
     if args.keep:
