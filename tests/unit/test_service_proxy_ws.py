@@ -5,6 +5,7 @@ ways with the subprotocol the replica chose, and an HTTP answer. The lab test co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import socket
 import threading
@@ -24,6 +25,28 @@ def _run(**spec) -> Run:
     return Run(name="web", run_id="r1", type="service", fleet=None, instance_id=None, alias=None, status="running",
                spec={"type": "service", "port": 8000, **spec}, container="c", created_at=0, updated_at=0,
                project="main", replicas=1)
+
+
+@contextlib.contextmanager
+def _serving(ctx):
+    """The proxy's routes over ``ctx`` on a real uvicorn server on loopback: its port."""
+    app = FastAPI()
+    proxy.add_routes(app, ctx)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        yield port
+    finally:
+        server.should_exit = True
+        t.join(10)
 
 
 def _replica(path: str, seen: list, started: threading.Event) -> None:
@@ -51,19 +74,7 @@ def test_a_websocket_is_carried_both_ways_and_the_path_stripped(tmp_path):
                           services=SimpleNamespace(socket_for=lambda r: sock, status=lambda r: (1, 1),
                                                    known=lambda n: run, lost=lambda *a: None, hit=lambda n: None),
                           caller=lambda token, client: None)
-    app = FastAPI()
-    proxy.add_routes(app, ctx)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with _serving(ctx) as port:
         url = f"ws://127.0.0.1:{port}/proxy/services/main/web/chat?room=1"
         with connect(url, subprotocols=["chat"], additional_headers={"Authorization": "Bearer gft_secret",
                                                                      "X-Seen": "yes"}) as ws:
@@ -73,9 +84,6 @@ def test_a_websocket_is_carried_both_ways_and_the_path_stripped(tmp_path):
             ws.send(b"\x00\x01")
             assert ws.recv(timeout=10) == b"\x00\x01!"
         assert seen == [("/chat?room=1", None, "yes")]  # stripped; the gpufleet token not passed on
-    finally:
-        server.should_exit = True
-        t.join(10)
 
 
 def _http_replica(path: str, started: threading.Event, answers: int) -> None:
@@ -106,23 +114,8 @@ def test_a_service_the_last_look_saw_starting_is_served_once_the_store_says_runn
                                                    status=lambda r: (1, 1), known=lambda n: stale,
                                                    lost=lambda *a: None, hit=lambda n: None),
                           caller=lambda token, client: None)
-    app = FastAPI()
-    proxy.add_routes(app, ctx)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with _serving(ctx) as port:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         conn.request("GET", "/proxy/services/main/web/")
         r = conn.getresponse()
         assert (r.status, r.read()) == (200, b"hello")
-    finally:
-        server.should_exit = True
-        t.join(10)
