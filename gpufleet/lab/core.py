@@ -40,6 +40,7 @@ RUN_ROOT = Path("/var/lib/gpufleet-lab")  # readable by the lab user (unlike /ro
 SUDOERS = Path("/etc/sudoers.d/gpufleet-lab")
 MAX_LABS = 64
 MAX_NODES = 256  # nodes of one lab: its network is a /23 (Lab.node_address)
+CLUSTER_PREFIX = 23  # the nodes' network's prefix length (room for MAX_NODES)
 
 # (Debian package, binary) the lab needs
 REQUIREMENTS = [
@@ -103,7 +104,7 @@ class Lab:
     @property
     def cluster_network(self) -> str:
         """The nodes' network (a /23: room for MAX_NODES), reachable only through the login node."""
-        return f"198.19.{2 * self.index}.0/23"
+        return f"198.19.{2 * self.index}.0/{CLUSTER_PREFIX}"
 
     @property
     def cluster_gateway(self) -> str:
@@ -349,7 +350,7 @@ def _make_network(lab: Lab) -> None:
     _run(["ip", "route", "replace", "unreachable", lab.cluster_network])
     # cluster network: a bridge inside the login node, one veth per node
     _run(["ip", "-n", login, "link", "add", "br0", "type", "bridge"])
-    _run(["ip", "-n", login, "addr", "add", f"{lab.cluster_gateway}/23", "dev", "br0"])
+    _run(["ip", "-n", login, "addr", "add", f"{lab.cluster_gateway}/{CLUSTER_PREFIX}", "dev", "br0"])
     _run(["ip", "-n", login, "link", "set", "br0", "up"])
     for i, node in enumerate(lab.nodes):
         a, b = f"{p}n{i}a", f"{p}n{i}b"
@@ -357,7 +358,7 @@ def _make_network(lab: Lab) -> None:
         _run(["ip", "link", "set", a, "netns", login])
         _run(["ip", "-n", login, "link", "set", a, "master", "br0", "up"])
         _run(["ip", "link", "set", b, "netns", node.netns, "name", "eth0"])
-        _run(["ip", "-n", node.netns, "addr", "add", f"{node.address}/23", "dev", "eth0"])
+        _run(["ip", "-n", node.netns, "addr", "add", f"{node.address}/{CLUSTER_PREFIX}", "dev", "eth0"])
         _run(["ip", "-n", node.netns, "link", "set", "eth0", "up"])
         _run(["ip", "-n", node.netns, "route", "add", "default", "via", lab.cluster_gateway])
 
