@@ -28,11 +28,16 @@ print(json.dumps({"models": len(seen), "built": sorted(built)}))
 """
 
 
-def test_importing_the_cli_builds_almost_no_model_validator():
-    p = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120,
+def _python(code: str) -> str:
+    """What ``code`` prints, run by a fresh interpreter on this checkout (a CLI's start-up, measured clean)."""
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout)
+    return p.stdout
+
+
+def test_importing_the_cli_builds_almost_no_model_validator():
+    out = json.loads(_python(PROBE))
     assert out["models"] > 20
     # only models a module instantiates at import (a field's default, e.g. AdminPolicy()) are built
     assert not {"TaskConfig", "ServiceConfig", "DevEnvironmentConfig", "Run", "Fleet"} & set(out["built"])
@@ -57,7 +62,4 @@ def test_the_cli_parser_does_not_import_the_lab_or_yaml():
     # `gpufleet ps` does not import gpufleet.lab.core (and PyYAML with it: ~30 ms before anything is done)
     probe = "import sys, gpufleet.cli\ngpufleet.cli.parser()\nprint(sorted(m for m in sys.modules if m in " \
             "('yaml', 'gpufleet.lab.core')))"
-    p = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == "[]"
+    assert _python(probe).strip() == "[]"
